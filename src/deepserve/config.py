@@ -1,0 +1,68 @@
+"""Engine configuration: one frozen dataclass; CLI flags map onto it one to one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes one engine replica. Defaults work on a laptop CPU.
+
+    ``model=None`` means the packaged default (SmolLM2-135M-Instruct GGUF).
+    ``kv_cache_memory`` is a byte budget for the KV pool ("512MiB", "2GB" or an int);
+    when unset, ``kv_cache_memory_fraction`` of the free memory is used, capped at
+    what ``max_num_seqs`` sequences of ``max_model_len`` tokens could ever need.
+    """
+
+    model: str | None = None
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: str | int | None = None
+    kv_cache_memory_fraction: float = 0.05
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    num_threads: int | None = None
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> EngineConfig:
+        """Build a config, rejecting unknown names with the list of known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            from deepserve.errors import DeepserveError
+
+            raise DeepserveError(
+                f"unknown engine argument(s) {unknown}; known: {sorted(known)}",
+                param=unknown[0])
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def parse_bytes(value: str | int) -> int:
+    """'512MiB', '2GB', '1.5g', '1000000' -> bytes."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
+    for suffix, mult in units.items():
+        if text.endswith(suffix):
+            number = text[: -len(suffix)]
+            break
+    else:
+        number, mult = text, 1
+    try:
+        return int(float(number) * mult)
+    except ValueError:
+        from deepserve.errors import DeepserveError
+
+        raise DeepserveError(
+            f"kv_cache_memory={value!r} is not a size; write e.g. '512MiB' or '2GB'",
+            param="kv_cache_memory") from None

@@ -1,0 +1,1 @@
+"""The inference engine: scheduler, block manager, model runner, sampler, detokenizer."""

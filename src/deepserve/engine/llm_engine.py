@@ -1,0 +1,349 @@
+"""The synchronous engine: add requests, call ``step()``, collect outputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deepserve.config import EngineConfig, parse_bytes
+from deepserve.engine.block_manager import BlockManager
+from deepserve.engine.detokenizer import IncrementalDetokenizer
+from deepserve.engine.model_runner import ModelRunner
+from deepserve.engine.sampler import Sampler
+from deepserve.engine.scheduler import Scheduler
+from deepserve.engine.sequence import (CompletionOutput, RequestOutput, Sequence,
+                                       SequenceStatus)
+from deepserve.errors import DeepserveError
+from deepserve.loader.resolve import DEFAULT_MODEL_NAME, resolve_model
+from deepserve.loader.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
+from deepserve.loader.weights import load_model, open_checkpoint
+from deepserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+           "float": torch.float32, "half": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeepserveError(f"device={name!r} but no CUDA GPU is visible; use --device cpu",
+                             param="device")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 pays."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Measured on an AVX-512 BF16 CPU: bf16 matmuls run 4-5x fp32 at batch >= 32.
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if name not in _DTYPES:
+        raise DeepserveError(f"dtype={name!r} is not one of auto, float32, bfloat16, float16",
+                             param="dtype")
+    return _DTYPES[name]
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    arrival: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    sent: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+class LLMEngine:
+    """One model replica: owns tokenizer, model runner, scheduler and KV blocks."""
+
+    def __init__(self, config: EngineConfig | None = None, show_progress: bool = True) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        path, kind = resolve_model(config.model)
+        self.model_path = path
+        self.model_name = config.served_model_name or (
+            DEFAULT_MODEL_NAME if config.model in (None, "", DEFAULT_MODEL_NAME)
+            else (path.stem if kind == "gguf" else path.name))
+        started = time.perf_counter()
+        ckpt = open_checkpoint(path, kind)
+        self.model_config = mcfg = ckpt.model_config()
+        self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
+        if not 2 <= self.max_model_len <= mcfg.max_position_embeddings:
+            raise DeepserveError(
+                f"max_model_len={self.max_model_len} must be between 2 and the model's "
+                f"context of {mcfg.max_position_embeddings} tokens", param="max_model_len")
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise DeepserveError(
+                f"max_num_batched_tokens={config.max_num_batched_tokens} is below "
+                f"max_model_len={self.max_model_len} with chunked prefill off: long prompts "
+                "could never be scheduled; raise it or enable chunked prefill",
+                param="max_num_batched_tokens")
+        self.tokenizer = load_tokenizer(path, kind)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, path, kind)
+        self.model = load_model(ckpt, mcfg, self.max_model_len, self.dtype, self.device,
+                                show_progress=show_progress)
+        self.num_blocks = self._num_blocks()
+        self.block_manager = BlockManager(self.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, config.enable_chunked_prefill)
+        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.dtype,
+                                  self.device, Sampler(mcfg.vocab_size, self.eos_token_ids))
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self.num_steps = 0
+        self.kv_tokens = self.num_blocks * config.block_size
+        logger.info(
+            "loaded %s (%s, %d layers) in %.1fs on %s as %s; KV cache: %d blocks x %d = %d "
+            "tokens (%.0f MiB, %d bytes/token); max_model_len=%d",
+            self.model_name, mcfg.architecture, mcfg.num_layers,
+            time.perf_counter() - started, self.device, str(self.dtype).replace("torch.", ""),
+            self.num_blocks, config.block_size, self.kv_tokens,
+            self.num_blocks * config.block_size * self.kv_bytes_per_token / 2**20,
+            self.kv_bytes_per_token, self.max_model_len)
+
+    # -- sizing -----------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        m = self.model_config
+        return 2 * m.num_layers * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+
+    def _num_blocks(self) -> int:
+        cfg = self.config
+        per_block = self.kv_bytes_per_token * cfg.block_size
+        if cfg.kv_cache_memory is not None:
+            budget = parse_bytes(cfg.kv_cache_memory)
+            blocks = budget // per_block
+            if blocks < 2:
+                raise DeepserveError(
+                    f"kv_cache_memory={cfg.kv_cache_memory!r} holds {blocks} blocks of "
+                    f"{cfg.block_size} tokens ({per_block} bytes each); give at least "
+                    f"{2 * per_block} bytes", param="kv_cache_memory")
+            return int(blocks)
+        budget = int(available_memory(self.device) * cfg.kv_cache_memory_fraction)
+        # Never more than every sequence at full length could use.
+        ceiling = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) + 1
+        return int(max(2, min(budget // per_block, ceiling)))
+
+    # -- requests -----------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: str | list[int] | None = None,
+                        messages: list[dict[str, Any]] | None = None) -> tuple[str | None,
+                                                                                list[int]]:
+        """Prompt text or chat messages -> (text, token ids). Raises DeepserveError."""
+        if messages is not None:
+            prompt = apply_chat_template(self.tokenizer, messages)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise DeepserveError("prompt is empty; give at least one token of text",
+                                     param="prompt")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=messages is None)
+            return prompt, ids
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise DeepserveError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                     f"[0, {self.model_config.vocab_size})", param="prompt")
+            return None, list(prompt)
+        raise DeepserveError("prompt must be a non-empty string or a non-empty list of "
+                             "token ids", param="prompt")
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Reject what can never run: too long for the context or for the KV pool."""
+        params.validate()
+        n = len(prompt_ids)
+        if n == 0:
+            raise DeepserveError("prompt is empty after tokenization", param="prompt")
+        limit = self.max_model_len
+        if n >= limit:
+            raise DeepserveError(
+                f"prompt is {n} tokens, but this model's context is {limit} tokens "
+                f"(max_model_len) and at least one token must be generated; shorten the "
+                "prompt", param="messages", code="context_length_exceeded")
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise DeepserveError(
+                f"this model's maximum context length is {limit} tokens, but {n + params.max_tokens}"
+                f" were requested ({n} in the prompt, {params.max_tokens} for max_tokens); "
+                f"lower max_tokens to at most {limit - n} or shorten the prompt",
+                param="max_tokens", code="context_length_exceeded")
+        if n + 1 > self.kv_tokens:
+            raise DeepserveError(
+                f"prompt is {n} tokens but the KV cache holds only {self.kv_tokens}; start the "
+                "engine with a larger --kv-cache-memory", param="messages",
+                code="context_length_exceeded")
+
+    def add_request(self, request_id: str | None, prompt: str | list[int] | None,
+                    params: SamplingParams, prompt_ids: list[int] | None = None,
+                    arrival: float | None = None, priority: int = 0) -> str:
+        if prompt_ids is None:
+            prompt, prompt_ids = self.tokenize_prompt(prompt)
+        self.check_request(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        if request_id in self.requests:
+            raise DeepserveError(f"request id {request_id!r} is already running",
+                                 param="request_id")
+        arrival = arrival if arrival is not None else time.time()
+        seqs, detoks = [], []
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, arrival,
+                           priority)
+            if params.seed is not None:
+                seq.generator = torch.Generator().manual_seed(params.seed + index)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                                 params.skip_special_tokens, params.stop,
+                                                 params.include_stop_str_in_output))
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str)
+                                             else None, prompt_ids, params, seqs, detoks, arrival)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now; its blocks return to the pool. False if it was unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "abort"
+                self.scheduler.remove(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, detokenize; return changed requests."""
+        batch = self.scheduler.schedule()
+        touched: set[str] = set()
+        now = time.time()
+        for seq in batch.out_of_memory or []:
+            logger.warning("request %s needs more KV blocks than the pool has; stopping it "
+                           "with finish_reason=length", seq.request_id)
+            self._finish(seq, "length")
+            touched.add(seq.request_id)
+        if batch.items:
+            sampled = self.runner.execute(batch.items)
+            self.num_steps += 1
+            now = time.time()
+            for i, (seq, n) in enumerate(batch.items):
+                seq.num_computed += n
+                self.block_manager.register_computed(seq)
+                if i in sampled:
+                    self._append(seq, sampled[i], now)
+                    touched.add(seq.request_id)
+        outputs = [self._output(rid, now) for rid in touched if rid in self.requests]
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, now: float) -> None:
+        req = self.requests[seq.request_id]
+        seq.tokens.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        detok = req.detoks[seq.index]
+        p = seq.params
+        is_eos = token in self.eos_token_ids and not p.ignore_eos
+        if not is_eos:
+            detok.add(token)
+        if seq.num_output >= p.min_tokens:
+            if is_eos:
+                return self._finish(seq, "stop")
+            if token in p.stop_token_ids:
+                seq.stop_reason = token
+                return self._finish(seq, "stop")
+            if detok.stopped_on is not None:
+                seq.stop_reason = detok.stopped_on
+                return self._finish(seq, "stop")
+        if (p.max_tokens is not None and seq.num_output >= p.max_tokens) or \
+                seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+
+    def _output(self, request_id: str, now: float) -> RequestOutput:
+        req = self.requests[request_id]
+        outs = []
+        for seq, detok in zip(req.seqs, req.detoks, strict=True):
+            outs.append(CompletionOutput(
+                index=seq.index, text=detok.visible_text(seq.finished),
+                token_ids=seq.output_ids, finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None))
+        finished = req.finished
+        if finished and req.finished_time is None:
+            req.finished_time = now
+        cached = min((s.num_cached_tokens or 0) for s in req.seqs)
+        return RequestOutput(request_id, req.prompt, req.prompt_ids, outs, finished,
+                             num_cached_tokens=cached, arrival_time=req.arrival,
+                             first_token_time=req.first_token_time,
+                             finished_time=req.finished_time)
+
+    # -- stats ----------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {"num_running": len(self.scheduler.running),
+                "num_waiting": len(self.scheduler.waiting),
+                "kv_cache_usage": bm.usage, "kv_blocks_total": bm.num_blocks,
+                "kv_blocks_used": bm.num_used, "prefix_cache_hit_rate": bm.hit_rate,
+                "prefix_cache_queried_tokens": bm.queried_tokens,
+                "prefix_cache_hit_tokens": bm.hit_tokens,
+                "num_preemptions": self.scheduler.num_preemptions}
+
+
+def engine_from_kwargs(model: str | None = None, show_progress: bool = True,
+                       **kwargs: Any) -> LLMEngine:
+    return LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs), show_progress)
+

@@ -1,0 +1,120 @@
+"""Runs one scheduled batch through the model: flat tensors in, sampled tokens out."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from deepserve.engine.sampler import Sampler
+from deepserve.engine.sequence import Sequence
+from deepserve.layers.attention import AttentionMetadata, PrefillChunk
+from deepserve.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Owns the model and the paged KV cache tensors of every layer."""
+
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
+                 kv_dtype: torch.dtype, device: torch.device, sampler: Sampler) -> None:
+        cfg = model.config
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.sampler = sampler
+        slots = num_blocks * block_size
+        # Zeroed, not empty: masked-out keys still pass through softmax(..) @ V, and
+        # uninitialised memory could hold NaN, which survives multiplication by zero.
+        self.kv_caches = [
+            (torch.zeros(cfg.num_kv_heads, slots, cfg.head_dim, dtype=kv_dtype, device=device),
+             torch.zeros(cfg.num_kv_heads, slots, cfg.head_dim, dtype=kv_dtype, device=device))
+            for _ in range(cfg.num_layers)]
+        self._offsets = torch.arange(block_size, device=device)
+
+    def _slots(self, block_table: list[int], upto: int) -> torch.Tensor:
+        blocks = torch.tensor(block_table, dtype=torch.long, device=self.device)
+        return (blocks.unsqueeze(1) * self.block_size + self._offsets).flatten()[:upto]
+
+    def prepare(self, items: list[tuple[Sequence, int]]
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int]]:
+        """Flatten a batch: decodes (one token with context) first, then prefill chunks.
+
+        Returns input ids, positions, attention metadata, the flat rows whose logits
+        are sampled, and for each of those rows the index into ``items``.
+        """
+        decodes = [i for i, (s, n) in enumerate(items) if n == 1 and s.num_computed > 0]
+        prefills = [i for i, (s, n) in enumerate(items) if not (n == 1 and s.num_computed > 0)]
+        ids: list[int] = []
+        pos: list[int] = []
+        sample_rows: list[int] = []
+        sample_items: list[int] = []
+        slot_parts: list[torch.Tensor] = []
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(decodes))
+
+        if decodes:
+            ctx_lens = []
+            tables = []
+            for row, i in enumerate(decodes):
+                seq, _ = items[i]
+                ids.append(seq.tokens[seq.num_computed])
+                pos.append(seq.num_computed)
+                ctx_lens.append(seq.num_computed + 1)
+                tables.append(seq.block_table)
+                if seq.num_computed + 1 == seq.num_tokens:
+                    sample_rows.append(row)
+                    sample_items.append(i)
+            width = max(len(t) for t in tables)
+            table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long,
+                                 device=self.device)
+            max_len = max(ctx_lens)
+            slots = (table.unsqueeze(-1) * self.block_size + self._offsets).flatten(1)[:, :max_len]
+            ctx = torch.tensor(ctx_lens, dtype=torch.long, device=self.device)
+            meta.decode_slots = slots
+            meta.decode_mask = (torch.arange(max_len, device=self.device).unsqueeze(0)
+                                < ctx.unsqueeze(1)).view(len(decodes), 1, 1, max_len)
+            slot_parts.append(slots.gather(1, (ctx - 1).unsqueeze(1)).squeeze(1))
+
+        for i in prefills:
+            seq, n = items[i]
+            start = len(ids)
+            begin, end = seq.num_computed, seq.num_computed + n
+            ids.extend(seq.tokens[begin:end])
+            pos.extend(range(begin, end))
+            all_slots = self._slots(seq.block_table, end)
+            slot_parts.append(all_slots[begin:])
+            chunk = PrefillChunk(start=start, num_tokens=n, context_len=end, slots=None,
+                                 mask=None)
+            if begin > 0:
+                chunk.slots = all_slots
+                q_pos = torch.arange(begin, end, device=self.device).unsqueeze(1)
+                chunk.mask = torch.arange(end, device=self.device).unsqueeze(0) <= q_pos
+            meta.prefills.append(chunk)
+            if end == seq.num_tokens:
+                sample_rows.append(start + n - 1)
+                sample_items.append(i)
+
+        meta.slot_mapping = torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+        return input_ids, positions, meta, sample_rows, sample_items
+
+    @torch.inference_mode()
+    def execute(self, items: list[tuple[Sequence, int]]) -> dict[int, int]:
+        """Run the batch; return {index into items: sampled token} for sequences that
+        reached the end of their known tokens this step."""
+        input_ids, positions, meta, rows, which = self.prepare(items)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not rows:
+            return {}
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]).cpu()
+        tokens = self.sampler(logits, [items[i][0] for i in which])
+        return dict(zip(which, tokens, strict=True))
+
+    @torch.inference_mode()
+    def logits_for(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Last-position logits of each item, without sampling (used by correctness tests)."""
+        input_ids, positions, meta, rows, _ = self.prepare(items)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]).cpu()

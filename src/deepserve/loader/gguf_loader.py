@@ -1,0 +1,139 @@
+"""Read a GGUF file: architecture metadata and dequantized tensors under HF names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepserve.errors import ModelLoadError
+from deepserve.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
+
+# GGUF tensor name (per layer, after "blk.N.") -> Hugging Face name (after "model.layers.N.")
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+class GGUFCheckpoint:
+    """A GGUF file opened with the `gguf` package (memory-mapped, nothing read yet)."""
+
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self.path = path
+        try:
+            self.reader = gguf.GGUFReader(str(path))
+        except Exception as exc:  # the gguf package raises plain ValueError/OSError
+            raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
+        self.arch = str(self.field("general.architecture", ""))
+        if self.arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"{path}: GGUF architecture {self.arch!r} is not supported; deepserve runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} models")
+        self._tensors = {t.name: t for t in self.reader.tensors}
+
+    def field(self, key: str, default: Any = None) -> Any:
+        f = self.reader.fields.get(key)
+        if f is None:
+            return default
+        return f.contents()
+
+    def model_config(self) -> ModelConfig:
+        a = self.arch
+
+        def need(key: str) -> Any:
+            value = self.field(f"{a}.{key}")
+            if value is None:
+                raise ModelLoadError(f"{self.path}: GGUF metadata lacks {a}.{key}, which a "
+                                     f"{a} model needs")
+            return value
+
+        heads = int(need("attention.head_count"))
+        hidden = int(need("embedding_length"))
+        vocab = self.field(f"{a}.vocab_size")
+        if vocab is None:
+            vocab = len(self.field("tokenizer.ggml.tokens", []))
+        scaling = None
+        if self.field(f"{a}.rope.scaling.type") not in (None, "none"):
+            scaling = {"rope_type": self.field(f"{a}.rope.scaling.type"),
+                       "factor": float(self.field(f"{a}.rope.scaling.factor", 1.0))}
+        return ModelConfig(
+            architecture=a,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_layers=int(need("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(self.field(f"{a}.attention.head_count_kv", heads)),
+            head_dim=int(self.field(f"{a}.attention.key_length", hidden // heads)),
+            rms_norm_eps=float(self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(self.field(f"{a}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=int(self.field(f"{a}.context_length", 2048)),
+            tie_word_embeddings="output.weight" not in self._tensors,
+            attention_bias="blk.0.attn_q.bias" in self._tensors,
+        )
+
+    def hf_name(self, gguf_name: str) -> str | None:
+        if gguf_name in _GLOBAL_NAMES:
+            return _GLOBAL_NAMES[gguf_name]
+        if gguf_name.startswith("blk."):
+            _, layer, rest = gguf_name.split(".", 2)
+            if rest in _LAYER_NAMES:
+                return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+        return None
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (hf_name, float32 tensor) for every tensor, dequantized."""
+        import gguf
+
+        for name, t in self._tensors.items():
+            hf = self.hf_name(name)
+            if hf is None:
+                if name.startswith("rope_freqs"):
+                    continue
+                raise ModelLoadError(f"{self.path}: tensor {name!r} has no place in a "
+                                     f"{self.arch} model (expected one of the standard "
+                                     "GGUF llama/qwen2 tensor names)")
+            try:
+                data = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
+            except NotImplementedError as exc:
+                raise ModelLoadError(f"{self.path}: tensor {name!r} uses quantization "
+                                     f"{t.tensor_type.name}, which the gguf package cannot "
+                                     "dequantize") from exc
+            # numpy dims are reversed GGUF dims: (rows, cols) like torch's Linear weight.
+            tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+            if self.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = config.num_heads if "attn_q" in name else config.num_kv_heads
+                tensor = _unpermute_rotary(tensor, heads)
+            yield hf, tensor
+
+
+def _unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's converter, which interleaves the two rotary halves of each head."""
+    rows = w.shape[0]
+    return (w.reshape(heads, rows // heads // 2, 2, *w.shape[1:])
+            .transpose(1, 2).reshape(w.shape))

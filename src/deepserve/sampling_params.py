@@ -1,0 +1,85 @@
+"""Per-request sampling settings, validated once when the request arrives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from deepserve.errors import DeepserveError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the next tokens of one request.
+
+    Defaults follow the OpenAI API (temperature 1, top_p 1) except ``max_tokens``,
+    which is 16 as in vLLM's offline API; ``temperature=0`` means greedy.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
+    prompt_logprobs: None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def validate(self) -> None:
+        def bad(param: str, value: object, fix: str) -> DeepserveError:
+            return DeepserveError(f"{param}={value!r} is invalid: {fix}", param=param)
+
+        if not isinstance(self.n, int) or self.n < 1 or self.n > 128:
+            raise bad("n", self.n, "n must be an integer from 1 to 128")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
+                                            or self.max_tokens <= 0):
+            raise bad("max_tokens", self.max_tokens, "max_tokens must be a positive integer")
+        if self.min_tokens < 0:
+            raise bad("min_tokens", self.min_tokens, "min_tokens must be >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", self.min_tokens, "min_tokens must not exceed max_tokens")
+        if self.temperature < 0 or self.temperature != self.temperature:
+            raise bad("temperature", self.temperature, "temperature must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "top_p must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "top_k must be a positive integer, or 0/-1 for off")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", self.min_p, "min_p must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", self.repetition_penalty,
+                      "repetition_penalty must be > 0 (1 is off)")
+        if not -2 <= self.presence_penalty <= 2:
+            raise bad("presence_penalty", self.presence_penalty,
+                      "presence_penalty must be in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise bad("frequency_penalty", self.frequency_penalty,
+                      "frequency_penalty must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise bad("logprobs", self.logprobs, "logprobs (top alternatives) must be in [0, 20]")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", self.stop_token_ids,
+                      "stop_token_ids must be non-negative integers")
+        if len(self.stop) > 16:
+            raise bad("stop", self.stop, "at most 16 stop strings")
