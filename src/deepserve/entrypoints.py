@@ -21,9 +21,10 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, show_progress: bool = True,
-                 **engine_args: Any) -> None:
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_args),
-                                show_progress=show_progress)
+                 config: EngineConfig | None = None, **engine_args: Any) -> None:
+        if config is None:
+            config = EngineConfig.from_kwargs(model=model, **engine_args)
+        self.engine = LLMEngine(config, show_progress=show_progress)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: str | list[str] | list[list[int]],

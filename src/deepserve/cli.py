@@ -1,0 +1,192 @@
+"""Command line: deepserve serve | generate | chat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import MISSING, fields
+from typing import Any
+
+from deepserve.config import EngineConfig
+from deepserve.errors import DeepserveError
+
+_HELP = {
+    "model": "local .gguf file or Hugging Face folder (default: packaged SmolLM2-135M-Instruct)",
+    "tokenizer": "tokenizer folder, if not the model's own",
+    "served_model_name": "model name clients use (default: derived from the model)",
+    "dtype": "auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it)",
+    "device": "auto | cpu | cuda",
+    "max_model_len": "context length (default: the model's)",
+    "max_num_seqs": "most sequences in one batch",
+    "max_num_batched_tokens": "token budget of one engine step",
+    "block_size": "tokens per KV-cache block",
+    "kv_cache_memory": "KV-cache pool size, e.g. 512MiB or 2GB",
+    "kv_cache_memory_fraction": "share of free memory for the KV cache when no size is given",
+    "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
+    "enable_chunked_prefill": "split long prompts across steps",
+    "seed": "engine seed",
+    "num_threads": "torch CPU threads (default: torch's choice)",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field: --max-num-seqs -> max_num_seqs."""
+    group = parser.add_argument_group("engine")
+    for f in fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, default=default,
+                               action=argparse.BooleanOptionalAction, help=_HELP.get(f.name))
+        else:
+            kind: Any = {"int": int, "float": float}.get(type(default).__name__, str)
+            if f.name in ("max_model_len", "num_threads"):
+                kind = int
+            group.add_argument(flag, dest=f.name, default=default, type=kind,
+                               help=_HELP.get(f.name))
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from deepserve.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.sampling_seed)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from deepserve.entrypoints import LLM
+
+    llm = LLM(config=engine_config(args), show_progress=sys.stderr.isatty())
+    params = _sampling(args)
+    if args.chat_template:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+    else:
+        out = llm.generate(args.prompt, params)[0]
+    if args.json:
+        print(json.dumps({"model": llm.engine.model_name, "prompt": args.prompt,
+                          "text": out.text, "token_ids": out.token_ids,
+                          "finish_reason": out.finish_reason,
+                          "prompt_tokens": len(out.prompt_token_ids),
+                          "completion_tokens": len(out.token_ids),
+                          "num_cached_tokens": out.num_cached_tokens}, ensure_ascii=False))
+    else:
+        print(out.text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from deepserve.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(engine_config(args), show_progress=sys.stderr.isatty())
+    params = _sampling(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print(f"deepserve chat with {engine.model_name}; an empty line or Ctrl-D quits.",
+          file=sys.stderr)
+
+    async def reply(messages: list[dict[str, str]]) -> str:
+        shown = 0
+        text = ""
+        async for out in engine.generate(messages=messages, params=params):
+            text = out.text
+            print(text[shown:], end="", flush=True)
+            shown = len(text)
+        print()
+        return text
+
+    try:
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            history.append({"role": "user", "content": line})
+            try:
+                answer = asyncio.run(reply(history))
+            except DeepserveError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": answer})
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deepserve.server.app import ServerConfig, run_server
+
+    server_cfg = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                              max_queue=args.max_queue,
+                              shutdown_grace_s=args.shutdown_grace)
+    return run_server(engine_config(args), server_cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepserve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require this bearer key")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="waiting requests beyond which new ones get 429")
+    serve.add_argument("--shutdown-grace", type=float, default=30.0,
+                       help="seconds SIGTERM waits for running requests")
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="complete one prompt and print the text")
+    gen.add_argument("prompt")
+    gen.add_argument("--json", action="store_true", help="print a JSON object")
+    gen.add_argument("--chat-template", action="store_true",
+                     help="wrap the prompt as a user message in the model's chat template")
+    _add_sampling_args(gen, 64)
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat, streaming tokens")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(chat, 256)
+    add_engine_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except DeepserveError as exc:
+        print(f"deepserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

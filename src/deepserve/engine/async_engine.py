@@ -1,0 +1,192 @@
+"""asyncio front of the engine: the engine loop runs in its own thread.
+
+The event loop never waits on a forward pass. Requests and aborts cross into the
+engine thread through a thread-safe queue drained at each step boundary; outputs
+cross back with ``loop.call_soon_threadsafe`` onto each request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from deepserve.config import EngineConfig
+from deepserve.engine.llm_engine import LLMEngine
+from deepserve.engine.sequence import RequestOutput
+from deepserve.errors import DeepserveError
+from deepserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; requests in flight get this error."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Any  # callable(RequestOutput | Exception)
+    priority: int = 0
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    """``async for out in engine.generate(...)``: one RequestOutput per engine step.
+
+    Outputs are cumulative (text and token ids so far); the last has ``finished``.
+    Leaving the ``async for`` early (client gone) aborts the request at the next step.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None,
+                 show_progress: bool = True) -> None:
+        self.engine = engine or LLMEngine(config or EngineConfig(), show_progress=show_progress)
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._sinks: dict[str, Any] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self.dead: BaseException | None = None
+        self.num_waiting = 0  # mirrors of engine stats, readable without a lock
+        self.num_running = 0
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="deepserve-engine",
+                                            daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopped.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._sinks)
+
+    def prepare(self, prompt: str | list[int] | None = None,
+                messages: list[dict[str, Any]] | None = None,
+                params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
+        """Tokenize and validate on the caller's side; raises DeepserveError."""
+        text, ids = self.engine.tokenize_prompt(prompt, messages)
+        self.engine.check_request(ids, params or SamplingParams())
+        return text, ids
+
+    async def generate(self, prompt: str | list[int] | None = None,
+                       params: SamplingParams | None = None, request_id: str | None = None,
+                       messages: list[dict[str, Any]] | None = None,
+                       prompt_ids: list[int] | None = None,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        if self.dead is not None:
+            raise EngineDeadError(f"engine loop failed: {self.dead}")
+        params = params or SamplingParams()
+        if prompt_ids is None:
+            prompt, prompt_ids = self.prepare(prompt, messages, params)
+        else:
+            self.engine.check_request(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._sinks:
+            raise DeepserveError(f"request id {request_id!r} is already in flight",
+                                 param="request_id")
+        self.start()
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+        def sink(item: RequestOutput | BaseException) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        self._sinks[request_id] = sink
+        self._inbox.put(_Add(request_id, prompt, prompt_ids, params, sink, priority))
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next step boundary and free its KV blocks."""
+        if self._sinks.pop(request_id, None) is not None:
+            self._inbox.put(_Abort(request_id))
+
+    # -- the engine thread ------------------------------------------------------------------
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, _Add):
+                if item.request_id in self._sinks:
+                    try:
+                        self.engine.add_request(item.request_id, item.prompt, item.params,
+                                                prompt_ids=item.prompt_ids,
+                                                priority=item.priority)
+                    except DeepserveError as exc:
+                        self._sinks.pop(item.request_id, None)
+                        item.sink(exc)
+            elif isinstance(item, _Abort):
+                self.engine.abort(item.request_id)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stopped.is_set():
+            self._drain(block=not engine.has_unfinished())
+            if not engine.has_unfinished():
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # a bug in a step must not hang every client
+                logger.exception("engine step failed; failing requests in flight")
+                self.dead = exc
+                err = EngineDeadError(f"engine step failed: {exc}")
+                for rid, sink in list(self._sinks.items()):
+                    sink(err)
+                    engine.abort(rid)
+                self._sinks.clear()
+                return
+            self.num_running = len(engine.scheduler.running)
+            self.num_waiting = len(engine.scheduler.waiting)
+            for out in outputs:
+                sink = self._sinks.get(out.request_id)
+                if sink is None:
+                    continue
+                if out.finished:
+                    self._sinks.pop(out.request_id, None)
+                sink(out)
+        self.num_running = self.num_waiting = 0

@@ -1,0 +1,298 @@
+"""OpenAI chat/completions semantics on top of the AsyncEngine: params, responses, SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deepserve.engine.async_engine import AsyncEngine
+from deepserve.engine.sequence import CompletionOutput, Logprob, RequestOutput
+from deepserve.errors import DeepserveError
+from deepserve.sampling_params import SamplingParams
+from deepserve.server.metrics import ServerMetrics
+from deepserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest,
+                    default_max_tokens: int | None) -> SamplingParams:
+    max_tokens = req.max_tokens
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        max_tokens = req.max_completion_tokens
+    if isinstance(req, ChatCompletionRequest):
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        if req.top_logprobs and not req.logprobs:
+            raise DeepserveError("top_logprobs needs logprobs=true", param="top_logprobs")
+    else:
+        logprobs = req.logprobs
+    if req.response_format is not None and req.response_format.type != "text":
+        raise DeepserveError(
+            f"response_format type {req.response_format.type!r} is not supported by this "
+            "server yet; omit response_format or use type 'text'", param="response_format")
+    return SamplingParams(
+        n=req.n, max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+        min_tokens=req.min_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop,
+        stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output)
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    messages = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") != "text":
+                    raise DeepserveError(f"messages[{i}].content has a part of type "
+                                         f"{part.get('type')!r}; this model takes text only",
+                                         param=f"messages[{i}].content")
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        messages.append({"role": m.role, "content": content or ""})
+    return messages
+
+
+def _usage(out: RequestOutput) -> dict[str, Any]:
+    prompt = out.num_prompt_tokens
+    completion = out.num_output_tokens
+    cached = out.num_cached_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": prompt - cached}
+
+
+class OpenAIServing:
+    """Builds chat.completion(.chunk) and text_completion objects from engine outputs."""
+
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.model_name = model_name
+        self.tokenizer = engine.tokenizer
+
+    # -- logprobs ---------------------------------------------------------------------------
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _chat_logprobs(self, lps: list[Logprob]) -> dict[str, Any]:
+        content = []
+        for lp in lps:
+            tok = self._token(lp.token_id)
+            content.append({
+                "token": tok, "logprob": lp.logprob, "bytes": list(tok.encode()),
+                "top_logprobs": [{"token": (t := self._token(i)), "logprob": v,
+                                  "bytes": list(t.encode())} for i, v in lp.top]})
+        return {"content": content}
+
+    def _completion_logprobs(self, lps: list[Logprob], offset: int) -> dict[str, Any]:
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in lps:
+            tok = self._token(lp.token_id)
+            tokens.append(tok)
+            values.append(lp.logprob)
+            tops.append({self._token(i): v for i, v in lp.top})
+            offsets.append(offset)
+            offset += len(tok)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+                "text_offset": offsets}
+
+    # -- running requests ---------------------------------------------------------------------
+    async def _final(self, gen: AsyncIterator[RequestOutput]) -> RequestOutput:
+        last = None
+        async for out in gen:
+            last = out
+        assert last is not None
+        return last
+
+    async def chat(self, req: ChatCompletionRequest, params: SamplingParams,
+                   prompt_ids: list[int]) -> dict[str, Any]:
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        out = await self._final(self.engine.generate(params=params, request_id=rid,
+                                                     prompt_ids=prompt_ids,
+                                                     priority=req.priority))
+        self.metrics.observe(out, out.finish_reason or "abort")
+        choices = []
+        for o in out.outputs:
+            choice: dict[str, Any] = {
+                "index": o.index, "message": {"role": "assistant", "content": o.text},
+                "finish_reason": o.finish_reason, "logprobs": None,
+                "stop_reason": o.stop_reason}
+            if o.logprobs is not None:
+                choice["logprobs"] = self._chat_logprobs(o.logprobs)
+            choices.append(choice)
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices, "usage": _usage(out),
+                "system_fingerprint": None}
+
+    async def chat_stream(self, req: ChatCompletionRequest, params: SamplingParams,
+                          prompt_ids: list[int]) -> AsyncIterator[str]:
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+            body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk",
+                                    "created": created, "model": self.model_name,
+                                    "choices": choices}
+            if include_usage:
+                body["usage"] = usage
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        gen = self.engine.generate(params=params, request_id=rid, prompt_ids=prompt_ids,
+                                   priority=req.priority)
+        sent_text = [0] * params.n
+        sent_lp = [0] * params.n
+        done = [False] * params.n
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None} for i in range(params.n)])
+        last = None
+        async for out in gen:
+            last = out
+            choices = []
+            for o in out.outputs:
+                i = o.index
+                if done[i]:
+                    continue
+                delta = o.text[sent_text[i]:]
+                lp = None
+                if o.logprobs is not None and len(o.logprobs) > sent_lp[i]:
+                    lp = self._chat_logprobs(o.logprobs[sent_lp[i]:])
+                    sent_lp[i] = len(o.logprobs)
+                if not delta and o.finish_reason is None and lp is None:
+                    continue
+                sent_text[i] = len(o.text)
+                choices.append({"index": i, "delta": {"content": delta} if delta else {},
+                                "logprobs": lp, "finish_reason": o.finish_reason,
+                                **({"stop_reason": o.stop_reason} if o.finish_reason else {})})
+                if o.finish_reason is not None:
+                    done[i] = True
+            if choices:
+                yield chunk(choices)
+        if last is not None:
+            self.metrics.observe(last, last.finish_reason or "abort")
+            if include_usage:
+                yield chunk([], _usage(last))
+        yield "data: [DONE]\n\n"
+
+    async def completion(self, req: CompletionRequest, params: SamplingParams,
+                         prompts: list[tuple[str | None, list[int]]]) -> dict[str, Any]:
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        outs = await asyncio.gather(*[
+            self._final(self.engine.generate(params=params, request_id=f"{rid}-{k}",
+                                             prompt_ids=ids, priority=req.priority))
+            for k, (_, ids) in enumerate(prompts)])
+        choices = []
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached": 0}
+        for k, ((text, _), out) in enumerate(zip(prompts, outs, strict=True)):
+            self.metrics.observe(out, out.finish_reason or "abort")
+            usage["prompt_tokens"] += out.num_prompt_tokens
+            usage["completion_tokens"] += out.num_output_tokens
+            usage["cached"] += out.num_cached_tokens
+            for o in out.outputs:
+                choices.append(self._completion_choice(req, k * params.n + o.index, o,
+                                                       text or ""))
+        return {"id": rid, "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices,
+                "usage": _sum_usage(usage), "system_fingerprint": None}
+
+    def _completion_choice(self, req: CompletionRequest, index: int, o: CompletionOutput,
+                           prompt_text: str) -> dict[str, Any]:
+        text = (prompt_text + o.text) if req.echo else o.text
+        choice: dict[str, Any] = {"index": index, "text": text,
+                                  "finish_reason": o.finish_reason, "logprobs": None,
+                                  "stop_reason": o.stop_reason}
+        if o.logprobs is not None:
+            choice["logprobs"] = self._completion_logprobs(
+                o.logprobs, len(prompt_text) if req.echo else 0)
+        return choice
+
+    async def completion_stream(self, req: CompletionRequest, params: SamplingParams,
+                                prompts: list[tuple[str | None, list[int]]]
+                                ) -> AsyncIterator[str]:
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        merged: asyncio.Queue[tuple[int, RequestOutput | None | BaseException]] = \
+            asyncio.Queue()
+
+        async def pump(k: int, ids: list[int]) -> None:
+            try:
+                async for out in self.engine.generate(params=params, request_id=f"{rid}-{k}",
+                                                      prompt_ids=ids, priority=req.priority):
+                    await merged.put((k, out))
+                await merged.put((k, None))
+            except BaseException as exc:  # forwarded to the consumer, which re-raises
+                await merged.put((k, exc))
+
+        tasks = [asyncio.create_task(pump(k, ids)) for k, (_, ids) in enumerate(prompts)]
+        sent: dict[tuple[int, int], int] = {}
+        sent_lp: dict[tuple[int, int], int] = {}
+        finals: dict[int, RequestOutput] = {}
+        remaining = len(prompts)
+        try:
+            while remaining:
+                k, item = await merged.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    finals[k] = item
+                choices = []
+                for o in item.outputs:
+                    key = (k, o.index)
+                    start = sent.get(key, 0)
+                    if key in sent and start < 0:
+                        continue
+                    delta = o.text[start:]
+                    if req.echo and key not in sent:
+                        delta = (prompts[k][0] or "") + delta
+                    lp = None
+                    if o.logprobs is not None and len(o.logprobs) > sent_lp.get(key, 0):
+                        lp = self._completion_logprobs(o.logprobs[sent_lp.get(key, 0):], start)
+                        sent_lp[key] = len(o.logprobs)
+                    if not delta and o.finish_reason is None and lp is None:
+                        continue
+                    sent[key] = len(o.text) if o.finish_reason is None else -1
+                    choices.append({"index": k * params.n + o.index, "text": delta,
+                                    "logprobs": lp, "finish_reason": o.finish_reason})
+                if choices:
+                    body: dict[str, Any] = {"id": rid, "object": "text_completion",
+                                            "created": created, "model": self.model_name,
+                                            "choices": choices}
+                    if include_usage:
+                        body["usage"] = None
+                    yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached": 0}
+        for out in finals.values():
+            self.metrics.observe(out, out.finish_reason or "abort")
+            usage["prompt_tokens"] += out.num_prompt_tokens
+            usage["completion_tokens"] += out.num_output_tokens
+            usage["cached"] += out.num_cached_tokens
+        if include_usage:
+            body = {"id": rid, "object": "text_completion", "created": created,
+                    "model": self.model_name, "choices": [], "usage": _sum_usage(usage)}
+            yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def _sum_usage(u: dict[str, int]) -> dict[str, Any]:
+    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+            "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": u["cached"]},
+            "prompt_cache_hit_tokens": u["cached"],
+            "prompt_cache_miss_tokens": u["prompt_tokens"] - u["cached"]}
