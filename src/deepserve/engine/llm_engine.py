@@ -331,6 +331,19 @@ class LLMEngine:
                              first_token_time=req.first_token_time,
                              finished_time=req.finished_time)
 
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Next-token logits after a prompt, computed through the paged cache (one
+        prefill, no sampling, blocks freed after). For correctness and quality checks."""
+        if self.requests:
+            raise DeepserveError("prompt_logits needs an idle engine", param="prompt_ids")
+        seq = Sequence(-1, "logits", 0, prompt_ids, SamplingParams(max_tokens=1), time.time())
+        if not self.block_manager.ensure(seq, len(prompt_ids)):
+            raise DeepserveError("prompt does not fit in the KV cache", param="prompt_ids")
+        try:
+            return self.runner.logits_for([(seq, len(prompt_ids))])[0]
+        finally:
+            self.block_manager.free(seq)
+
     # -- stats ----------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         bm = self.block_manager
