@@ -1,0 +1,80 @@
+"""AsyncEngine (streaming, abort) and the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+from deepserve import SamplingParams
+from deepserve.engine.async_engine import AsyncEngine
+
+
+def test_async_engine_streams_concurrently_and_aborts(tiny_llm):
+    engine = AsyncEngine(engine=tiny_llm.engine)
+
+    async def full(prompt: str) -> list[int]:
+        last = None
+        async for out in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=8,
+                                                                ignore_eos=True)):
+            assert last is None or len(out.token_ids) >= len(last.token_ids)
+            last = out
+        assert last is not None and last.finished
+        return last.token_ids
+
+    async def abandon() -> None:
+        gen = engine.generate("abandon me", SamplingParams(max_tokens=400, ignore_eos=True))
+        async for _ in gen:
+            break
+        await gen.aclose()
+
+    async def main():
+        results = await asyncio.gather(*(full(p) for p in ["one", "two", "three", "four"]),
+                                       abandon())
+        await asyncio.sleep(0.3)
+        return results
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    offline = tiny_llm.generate(["one", "two", "three", "four"],
+                                SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert results[:4] == [o.token_ids for o in offline]
+    assert tiny_llm.engine.stats()["kv_blocks_used"] == 0
+    assert not tiny_llm.engine.has_unfinished()
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deepserve.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_generate_json_matches_offline(llm_bf16):
+    proc = _cli("generate", "The capital of France is", "--max-tokens", "8", "--json",
+                "--kv-cache-memory", "64MiB")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    offline = llm_bf16.generate("The capital of France is",
+                                SamplingParams(temperature=0, max_tokens=8))[0]
+    assert data["token_ids"] == offline.token_ids
+    assert data["text"] == offline.text and data["completion_tokens"] == 8
+    assert "KV cache" in proc.stderr and "tokens" in proc.stderr
+
+
+def test_cli_errors_are_clear(tmp_path):
+    proc = _cli("generate", "hi", "--model", str(tmp_path / "missing.gguf"))
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("generate", "hi", "--temperature", "-1", "--kv-cache-memory", "64MiB")
+    assert proc.returncode == 2 and "temperature" in proc.stderr
+
+
+def test_cli_chat_streams_a_reply():
+    proc = subprocess.run([sys.executable, "-m", "deepserve.cli", "chat", "--max-tokens", "16",
+                           "--kv-cache-memory", "64MiB"],
+                          input="What is the capital of France?\n\n", capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
