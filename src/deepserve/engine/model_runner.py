@@ -65,16 +65,19 @@ class ModelRunner:
                 if seq.num_computed + 1 == seq.num_tokens:
                     sample_rows.append(row)
                     sample_items.append(i)
-            width = max(len(t) for t in tables)
-            table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long,
-                                 device=self.device)
-            max_len = max(ctx_lens)
-            slots = (table.unsqueeze(-1) * self.block_size + self._offsets).flatten(1)[:, :max_len]
+            bs = self.block_size
+            width = -(-max(ctx_lens) // bs)
+            table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables],
+                                 dtype=torch.long, device=self.device)
             ctx = torch.tensor(ctx_lens, dtype=torch.long, device=self.device)
-            meta.decode_slots = slots
-            meta.decode_mask = (torch.arange(max_len, device=self.device).unsqueeze(0)
-                                < ctx.unsqueeze(1)).view(len(decodes), 1, 1, max_len)
-            slot_parts.append(slots.gather(1, (ctx - 1).unsqueeze(1)).squeeze(1))
+            last = ctx - 1
+            slot_parts.append(table.gather(1, (last // bs).unsqueeze(1)).squeeze(1) * bs
+                              + last % bs)
+            meta.decode_blocks = table.flatten()
+            meta.block_size = bs
+            valid = torch.arange(width * bs, device=self.device).unsqueeze(0) < ctx.unsqueeze(1)
+            bias = torch.zeros(valid.shape, dtype=torch.float32, device=self.device)
+            meta.decode_bias = bias.masked_fill_(~valid, float("-inf")).unsqueeze(0).unsqueeze(2)
 
         for i in prefills:
             seq, n = items[i]

