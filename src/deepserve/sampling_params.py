@@ -33,6 +33,8 @@ class SamplingParams:
     prompt_logprobs: None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrain the output to JSON matching this schema ({"type": "object"}: any object).
+    json_schema: dict | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

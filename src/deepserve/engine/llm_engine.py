@@ -16,6 +16,7 @@ from deepserve.engine.detokenizer import IncrementalDetokenizer
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.sampler import Sampler
 from deepserve.engine.scheduler import Scheduler
+from deepserve.engine.structured import GrammarCompiler
 from deepserve.engine.sequence import (CompletionOutput, RequestOutput, Sequence,
                                        SequenceStatus)
 from deepserve.errors import DeepserveError
@@ -134,6 +135,7 @@ class LLMEngine:
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.dtype,
                                   self.device, Sampler(mcfg.vocab_size, self.eos_token_ids))
+        self.grammars = GrammarCompiler(self.tokenizer, mcfg.vocab_size, self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -211,6 +213,8 @@ class LLMEngine:
                 f" were requested ({n} in the prompt, {params.max_tokens} for max_tokens); "
                 f"lower max_tokens to at most {limit - n} or shorten the prompt",
                 param="max_tokens", code="context_length_exceeded")
+        if params.json_schema is not None:
+            self.grammars.grammar(params.json_schema)
         if n + 1 > self.kv_tokens:
             raise DeepserveError(
                 f"prompt is {n} tokens but the KV cache holds only {self.kv_tokens}; start the "
@@ -234,6 +238,8 @@ class LLMEngine:
                            priority)
             if params.seed is not None:
                 seq.generator = torch.Generator().manual_seed(params.seed + index)
+            if params.json_schema is not None:
+                seq.matcher = self.grammars.matcher(self.grammars.grammar(params.json_schema))
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_ids,
                                                  params.skip_special_tokens, params.stop,
@@ -295,6 +301,10 @@ class LLMEngine:
         is_eos = token in self.eos_token_ids and not p.ignore_eos
         if not is_eos:
             detok.add(token)
+        if seq.matcher is not None and not is_eos:
+            seq.matcher.consume_token(token)
+            if seq.matcher.is_stopped():
+                return self._finish(seq, "stop")
         if seq.num_output >= p.min_tokens:
             if is_eos:
                 return self._finish(seq, "stop")

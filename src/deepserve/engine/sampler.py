@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from deepserve.engine.sequence import Logprob, Sequence
+from deepserve.engine.structured import apply_grammar_masks
 
 
 class Sampler:
@@ -20,6 +21,10 @@ class Sampler:
         params = [s.params for s in seqs]
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            logits = logits.clone()
+            apply_grammar_masks(logits, constrained)
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_min_tokens(logits, seqs)
 

@@ -54,6 +54,7 @@ class Sequence:
         self.first_token_time: float | None = None
         self.num_preemptions = 0
         self.generator = None  # torch.Generator when the request has a seed
+        self.matcher = None  # grammar matcher when the output is constrained
 
     @property
     def num_tokens(self) -> int:

@@ -28,10 +28,19 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest,
             raise DeepserveError("top_logprobs needs logprobs=true", param="top_logprobs")
     else:
         logprobs = req.logprobs
-    if req.response_format is not None and req.response_format.type != "text":
-        raise DeepserveError(
-            f"response_format type {req.response_format.type!r} is not supported by this "
-            "server yet; omit response_format or use type 'text'", param="response_format")
+    json_schema: dict[str, Any] | None = None
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        json_schema = {"type": "object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        spec = fmt.json_schema or {}
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise DeepserveError("response_format.json_schema.schema must be a JSON schema "
+                                 "object, e.g. {\"type\": \"json_schema\", \"json_schema\": "
+                                 "{\"name\": \"x\", \"schema\": {...}}}",
+                                 param="response_format")
+        json_schema = schema
     return SamplingParams(
         n=req.n, max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
         min_tokens=req.min_tokens,
@@ -41,7 +50,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest,
         frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop,
         stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
-        include_stop_str_in_output=req.include_stop_str_in_output)
+        include_stop_str_in_output=req.include_stop_str_in_output, json_schema=json_schema)
 
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
