@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint bench bench-deps bench-compare clean
 
 setup: $(STAMP)
 
@@ -23,13 +23,22 @@ serve: setup
 	$(BIN)/deepserve serve --host $(HOST) --port $(PORT)
 
 test: setup
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 bench: setup
 	$(BIN)/python benchmarks/offline_vs_transformers.py
+
+# llama.cpp baseline for `deepserve bench compare` (compiles llama.cpp: minutes on 2 cores).
+bench-deps: setup
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+		$(BIN)/pip install "llama-cpp-python[server]==0.3.36"
+
+bench-compare: bench-deps
+	$(BIN)/deepserve bench compare --concurrency 1 8 32 --num-requests 16 --out results
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

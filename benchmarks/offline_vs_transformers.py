@@ -100,7 +100,7 @@ def main() -> None:
             "input_len": args.input_len, "output_len": args.output_len, "dtype": args.dtype}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\n| batch | deepserve out tok/s | transformers out tok/s | speed-up |")
+    print("\n| batch | deepserve out tok/s | transformers out tok/s | speed-up |")
     print("|---:|---:|---:|---:|")
     for batch in args.batch_sizes:
         ds = next(r for r in rows if r["batch"] == batch and r["system"] == "deepserve")

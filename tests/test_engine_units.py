@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def test_prefix_cache_shares_blocks_and_evicts_lru():
     bm.ensure(a, 10)
     a.num_computed = 10
     bm.register_computed(a)  # two full blocks become findable
-    b = seq(list(range(8)) + [99, 98, 97])
+    b = seq([*range(8), 99, 98, 97])
     assert bm.match_prefix(b) == 8
     assert b.block_table == a.block_table[:2]
     assert bm.ref_count[a.block_table[0]] == 2
@@ -171,7 +173,7 @@ def test_detokenizer_never_emits_half_a_character(tiny_llm):
         seen.append(d.text)
         assert "\ufffd" not in d.text
     assert d.text == text
-    assert any(a == b for a, b in zip(seen, seen[1:]))  # held back mid-character at least once
+    assert any(a == b for a, b in itertools.pairwise(seen))  # held back mid-character at least once
 
 
 def test_detokenizer_stop_strings_split_across_tokens(tiny_llm):

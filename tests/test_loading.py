@@ -59,9 +59,9 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(DeepserveError, match="does not exist"):
         LLM(model=str(tmp_path / "nope"), show_progress=False)
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(DeepserveError, match="not a .gguf"):
+    with pytest.raises(DeepserveError, match=r"not a \.gguf"):
         LLM(model=str(tmp_path / "weights.bin"), show_progress=False)
-    with pytest.raises(DeepserveError, match="no config.json"):
+    with pytest.raises(DeepserveError, match=r"no config\.json"):
         LLM(model=str(tmp_path), show_progress=False)
 
 
@@ -71,7 +71,7 @@ def test_unsupported_architecture_named(tiny_llama_dir, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model_type"] = "mamba"
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(DeepserveError, match="model_type 'mamba' is not supported"):
+    with pytest.raises(DeepserveError, match=r"model_type 'mamba' is not supported"):
         LLM(model=str(bad), show_progress=False)
 
 
@@ -95,5 +95,5 @@ def test_missing_tensor_is_named(tiny_llama_dir, tmp_path):
     tensors = load_file(str(st))
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, str(st), metadata={"format": "pt"})
-    with pytest.raises(DeepserveError, match="layers.1.down_proj.weight"):
+    with pytest.raises(DeepserveError, match=r"layers\.1\.down_proj\.weight"):
         LLM(model=str(bad), show_progress=False)

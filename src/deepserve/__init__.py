@@ -6,6 +6,12 @@ from deepserve.entrypoints import LLM
 from deepserve.errors import DeepserveError
 from deepserve.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput",
-           "DeepserveError"]
+__all__ = [
+           "LLM",
+           "CompletionOutput",
+           "DeepserveError",
+           "EngineConfig",
+           "RequestOutput",
+           "SamplingParams",
+]
 __version__ = "0.1.0"

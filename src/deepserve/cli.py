@@ -1,4 +1,4 @@
-"""Command line: deepserve serve | generate | chat."""
+"""Command line: deepserve serve | generate | chat | bench."""
 
 from __future__ import annotations
 
@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat, 256)
     add_engine_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    from deepserve.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

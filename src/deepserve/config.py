@@ -52,12 +52,11 @@ def parse_bytes(value: str | int) -> int:
     text = value.strip().lower().replace(" ", "")
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
              "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
-    for suffix, mult in units.items():
+    number, mult = text, 1
+    for suffix, factor in units.items():
         if text.endswith(suffix):
-            number = text[: -len(suffix)]
+            number, mult = text[: -len(suffix)], factor
             break
-    else:
-        number, mult = text, 1
     try:
         return int(float(number) * mult)
     except ValueError:

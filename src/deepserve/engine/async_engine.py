@@ -1,8 +1,13 @@
-"""asyncio front of the engine: the engine loop runs in its own thread.
+"""asyncio front of the engine: the engine loop runs off the event loop's thread.
 
-The event loop never waits on a forward pass. Requests and aborts cross into the
-engine thread through a thread-safe queue drained at each step boundary; outputs
-cross back with ``loop.call_soon_threadsafe`` onto each request's asyncio queue.
+The event loop never waits on a forward pass. The loop either runs in a thread of its
+own (``start()``), or in the process's main thread (``run_forever()``) while the event
+loop runs in another: on this CPU torch's OpenMP kernels ran 25-50% slower when called
+from a secondary thread, so the server puts the engine in the main thread.
+
+Requests and aborts cross into the engine thread through a thread-safe queue drained
+at each step boundary; outputs cross back with ``loop.call_soon_threadsafe`` onto
+each request's asyncio queue.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._external = False
         self.dead: BaseException | None = None
         self.num_waiting = 0  # mirrors of engine stats, readable without a lock
         self.num_running = 0
@@ -72,15 +78,21 @@ class AsyncEngine:
         return self.engine.model_name
 
     def start(self) -> None:
-        if self._thread is None:
+        """Run the engine loop in a background thread (unless ``run_forever`` runs it)."""
+        if self._thread is None and not self._external:
             self._thread = threading.Thread(target=self._loop, name="deepserve-engine",
                                             daemon=True)
             self._thread.start()
 
+    def run_forever(self) -> None:
+        """Run the engine loop in the calling thread until ``shutdown()``."""
+        self._external = True
+        self._loop()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped.set()
         self._inbox.put(None)
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     @property

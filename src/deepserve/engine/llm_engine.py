@@ -16,9 +16,8 @@ from deepserve.engine.detokenizer import IncrementalDetokenizer
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.sampler import Sampler
 from deepserve.engine.scheduler import Scheduler
+from deepserve.engine.sequence import CompletionOutput, RequestOutput, Sequence, SequenceStatus
 from deepserve.engine.structured import GrammarCompiler
-from deepserve.engine.sequence import (CompletionOutput, RequestOutput, Sequence,
-                                       SequenceStatus)
 from deepserve.errors import DeepserveError
 from deepserve.loader.resolve import DEFAULT_MODEL_NAME, resolve_model
 from deepserve.loader.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
@@ -209,8 +208,9 @@ class LLMEngine:
                 "prompt", param="messages", code="context_length_exceeded")
         if params.max_tokens is not None and n + params.max_tokens > limit:
             raise DeepserveError(
-                f"this model's maximum context length is {limit} tokens, but {n + params.max_tokens}"
-                f" were requested ({n} in the prompt, {params.max_tokens} for max_tokens); "
+                f"this model's maximum context length is {limit} tokens, but "
+                f"{n + params.max_tokens} were requested ({n} in the prompt, "
+                f"{params.max_tokens} for max_tokens); "
                 f"lower max_tokens to at most {limit - n} or shorten the prompt",
                 param="max_tokens", code="context_length_exceeded")
         if params.json_schema is not None:
@@ -267,7 +267,10 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, detokenize; return changed requests."""
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        timings = self.runner.timings
+        timings["schedule"] += time.perf_counter() - t0
         touched: set[str] = set()
         now = time.time()
         for seq in batch.out_of_memory or []:
@@ -275,20 +278,23 @@ class LLMEngine:
                            "with finish_reason=length", seq.request_id)
             self._finish(seq, "length")
             touched.add(seq.request_id)
+        sampled: dict[int, int] = {}
         if batch.items:
             sampled = self.runner.execute(batch.items)
             self.num_steps += 1
             now = time.time()
-            for i, (seq, n) in enumerate(batch.items):
-                seq.num_computed += n
-                self.block_manager.register_computed(seq)
-                if i in sampled:
-                    self._append(seq, sampled[i], now)
-                    touched.add(seq.request_id)
+        t1 = time.perf_counter()
+        for i, (seq, n) in enumerate(batch.items):
+            seq.num_computed += n
+            self.block_manager.register_computed(seq)
+            if i in sampled:
+                self._append(seq, sampled[i], now)
+                touched.add(seq.request_id)
         outputs = [self._output(rid, now) for rid in touched if rid in self.requests]
         for out in outputs:
             if out.finished:
                 del self.requests[out.request_id]
+        timings["postprocess"] += time.perf_counter() - t1
         return outputs
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:

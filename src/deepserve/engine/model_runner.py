@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -32,6 +33,9 @@ class ModelRunner:
              torch.zeros(cfg.num_kv_heads, slots, cfg.head_dim, dtype=kv_dtype, device=device))
             for _ in range(cfg.num_layers)]
         self._offsets = torch.arange(block_size, device=device)
+        # Seconds spent per phase since start; the benchmark reports the shares.
+        self.timings = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0,
+                        "postprocess": 0.0}
 
     def _slots(self, block_table: list[int], upto: int) -> torch.Tensor:
         blocks = torch.tensor(block_table, dtype=torch.long, device=self.device)
@@ -107,12 +111,20 @@ class ModelRunner:
     def execute(self, items: list[tuple[Sequence, int]]) -> dict[int, int]:
         """Run the batch; return {index into items: sampled token} for sequences that
         reached the end of their known tokens this step."""
+        t0 = time.perf_counter()
         input_ids, positions, meta, rows, which = self.prepare(items)
+        t1 = time.perf_counter()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not rows:
-            return {}
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]).cpu()
-        tokens = self.sampler(logits, [items[i][0] for i in which])
+        tokens: list[int] = []
+        if rows:
+            logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]).cpu()
+        t2 = time.perf_counter()
+        if rows:
+            tokens = self.sampler(logits, [items[i][0] for i in which])
+        t3 = time.perf_counter()
+        self.timings["prepare"] += t1 - t0
+        self.timings["forward"] += t2 - t1
+        self.timings["sample"] += t3 - t2
         return dict(zip(which, tokens, strict=True))
 
     @torch.inference_mode()

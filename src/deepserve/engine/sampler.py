@@ -17,7 +17,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits: [N, V] float32, one row per sequence. Appends Logprobs where asked."""
-        n, vocab = logits.shape
+        n = logits.shape[0]
         params = [s.params for s in seqs]
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None

@@ -56,7 +56,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Returns [T, heads, d].
     """
-    num_tokens, heads, dim = q.shape
+    heads, dim = q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)

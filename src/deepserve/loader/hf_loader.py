@@ -45,5 +45,5 @@ class HFCheckpoint:
 
         for f in self.files:
             with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
+                for name in st.keys():  # noqa: SIM118
                     yield name, st.get_tensor(name)

@@ -195,22 +195,47 @@ def _prompt_list(prompt: Any) -> list[str | list[int]]:
 
 
 def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
-    """Load the model, serve until SIGTERM/SIGINT, drain, exit 0."""
+    """Load the model, serve until SIGTERM/SIGINT, drain, exit 0.
+
+    The engine loop runs in the main thread (torch's CPU kernels are fastest there) and
+    uvicorn's event loop in a second thread; signals arrive in the main thread and are
+    passed on: the first SIGTERM/SIGINT drains, a second stops at once.
+    """
+    import signal
+    import threading
+
     import uvicorn
 
     engine = AsyncEngine(engine_cfg)
-    engine.start()
     app = create_app(engine, cfg)
     state: ServerState = app.state.deepserve
     server = _DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port,
                                             log_level="warning", access_log=False,
-                                            timeout_graceful_shutdown=5),
-                             state)
+                                            timeout_graceful_shutdown=5), state)
+
+    def serve() -> None:
+        try:
+            server.run()
+        finally:
+            engine.shutdown()
+
+    def on_signal(sig: int, frame: Any) -> None:
+        server.handle_exit(sig, frame)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    http = threading.Thread(target=serve, name="deepserve-http", daemon=True)
+    http.start()
     logger.info("serving %s on http://%s:%d/v1", state.model_name, cfg.host, cfg.port)
-    try:
-        server.run()
-    finally:
-        engine.shutdown()
+    engine.run_forever()
+    server.should_exit = True  # the engine stopped (drained, or failed): stop HTTP too
+    http.join(30)
+    if not server.started:
+        logger.error("could not serve on %s:%d (is the port in use?)", cfg.host, cfg.port)
+        return 1
+    if engine.dead is not None:
+        logger.error("engine failed: %s", engine.dead)
+        return 1
     logger.info("stopped")
     return 0
 
@@ -223,13 +248,17 @@ class _DrainingServer:
         import uvicorn
 
         class Server(uvicorn.Server):
+            _drain_deadline = 0.0
+
             def handle_exit(self, sig: int, frame: Any) -> None:
                 if state.draining:
-                    return super().handle_exit(sig, frame)
+                    self.should_exit = True
+                    self.force_exit = True
+                    return
                 logger.info("signal %d: draining %d request(s), grace %.0fs", sig,
                             state.engine.num_unfinished, state.cfg.shutdown_grace_s)
-                state.draining = True
                 self._drain_deadline = time.monotonic() + state.cfg.shutdown_grace_s
+                state.draining = True
 
             async def on_tick(self, counter: int) -> bool:
                 if state.draining and (state.engine.num_unfinished == 0 or
@@ -238,5 +267,3 @@ class _DrainingServer:
                 return await super().on_tick(counter)
 
         return Server(config)
-
-

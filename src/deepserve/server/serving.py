@@ -231,7 +231,7 @@ class OpenAIServing:
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        merged: asyncio.Queue[tuple[int, RequestOutput | None | BaseException]] = \
+        merged: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = \
             asyncio.Queue()
 
         async def pump(k: int, ids: list[int]) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput, an OpenAI-protocol load generator, reports and plots."""
