@@ -137,8 +137,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     server_cfg = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                               max_queue=args.max_queue,
-                              shutdown_grace_s=args.shutdown_grace)
+                              shutdown_grace_s=args.shutdown_grace, ledger=args.ledger,
+                              pricing=args.pricing, api_keys=args.api_keys,
+                              pricing_clock=args.pricing_clock, tier=args.tier,
+                              hardware=args.hardware)
     return run_server(engine_config(args), server_cfg)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from deepserve.billing import report
+
+    if not Path(args.ledger).is_file():
+        raise DeepserveError(f"ledger {args.ledger!r} does not exist; start the server with "
+                             "--ledger PATH to record usage", param="ledger")
+    try:
+        rep = report.build_report(args.ledger, args.since, args.until, args.by,
+                                  args.gpu_hour_cost, args.node_hours, args.gpus_per_node)
+    except ValueError as exc:
+        raise DeepserveError(str(exc), param="by") from exc
+    render = {"md": report.to_markdown, "json": report.to_json, "csv": report.to_csv}
+    print(render[args.format](rep))
+    if args.plot:
+        report.plot_hourly(args.ledger, args.plot, args.gpu_hour_cost, args.since, args.until)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="waiting requests beyond which new ones get 429")
     serve.add_argument("--shutdown-grace", type=float, default=30.0,
                        help="seconds SIGTERM waits for running requests")
+    serve.add_argument("--ledger", default=None, help="SQLite usage ledger to append to")
+    serve.add_argument("--pricing", default=None, help="pricing policy TOML")
+    serve.add_argument("--api-keys", default=None,
+                       help="TOML key file with per-key budgets and token quotas")
+    serve.add_argument("--pricing-clock", default=None,
+                       help="price every request as if at this ISO time (simulations)")
+    serve.add_argument("--tier", default=None, help="tier name recorded in the ledger")
+    serve.add_argument("--hardware", default=None,
+                       help="hardware name recorded with replica uptime")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -171,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat, 256)
     add_engine_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    rep = sub.add_parser("report", help="revenue, cost and margin from a usage ledger")
+    rep.add_argument("--ledger", required=True, help="SQLite ledger written by serve --ledger")
+    rep.add_argument("--since", default=None, help="ISO time (UTC) or epoch seconds")
+    rep.add_argument("--until", default=None, help="ISO time (UTC) or epoch seconds")
+    rep.add_argument("--by", default=None, choices=["model", "key", "tier", "hour"])
+    rep.add_argument("--gpu-hour-cost", type=float, default=2.0,
+                     help="price of one accelerator-hour (default 2.0, as DeepSeek's H800)")
+    rep.add_argument("--node-hours", type=float, default=None,
+                     help="cost from this many node-hours instead of replica uptime")
+    rep.add_argument("--gpus-per-node", type=int, default=8)
+    rep.add_argument("--format", default="md", choices=["md", "json", "csv"])
+    rep.add_argument("--plot", default=None, help="write a per-hour PNG here")
+    rep.set_defaults(func=cmd_report)
 
     from deepserve.bench.cli import add_bench_parser
 

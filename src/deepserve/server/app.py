@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deepserve.billing.meter import BillingContext, BillingError, Meter
 from deepserve.config import EngineConfig
 from deepserve.engine.async_engine import AsyncEngine, EngineDeadError
 from deepserve.errors import DeepserveError
@@ -36,6 +37,12 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 256
     shutdown_grace_s: float = 30.0
+    ledger: str | None = None  # SQLite usage ledger path; None: no ledger
+    pricing: str | None = None  # pricing policy TOML; None: DeepSeek-R1 list prices
+    api_keys: str | None = None  # key file with budgets and quotas
+    pricing_clock: str | None = None  # fixed ISO time for pricing (tests, simulations)
+    tier: str | None = None  # tier name recorded in the ledger
+    hardware: str | None = None  # recorded with replica uptime (default: detected)
 
 
 class APIError(Exception):
@@ -64,7 +71,8 @@ class ServerState:
         self.cfg = cfg
         self.model_name = engine.model_name
         self.metrics = ServerMetrics(engine, self.model_name)
-        self.serving = OpenAIServing(engine, self.metrics, self.model_name)
+        self.meter = _build_meter(engine, cfg, self.metrics)
+        self.serving = OpenAIServing(engine, self.metrics, self.model_name, self.meter)
         self.draining = False
         self.started = time.time()
 
@@ -114,7 +122,16 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Response:
-        if cfg.api_key and request.url.path.startswith("/v1/"):
+        request.state.key_id = None
+        if state.meter.keys is not None and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            key = header[7:] if header.startswith("Bearer ") else None
+            try:
+                request.state.key_id = state.meter.authorize(key)
+            except BillingError as exc:
+                state.metrics.errors.labels(state.model_name, str(exc.status)).inc()
+                return error_response(exc.status, exc.message, code=exc.code)
+        elif cfg.api_key and request.url.path.startswith("/v1/"):
             header = request.headers.get("authorization", "")
             if header != f"Bearer {cfg.api_key}":
                 state.metrics.errors.labels(state.model_name, "401").inc()
@@ -159,28 +176,88 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
             "owned_by": "deepserve", "max_model_len": engine.engine.max_model_len}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest) -> Response:
+    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         admit(req.model)
         params = sampling_params(req, None)
         messages = chat_messages(req)
         _, ids = engine.prepare(messages=messages, params=params)
+        bill = state.meter.start(request.state.key_id, state.model_name)
+        headers = _price_headers(bill)
         if req.stream:
-            return StreamingResponse(state.serving.chat_stream(req, params, ids),
-                                     media_type="text/event-stream")
-        return JSONResponse(await state.serving.chat(req, params, ids))
+            return StreamingResponse(state.serving.chat_stream(req, params, ids, bill),
+                                     media_type="text/event-stream", headers=headers)
+        body = await state.serving.chat(req, params, ids, bill)
+        return JSONResponse(body, headers=headers | _cost_header(body))
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Response:
+    async def completions(req: CompletionRequest, request: Request) -> Response:
         admit(req.model)
         params = sampling_params(req, 16)
         prompts = _prompt_list(req.prompt)
         prepared = [engine.prepare(prompt=p, params=params) for p in prompts]
+        bill = state.meter.start(request.state.key_id, state.model_name)
+        headers = _price_headers(bill)
         if req.stream:
-            return StreamingResponse(state.serving.completion_stream(req, params, prepared),
-                                     media_type="text/event-stream")
-        return JSONResponse(await state.serving.completion(req, params, prepared))
+            return StreamingResponse(
+                state.serving.completion_stream(req, params, prepared, bill),
+                media_type="text/event-stream", headers=headers)
+        body = await state.serving.completion(req, params, prepared, bill)
+        return JSONResponse(body, headers=headers | _cost_header(body))
 
     return app
+
+
+def _price_headers(bill: BillingContext) -> dict[str, str]:
+    return {"x-deepserve-price-multiplier": f"{bill.quote.multiplier:g}",
+            "x-deepserve-pricing-rules": ",".join(bill.quote.rules) or "none"}
+
+
+def _cost_header(body: dict[str, Any]) -> dict[str, str]:
+    usage = body.get("usage") or {}
+    if "cost" not in usage:
+        return {}
+    return {"x-deepserve-cost": f"{usage['cost']:.10f}", "x-deepserve-currency":
+            usage["currency"]}
+
+
+def _build_meter(engine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) -> Meter:
+    from datetime import datetime
+
+    from deepserve.billing.keys import KeyStore
+    from deepserve.billing.ledger import Ledger
+    from deepserve.billing.pricing import PricingPolicy
+
+    policy = PricingPolicy.load(cfg.pricing) if cfg.pricing else PricingPolicy()
+    keys = KeyStore.load(cfg.api_keys) if cfg.api_keys else None
+    eng = engine.engine
+    ledger = None
+    if cfg.ledger:
+        ledger = Ledger(cfg.ledger, engine.model_name, cfg.hardware or _hardware(eng))
+    clock = None
+    if cfg.pricing_clock:
+        try:
+            fixed = datetime.fromisoformat(cfg.pricing_clock.replace("Z", "+00:00"))
+        except ValueError:
+            raise DeepserveError(f"pricing_clock={cfg.pricing_clock!r} is not an ISO time "
+                                 "like 2026-01-01T17:00:00Z", param="pricing_clock") from None
+        clock = lambda: fixed  # noqa: E731
+
+    def utilization() -> float:
+        # The busier of KV-cache use and batch occupancy.
+        return max(eng.block_manager.usage,
+                   len(eng.scheduler.running) / eng.config.max_num_seqs)
+
+    return Meter(policy, ledger, keys, metrics.registry, utilization, cfg.tier, clock)
+
+
+def _hardware(engine: Any) -> str:
+    import platform
+
+    import torch
+
+    if engine.device.type == "cuda":
+        return torch.cuda.get_device_name(engine.device)
+    return f"cpu:{platform.machine()}"
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:
@@ -218,6 +295,8 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
             server.run()
         finally:
             engine.shutdown()
+            if state.meter.ledger is not None:
+                state.meter.ledger.close()
 
     def on_signal(sig: int, frame: Any) -> None:
         server.handle_exit(sig, frame)

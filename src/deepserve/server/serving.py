@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from deepserve.billing.meter import BillingContext, Meter
 from deepserve.engine.async_engine import AsyncEngine
 from deepserve.engine.sequence import CompletionOutput, Logprob, RequestOutput
 from deepserve.errors import DeepserveError
@@ -83,8 +84,10 @@ def _usage(out: RequestOutput) -> dict[str, Any]:
 class OpenAIServing:
     """Builds chat.completion(.chunk) and text_completion objects from engine outputs."""
 
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str,
+                 meter: Meter) -> None:
         self.engine = engine
+        self.meter = meter
         self.metrics = metrics
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
@@ -124,12 +127,13 @@ class OpenAIServing:
         return last
 
     async def chat(self, req: ChatCompletionRequest, params: SamplingParams,
-                   prompt_ids: list[int]) -> dict[str, Any]:
+                   prompt_ids: list[int], bill: BillingContext) -> dict[str, Any]:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         out = await self._final(self.engine.generate(params=params, request_id=rid,
                                                      prompt_ids=prompt_ids,
                                                      priority=req.priority))
         self.metrics.observe(out, out.finish_reason or "abort")
+        cost = await self.meter.settle(bill, rid, out, out.finish_reason)
         choices = []
         for o in out.outputs:
             choice: dict[str, Any] = {
@@ -140,11 +144,11 @@ class OpenAIServing:
                 choice["logprobs"] = self._chat_logprobs(o.logprobs)
             choices.append(choice)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices, "usage": _usage(out),
+                "model": self.model_name, "choices": choices, "usage": _usage(out) | cost,
                 "system_fingerprint": None}
 
     async def chat_stream(self, req: ChatCompletionRequest, params: SamplingParams,
-                          prompt_ids: list[int]) -> AsyncIterator[str]:
+                          prompt_ids: list[int], bill: BillingContext) -> AsyncIterator[str]:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -165,36 +169,46 @@ class OpenAIServing:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None} for i in range(params.n)])
         last = None
-        async for out in gen:
-            last = out
-            choices = []
-            for o in out.outputs:
-                i = o.index
-                if done[i]:
-                    continue
-                delta = o.text[sent_text[i]:]
-                lp = None
-                if o.logprobs is not None and len(o.logprobs) > sent_lp[i]:
-                    lp = self._chat_logprobs(o.logprobs[sent_lp[i]:])
-                    sent_lp[i] = len(o.logprobs)
-                if not delta and o.finish_reason is None and lp is None:
-                    continue
-                sent_text[i] = len(o.text)
-                choices.append({"index": i, "delta": {"content": delta} if delta else {},
-                                "logprobs": lp, "finish_reason": o.finish_reason,
-                                **({"stop_reason": o.stop_reason} if o.finish_reason else {})})
-                if o.finish_reason is not None:
-                    done[i] = True
-            if choices:
-                yield chunk(choices)
-        if last is not None:
-            self.metrics.observe(last, last.finish_reason or "abort")
-            if include_usage:
-                yield chunk([], _usage(last))
-        yield "data: [DONE]\n\n"
+        billed = False
+        try:
+            async for out in gen:
+                last = out
+                choices = []
+                for o in out.outputs:
+                    i = o.index
+                    if done[i]:
+                        continue
+                    delta = o.text[sent_text[i]:]
+                    lp = None
+                    if o.logprobs is not None and len(o.logprobs) > sent_lp[i]:
+                        lp = self._chat_logprobs(o.logprobs[sent_lp[i]:])
+                        sent_lp[i] = len(o.logprobs)
+                    if not delta and o.finish_reason is None and lp is None:
+                        continue
+                    sent_text[i] = len(o.text)
+                    choices.append({"index": i, "delta": {"content": delta} if delta else {},
+                                    "logprobs": lp, "finish_reason": o.finish_reason,
+                                    **({"stop_reason": o.stop_reason}
+                                       if o.finish_reason else {})})
+                    if o.finish_reason is not None:
+                        done[i] = True
+                if choices:
+                    yield chunk(choices)
+            if last is not None:
+                self.metrics.observe(last, last.finish_reason or "abort")
+                cost = await self.meter.settle(bill, rid, last, last.finish_reason)
+                billed = True
+                if include_usage:
+                    yield chunk([], _usage(last) | cost)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not billed and last is not None and last.num_output_tokens:
+                # The client left mid-stream: what was produced is still billed.
+                self.meter.finish(bill, rid, last, "abort")
 
     async def completion(self, req: CompletionRequest, params: SamplingParams,
-                         prompts: list[tuple[str | None, list[int]]]) -> dict[str, Any]:
+                         prompts: list[tuple[str | None, list[int]]],
+                         bill: BillingContext) -> dict[str, Any]:
         rid = f"cmpl-{uuid.uuid4().hex}"
         outs = await asyncio.gather(*[
             self._final(self.engine.generate(params=params, request_id=f"{rid}-{k}",
@@ -202,8 +216,11 @@ class OpenAIServing:
             for k, (_, ids) in enumerate(prompts)])
         choices = []
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached": 0}
+        cost: dict[str, Any] = {}
         for k, ((text, _), out) in enumerate(zip(prompts, outs, strict=True)):
             self.metrics.observe(out, out.finish_reason or "abort")
+            cost = _add_cost(cost, await self.meter.settle(bill, f"{rid}-{k}", out,
+                                                           out.finish_reason))
             usage["prompt_tokens"] += out.num_prompt_tokens
             usage["completion_tokens"] += out.num_output_tokens
             usage["cached"] += out.num_cached_tokens
@@ -212,7 +229,7 @@ class OpenAIServing:
                                                        text or ""))
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
-                "usage": _sum_usage(usage), "system_fingerprint": None}
+                "usage": _sum_usage(usage) | cost, "system_fingerprint": None}
 
     def _completion_choice(self, req: CompletionRequest, index: int, o: CompletionOutput,
                            prompt_text: str) -> dict[str, Any]:
@@ -226,8 +243,8 @@ class OpenAIServing:
         return choice
 
     async def completion_stream(self, req: CompletionRequest, params: SamplingParams,
-                                prompts: list[tuple[str | None, list[int]]]
-                                ) -> AsyncIterator[str]:
+                                prompts: list[tuple[str | None, list[int]]],
+                                bill: BillingContext) -> AsyncIterator[str]:
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -247,6 +264,7 @@ class OpenAIServing:
         sent: dict[tuple[int, int], int] = {}
         sent_lp: dict[tuple[int, int], int] = {}
         finals: dict[int, RequestOutput] = {}
+        latest: dict[int, RequestOutput] = {}
         remaining = len(prompts)
         try:
             while remaining:
@@ -256,6 +274,7 @@ class OpenAIServing:
                     continue
                 if isinstance(item, BaseException):
                     raise item
+                latest[k] = item
                 if item.finished:
                     finals[k] = item
                 choices = []
@@ -286,15 +305,23 @@ class OpenAIServing:
         finally:
             for t in tasks:
                 t.cancel()
+            for k, out in latest.items():
+                if k not in finals and out.num_output_tokens:
+                    # The client left mid-stream: what was produced is still billed.
+                    self.meter.finish(bill, f"{rid}-{k}", out, "abort")
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached": 0}
-        for out in finals.values():
+        cost: dict[str, Any] = {}
+        for k, out in finals.items():
             self.metrics.observe(out, out.finish_reason or "abort")
+            cost = _add_cost(cost, await self.meter.settle(bill, f"{rid}-{k}", out,
+                                                           out.finish_reason))
             usage["prompt_tokens"] += out.num_prompt_tokens
             usage["completion_tokens"] += out.num_output_tokens
             usage["cached"] += out.num_cached_tokens
         if include_usage:
             body = {"id": rid, "object": "text_completion", "created": created,
-                    "model": self.model_name, "choices": [], "usage": _sum_usage(usage)}
+                    "model": self.model_name, "choices": [],
+                    "usage": _sum_usage(usage) | cost}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
@@ -305,3 +332,9 @@ def _sum_usage(u: dict[str, int]) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": u["cached"]},
             "prompt_cache_hit_tokens": u["cached"],
             "prompt_cache_miss_tokens": u["prompt_tokens"] - u["cached"]}
+
+
+def _add_cost(total: dict[str, Any], one: dict[str, Any]) -> dict[str, Any]:
+    if not total:
+        return dict(one)
+    return total | {"cost": round(total["cost"] + one["cost"], 10)}

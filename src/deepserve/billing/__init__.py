@@ -1,0 +1,1 @@
+"""Usage metering, pricing policy, and the cost / profit-margin report."""

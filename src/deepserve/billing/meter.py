@@ -1,0 +1,128 @@
+"""Metering for one server: authorize keys, quote prices at start, bill at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+
+from deepserve.billing.keys import KeyStore
+from deepserve.billing.ledger import Ledger, UsageRecord, key_spend
+from deepserve.billing.pricing import PricingPolicy, Quote
+from deepserve.engine.sequence import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class BillingError(Exception):
+    """A key that may not spend: carries the HTTP status and OpenAI error code."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass
+class BillingContext:
+    """What a request carries from admission to its bill."""
+
+    key_id: str | None
+    quote: Quote
+    start: float
+
+
+class Meter:
+    """Pricing, ledger, keys and the revenue counters of one server."""
+
+    def __init__(self, policy: PricingPolicy, ledger: Ledger | None, keys: KeyStore | None,
+                 registry: CollectorRegistry, utilization: Callable[[], float],
+                 tier: str | None = None, clock: Callable[[], datetime] | None = None) -> None:
+        self.policy = policy
+        self.ledger = ledger
+        self.keys = keys
+        self.tier = tier
+        self.utilization = utilization
+        self.clock = clock or (lambda: datetime.now(UTC))
+        if keys is not None and ledger is not None:
+            keys.seed(key_spend(ledger._conn))
+        self.tokens = Counter("deepserve_billed_tokens", "Billed tokens by class",
+                              ["model", "token_class"], registry=registry)
+        self.revenue = Counter("deepserve_revenue",
+                               f"Revenue after discounts, in {policy.currency}",
+                               ["model", "token_class"], registry=registry)
+        self.list_revenue = Counter("deepserve_list_revenue",
+                                    f"Revenue at list price, in {policy.currency}",
+                                    ["model"], registry=registry)
+
+    def authorize(self, key: str | None) -> str | None:
+        """Map a bearer key to its id, or raise BillingError (401/402/429)."""
+        if self.keys is None:
+            return None
+        k = self.keys.lookup(key or "")
+        if k is None:
+            raise BillingError(401, "API key missing or not recognised: send 'Authorization: "
+                               "Bearer <key>' with a key from the server's key file",
+                               "invalid_api_key")
+        if k.budget is not None and k.spent >= k.budget:
+            raise BillingError(402, f"API key {k.key_id!r} has spent {k.spent:.6f} of its "
+                               f"budget of {k.budget} {self.policy.currency}; raise the "
+                               "budget in the key file", "insufficient_quota")
+        if k.token_quota is not None and k.tokens >= k.token_quota:
+            raise BillingError(429, f"API key {k.key_id!r} has used {k.tokens} of its "
+                               f"{k.token_quota}-token quota", "token_quota_exceeded")
+        return k.key_id
+
+    def start(self, key_id: str | None, model: str) -> BillingContext:
+        return BillingContext(key_id, self.policy.quote(model, self.clock(),
+                                                         self.utilization()), time.time())
+
+    async def settle(self, ctx: BillingContext, request_id: str, out: RequestOutput,
+                     finish_reason: str | None) -> dict[str, Any]:
+        """Bill a request and wait (without blocking the event loop) until its ledger
+        record is committed, so a response is only sent for a request on the books."""
+        cost, committed = self.finish(ctx, request_id, out, finish_reason)
+        if committed is not None:
+            await asyncio.wrap_future(committed)
+        return cost
+
+    def finish(self, ctx: BillingContext, request_id: str, out: RequestOutput,
+               finish_reason: str | None) -> tuple[dict[str, Any], Future[None] | None]:
+        """Bill a finished (or aborted) request: the cost fields for `usage`, and the
+        ledger write's future (None without a ledger)."""
+        hit = out.num_cached_tokens
+        prompt = out.num_prompt_tokens
+        miss = prompt - hit
+        completion = out.num_output_tokens
+        q = ctx.quote
+        list_cost = q.list_cost(hit, miss, completion)
+        cost = list_cost * q.multiplier
+        p = q.list_prices
+        committed = None
+        if self.ledger is not None:
+            committed = self.ledger.record(UsageRecord(
+                request_id=request_id, key_id=ctx.key_id, model=q.model, tier=self.tier,
+                prompt_tokens=prompt, cache_hit_tokens=hit, cache_miss_tokens=miss,
+                completion_tokens=completion, start_ts=ctx.start,
+                first_token_ts=out.first_token_time, end_ts=time.time(),
+                finish_reason=finish_reason, price_cache_hit=p.cache_hit_input,
+                price_cache_miss=p.cache_miss_input, price_output=p.output,
+                multiplier=q.multiplier, rules=",".join(q.rules), currency=q.currency,
+                list_cost=list_cost, cost=cost))
+        if self.keys is not None and ctx.key_id is not None:
+            self.keys.charge(ctx.key_id, cost, prompt + completion)
+        m = q.model
+        for cls, n, price in (("cache_hit", hit, p.cache_hit_input),
+                              ("cache_miss", miss, p.cache_miss_input),
+                              ("output", completion, p.output)):
+            self.tokens.labels(m, cls).inc(n)
+            self.revenue.labels(m, cls).inc(n * price / 1e6 * q.multiplier)
+        self.list_revenue.labels(m).inc(list_cost)
+        return {"cost": round(cost, 10), "currency": q.currency,
+                "price_multiplier": q.multiplier}, committed
