@@ -42,12 +42,12 @@ _COLUMNS = [
     ("E2E p50 ms", lambda r: _f(r["summary"]["e2e_ms"]["p50"])),
     ("E2E p99 ms", lambda r: _f(r["summary"]["e2e_ms"]["p99"])),
     ("errors", lambda r: str(r["summary"]["errors"])),
-    ("goodput req/s", lambda r: f"{r['summary']['goodput_requests_per_s']:.2f}"),
+    ("goodput req/s", lambda r: _f(r["summary"]["goodput_requests_per_s"], 2)),
 ]
 
 
-def _f(x: float) -> str:
-    return "-" if x != x else f"{x:.0f}"  # NaN -> "-"
+def _f(x: float, digits: int = 0) -> str:
+    return "-" if x != x else f"{x:.{digits}f}"  # NaN -> "-"
 
 
 def _load(meta: dict[str, Any]) -> str:

@@ -96,10 +96,14 @@ class Meter:
                finish_reason: str | None) -> tuple[dict[str, Any], Future[None] | None]:
         """Bill a finished (or aborted) request: the cost fields for `usage`, and the
         ledger write's future (None without a ledger)."""
-        hit = out.num_cached_tokens
-        prompt = out.num_prompt_tokens
+        return self.bill(ctx, request_id, out.num_prompt_tokens, out.num_cached_tokens,
+                         out.num_output_tokens, finish_reason, out.first_token_time)
+
+    def bill(self, ctx: BillingContext, request_id: str, prompt: int, hit: int,
+             completion: int, finish_reason: str | None, first_token_ts: float | None = None,
+             tier: str | None = None) -> tuple[dict[str, Any], Future[None] | None]:
+        """Bill token counts (the gateway bills from its backends' `usage`)."""
         miss = prompt - hit
-        completion = out.num_output_tokens
         q = ctx.quote
         list_cost = q.list_cost(hit, miss, completion)
         cost = list_cost * q.multiplier
@@ -107,10 +111,11 @@ class Meter:
         committed = None
         if self.ledger is not None:
             committed = self.ledger.record(UsageRecord(
-                request_id=request_id, key_id=ctx.key_id, model=q.model, tier=self.tier,
+                request_id=request_id, key_id=ctx.key_id, model=q.model,
+                tier=tier or self.tier,
                 prompt_tokens=prompt, cache_hit_tokens=hit, cache_miss_tokens=miss,
                 completion_tokens=completion, start_ts=ctx.start,
-                first_token_ts=out.first_token_time, end_ts=time.time(),
+                first_token_ts=first_token_ts, end_ts=time.time(),
                 finish_reason=finish_reason, price_cache_hit=p.cache_hit_input,
                 price_cache_miss=p.cache_miss_input, price_output=p.output,
                 multiplier=q.multiplier, rules=",".join(q.rules), currency=q.currency,

@@ -1,0 +1,133 @@
+"""Gateway configuration, from TOML (``deepserve gateway --config gateway.toml``).
+
+    [gateway]
+    host = "127.0.0.1"
+    port = 9000
+    policy = "model"          # default: model | auto | slo | cascade | ab
+    balancing = "cache_aware" # within a tier: cache_aware | round_robin | least_loaded
+    api_keys = "keys.toml"    # optional: keys, budgets, quotas (billing/keys.py format)
+    ledger = "gateway.db"     # optional: usage ledger of everything routed
+    pricing = "pricing.toml"  # optional: prices per model name (tier name)
+    rate_limit_rpm = 600      # per key, requests per minute (0: off)
+    rate_limit_tpm = 0        # per key, tokens per minute (0: off)
+
+    [tiers.lite]              # tiers in order of strength: first is the lightest
+    models = ["lite", "fast"] # public model names (aliases) that select this tier
+    backends = ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
+
+    [tiers.pro]
+    models = ["pro"]
+    backends = ["http://127.0.0.1:8003"]
+
+    [routing]
+    default_tier = "lite"
+    auto_prompt_chars = 2000  # auto: longer prompts go to the strongest tier
+    auto_max_tokens = 512     # auto: bigger max_tokens goes to the strongest tier
+    task_tiers = { analysis = "pro", chat = "lite" }  # auto: x-deepserve-task header
+    cascade_min_logprob = -1.0  # cascade: escalate when mean token logprob is lower
+    ab_weights = { lite = 0.5, pro = 0.5 }
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deepserve.errors import DeepserveError
+
+POLICIES = ("model", "auto", "slo", "cascade", "ab")
+BALANCING = ("cache_aware", "round_robin", "least_loaded")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """A group of interchangeable backends serving the same model."""
+
+    name: str
+    models: tuple[str, ...]
+    backends: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything ``deepserve gateway`` needs; tiers are ordered light to strong."""
+
+    tiers: tuple[TierConfig, ...]
+    host: str = "127.0.0.1"
+    port: int = 9000
+    policy: str = "model"
+    balancing: str = "cache_aware"
+    api_keys: str | None = None
+    ledger: str | None = None
+    pricing: str | None = None
+    rate_limit_rpm: int = 0
+    rate_limit_tpm: int = 0
+    default_tier: str | None = None
+    auto_prompt_chars: int = 2000
+    auto_max_tokens: int = 512
+    task_tiers: dict[str, str] = field(default_factory=dict)
+    cascade_min_logprob: float = -1.0
+    ab_weights: dict[str, float] = field(default_factory=dict)
+    health_interval_s: float = 2.0
+    max_attempts: int = 3
+    affinity_slack: int = 4  # cache_aware: tolerated extra load on the affine replica
+
+    def tier(self, name: str) -> TierConfig:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @classmethod
+    def load(cls, path: str | Path) -> GatewayConfig:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise DeepserveError(f"gateway config {path}: {exc}", param="config") from exc
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "gateway config") -> GatewayConfig:
+        def bad(msg: str) -> DeepserveError:
+            return DeepserveError(f"{source}: {msg}", param="config")
+
+        tiers = []
+        for name, spec in (data.get("tiers") or {}).items():
+            backends = tuple(str(b).rstrip("/") for b in spec.get("backends", []))
+            if not backends:
+                raise bad(f"tiers.{name} has no backends (list their base URLs)")
+            tiers.append(TierConfig(name, tuple(spec.get("models", [name])) or (name,),
+                                    backends))
+        if not tiers:
+            raise bad("no [tiers.NAME] sections; define at least one tier with backends")
+        gw = data.get("gateway", {})
+        routing = data.get("routing", {})
+        cfg = cls(tiers=tuple(tiers), host=gw.get("host", "127.0.0.1"),
+                  port=int(gw.get("port", 9000)), policy=gw.get("policy", "model"),
+                  balancing=gw.get("balancing", "cache_aware"), api_keys=gw.get("api_keys"),
+                  ledger=gw.get("ledger"), pricing=gw.get("pricing"),
+                  rate_limit_rpm=int(gw.get("rate_limit_rpm", 0)),
+                  rate_limit_tpm=int(gw.get("rate_limit_tpm", 0)),
+                  default_tier=routing.get("default_tier", tiers[0].name),
+                  auto_prompt_chars=int(routing.get("auto_prompt_chars", 2000)),
+                  auto_max_tokens=int(routing.get("auto_max_tokens", 512)),
+                  task_tiers=dict(routing.get("task_tiers", {})),
+                  cascade_min_logprob=float(routing.get("cascade_min_logprob", -1.0)),
+                  ab_weights={k: float(v) for k, v in routing.get("ab_weights", {}).items()},
+                  health_interval_s=float(gw.get("health_interval_s", 2.0)),
+                  max_attempts=int(gw.get("max_attempts", 3)),
+                  affinity_slack=int(gw.get("affinity_slack", 4)))
+        if cfg.policy not in POLICIES:
+            raise bad(f"policy {cfg.policy!r} is not one of {', '.join(POLICIES)}")
+        if cfg.balancing not in BALANCING:
+            raise bad(f"balancing {cfg.balancing!r} is not one of {', '.join(BALANCING)}")
+        names = {t.name for t in tiers}
+        for label, tier in [("default_tier", cfg.default_tier),
+                            *((f"task_tiers.{k}", v) for k, v in cfg.task_tiers.items()),
+                            *((f"ab_weights.{k}", k) for k in cfg.ab_weights)]:
+            if tier not in names:
+                raise bad(f"{label} names tier {tier!r}, but the tiers are {sorted(names)}")
+        return cfg

@@ -1,0 +1,143 @@
+"""Backends of a tier: health, load, latency estimates, and the choice of replica.
+
+Cache-aware balancing sends requests whose prompts share a prefix to the same replica
+(rendezvous hashing on the prefix, over healthy replicas), so that replica's prefix
+cache serves them; when that replica is busier than the least loaded one by more than
+``slack`` requests, the least loaded one is used instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+logger = logging.getLogger(__name__)
+
+PREFIX_CHARS = 512  # prompt characters that name a prefix for affinity
+
+
+@dataclass
+class Backend:
+    """One replica: its URL, health and what the gateway knows of its load and speed."""
+
+    url: str
+    healthy: bool = True
+    outstanding: int = 0
+    failures: int = 0
+    ejected_until: float = 0.0
+    ttft_s: float | None = None  # recent mean, from the backend's own /metrics
+    tpot_s: float | None = None
+    _hist: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and time.monotonic() >= self.ejected_until
+
+    def note_failure(self) -> None:
+        self.failures += 1
+        if self.failures >= 1:
+            # Ejected at once; the health checker brings it back when /health answers.
+            self.healthy = False
+            self.ejected_until = time.monotonic() + 1.0
+
+    def note_success(self) -> None:
+        self.failures = 0
+
+    def update_latency(self, metrics_text: str) -> None:
+        """Mean TTFT/TPOT over the interval since the last scrape (sum and count deltas)."""
+        sums: dict[str, float] = {}
+        for fam in text_string_to_metric_families(metrics_text):
+            if fam.name not in ("deepserve_time_to_first_token_seconds",
+                                "deepserve_time_per_output_token_seconds"):
+                continue
+            for s in fam.samples:
+                if s.name.endswith("_sum") or s.name.endswith("_count"):
+                    sums[s.name] = sums.get(s.name, 0.0) + s.value
+        for base, attr in (("deepserve_time_to_first_token_seconds", "ttft_s"),
+                           ("deepserve_time_per_output_token_seconds", "tpot_s")):
+            total, count = sums.get(base + "_sum"), sums.get(base + "_count")
+            if total is None or count is None:
+                continue
+            prev_total, prev_count = self._hist.get(base, (0.0, 0.0))
+            if count > prev_count:
+                setattr(self, attr, (total - prev_total) / (count - prev_count))
+            self._hist[base] = (total, count)
+
+
+class TierPool:
+    """The replicas of one tier and the balancing policy across them."""
+
+    def __init__(self, name: str, urls: tuple[str, ...], balancing: str, slack: int) -> None:
+        self.name = name
+        self.backends = [Backend(u) for u in urls]
+        self.balancing = balancing
+        self.slack = slack
+        self._rr = itertools.count()
+
+    def candidates(self, prefix_key: str) -> list[Backend]:
+        """Replicas in the order to try them (first choice first)."""
+        live = [b for b in self.backends if b.available] or \
+            [b for b in self.backends if b.healthy] or list(self.backends)
+        if self.balancing == "round_robin":
+            start = next(self._rr) % len(live)
+            return live[start:] + live[:start]
+        by_load = sorted(live, key=lambda b: b.outstanding)
+        if self.balancing == "least_loaded" or not prefix_key:
+            return by_load
+        ranked = sorted(live, key=lambda b: _score(prefix_key, b.url), reverse=True)
+        affine = ranked[0]
+        if affine.outstanding > by_load[0].outstanding + self.slack:
+            return by_load
+        return [affine] + [b for b in by_load if b is not affine]
+
+    def latency(self) -> tuple[float | None, float | None]:
+        """Best recent TTFT and TPOT among available replicas."""
+        live = [b for b in self.backends if b.available]
+        ttfts = [b.ttft_s for b in live if b.ttft_s is not None]
+        tpots = [b.tpot_s for b in live if b.tpot_s is not None]
+        return (min(ttfts) if ttfts else None, min(tpots) if tpots else None)
+
+    async def check(self, client: httpx.AsyncClient) -> None:
+        """Probe /health (and scrape /metrics for latency) of every replica."""
+        for b in self.backends:
+            try:
+                r = await client.get(f"{b.url}/health", timeout=2.0)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok and not b.healthy:
+                logger.info("backend %s is healthy again", b.url)
+            if not ok and b.healthy:
+                logger.warning("backend %s failed its health check; ejected", b.url)
+            b.healthy = ok
+            if ok:
+                b.failures = 0
+                b.ejected_until = 0.0
+                try:
+                    m = await client.get(f"{b.url}/metrics", timeout=2.0)
+                    if m.status_code == 200:
+                        b.update_latency(m.text)
+                except httpx.HTTPError:
+                    pass
+
+
+def _score(key: str, url: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}|{url}".encode(), digest_size=8).digest(),
+                          "big")
+
+
+def prefix_key(body: dict) -> str:
+    """The text that decides prefix affinity: the start of the prompt or conversation."""
+    if "messages" in body and isinstance(body["messages"], list):
+        text = "".join(str(m.get("content", "")) for m in body["messages"]
+                       if isinstance(m, dict))
+    else:
+        p = body.get("prompt", "")
+        text = p if isinstance(p, str) else str(p)[:PREFIX_CHARS * 4]
+    return text[:PREFIX_CHARS]

@@ -1,0 +1,42 @@
+"""Per-key request and token rate limits over a sliding 60-second window."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+
+class RateLimiter:
+    """Requests per minute and tokens per minute per key; 0 turns a limit off."""
+
+    WINDOW = 60.0
+
+    def __init__(self, rpm: int, tpm: int) -> None:
+        self.rpm, self.tpm = rpm, tpm
+        self._requests: dict[str, deque[float]] = {}
+        self._tokens: dict[str, deque[tuple[float, int]]] = {}
+
+    def _trim(self, key: str, now: float) -> None:
+        reqs = self._requests.setdefault(key, deque())
+        while reqs and reqs[0] <= now - self.WINDOW:
+            reqs.popleft()
+        toks = self._tokens.setdefault(key, deque())
+        while toks and toks[0][0] <= now - self.WINDOW:
+            toks.popleft()
+
+    def check(self, key: str, now: float | None = None) -> tuple[str, float] | None:
+        """None if allowed (and counted); else (which limit, seconds to wait)."""
+        now = time.monotonic() if now is None else now
+        self._trim(key, now)
+        reqs = self._requests[key]
+        if self.rpm and len(reqs) >= self.rpm:
+            return "requests", reqs[0] + self.WINDOW - now
+        toks = self._tokens[key]
+        if self.tpm and sum(n for _, n in toks) >= self.tpm:
+            return "tokens", toks[0][0] + self.WINDOW - now
+        reqs.append(now)
+        return None
+
+    def add_tokens(self, key: str, n: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._tokens.setdefault(key, deque()).append((now, n))
