@@ -165,6 +165,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from deepserve.gateway.app import run_gateway
+    from deepserve.gateway.config import GatewayConfig
+
+    cfg = GatewayConfig.load(args.config)
+    if args.host:
+        cfg = replace(cfg, host=args.host)
+    if args.port:
+        cfg = replace(cfg, port=args.port)
+    return run_gateway(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -204,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat, 256)
     add_engine_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    gw = sub.add_parser("gateway", help="route between model tiers (OpenAI-compatible proxy)")
+    gw.add_argument("--config", required=True, help="gateway TOML (see deepserve.gateway)")
+    gw.add_argument("--host", default=None)
+    gw.add_argument("--port", type=int, default=None)
+    gw.set_defaults(func=cmd_gateway)
 
     rep = sub.add_parser("report", help="revenue, cost and margin from a usage ledger")
     rep.add_argument("--ledger", required=True, help="SQLite ledger written by serve --ledger")

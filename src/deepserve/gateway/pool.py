@@ -31,6 +31,7 @@ class Backend:
     outstanding: int = 0
     failures: int = 0
     ejected_until: float = 0.0
+    model: str | None = None  # the name the backend serves (from its /v1/models)
     ttft_s: float | None = None  # recent mean, from the backend's own /metrics
     tpot_s: float | None = None
     _hist: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -119,6 +120,12 @@ class TierPool:
             if ok:
                 b.failures = 0
                 b.ejected_until = 0.0
+                if b.model is None:
+                    try:
+                        r = await client.get(f"{b.url}/v1/models", timeout=2.0)
+                        b.model = r.json()["data"][0]["id"]
+                    except (httpx.HTTPError, KeyError, IndexError, ValueError):
+                        pass
                 try:
                     m = await client.get(f"{b.url}/metrics", timeout=2.0)
                     if m.status_code == 200:

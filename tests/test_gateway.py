@@ -1,0 +1,250 @@
+"""The gateway in front of real `deepserve serve` backends, driven by the openai client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from server_utils import ServerProcess, free_port
+
+CONFIG = """
+[gateway]
+host = "127.0.0.1"
+port = {port}
+policy = "model"
+balancing = "{balancing}"
+health_interval_s = 0.5
+rate_limit_rpm = {rpm}
+
+[tiers.lite]
+models = ["lite", "fast"]
+backends = ["{lite1}", "{lite2}"]
+
+[tiers.pro]
+models = ["pro"]
+backends = ["{pro}"]
+
+[routing]
+default_tier = "lite"
+auto_prompt_chars = 400
+auto_max_tokens = 100
+task_tiers = {{ analysis = "pro", chat = "lite" }}
+cascade_min_logprob = -4.0
+ab_weights = {{ lite = 0.5, pro = 0.5 }}
+"""
+
+
+class GatewayProcess:
+    def __init__(self, tmp_path, backends, balancing="cache_aware", rpm=0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = tmp_path / f"gateway-{self.port}.toml"
+        cfg.write_text(CONFIG.format(port=self.port, balancing=balancing, rpm=rpm,
+                                     lite1=backends[0].url, lite2=backends[1].url,
+                                     pro=backends[2].url))
+        self.log = open(tmp_path / f"gateway-{self.port}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "deepserve.cli", "gateway",
+                                      "--config", str(cfg)], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("gateway did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("backends")
+    procs = []
+    # lite: bf16, two replicas; pro: the same model at full precision (float32)
+    for args in (["--served-model-name", "lite"], ["--served-model-name", "lite"],
+                 ["--served-model-name", "pro", "--dtype", "float32"]):
+        procs.append(ServerProcess(*args, "--max-num-seqs", "16", log_dir=logs))
+    yield procs
+    for p in procs:
+        p.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def gateway(backends, tmp_path_factory):
+    gw = GatewayProcess(tmp_path_factory.mktemp("gw"), backends)
+    yield gw
+    gw.stop()
+
+
+def client(gw, **headers) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0,
+                         default_headers=headers, timeout=120)
+
+
+def tier_of(gw, model="lite", headers=None, **body) -> str:
+    body = {"model": model, "prompt": "Hello", "max_tokens": 2, **body}
+    r = httpx.post(f"{gw.url}/v1/completions", json=body, headers=headers or {}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.headers["x-deepserve-tier"]
+
+
+def test_model_policy_routes_by_name(gateway):
+    assert tier_of(gateway, "lite") == "lite"
+    assert tier_of(gateway, "fast") == "lite"
+    assert tier_of(gateway, "pro") == "pro"
+    r = httpx.post(f"{gateway.url}/v1/completions", json={"model": "gpt-9", "prompt": "x"})
+    assert r.status_code == 404 and "lite" in r.json()["error"]["message"]
+    assert {m.id for m in client(gateway).models.list().data} == {"lite", "fast", "pro"}
+
+
+def test_auto_policy_uses_request_features(gateway):
+    auto = {"x-deepserve-route": "auto"}
+    assert tier_of(gateway, "auto", auto) == "lite"
+    assert tier_of(gateway, "auto", auto, prompt="word " * 200) == "pro"
+    assert tier_of(gateway, "auto", auto, max_tokens=150) == "pro"
+    assert tier_of(gateway, "auto", {**auto, "x-deepserve-task": "analysis"}) == "pro"
+    bad = httpx.post(f"{gateway.url}/v1/completions", json={"prompt": "x"},
+                     headers={**auto, "x-deepserve-task": "poetry"})
+    assert bad.status_code == 400 and "analysis" in bad.json()["error"]["message"]
+
+
+def test_streaming_passes_through_token_by_token(gateway):
+    stream = client(gateway).chat.completions.with_raw_response.create(
+        model="pro", max_tokens=12, stream=True, temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert stream.headers["x-deepserve-tier"] == "pro"
+    assert stream.headers["x-deepserve-backend"].startswith("http://127.0.0.1:")
+    chunks = list(stream.parse())
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and
+              c.choices[0].delta.content]
+    assert len(deltas) >= 3 and "Paris" in "".join(deltas)
+    assert all(c.usage is None for c in chunks)  # not asked for: not passed on
+
+
+def test_slo_policy_uses_backend_latency(gateway):
+    slo = {"x-deepserve-route": "slo"}
+    for _ in range(3):  # give both tiers TTFT samples in their /metrics
+        tier_of(gateway, "pro")
+        tier_of(gateway, "lite")
+    time.sleep(1.5)  # one health/metrics scrape
+    assert tier_of(gateway, "auto", {**slo, "x-deepserve-slo-ms": "100000"}) == "pro"
+    assert tier_of(gateway, "auto", {**slo, "x-deepserve-slo-ms": "0.001"}) == "lite"
+    r = httpx.post(f"{gateway.url}/v1/completions", json={"prompt": "x"}, headers=slo)
+    assert r.status_code == 400 and "x-deepserve-slo-ms" in r.json()["error"]["message"]
+
+
+def test_cascade_escalates_on_length_and_keeps_confident_answers(gateway):
+    c = client(gateway, **{"x-deepserve-route": "cascade"})
+    sure = c.chat.completions.with_raw_response.create(
+        model="auto", max_tokens=40, temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert sure.headers["x-deepserve-tier"] == "lite"
+    assert sure.headers["x-deepserve-escalated"] == "no"
+    assert "Paris" in sure.parse().choices[0].message.content
+    assert sure.parse().choices[0].logprobs is None  # probe logprobs not leaked
+    cut = c.chat.completions.with_raw_response.create(
+        model="auto", max_tokens=3, temperature=0,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}])
+    assert cut.headers["x-deepserve-tier"] == "pro"
+    assert cut.headers["x-deepserve-escalated"] == "length"
+    text = httpx.get(f"{gateway.url}/metrics").text
+    esc = [s for f in text_string_to_metric_families(text) for s in f.samples
+           if s.name == "deepserve_gateway_escalations_total"]
+    assert sum(s.value for s in esc) >= 1
+
+
+def test_ab_split_is_sticky_per_key(gateway):
+    ab = {"x-deepserve-route": "ab"}
+    seen = {}
+    for user in [f"user-{i}" for i in range(12)]:
+        tiers = {tier_of(gateway, "auto", ab, user=user) for _ in range(2)}
+        assert len(tiers) == 1
+        seen[user] = tiers.pop()
+    assert set(seen.values()) == {"lite", "pro"}
+
+
+def test_failover_when_a_replica_is_killed_mid_traffic(backends, tmp_path):
+    gw = GatewayProcess(tmp_path, backends, balancing="least_loaded")
+    victim = backends[1]
+    try:
+        def one(i: int) -> str:
+            return client(gw).completions.create(model="lite", prompt=f"Count to {i}:",
+                                                 max_tokens=40,
+                                                 extra_body={"ignore_eos": True}).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(one, i) for i in range(16)]
+            time.sleep(1.0)
+            victim.proc.send_signal(signal.SIGKILL)
+            results = [f.result(timeout=300) for f in futures]
+        assert len(results) == 16 and all(results)
+        text = httpx.get(f"{gw.url}/metrics").text
+        up = {s.labels["backend"]: s.value for f in text_string_to_metric_families(text)
+              for s in f.samples if s.name == "deepserve_gateway_backend_up"}
+        assert up[victim.url] == 0.0 and up[backends[0].url] == 1.0
+    finally:
+        gw.stop()
+
+
+def test_cache_aware_balancing_beats_round_robin_on_shared_prefixes(backends, tmp_path):
+    live = backends[0]
+    if live.proc.poll() is not None:
+        pytest.skip("needs the surviving lite replica")
+    from deepserve.bench.workloads import shared_prefix_workload
+    from deepserve.loader.resolve import default_model_path
+    from deepserve.loader.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_path(), "gguf")
+    # Restart the killed replica so both lite replicas serve again.
+    backends[1] = ServerProcess("--served-model-name", "lite", "--max-num-seqs", "16",
+                                log_dir=tmp_path)
+
+    def hit_rate(balancing: str, seed: int) -> float:
+        gw = GatewayProcess(tmp_path, backends, balancing=balancing)
+        try:
+            reqs = shared_prefix_workload(tok, 12, 300, 8, 2, num_prefixes=3, seed=seed)
+            hit = total = 0
+            for r in reqs:
+                u = client(gw).completions.create(model="lite", prompt=r.prompt,
+                                                  max_tokens=2).usage
+                hit += u.prompt_tokens_details.cached_tokens
+                total += u.prompt_tokens
+            return hit / total
+        finally:
+            gw.stop()
+
+    aware = hit_rate("cache_aware", seed=101)
+    rr = hit_rate("round_robin", seed=202)
+    print(f"prefix-cache hit rate: cache-aware {aware:.1%}, round robin {rr:.1%}")
+    assert aware > rr
+
+
+def test_rate_limit_is_429_with_retry_after(backends, tmp_path):
+    if any(b.proc.poll() is not None for b in backends):
+        pytest.skip("needs every backend")
+    gw = GatewayProcess(tmp_path, backends, rpm=2)
+    try:
+        codes = [httpx.post(f"{gw.url}/v1/completions", json={"model": "lite", "prompt": "hi",
+                                                               "max_tokens": 1},
+                            headers={"Authorization": "Bearer k1"}, timeout=60)
+                 for _ in range(3)]
+        assert [c.status_code for c in codes] == [200, 200, 429]
+        assert int(codes[2].headers["Retry-After"]) >= 1
+        other = httpx.post(f"{gw.url}/v1/completions", json={"model": "lite", "prompt": "hi",
+                                                             "max_tokens": 1},
+                           headers={"Authorization": "Bearer k2"}, timeout=60)
+        assert other.status_code == 200  # limits are per key
+    finally:
+        gw.stop()
