@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import MISSING, fields
 from typing import Any
@@ -140,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               shutdown_grace_s=args.shutdown_grace, ledger=args.ledger,
                               pricing=args.pricing, api_keys=args.api_keys,
                               pricing_clock=args.pricing_clock, tier=args.tier,
-                              hardware=args.hardware)
+                              hardware=args.hardware, hourly_cost=args.hourly_cost)
     return run_server(engine_config(args), server_cfg)
 
 
@@ -179,9 +178,21 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return run_gateway(cfg)
 
 
+def cmd_ray_serve(args: argparse.Namespace) -> int:
+    try:
+        from deepserve.deploy import ray_serve
+    except ImportError as exc:
+        raise DeepserveError("Ray Serve is not installed: pip install 'deepserve[ray]' "
+                             f"(or make ray) ({exc})") from exc
+    ray_serve.run(ray_serve.RayServeConfig.load(args.config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one object per line, with a line per finished request")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
@@ -201,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tier", default=None, help="tier name recorded in the ledger")
     serve.add_argument("--hardware", default=None,
                        help="hardware name recorded with replica uptime")
+    serve.add_argument("--hourly-cost", type=float, default=0.0,
+                       help="this replica's cost per hour, exported for margin dashboards")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -225,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, default=None)
     gw.set_defaults(func=cmd_gateway)
 
+    rs = sub.add_parser("ray-serve", help="serve tiers on a Ray cluster with Ray Serve")
+    rs.add_argument("--config", required=True, help="ray TOML (see deepserve.deploy.ray_serve)")
+    rs.set_defaults(func=cmd_ray_serve)
+
     rep = sub.add_parser("report", help="revenue, cost and margin from a usage ledger")
     rep.add_argument("--ledger", required=True, help="SQLite ledger written by serve --ledger")
     rep.add_argument("--since", default=None, help="ISO time (UTC) or epoch seconds")
@@ -248,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from deepserve.logs import configure
+
+    configure(args.log_level, args.log_format)
     try:
         return args.func(args)
     except DeepserveError as exc:

@@ -19,6 +19,8 @@ from deepserve.billing.pricing import PricingPolicy, Quote
 from deepserve.engine.sequence import RequestOutput
 
 logger = logging.getLogger(__name__)
+# One structured line per finished request (with --log-format json, a JSON object).
+request_log = logging.getLogger("deepserve.requests")
 
 
 class BillingError(Exception):
@@ -122,6 +124,14 @@ class Meter:
                 list_cost=list_cost, cost=cost))
         if self.keys is not None and ctx.key_id is not None:
             self.keys.charge(ctx.key_id, cost, prompt + completion)
+        request_log.info("request finished", extra={"fields": {
+            "event": "request_finished", "request_id": request_id, "key_id": ctx.key_id,
+            "model": q.model, "tier": tier or self.tier, "prompt_tokens": prompt,
+            "cached_tokens": hit, "completion_tokens": completion,
+            "finish_reason": finish_reason,
+            "ttft_ms": round((first_token_ts - ctx.start) * 1000, 1) if first_token_ts
+            else None, "e2e_ms": round((time.time() - ctx.start) * 1000, 1),
+            "cost": round(cost, 10), "currency": q.currency}})
         m = q.model
         for cls, n, price in (("cache_hit", hit, p.cache_hit_input),
                               ("cache_miss", miss, p.cache_miss_input),

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepserve.billing.meter import BillingContext, BillingError, Meter
@@ -43,6 +43,7 @@ class ServerConfig:
     pricing_clock: str | None = None  # fixed ISO time for pricing (tests, simulations)
     tier: str | None = None  # tier name recorded in the ledger
     hardware: str | None = None  # recorded with replica uptime (default: detected)
+    hourly_cost: float = 0.0  # this replica's cost per hour, exported for margin dashboards
 
 
 class APIError(Exception):
@@ -72,6 +73,11 @@ class ServerState:
         self.model_name = engine.model_name
         self.metrics = ServerMetrics(engine, self.model_name)
         self.meter = _build_meter(engine, cfg, self.metrics)
+        cost = Gauge("deepserve_replica_cost_per_hour", "What this replica costs per hour "
+                     "(--hourly-cost), in the pricing currency", ["model", "hardware"],
+                     registry=self.metrics.registry)
+        cost.labels(self.model_name, cfg.hardware or _hardware(engine.engine)).set(
+            cfg.hourly_cost)
         self.serving = OpenAIServing(engine, self.metrics, self.model_name, self.meter)
         self.draining = False
         self.started = time.time()

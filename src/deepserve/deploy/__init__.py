@@ -1,0 +1,1 @@
+"""Deployment on engines that already scale (Ray Serve; Kubernetes manifests in deploy/)."""

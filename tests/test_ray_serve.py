@@ -1,0 +1,66 @@
+"""Ray Serve on a local Ray cluster on this machine: two CPU replicas of one tier behind
+the OpenAI ingress, driven by the openai client; both replicas must answer."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import openai
+import pytest
+from server_utils import free_port
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'deepserve[ray]')")
+
+
+@pytest.fixture(scope="module")
+def ray_app():
+    from ray import serve
+
+    from deepserve.deploy.ray_serve import RayServeConfig, run
+
+    port = free_port()
+    cfg = RayServeConfig.from_dict({
+        "ray": {"host": "127.0.0.1", "port": port},
+        "tiers": {"lite": {"models": ["lite"], "min_replicas": 2, "max_replicas": 2,
+                           "num_cpus": 1, "engine": {"kv_cache_memory": "64MiB",
+                                                     "num_threads": 1}}}})
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        run(cfg, blocking=False)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_two_replicas_answer_through_the_openai_routes(ray_app):
+    client = openai.OpenAI(base_url=f"{ray_app}/v1", api_key="x", max_retries=0, timeout=300)
+    assert [m.id for m in client.models.list().data] == ["lite"]
+
+    def one(i: int) -> tuple[str, str]:
+        raw = client.completions.with_raw_response.create(
+            model="lite", prompt=f"Request {i}: once upon a time", max_tokens=24,
+            extra_body={"ignore_eos": True})
+        return raw.headers["x-deepserve-replica"], raw.parse().choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(16)))
+    replicas = {r for r, _ in results}
+    assert len(replicas) == 2, replicas
+    assert all(text for _, text in results)
+
+
+def test_streaming_and_errors_pass_through(ray_app):
+    client = openai.OpenAI(base_url=f"{ray_app}/v1", api_key="x", max_retries=0, timeout=300)
+    stream = client.chat.completions.create(
+        model="lite", max_tokens=12, stream=True, temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert "Paris" in text
+    bad = httpx.post(f"{ray_app}/v1/chat/completions", json={
+        "model": "lite", "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+        timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
+    unknown = httpx.post(f"{ray_app}/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert unknown.status_code == 404
