@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup serve test lint bench bench-deps bench-compare clean
+.PHONY: setup serve test lint bench bench-deps bench-compare ray deploy-tools clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,14 @@ bench-deps: setup
 
 bench-compare: bench-deps
 	$(BIN)/deepserve bench compare --concurrency 1 8 32 --num-requests 16 --out results
+
+# Ray Serve (the [ray] extra is part of setup): two tiers on a local Ray cluster.
+ray: setup
+	$(BIN)/deepserve ray-serve --config deploy/ray/ray.toml
+
+# promtool, used by the tests to check deploy/prometheus/alerts.yml when present.
+deploy-tools:
+	command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -27,6 +27,9 @@ _HELP = {
     "enable_chunked_prefill": "split long prompts across steps",
     "seed": "engine seed",
     "num_threads": "torch CPU threads (default: torch's choice)",
+    "quantization": "weights: none | int8 (per channel) | int4 (group 32) | mixed "
+                    "(MLP int4, attention int8)",
+    "kv_cache_dtype": "KV cache storage: auto (compute dtype) | int8 (with scales) | fp8",
 }
 
 

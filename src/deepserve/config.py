@@ -30,6 +30,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     seed: int = 0
     num_threads: int | None = None
+    quantization: str = "none"  # none | int8 | int4 | mixed (FFN int4, attention int8)
+    kv_cache_dtype: str = "auto"  # auto (= compute dtype) | int8 | fp8
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineConfig:

@@ -57,13 +57,6 @@ CREATE TABLE IF NOT EXISTS replicas (
     last_seen_ts REAL NOT NULL,
     stop_ts REAL
 );
-CREATE TABLE IF NOT EXISTS keys (
-    key_id TEXT PRIMARY KEY,
-    key_hash TEXT NOT NULL UNIQUE,
-    budget REAL,
-    token_quota INTEGER,
-    created_ts REAL NOT NULL
-);
 """
 
 

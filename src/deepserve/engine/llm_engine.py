@@ -19,6 +19,8 @@ from deepserve.engine.scheduler import Scheduler
 from deepserve.engine.sequence import CompletionOutput, RequestOutput, Sequence, SequenceStatus
 from deepserve.engine.structured import GrammarCompiler
 from deepserve.errors import DeepserveError
+from deepserve.layers.kv_cache import KV_DTYPES, LayerKV
+from deepserve.layers.quantized import QUANTIZATIONS, quantize_model, weight_bytes
 from deepserve.loader.resolve import DEFAULT_MODEL_NAME, resolve_model
 from deepserve.loader.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
 from deepserve.loader.weights import load_model, open_checkpoint
@@ -125,15 +127,27 @@ class LLMEngine:
                 param="max_num_batched_tokens")
         self.tokenizer = load_tokenizer(path, kind)
         self.eos_token_ids = eos_token_ids(self.tokenizer, path, kind)
+        if config.quantization not in QUANTIZATIONS:
+            raise DeepserveError(f"quantization={config.quantization!r} is not one of "
+                                 f"{', '.join(QUANTIZATIONS)}", param="quantization")
+        if config.kv_cache_dtype not in KV_DTYPES:
+            raise DeepserveError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not one of "
+                                 f"{', '.join(KV_DTYPES)}", param="kv_cache_dtype")
+        if config.quantization != "none" and self.device.type != "cpu":
+            raise DeepserveError("weight quantization uses CPU kernels; run with --device "
+                                 "cpu or --quantization none", param="quantization")
         self.model = load_model(ckpt, mcfg, self.max_model_len, self.dtype, self.device,
                                 show_progress=show_progress)
+        quantize_model(self.model, config.quantization, self.dtype)
+        self.weight_bytes = weight_bytes(self.model)
         self.num_blocks = self._num_blocks()
         self.block_manager = BlockManager(self.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.dtype,
-                                  self.device, Sampler(mcfg.vocab_size, self.eos_token_ids))
+                                  self.device, Sampler(mcfg.vocab_size, self.eos_token_ids),
+                                  kv_kind=config.kv_cache_dtype)
         self.grammars = GrammarCompiler(self.tokenizer, mcfg.vocab_size, self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
@@ -141,10 +155,11 @@ class LLMEngine:
         self.num_steps = 0
         self.kv_tokens = self.num_blocks * config.block_size
         logger.info(
-            "loaded %s (%s, %d layers) in %.1fs on %s as %s; KV cache: %d blocks x %d = %d "
-            "tokens (%.0f MiB, %d bytes/token); max_model_len=%d",
+            "loaded %s (%s, %d layers) in %.1fs on %s as %s, weights %s (%.0f MiB); KV cache "
+            "%s: %d blocks x %d = %d tokens (%.0f MiB, %d bytes/token); max_model_len=%d",
             self.model_name, mcfg.architecture, mcfg.num_layers,
             time.perf_counter() - started, self.device, str(self.dtype).replace("torch.", ""),
+            config.quantization, self.weight_bytes / 2**20, config.kv_cache_dtype,
             self.num_blocks, config.block_size, self.kv_tokens,
             self.num_blocks * config.block_size * self.kv_bytes_per_token / 2**20,
             self.kv_bytes_per_token, self.max_model_len)
@@ -153,7 +168,8 @@ class LLMEngine:
     @property
     def kv_bytes_per_token(self) -> int:
         m = self.model_config
-        return 2 * m.num_layers * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+        return m.num_layers * LayerKV.bytes_per_token_per_layer(
+            m.num_kv_heads, m.head_dim, self.dtype, self.config.kv_cache_dtype)
 
     def _num_blocks(self) -> int:
         cfg = self.config
@@ -347,16 +363,19 @@ class LLMEngine:
                              first_token_time=req.first_token_time,
                              finished_time=req.finished_time)
 
-    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+    def prompt_logits(self, prompt_ids: list[int], last_n: int = 1) -> torch.Tensor:
         """Next-token logits after a prompt, computed through the paged cache (one
-        prefill, no sampling, blocks freed after). For correctness and quality checks."""
+        prefill, no sampling, blocks freed after). For correctness and quality checks.
+
+        ``last_n > 1`` returns the logits of the last n positions, [n, vocab]."""
         if self.requests:
             raise DeepserveError("prompt_logits needs an idle engine", param="prompt_ids")
         seq = Sequence(-1, "logits", 0, prompt_ids, SamplingParams(max_tokens=1), time.time())
         if not self.block_manager.ensure(seq, len(prompt_ids)):
             raise DeepserveError("prompt does not fit in the KV cache", param="prompt_ids")
         try:
-            return self.runner.logits_for([(seq, len(prompt_ids))])[0]
+            logits = self.runner.logits_for([(seq, len(prompt_ids))], last_n)
+            return logits[0] if last_n == 1 else logits
         finally:
             self.block_manager.free(seq)
 

@@ -10,6 +10,7 @@ import torch
 from deepserve.engine.sampler import Sampler
 from deepserve.engine.sequence import Sequence
 from deepserve.layers.attention import AttentionMetadata, PrefillChunk
+from deepserve.layers.kv_cache import LayerKV
 from deepserve.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -19,19 +20,16 @@ class ModelRunner:
     """Owns the model and the paged KV cache tensors of every layer."""
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype, device: torch.device, sampler: Sampler) -> None:
+                 kv_dtype: torch.dtype, device: torch.device, sampler: Sampler,
+                 kv_kind: str = "auto") -> None:
         cfg = model.config
         self.model = model
         self.device = device
         self.block_size = block_size
         self.sampler = sampler
         slots = num_blocks * block_size
-        # Zeroed, not empty: masked-out keys still pass through softmax(..) @ V, and
-        # uninitialised memory could hold NaN, which survives multiplication by zero.
-        self.kv_caches = [
-            (torch.zeros(cfg.num_kv_heads, slots, cfg.head_dim, dtype=kv_dtype, device=device),
-             torch.zeros(cfg.num_kv_heads, slots, cfg.head_dim, dtype=kv_dtype, device=device))
-            for _ in range(cfg.num_layers)]
+        self.kv_caches = [LayerKV(cfg.num_kv_heads, slots, cfg.head_dim, kv_dtype, kv_kind,
+                                  device) for _ in range(cfg.num_layers)]
         self._offsets = torch.arange(block_size, device=device)
         # Seconds spent per phase since start; the benchmark reports the shares.
         self.timings = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0,
@@ -128,8 +126,11 @@ class ModelRunner:
         return dict(zip(which, tokens, strict=True))
 
     @torch.inference_mode()
-    def logits_for(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Last-position logits of each item, without sampling (used by correctness tests)."""
+    def logits_for(self, items: list[tuple[Sequence, int]], last_n: int = 1) -> torch.Tensor:
+        """Logits of the last ``last_n`` positions of each item (one item when > 1),
+        without sampling (used by correctness and quality checks)."""
         input_ids, positions, meta, rows, _ = self.prepare(items)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if last_n > 1:
+            return self.model.logits(hidden[-last_n:]).cpu()
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)]).cpu()

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from deepserve.layers.kv_cache import LayerKV
+
 
 @dataclass
 class PrefillChunk:
@@ -42,15 +44,7 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slots: torch.Tensor) -> None:
-    """k, v: [T, kv_heads, head_dim] -> cache[:, slots]."""
-    k_cache.index_copy_(1, slots, k.transpose(0, 1))
-    v_cache.index_copy_(1, slots, v.transpose(0, 1))
-
-
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, heads, d]; k, v: [T, kv_heads, d] (already written to the cache).
 
@@ -63,11 +57,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b = meta.num_decode
     if b:
         # Query heads sharing a KV head form the "query length" axis: no K/V repeat needed.
-        blocks = meta.decode_blocks
-        bs = meta.block_size
-        shape = (kv_heads, b, blocks.numel() // b * bs, dim)
-        kd = k_cache.view(kv_heads, -1, bs, dim).index_select(1, blocks).view(shape)
-        vd = v_cache.view(kv_heads, -1, bs, dim).index_select(1, blocks).view(shape)
+        kd, vd = cache.gather_blocks(meta.decode_blocks, meta.block_size, b)
         qd = q[:b].view(b, kv_heads, group, dim).transpose(0, 1)  # [kv_heads, B, group, d]
         scores = torch.matmul(qd, kd.transpose(-1, -2)).float() * scale + meta.decode_bias
         probs = torch.softmax(scores, dim=-1).to(vd.dtype)
@@ -81,8 +71,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
                                                 enable_gqa=group > 1)
         else:
-            kp = k_cache.index_select(1, chunk.slots).unsqueeze(0)
-            vp = v_cache.index_select(1, chunk.slots).unsqueeze(0)
+            kc, vc = cache.gather_slots(chunk.slots)
+            kp, vp = kc.unsqueeze(0), vc.unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.mask, scale=scale,
                                                 enable_gqa=group > 1)
         out[rows] = op[0].transpose(0, 1)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepserve.layers.attention import AttentionMetadata, paged_attention, write_kv
+from deepserve.layers.attention import AttentionMetadata, paged_attention
+from deepserve.layers.kv_cache import LayerKV
 from deepserve.layers.rotary import RotaryEmbedding, apply_rotary
 from deepserve.models.config import ModelConfig
 
@@ -50,16 +51,15 @@ class DecoderLayer(nn.Module):
         self.intermediate_size = cfg.intermediate_size
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(self.input_layernorm(x))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        cache.write(k, v, meta.slot_mapping)
+        attn = paged_attention(q, k, v, cache, meta, self.scale)
         x = x + self.o_proj(attn.view(t, self.q_size))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(
             self.intermediate_size, dim=-1)
@@ -82,12 +82,11 @@ class LlamaForCausalLM(nn.Module):
                                       cfg.rope_scaling, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata) -> torch.Tensor:
+                kv_caches: list[LayerKV], meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.tables(positions)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, cache, meta)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""One layer's paged KV cache, stored in the compute dtype, int8 or fp8.
+
+Layout: ``[kv_heads, num_slots, head_dim]`` with slot = block * block_size + offset.
+``int8`` keeps one scale per (head, slot): K/V vectors are quantized as they are
+written and dequantized as they are gathered, halving a bf16 cache's bytes per
+token. ``fp8`` stores e4m3 values (no scale: K/V of these models stay well inside its
+range) and converts on gather.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KV_DTYPES = ("auto", "int8", "fp8")
+
+
+class LayerKV:
+    """K and V storage of one layer, with write and gather in the compute dtype."""
+
+    def __init__(self, kv_heads: int, slots: int, head_dim: int, dtype: torch.dtype,
+                 kind: str, device: torch.device) -> None:
+        self.kind = kind
+        self.dtype = dtype
+        # Zeroed, not empty: masked-out keys still pass through softmax(..) @ V, and
+        # uninitialised memory could hold NaN, which survives multiplication by zero.
+        store = {"auto": dtype, "int8": torch.int8, "fp8": torch.uint8}[kind]
+        self.k = torch.zeros(kv_heads, slots, head_dim, dtype=store, device=device)
+        self.v = torch.zeros(kv_heads, slots, head_dim, dtype=store, device=device)
+        if kind == "int8":
+            self.k_scale = torch.zeros(kv_heads, slots, 1, dtype=dtype, device=device)
+            self.v_scale = torch.zeros(kv_heads, slots, 1, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_token_per_layer(kv_heads: int, head_dim: int, dtype: torch.dtype,
+                                  kind: str) -> int:
+        if kind == "auto":
+            return 2 * kv_heads * head_dim * dtype.itemsize
+        if kind == "fp8":
+            return 2 * kv_heads * head_dim
+        return 2 * kv_heads * (head_dim + dtype.itemsize)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.kind == "auto":
+            return x, None
+        if self.kind == "fp8":
+            return x.to(torch.float8_e4m3fn).view(torch.uint8), None
+        scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127.0).clamp(min=1e-8)
+        q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
+        return q, scale.to(self.dtype)
+
+    def _decode(self, q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "auto":
+            return q
+        if self.kind == "fp8":
+            return q.view(torch.float8_e4m3fn).to(self.dtype)
+        return q.to(self.dtype) * scale
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """k, v: [T, kv_heads, head_dim] -> the cache at ``slots``."""
+        for x, store, scales in ((k, self.k, getattr(self, "k_scale", None)),
+                                 (v, self.v, getattr(self, "v_scale", None))):
+            q, s = self._encode(x.transpose(0, 1))
+            store.index_copy_(1, slots, q)
+            if scales is not None:
+                scales.index_copy_(1, slots, s)
+
+    def gather_blocks(self, blocks: torch.Tensor, block_size: int,
+                      batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole blocks for a padded batch: [kv_heads, batch, blocks_each*block_size, d]."""
+        h, _, d = self.k.shape
+        out = []
+        for store, scales in ((self.k, getattr(self, "k_scale", None)),
+                              (self.v, getattr(self, "v_scale", None))):
+            q = store.view(h, -1, block_size, d).index_select(1, blocks)
+            s = None if scales is None else \
+                scales.view(h, -1, block_size, 1).index_select(1, blocks)
+            x = self._decode(q, s)
+            out.append(x.reshape(h, batch, -1, d))
+        return out[0], out[1]
+
+    def gather_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selected slots: [kv_heads, n, d] each."""
+        out = []
+        for store, scales in ((self.k, getattr(self, "k_scale", None)),
+                              (self.v, getattr(self, "v_scale", None))):
+            s = None if scales is None else scales.index_select(1, slots)
+            out.append(self._decode(store.index_select(1, slots), s))
+        return out[0], out[1]
