@@ -364,8 +364,8 @@ class LLMEngine:
                              finished_time=req.finished_time)
 
     def prompt_logits(self, prompt_ids: list[int], last_n: int = 1) -> torch.Tensor:
-        """Next-token logits after a prompt, computed through the paged cache (one
-        prefill, no sampling, blocks freed after). For correctness and quality checks.
+        """Next-token logits after a prompt, computed through the paged cache (no
+        sampling, blocks freed after). For correctness and quality checks.
 
         ``last_n > 1`` returns the logits of the last n positions, [n, vocab]."""
         if self.requests:
@@ -374,7 +374,13 @@ class LLMEngine:
         if not self.block_manager.ensure(seq, len(prompt_ids)):
             raise DeepserveError("prompt does not fit in the KV cache", param="prompt_ids")
         try:
-            logits = self.runner.logits_for([(seq, len(prompt_ids))], last_n)
+            # Two passes, so the scored positions attend over K/V read back from the
+            # cache (as decoding does): a quantized KV cache shows in these logits.
+            split = len(prompt_ids) - last_n
+            if split > 0:
+                self.runner.logits_for([(seq, split)])
+                seq.num_computed = split
+            logits = self.runner.logits_for([(seq, last_n)], last_n)
             return logits[0] if last_n == 1 else logits
         finally:
             self.block_manager.free(seq)

@@ -133,4 +133,6 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if last_n > 1:
             return self.model.logits(hidden[-last_n:]).cpu()
+        if not rows:
+            return torch.empty(0)
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)]).cpu()
