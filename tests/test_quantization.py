@@ -44,11 +44,13 @@ def test_quantized_kv_round_trip(kind):
 
 
 # Mean KL (nats) of next-token distributions against float32 over the test prompts,
-# 16 teacher-forced positions each. Bounds are about twice what benchmarks/quality.py
-# measured on this model (BENCHMARKS.md), so a broken kernel (KL > 1) fails while
-# ordinary rounding noise passes.
-KL_BOUNDS = {("none", "auto"): 0.02, ("int8", "auto"): 0.03, ("int4", "auto"): 0.25,
-             ("mixed", "auto"): 0.25, ("none", "int8"): 0.03, ("none", "fp8"): 0.1}
+# 16 teacher-forced positions each, read back through the KV cache. Measured here:
+# bf16 0.0013, int8 0.0048, int4 0.0024, mixed 0.0032, KV int8 0.0016, KV fp8 0.0063
+# (benchmarks/quality.py gives the same order over 32 prompts x 64 tokens). Bounds are
+# about 2.5x those: a broken kernel, scale or packing (KL 0.1 and up) fails, while
+# rounding noise from another CPU's kernels passes.
+KL_BOUNDS = {("none", "auto"): 0.0035, ("int8", "auto"): 0.012, ("int4", "auto"): 0.006,
+             ("mixed", "auto"): 0.008, ("none", "int8"): 0.004, ("none", "fp8"): 0.016}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,7 @@ def test_format_loads_generates_and_stays_within_kl_bound(quant, kv, reference):
         lp = torch.log_softmax(llm.engine.prompt_logits(c, 16).float(), -1)
         kls.append((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean().item())
     kl = sum(kls) / len(kls)
+    print(f"{quant}/{kv}: mean KL {kl:.5f}")
     assert kl < KL_BOUNDS[(quant, kv)], f"{quant}/{kv}: mean KL {kl:.4f}"
 
 
