@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -67,3 +69,16 @@ def parse_bytes(value: str | int) -> int:
         raise DeepserveError(
             f"kv_cache_memory={value!r} is not a size; write e.g. '512MiB' or '2GB'",
             param="kv_cache_memory") from None
+
+
+def read_toml(path: str | Path, what: str, param: str) -> dict[str, Any]:
+    """Parse a TOML settings file; a missing or malformed file is a DeepserveError naming
+    ``what`` it was meant to be (e.g. "pricing file") and the parser's reason."""
+    import tomllib
+
+    from deepserve.errors import DeepserveError
+
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DeepserveError(f"{what} {path}: {exc}", param=param) from exc

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from deepserve.config import read_toml
 from deepserve.errors import DeepserveError
 
 
@@ -42,11 +42,7 @@ class KeyStore:
 
     @classmethod
     def load(cls, path: str | Path) -> KeyStore:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise DeepserveError(f"API key file {path}: {exc}", param="api_keys") from exc
+        data = read_toml(path, "API key file", "api_keys")
         keys = []
         for i, k in enumerate(data.get("keys", [])):
             if "key" not in k or "id" not in k:

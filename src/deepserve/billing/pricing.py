@@ -26,12 +26,12 @@ Prices are fixed when a request starts and recorded with it.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 
+from deepserve.config import read_toml
 from deepserve.errors import DeepserveError
 
 # DeepSeek-R1's published list prices, USD per million tokens.
@@ -126,12 +126,7 @@ class PricingPolicy:
 
     @classmethod
     def load(cls, path: str | Path) -> PricingPolicy:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise DeepserveError(f"pricing file {path}: {exc}", param="pricing") from exc
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_toml(path, "pricing file", "pricing"), str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "pricing") -> PricingPolicy:

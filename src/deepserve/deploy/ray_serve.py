@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +61,9 @@ class RayServeConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RayServeConfig:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise DeepserveError(f"ray config {path}: {exc}", param="config") from exc
-        return cls.from_dict(data)
+        from deepserve.config import read_toml
+
+        return cls.from_dict(read_toml(path, "ray config", "config"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RayServeConfig:

@@ -30,11 +30,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepserve.config import read_toml
 from deepserve.errors import DeepserveError
 
 POLICIES = ("model", "auto", "slo", "cascade", "ab")
@@ -82,12 +82,7 @@ class GatewayConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> GatewayConfig:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise DeepserveError(f"gateway config {path}: {exc}", param="config") from exc
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_toml(path, "gateway config", "config"), str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "gateway config") -> GatewayConfig:

@@ -215,21 +215,28 @@ class OpenAIServing:
                                              prompt_ids=ids, priority=req.priority))
             for k, (_, ids) in enumerate(prompts)])
         choices = []
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached": 0}
-        cost: dict[str, Any] = {}
+        usage = await self._settle_all(bill, rid, dict(enumerate(outs)))
         for k, ((text, _), out) in enumerate(zip(prompts, outs, strict=True)):
-            self.metrics.observe(out, out.finish_reason or "abort")
-            cost = _add_cost(cost, await self.meter.settle(bill, f"{rid}-{k}", out,
-                                                           out.finish_reason))
-            usage["prompt_tokens"] += out.num_prompt_tokens
-            usage["completion_tokens"] += out.num_output_tokens
-            usage["cached"] += out.num_cached_tokens
             for o in out.outputs:
                 choices.append(self._completion_choice(req, k * params.n + o.index, o,
                                                        text or ""))
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
-                "usage": _sum_usage(usage) | cost, "system_fingerprint": None}
+                "usage": usage, "system_fingerprint": None}
+
+    async def _settle_all(self, bill: BillingContext, rid: str,
+                          outs: dict[int, RequestOutput]) -> dict[str, Any]:
+        """Record metrics and bill each prompt's output; the summed `usage` with cost."""
+        totals = {"prompt_tokens": 0, "completion_tokens": 0, "cached": 0}
+        cost: dict[str, Any] = {}
+        for k, out in outs.items():
+            self.metrics.observe(out, out.finish_reason or "abort")
+            cost = _add_cost(cost, await self.meter.settle(bill, f"{rid}-{k}", out,
+                                                           out.finish_reason))
+            totals["prompt_tokens"] += out.num_prompt_tokens
+            totals["completion_tokens"] += out.num_output_tokens
+            totals["cached"] += out.num_cached_tokens
+        return _sum_usage(totals) | cost
 
     def _completion_choice(self, req: CompletionRequest, index: int, o: CompletionOutput,
                            prompt_text: str) -> dict[str, Any]:
@@ -309,19 +316,11 @@ class OpenAIServing:
                 if k not in finals and out.num_output_tokens:
                     # The client left mid-stream: what was produced is still billed.
                     self.meter.finish(bill, f"{rid}-{k}", out, "abort")
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached": 0}
-        cost: dict[str, Any] = {}
-        for k, out in finals.items():
-            self.metrics.observe(out, out.finish_reason or "abort")
-            cost = _add_cost(cost, await self.meter.settle(bill, f"{rid}-{k}", out,
-                                                           out.finish_reason))
-            usage["prompt_tokens"] += out.num_prompt_tokens
-            usage["completion_tokens"] += out.num_output_tokens
-            usage["cached"] += out.num_cached_tokens
+        usage = await self._settle_all(bill, rid, finals)
         if include_usage:
             body = {"id": rid, "object": "text_completion", "created": created,
                     "model": self.model_name, "choices": [],
-                    "usage": _sum_usage(usage) | cost}
+                    "usage": usage}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
