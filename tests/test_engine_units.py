@@ -243,3 +243,17 @@ def test_n_stop_and_max_tokens(tiny_llm):
     lp = tiny_llm.generate("Hello", SamplingParams(temperature=0, max_tokens=4, logprobs=2))[0]
     assert len(lp.outputs[0].logprobs) == len(lp.token_ids)
     assert all(x.top[0][0] == x.token_id for x in lp.outputs[0].logprobs)
+
+
+def test_sampler_draws_follow_the_distribution_and_skip_zero_probability():
+    sampler = Sampler(vocab_size=5, eos_token_ids=set())
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0])
+    logits = probs.log().unsqueeze(0).repeat(400, 1)  # log(0) = -inf: never drawn
+    seqs = [seq([1], temperature=1.0) for _ in range(400)]
+    draws = []
+    for _ in range(10):
+        draws += sampler(logits, seqs)
+    counts = torch.bincount(torch.tensor(draws), minlength=5).float() / len(draws)
+    assert counts[3] == 0 and counts[4] == 0
+    # 4000 draws: the standard error of each frequency is under 0.008
+    assert torch.allclose(counts[:3], probs[:3], atol=0.03), counts

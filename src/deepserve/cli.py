@@ -30,6 +30,8 @@ _HELP = {
     "quantization": "weights: none | int8 (per channel) | int4 (group 32) | mixed "
                     "(MLP int4, attention int8)",
     "kv_cache_dtype": "KV cache storage: auto (compute dtype) | int8 (with scales) | fp8",
+    "cpu_kernels": "use deepserve's C++ CPU kernels (small-batch matmul, paged decode "
+                   "attention; compiled once on first use); --no-cpu-kernels: torch ops only",
 }
 
 
@@ -191,6 +193,17 @@ def cmd_ray_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from deepserve import kernels
+
+    if kernels.available():
+        print(f"deepserve CPU kernels: ready ({kernels.build_dir()})")
+        return 0
+    print(f"deepserve CPU kernels: unavailable ({kernels.unavailable_reason()}); "
+          "deepserve runs on torch ops alone")
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -258,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", default="md", choices=["md", "json", "csv"])
     rep.add_argument("--plot", default=None, help="write a per-hour PNG here")
     rep.set_defaults(func=cmd_report)
+
+    kern = sub.add_parser("kernels", help="build deepserve's C++ CPU kernels now and report")
+    kern.set_defaults(func=cmd_kernels)
 
     from deepserve.bench.cli import add_bench_parser
 

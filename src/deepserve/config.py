@@ -34,6 +34,7 @@ class EngineConfig:
     num_threads: int | None = None
     quantization: str = "none"  # none | int8 | int4 | mixed (FFN int4, attention int8)
     kv_cache_dtype: str = "auto"  # auto (= compute dtype) | int8 | fp8
+    cpu_kernels: bool = True  # deepserve's C++ kernels on CPU (built on first use)
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineConfig:

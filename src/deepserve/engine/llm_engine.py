@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from deepserve import kernels
 from deepserve.config import EngineConfig, parse_bytes
 from deepserve.engine.block_manager import BlockManager
 from deepserve.engine.detokenizer import IncrementalDetokenizer
@@ -20,6 +21,7 @@ from deepserve.engine.sequence import CompletionOutput, RequestOutput, Sequence,
 from deepserve.engine.structured import GrammarCompiler
 from deepserve.errors import DeepserveError
 from deepserve.layers.kv_cache import KV_DTYPES, LayerKV
+from deepserve.layers.linear import enable_kernels
 from deepserve.layers.quantized import QUANTIZATIONS, quantize_model, weight_bytes
 from deepserve.loader.resolve import DEFAULT_MODEL_NAME, resolve_model
 from deepserve.loader.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
@@ -139,6 +141,9 @@ class LLMEngine:
         self.model = load_model(ckpt, mcfg, self.max_model_len, self.dtype, self.device,
                                 show_progress=show_progress)
         quantize_model(self.model, config.quantization, self.dtype)
+        self.use_kernels = (config.cpu_kernels and self.device.type == "cpu"
+                            and kernels.available())
+        enable_kernels(self.model, self.use_kernels)
         self.weight_bytes = weight_bytes(self.model)
         self.num_blocks = self._num_blocks()
         self.block_manager = BlockManager(self.num_blocks, config.block_size,
@@ -147,7 +152,7 @@ class LLMEngine:
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.dtype,
                                   self.device, Sampler(mcfg.vocab_size, self.eos_token_ids),
-                                  kv_kind=config.kv_cache_dtype)
+                                  kv_kind=config.kv_cache_dtype, use_kernels=self.use_kernels)
         self.grammars = GrammarCompiler(self.tokenizer, mcfg.vocab_size, self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
@@ -156,13 +161,17 @@ class LLMEngine:
         self.kv_tokens = self.num_blocks * config.block_size
         logger.info(
             "loaded %s (%s, %d layers) in %.1fs on %s as %s, weights %s (%.0f MiB); KV cache "
-            "%s: %d blocks x %d = %d tokens (%.0f MiB, %d bytes/token); max_model_len=%d",
+            "%s: %d blocks x %d = %d tokens (%.0f MiB, %d bytes/token); max_model_len=%d; "
+            "CPU kernels: %s",
             self.model_name, mcfg.architecture, mcfg.num_layers,
             time.perf_counter() - started, self.device, str(self.dtype).replace("torch.", ""),
             config.quantization, self.weight_bytes / 2**20, config.kv_cache_dtype,
             self.num_blocks, config.block_size, self.kv_tokens,
             self.num_blocks * config.block_size * self.kv_bytes_per_token / 2**20,
-            self.kv_bytes_per_token, self.max_model_len)
+            self.kv_bytes_per_token, self.max_model_len,
+            "on" if self.use_kernels else (
+                "off" if not config.cpu_kernels or self.device.type != "cpu"
+                else f"unavailable ({kernels.unavailable_reason()})"))
 
     # -- sizing -----------------------------------------------------------------------
     @property

@@ -21,7 +21,7 @@ class ModelRunner:
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  kv_dtype: torch.dtype, device: torch.device, sampler: Sampler,
-                 kv_kind: str = "auto") -> None:
+                 kv_kind: str = "auto", use_kernels: bool = False) -> None:
         cfg = model.config
         self.model = model
         self.device = device
@@ -31,6 +31,7 @@ class ModelRunner:
         self.kv_caches = [LayerKV(cfg.num_kv_heads, slots, cfg.head_dim, kv_dtype, kv_kind,
                                   device) for _ in range(cfg.num_layers)]
         self._offsets = torch.arange(block_size, device=device)
+        self.use_kernels = use_kernels
         # Seconds spent per phase since start; the benchmark reports the shares.
         self.timings = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0,
                         "postprocess": 0.0}
@@ -53,7 +54,8 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_items: list[int] = []
         slot_parts: list[torch.Tensor] = []
-        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(decodes))
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(decodes),
+                                 use_kernel=self.use_kernels)
 
         if decodes:
             ctx_lens = []
@@ -75,11 +77,16 @@ class ModelRunner:
             last = ctx - 1
             slot_parts.append(table.gather(1, (last // bs).unsqueeze(1)).squeeze(1) * bs
                               + last % bs)
-            meta.decode_blocks = table.flatten()
             meta.block_size = bs
-            valid = torch.arange(width * bs, device=self.device).unsqueeze(0) < ctx.unsqueeze(1)
-            bias = torch.zeros(valid.shape, dtype=torch.float32, device=self.device)
-            meta.decode_bias = bias.masked_fill_(~valid, float("-inf")).unsqueeze(0).unsqueeze(2)
+            if self.use_kernels:
+                meta.decode_table, meta.decode_ctx = table, ctx
+            else:
+                meta.decode_blocks = table.flatten()
+                valid = torch.arange(width * bs, device=self.device).unsqueeze(0) \
+                    < ctx.unsqueeze(1)
+                bias = torch.zeros(valid.shape, dtype=torch.float32, device=self.device)
+                meta.decode_bias = bias.masked_fill_(~valid, float("-inf")).unsqueeze(0) \
+                    .unsqueeze(2)
 
         for i in prefills:
             seq, n = items[i]

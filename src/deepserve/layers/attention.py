@@ -7,8 +7,10 @@ Decode attention gathers every decode sequence's context block by block with one
 ``index_select`` (whole 16-token blocks are contiguous, so this is a few large copies,
 measured 4x faster than per-slot indexing), pads to the longest context, masks the
 padding, and runs two batched matmuls: on this CPU that beat SDPA's flash kernel by
-2x for one-token queries. Each prefill chunk runs its own causal SDPA call over its
-cached prefix plus the new tokens.
+2x for one-token queries. On CPU with deepserve's kernels built, decode attention
+instead reads K/V in place through the block table (``paged_decode_attention``: no
+copy of the context, 1.5-10x faster than the gather depending on the KV dtype). Each
+prefill chunk runs its own causal SDPA call over its cached prefix plus the new tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from deepserve import kernels
 from deepserve.layers.kv_cache import LayerKV
 
 
@@ -40,6 +43,9 @@ class AttentionMetadata:
     num_decode: int = 0
     decode_blocks: torch.Tensor | None = None  # [B * max_blocks] block ids, padded with 0
     decode_bias: torch.Tensor | None = None  # [1, B, 1, max_blocks * block_size] 0 or -inf
+    decode_table: torch.Tensor | None = None  # [B, max_blocks] (kernel path)
+    decode_ctx: torch.Tensor | None = None  # [B] context lengths (kernel path)
+    use_kernel: bool = False  # decode attention through kernels.paged_decode_attention
     block_size: int = 16
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -53,9 +59,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    out = torch.empty_like(q)
     b = meta.num_decode
-    if b:
+    if b and meta.use_kernel:
+        od = kernels.paged_decode_attention(
+            q[:b], cache.k, cache.v, getattr(cache, "k_scale", None),
+            getattr(cache, "v_scale", None), meta.decode_table, meta.decode_ctx,
+            meta.block_size, scale)
+        if not meta.prefills:
+            return od
+        out = torch.empty_like(q)
+        out[:b] = od
+    else:
+        out = torch.empty_like(q)
+    if b and not meta.use_kernel:
         # Query heads sharing a KV head form the "query length" axis: no K/V repeat needed.
         kd, vd = cache.gather_blocks(meta.decode_blocks, meta.block_size, b)
         qd = q[:b].view(b, kv_heads, group, dim).transpose(0, 1)  # [kv_heads, B, group, d]

@@ -1,0 +1,478 @@
+// deepserve CPU kernels, compiled on first use by deepserve/kernels.py.
+//
+// Two kernels where the torch path measurably loses on CPU:
+//
+// * linear_small: y = x W^T for a few rows (decode at low concurrency). torch's bf16
+//   matmul runs at ~40 GFLOP/s for one row, well below what memory allows; this
+//   kernel streams each weight row once, converts it to fp32 in registers and
+//   multiplies it with every input row, so it runs at memory speed. Weights may be
+//   bf16, fp32, or int8 with one scale per output row (half the bytes of bf16).
+//
+// * paged_decode_attention: one query token per sequence against its paged KV cache,
+//   read in place through the block table (no gather copy of the context), with
+//   float32 accumulation and an exact two-pass softmax. K/V may be stored in the
+//   compute dtype, int8 with per-slot scales, or fp8 e4m3.
+//
+// Both use at::parallel_for, so they share torch's thread pool and thread count.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define DS_AVX512 1
+#else
+#define DS_AVX512 0
+#endif
+
+namespace {
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// ---- row loaders: one row of a weight / cache tensor to fp32 --------------------------
+
+template <typename T>
+inline void load_row(const T* src, int64_t n, float* dst, float scale);
+
+template <>
+inline void load_row<float>(const float* src, int64_t n, float* dst, float scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * scale;
+}
+
+template <>
+inline void load_row<at::BFloat16>(const at::BFloat16* src, int64_t n, float* dst,
+                                   float scale) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]) * scale;
+}
+
+template <>
+inline void load_row<at::Half>(const at::Half* src, int64_t n, float* dst, float scale) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+}
+
+template <>
+inline void load_row<int8_t>(const int8_t* src, int64_t n, float* dst, float scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+}
+
+template <>
+inline void load_row<uint8_t>(const uint8_t* src, int64_t n, float* dst, float scale) {
+  // fp8 e4m3 stored as raw bytes.
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = c10::detail::fp8e4m3fn_to_fp32_value(src[i]) * scale;
+}
+
+template <typename T>
+inline void store_row(const float* src, int64_t n, T* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// ---- linear_small --------------------------------------------------------------------
+
+#if DS_AVX512
+// 16 weights of row `w` at column k, as fp32 lanes (masked for the tail).
+template <typename W>
+inline __m512 load16(const W* w, int64_t k, __mmask16 mask);
+
+template <>
+inline __m512 load16<at::BFloat16>(const at::BFloat16* w, int64_t k, __mmask16 mask) {
+  __m256i h = _mm256_maskz_loadu_epi16(mask, reinterpret_cast<const uint16_t*>(w) + k);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <>
+inline __m512 load16<float>(const float* w, int64_t k, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, w + k);
+}
+
+template <>
+inline __m512 load16<int8_t>(const int8_t* w, int64_t k, __mmask16 mask) {
+  __m128i b = _mm_maskz_loadu_epi8(mask, w + k);
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+// One output row at a time, read front to back (a single sequential stream per thread,
+// which the hardware prefetcher follows; interleaving several rows measured 3x slower
+// once weights come from DRAM). Four accumulators per input row hide the FMA latency,
+// and each weight vector is loaded once for all M input rows.
+template <typename W, int M>
+void linear_rows_avx512(const float* x, const W* w, int64_t K, int64_t n0, int64_t n1,
+                        float* out, int64_t N) {
+  const int64_t k_main = K - K % 64;
+  for (int64_t n = n0; n < n1; ++n) {
+    const W* row = w + n * K;
+    __m512 acc[4][M];
+    for (int a = 0; a < 4; ++a)
+      for (int m = 0; m < M; ++m) acc[a][m] = _mm512_setzero_ps();
+    const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+    for (int64_t k = 0; k < k_main; k += 64) {
+      for (int a = 0; a < 4; ++a) {
+        __m512 wv = load16<W>(row, k + 16 * a, all);
+        for (int m = 0; m < M; ++m)
+          acc[a][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + 16 * a), acc[a][m]);
+      }
+    }
+    for (int64_t k = k_main; k < K; k += 16) {
+      __mmask16 mask = K - k >= 16 ? all : static_cast<__mmask16>((1u << (K - k)) - 1);
+      __m512 wv = load16<W>(row, k, mask);
+      for (int m = 0; m < M; ++m)
+        acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[0][m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      __m512 s = _mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]),
+                               _mm512_add_ps(acc[2][m], acc[3][m]));
+      out[m * N + n] = _mm512_reduce_add_ps(s);
+    }
+  }
+}
+#endif
+
+// Portable path: convert a weight row to fp32, then one dot product per input row.
+template <typename W>
+void linear_rows_generic(const float* x, const W* w, int64_t M, int64_t K, int64_t n0,
+                         int64_t n1, float* out, int64_t N) {
+  std::vector<float> row(K);
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row<W>(w + n * K, K, row.data(), 1.0f);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += row[k] * xm[k];
+      out[m * N + n] = acc;
+    }
+  }
+}
+
+template <typename W>
+void linear_dispatch(const float* x, const W* w, int64_t M, int64_t K, int64_t N,
+                     float* out) {
+  // Chunks of 64 output rows: enough work per task, and a few tasks per thread.
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+#if DS_AVX512
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xm = x + m0 * K;
+      float* om = out + m0 * N;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: linear_rows_avx512<W, 1>(xm, w, K, n0, n1, om, N); break;
+        case 2: linear_rows_avx512<W, 2>(xm, w, K, n0, n1, om, N); break;
+        case 3: linear_rows_avx512<W, 3>(xm, w, K, n0, n1, om, N); break;
+        default: linear_rows_avx512<W, 4>(xm, w, K, n0, n1, om, N); break;
+      }
+    }
+#else
+    linear_rows_generic<W>(x, w, M, K, n0, n1, out, N);
+#endif
+  });
+}
+
+at::Tensor linear_small(const at::Tensor& x, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& row_scale,
+                        const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "linear_small: x [M,K] and weight [N,K]");
+  TORCH_CHECK(x.size(1) == weight.size(1), "linear_small: in_features mismatch");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_small: CPU only");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  switch (w.scalar_type()) {
+    case at::kBFloat16: linear_dispatch(xp, w.data_ptr<at::BFloat16>(), M, K, N, op); break;
+    case at::kFloat: linear_dispatch(xp, w.data_ptr<float>(), M, K, N, op); break;
+    case at::kChar: linear_dispatch(xp, w.data_ptr<int8_t>(), M, K, N, op); break;
+    default: TORCH_CHECK(false, "linear_small: weight dtype ", w.scalar_type(),
+                         " is not supported (bfloat16, float32, int8)");
+  }
+  if (row_scale.has_value()) out.mul_(row_scale->to(at::kFloat));
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  return out.to(x.scalar_type());
+}
+
+// ---- paged_decode_attention ------------------------------------------------------------
+
+// Per-slot scales of an int8 cache, stored as float32 or bfloat16; absent -> 1.
+struct Scales {
+  const void* data = nullptr;
+  bool bf16 = false;
+  float operator()(int64_t i) const {
+    if (!data) return 1.0f;
+    return bf16 ? bf16_to_float(static_cast<const uint16_t*>(data)[i])
+                : static_cast<const float*>(data)[i];
+  }
+};
+
+Scales scales_of(const c10::optional<at::Tensor>& t) {
+  Scales s;
+  if (!t.has_value()) return s;
+  TORCH_CHECK(t->is_contiguous(), "paged_decode_attention: scales must be contiguous");
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16,
+              "paged_decode_attention: scales must be float32 or bfloat16");
+  s.data = t->data_ptr();
+  s.bf16 = t->scalar_type() == at::kBFloat16;
+  return s;
+}
+
+#if DS_AVX512
+// e^x for x <= 0 (max-subtracted scores): x = n ln2 + r, e^r by a degree-6 polynomial
+// (relative error about 1e-7 for |r| <= ln2/2), times 2^n.
+inline __m512 exp_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950409f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// In place: x[i] = exp(x[i] - mx); returns the sum.
+inline float exp_sub_sum(float* x, int64_t n, float mx) {
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                       : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + i), m));
+    _mm512_mask_storeu_ps(x + i, mask, e);
+    sum = _mm512_mask_add_ps(sum, mask, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+template <typename C>
+constexpr bool kVectorCache =
+    std::is_same_v<C, float> || std::is_same_v<C, at::BFloat16> || std::is_same_v<C, int8_t>;
+#endif
+
+inline float exp_sub_sum_scalar(float* x, int64_t n, float mx) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - mx);
+    sum += x[i];
+  }
+  return sum;
+}
+
+template <typename C, typename Q>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, Scales k_scale, Scales v_scale,
+                           const int64_t* table, int64_t width, const int64_t* ctx_lens,
+                           int64_t block_size, float scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KVH = k_cache.size(0), S = k_cache.size(1);
+  const int64_t G = H / KVH;
+  const C* kp = k_cache.data_ptr<C>();
+  const C* vp = v_cache.data_ptr<C>();
+  const Q* qp = q.data_ptr<Q>();
+  Q* op = out.data_ptr<Q>();
+#if DS_AVX512
+  const bool vec = kVectorCache<C> && D % 16 == 0;
+#endif
+  at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qf(G * D), acc(G * D), row(D), scores, denom(G);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / KVH, h = task % KVH;
+      const int64_t ctx = ctx_lens[b];
+      scores.resize(G * ctx);
+      for (int64_t g = 0; g < G; ++g)
+        load_row<Q>(qp + (b * H + h * G + g) * D, D, qf.data() + g * D, scale);
+      const int64_t* blocks = table + b * width;
+      auto index = [&](int64_t t) {
+        return h * S + blocks[t / block_size] * block_size + t % block_size;
+      };
+      // 1. Scores q . k for every cached token, read in place from its block.
+#if DS_AVX512
+      if (vec) {
+        const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+        for (int64_t t = 0; t < ctx; ++t) {
+          const int64_t idx = index(t);
+          const C* krow = kp + idx * D;
+          const float ks = k_scale(idx);
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf.data() + g * D;
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16)
+              a = _mm512_fmadd_ps(load16<C>(krow, d, all), _mm512_loadu_ps(qg + d), a);
+            scores[g * ctx + t] = _mm512_reduce_add_ps(a) * ks;
+          }
+        }
+      } else
+#endif
+      {
+        for (int64_t t = 0; t < ctx; ++t) {
+          const int64_t idx = index(t);
+          load_row<C>(kp + idx * D, D, row.data(), k_scale(idx));
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf.data() + g * D;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < D; ++d) s += qg[d] * row[d];
+            scores[g * ctx + t] = s;
+          }
+        }
+      }
+      // 2. Softmax per query head (max-subtracted, exact up to float rounding).
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = scores.data() + g * ctx;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < ctx; ++t) mx = std::max(mx, sg[t]);
+#if DS_AVX512
+        denom[g] = exp_sub_sum(sg, ctx, mx);
+#else
+        denom[g] = exp_sub_sum_scalar(sg, ctx, mx);
+#endif
+      }
+      // 3. Probability-weighted sum of V rows.
+      std::fill(acc.begin(), acc.end(), 0.f);
+#if DS_AVX512
+      if (vec) {
+        const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+        for (int64_t t = 0; t < ctx; ++t) {
+          const int64_t idx = index(t);
+          const C* vrow = vp + idx * D;
+          const float vs = v_scale(idx);
+          for (int64_t d = 0; d < D; d += 16) {
+            const __m512 v = load16<C>(vrow, d, all);
+            for (int64_t g = 0; g < G; ++g) {
+              float* ag = acc.data() + g * D + d;
+              const __m512 p = _mm512_set1_ps(scores[g * ctx + t] * vs);
+              _mm512_storeu_ps(ag, _mm512_fmadd_ps(p, v, _mm512_loadu_ps(ag)));
+            }
+          }
+        }
+      } else
+#endif
+      {
+        for (int64_t t = 0; t < ctx; ++t) {
+          const int64_t idx = index(t);
+          load_row<C>(vp + idx * D, D, row.data(), v_scale(idx));
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = scores[g * ctx + t];
+            float* ag = acc.data() + g * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) ag[d] += p * row[d];
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* ag = acc.data() + g * D;
+        const float inv = 1.0f / denom[g];
+        for (int64_t d = 0; d < D; ++d) ag[d] *= inv;
+        store_row<Q>(ag, D, op + (b * H + h * G + g) * D);
+      }
+    }
+  });
+}
+
+template <typename Q>
+void decode_attention_cache(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, Scales ks, Scales vs,
+                            const int64_t* table, int64_t width, const int64_t* ctx,
+                            int64_t bs, float scale, at::Tensor& out) {
+  switch (k_cache.scalar_type()) {
+    case at::kBFloat16:
+      decode_attention_impl<at::BFloat16, Q>(q, k_cache, v_cache, ks, vs, table, width, ctx,
+                                             bs, scale, out);
+      break;
+    case at::kFloat:
+      decode_attention_impl<float, Q>(q, k_cache, v_cache, ks, vs, table, width, ctx, bs,
+                                      scale, out);
+      break;
+    case at::kHalf:
+      decode_attention_impl<at::Half, Q>(q, k_cache, v_cache, ks, vs, table, width, ctx, bs,
+                                         scale, out);
+      break;
+    case at::kChar:
+      decode_attention_impl<int8_t, Q>(q, k_cache, v_cache, ks, vs, table, width, ctx, bs,
+                                       scale, out);
+      break;
+    case at::kByte:
+      decode_attention_impl<uint8_t, Q>(q, k_cache, v_cache, ks, vs, table, width, ctx, bs,
+                                        scale, out);
+      break;
+    default:
+      TORCH_CHECK(false, "paged_decode_attention: cache dtype ", k_cache.scalar_type(),
+                  " is not supported");
+  }
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache,
+                                  const c10::optional<at::Tensor>& k_scale,
+                                  const c10::optional<at::Tensor>& v_scale,
+                                  const at::Tensor& block_table, const at::Tensor& ctx_lens,
+                                  int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3,
+              "paged_decode_attention: q [B,H,D], caches [KVH,slots,D]");
+  TORCH_CHECK(q.size(1) % k_cache.size(0) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && ctx_lens.scalar_type() == at::kLong,
+              "block_table and ctx_lens must be int64");
+  at::Tensor qc = q.contiguous();
+  at::Tensor table = block_table.contiguous();
+  at::Tensor ctx = ctx_lens.contiguous();
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const Scales ksp = scales_of(k_scale), vsp = scales_of(v_scale);
+  at::Tensor out = at::empty_like(qc);
+  const int64_t width = table.size(1);
+  const float sc = static_cast<float>(scale);
+  switch (qc.scalar_type()) {
+    case at::kBFloat16:
+      decode_attention_cache<at::BFloat16>(qc, k_cache, v_cache, ksp, vsp,
+                                           table.data_ptr<int64_t>(), width,
+                                           ctx.data_ptr<int64_t>(), block_size, sc, out);
+      break;
+    case at::kFloat:
+      decode_attention_cache<float>(qc, k_cache, v_cache, ksp, vsp, table.data_ptr<int64_t>(),
+                                    width, ctx.data_ptr<int64_t>(), block_size, sc, out);
+      break;
+    case at::kHalf:
+      decode_attention_cache<at::Half>(qc, k_cache, v_cache, ksp, vsp,
+                                       table.data_ptr<int64_t>(), width,
+                                       ctx.data_ptr<int64_t>(), block_size, sc, out);
+      break;
+    default:
+      TORCH_CHECK(false, "paged_decode_attention: query dtype ", qc.scalar_type(),
+                  " is not supported");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(deepserve, m) {
+  m.def("linear_small(Tensor x, Tensor weight, Tensor? row_scale, Tensor? bias) -> Tensor");
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_scale, "
+      "Tensor? v_scale, Tensor block_table, Tensor ctx_lens, int block_size, float scale) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(deepserve, CPU, m) {
+  m.impl("linear_small", &linear_small);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}

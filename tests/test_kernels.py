@@ -1,0 +1,117 @@
+"""deepserve's C++ CPU kernels against the torch paths they replace, and the engine with
+and without them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from prompts import PROMPTS
+
+from deepserve import LLM, SamplingParams, kernels
+from deepserve.layers.attention import AttentionMetadata, paged_attention
+from deepserve.layers.kv_cache import LayerKV
+
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason=f"CPU kernels not built: {kernels.unavailable_reason()}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32, torch.int8])
+@pytest.mark.parametrize("k", [576, 100])  # 100: not a multiple of the 16/64-wide loops
+def test_linear_small_matches_float_reference(wdtype, k):
+    torch.manual_seed(0)
+    n = 203
+    if wdtype == torch.int8:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        scale = torch.rand(n) / 50
+        deq = w.float() * scale[:, None]
+    else:
+        w = torch.randn(n, k).to(wdtype)
+        scale = None
+        deq = w.float()
+    bias = torch.randn(n)
+    for rows in range(1, kernels.SMALL_ROWS + 1):
+        x = torch.randn(rows, k)
+        ref = x @ deq.t() + bias
+        got = kernels.linear_small(x, w, scale, bias)
+        assert got.dtype == torch.float32 and got.shape == (rows, n)
+        # float32 accumulation in a different order: differences are rounding only
+        assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max().item()), rows
+        got16 = kernels.linear_small(x.bfloat16(), w, scale, bias)
+        assert got16.dtype == torch.bfloat16
+        ref16 = x.bfloat16().float() @ deq.t() + bias
+        assert torch.allclose(got16.float(), ref16, rtol=1e-2, atol=1e-2), rows
+
+
+def _decode_case(kind, dtype, head_dim, seed=0):
+    """A layer cache filled with random K/V, 5 sequences with scattered block tables."""
+    torch.manual_seed(seed)
+    heads, kv_heads, bs, blocks = 6, 2, 4, 64
+    cache = LayerKV(kv_heads, blocks * bs, head_dim, dtype, kind, torch.device("cpu"))
+    slots = torch.arange(blocks * bs)
+    cache.write(torch.randn(len(slots), kv_heads, head_dim).to(dtype),
+                torch.randn(len(slots), kv_heads, head_dim).to(dtype), slots)
+    ctx = torch.tensor([1, 4, 5, 17, 40])  # one token, a full block, block + 1, ...
+    width = int(-(-ctx.max() // bs))
+    table = (torch.randperm(blocks - 1)[:len(ctx) * width] + 1).view(len(ctx), width)
+    q = torch.randn(len(ctx), heads, head_dim).to(dtype)
+    return q, cache, table, ctx, bs
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["auto", "int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: the portable (non-AVX) loop
+def test_paged_decode_attention_matches_gather_path(kind, dtype, head_dim):
+    q, cache, table, ctx, bs = _decode_case(kind, dtype, head_dim)
+    scale = head_dim ** -0.5
+    valid = torch.arange(table.shape[1] * bs).unsqueeze(0) < ctx.unsqueeze(1)
+    bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
+    meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(ctx),
+                             decode_blocks=table.flatten(), block_size=bs,
+                             decode_bias=bias.unsqueeze(0).unsqueeze(2))
+    kv = q[:, :cache.k.shape[0]]  # unused by the decode path (already in the cache)
+    ref = paged_attention(q, kv, kv, cache, meta, scale)
+    got = kernels.paged_decode_attention(q, cache.k, cache.v, getattr(cache, "k_scale", None),
+                                         getattr(cache, "v_scale", None), table, ctx, bs, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the reference rounds to bf16
+    assert got.dtype == dtype
+    assert torch.allclose(got.float(), ref.float(), atol=tol), (got - ref).abs().max()
+    # independent check in float64 for one sequence: softmax(q k^T) v over its own slots
+    b, n = 3, int(ctx[3])
+    slots = (table[b].repeat_interleave(bs) * bs + torch.arange(bs).repeat(table.shape[1]))[:n]
+    k, v = cache.gather_slots(slots)  # [kv_heads, n, d], dequantized
+    group = q.shape[1] // k.shape[0]
+    k, v = k.double().repeat_interleave(group, 0), v.double().repeat_interleave(group, 0)
+    p = torch.softmax((q[b].double().unsqueeze(1) @ k.transpose(1, 2)) * scale, dim=-1)
+    want = (p @ v).squeeze(1)
+    assert torch.allclose(got[b].double(), want, atol=tol)
+
+
+@needs_kernels
+def test_engine_tokens_equal_with_and_without_kernels():
+    """float32 greedy decoding: the kernel and torch paths pick the same tokens."""
+    params = SamplingParams(max_tokens=16, temperature=0)
+    outs = []
+    for on in (True, False):
+        llm = LLM(dtype="float32", max_num_seqs=8, cpu_kernels=on)
+        assert llm.engine.use_kernels is on
+        outs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS[:5], params)])
+        del llm
+    assert outs[0] == outs[1]
+
+
+def test_kernels_can_be_switched_off_and_say_why():
+    env = dict(os.environ, DEEPSERVE_KERNELS="0")
+    code = ("from deepserve import kernels; print(kernels.available(), "
+            "kernels.unavailable_reason())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "False disabled by DEEPSERVE_KERNELS=0"
+    cli = subprocess.run([sys.executable, "-m", "deepserve.cli", "kernels"], env=env,
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and "DEEPSERVE_KERNELS=0" in cli.stdout
