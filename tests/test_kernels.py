@@ -115,3 +115,47 @@ def test_kernels_can_be_switched_off_and_say_why():
     cli = subprocess.run([sys.executable, "-m", "deepserve.cli", "kernels"], env=env,
                          capture_output=True, text=True)
     assert cli.returncode == 1 and "DEEPSERVE_KERNELS=0" in cli.stdout
+
+
+def _ulps_bf16(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between two bf16 tensors in units in the last place."""
+    ia = a.view(torch.int16).int()
+    ib = b.view(torch.int16).int()
+    return int((ia - ib).abs().max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_layer_ops_match_the_torch_layer_code(dtype):
+    from deepserve.layers.rotary import RotaryEmbedding, apply_rotary
+    from deepserve.models.llama import RMSNorm
+
+    torch.manual_seed(0)
+    t, heads, kv_heads, d, inter = 7, 6, 2, 64, 200
+    close = (lambda a, b: _ulps_bf16(a, b) <= 1) if dtype == torch.bfloat16 else \
+        (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
+    # rms_norm, with and without the residual add
+    norm = RMSNorm(96, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(96).to(dtype)
+    x, r = torch.randn(t, 96).to(dtype) * 3, torch.randn(t, 96).to(dtype)
+    assert close(kernels.rms_norm(x, None, norm.weight, 1e-5)[0], norm(x))
+    normed, summed = kernels.rms_norm(x, r, norm.weight, 1e-5)
+    assert torch.equal(summed, x + r) and close(normed, norm(x + r))
+    # rotary on q and k, k and v written to the cache at the slots
+    rope = RotaryEmbedding(d, 128, 10000.0, None, dtype)
+    pos = torch.tensor([0, 1, 2, 50, 51, 100, 127])
+    cos, sin = rope.tables(pos)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d).to(dtype)
+    cache = LayerKV(kv_heads, 64, d, dtype, "auto", torch.device("cpu"))
+    slots = torch.tensor([3, 9, 10, 11, 40, 41, 63])
+    q, k = kernels.rope_write_kv(qkv, cos, sin, cache.k, cache.v, slots, heads, kv_heads)
+    q_ref, k_ref, v_ref = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q_ref = apply_rotary(q_ref.view(t, heads, d), cos, sin)
+    k_ref = apply_rotary(k_ref.view(t, kv_heads, d), cos, sin)
+    assert close(q, q_ref) and close(k, k_ref)
+    assert torch.equal(cache.k[:, slots].transpose(0, 1), k)
+    assert torch.equal(cache.v[:, slots].transpose(0, 1), v_ref.view(t, kv_heads, d))
+    # SwiGLU (an odd width exercises the scalar tail)
+    gu = torch.randn(t, 2 * inter).to(dtype) * 4
+    gate, up = gu.split(inter, dim=-1)
+    assert close(kernels.silu_mul(gu), torch.nn.functional.silu(gate) * up)

@@ -234,8 +234,7 @@ Scales scales_of(const c10::optional<at::Tensor>& t) {
 #if DS_AVX512
 // e^x for x <= 0 (max-subtracted scores): x = n ln2 + r, e^r by a degree-6 polynomial
 // (relative error about 1e-7 for |r| <= ln2/2), times 2^n.
-inline __m512 exp_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+inline __m512 exp_nonpos_unclamped(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950409f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -248,6 +247,10 @@ inline __m512 exp_nonpos(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 exp_nonpos(__m512 x) {
+  return exp_nonpos_unclamped(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)));
 }
 
 // In place: x[i] = exp(x[i] - mx); returns the sum.
@@ -462,6 +465,217 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+// ---- fused per-layer element-wise ops ---------------------------------------------------
+// Each replaces several torch ops of a decoder layer (one dispatch instead of 4-10) and
+// rounds to the compute dtype at the same points as the torch code in models/llama.py,
+// so bf16 results match it up to the order of float32 sums.
+
+template <typename T>
+inline T round_to(float v) {
+  return static_cast<T>(v);
+}
+
+// out = weight * dtype(x * rsqrt(mean(x^2) + eps)); with a residual, x = dtype(x + residual)
+// first, and that sum is returned too (the next residual stream).
+template <typename T>
+void rms_norm_impl(const T* x, const T* res, const T* w, T* out, T* sum, int64_t rows,
+                   int64_t dim, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(dim);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * dim;
+      float ss = 0.f;
+      for (int64_t i = 0; i < dim; ++i) {
+        float v = static_cast<float>(xr[i]);
+        if (res) {
+          T s = round_to<T>(v + static_cast<float>(res[r * dim + i]));
+          sum[r * dim + i] = s;
+          v = static_cast<float>(s);
+        }
+        buf[i] = v;
+        ss += v * v;
+      }
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
+      T* o = out + r * dim;
+      for (int64_t i = 0; i < dim; ++i)
+        o[i] = round_to<T>(static_cast<float>(w[i]) *
+                           static_cast<float>(round_to<T>(buf[i] * inv)));
+    }
+  });
+}
+
+std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                 const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "rms_norm: x must be contiguous [T, dim]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm: weight dtype must match x");
+  const int64_t rows = x.size(0), dim = x.size(1);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor sum;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous() &&
+                    residual->scalar_type() == x.scalar_type(),
+                "rms_norm: residual must match x");
+    sum = at::empty_like(x);
+  }
+  at::Tensor w = weight.contiguous();
+  if (x.scalar_type() == at::kBFloat16) {
+    using T = at::BFloat16;
+    rms_norm_impl<T>(x.data_ptr<T>(), residual ? residual->data_ptr<T>() : nullptr,
+                     w.data_ptr<T>(), out.data_ptr<T>(), sum.defined() ? sum.data_ptr<T>() : nullptr,
+                     rows, dim, static_cast<float>(eps));
+  } else if (x.scalar_type() == at::kFloat) {
+    rms_norm_impl<float>(x.data_ptr<float>(), residual ? residual->data_ptr<float>() : nullptr,
+                         w.data_ptr<float>(), out.data_ptr<float>(),
+                         sum.defined() ? sum.data_ptr<float>() : nullptr, rows, dim,
+                         static_cast<float>(eps));
+  } else {
+    TORCH_CHECK(false, "rms_norm: dtype ", x.scalar_type(), " is not supported");
+  }
+  if (!sum.defined()) return {out};
+  return {out, sum};
+}
+
+// Rotary embedding (half-rotation layout) on the q and k parts of a fused qkv row, with
+// k and v written to the layer's KV cache at their slots. Returns rotated q and k.
+template <typename T>
+void rope_write_impl(const T* qkv, const T* cos, const T* sin, const int64_t* slots,
+                     T* kc, T* vc, T* q_out, T* k_out, int64_t rows, int64_t heads,
+                     int64_t kv_heads, int64_t dim, int64_t num_slots) {
+  const int64_t width = (heads + 2 * kv_heads) * dim, half = dim / 2;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = qkv + r * width;
+      const T* c = cos + r * dim;
+      const T* s = sin + r * dim;
+      auto rotate = [&](const T* src, T* dst) {
+        for (int64_t i = 0; i < dim; ++i) {
+          const float rot = i < half ? -static_cast<float>(src[i + half])
+                                     : static_cast<float>(src[i - half]);
+          const T a = round_to<T>(static_cast<float>(src[i]) * static_cast<float>(c[i]));
+          const T b = round_to<T>(rot * static_cast<float>(s[i]));
+          dst[i] = round_to<T>(static_cast<float>(a) + static_cast<float>(b));
+        }
+      };
+      for (int64_t h = 0; h < heads; ++h) rotate(row + h * dim, q_out + (r * heads + h) * dim);
+      const int64_t slot = slots[r];
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        T* kd = k_out + (r * kv_heads + h) * dim;
+        rotate(row + (heads + h) * dim, kd);
+        std::memcpy(kc + (h * num_slots + slot) * dim, kd, dim * sizeof(T));
+        std::memcpy(vc + (h * num_slots + slot) * dim, row + (heads + kv_heads + h) * dim,
+                    dim * sizeof(T));
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos,
+                                      const at::Tensor& sin, at::Tensor k_cache,
+                                      at::Tensor v_cache, const at::Tensor& slots,
+                                      int64_t heads, int64_t kv_heads) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "rope_write_kv: qkv [T, width]");
+  const int64_t rows = qkv.size(0), kvh = k_cache.size(0), num_slots = k_cache.size(1),
+                dim = k_cache.size(2);
+  TORCH_CHECK(kvh == kv_heads && qkv.size(1) == (heads + 2 * kv_heads) * dim,
+              "rope_write_kv: qkv width does not match heads and the cache");
+  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(),
+              "rope_write_kv: caches must be contiguous and in the compute dtype");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == rows,
+              "rope_write_kv: one int64 slot per row");
+  at::Tensor c = cos.reshape({rows, dim}).contiguous(), s = sin.reshape({rows, dim}).contiguous();
+  at::Tensor sl = slots.contiguous();
+  at::Tensor q = at::empty({rows, heads, dim}, qkv.options());
+  at::Tensor k = at::empty({rows, kv_heads, dim}, qkv.options());
+  if (qkv.scalar_type() == at::kBFloat16) {
+    using T = at::BFloat16;
+    rope_write_impl<T>(qkv.data_ptr<T>(), c.data_ptr<T>(), s.data_ptr<T>(),
+                       sl.data_ptr<int64_t>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+                       q.data_ptr<T>(), k.data_ptr<T>(), rows, heads, kv_heads, dim, num_slots);
+  } else if (qkv.scalar_type() == at::kFloat) {
+    rope_write_impl<float>(qkv.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(),
+                           sl.data_ptr<int64_t>(), k_cache.data_ptr<float>(),
+                           v_cache.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(),
+                           rows, heads, kv_heads, dim, num_slots);
+  } else {
+    TORCH_CHECK(false, "rope_write_kv: dtype ", qkv.scalar_type(), " is not supported");
+  }
+  return {q, k};
+}
+
+#if DS_AVX512
+// e^x for any float x (clamped to the finite range), by the same polynomial.
+inline __m512 exp_any(__m512 x) {
+  return exp_nonpos_unclamped(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
+                                            _mm512_set1_ps(88.0f)));
+}
+
+// 16 floats -> 16 bf16, round to nearest even (NaN is not expected here).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb);
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
+#endif
+
+// SwiGLU: dtype(silu(gate)) * up, from the fused [T, 2I] gate_up projection.
+template <typename T>
+void silu_mul_impl(const T* gu, T* out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* g = gu + r * 2 * inter;
+      const T* u = g + inter;
+      T* o = out + r * inter;
+      int64_t i = 0;
+#if DS_AVX512
+      if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>) {
+        constexpr bool bf = std::is_same_v<T, at::BFloat16>;
+        const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+        for (; i + 16 <= inter; i += 16) {
+          const __m512 gv = load16<T>(g, i, all), uv = load16<T>(u, i, all);
+          const __m512 one = _mm512_set1_ps(1.0f);
+          __m512 act = _mm512_div_ps(gv, _mm512_add_ps(one, exp_any(_mm512_sub_ps(
+                                                              _mm512_setzero_ps(), gv))));
+          if (bf) act = round_bf16(act);
+          const __m512 y = _mm512_mul_ps(act, uv);
+          if constexpr (bf) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), to_bf16(y));
+          } else {
+            _mm512_storeu_ps(reinterpret_cast<float*>(o + i), y);
+          }
+        }
+      }
+#endif
+      for (; i < inter; ++i) {
+        const float gv = static_cast<float>(g[i]);
+        const T act = round_to<T>(gv / (1.0f + std::exp(-gv)));
+        o[i] = round_to<T>(static_cast<float>(act) * static_cast<float>(u[i]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "silu_mul: gate_up must be contiguous [T, 2 * intermediate]");
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({rows, inter}, gate_up.options());
+  if (gate_up.scalar_type() == at::kBFloat16) {
+    silu_mul_impl<at::BFloat16>(gate_up.data_ptr<at::BFloat16>(),
+                                out.data_ptr<at::BFloat16>(), rows, inter);
+  } else if (gate_up.scalar_type() == at::kFloat) {
+    silu_mul_impl<float>(gate_up.data_ptr<float>(), out.data_ptr<float>(), rows, inter);
+  } else {
+    TORCH_CHECK(false, "silu_mul: dtype ", gate_up.scalar_type(), " is not supported");
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(deepserve, m) {
@@ -470,9 +684,17 @@ TORCH_LIBRARY(deepserve, m) {
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_scale, "
       "Tensor? v_scale, Tensor block_table, Tensor ctx_lens, int block_size, float scale) "
       "-> Tensor");
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");
+  m.def(
+      "rope_write_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor slots, int heads, int kv_heads) -> Tensor[]");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deepserve, CPU, m) {
   m.impl("linear_small", &linear_small);
   m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope_write_kv", &rope_write_kv);
+  m.impl("silu_mul", &silu_mul);
 }

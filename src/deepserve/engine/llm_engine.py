@@ -21,7 +21,7 @@ from deepserve.engine.sequence import CompletionOutput, RequestOutput, Sequence,
 from deepserve.engine.structured import GrammarCompiler
 from deepserve.errors import DeepserveError
 from deepserve.layers.kv_cache import KV_DTYPES, LayerKV
-from deepserve.layers.linear import enable_kernels
+from deepserve.layers.linear import enable_kernels, pack_weights
 from deepserve.layers.quantized import QUANTIZATIONS, quantize_model, weight_bytes
 from deepserve.loader.resolve import DEFAULT_MODEL_NAME, resolve_model
 from deepserve.loader.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
@@ -144,6 +144,8 @@ class LLMEngine:
         self.use_kernels = (config.cpu_kernels and self.device.type == "cpu"
                             and kernels.available())
         enable_kernels(self.model, self.use_kernels)
+        if config.cpu_kernels:
+            pack_weights(self.model)
         self.weight_bytes = weight_bytes(self.model)
         self.num_blocks = self._num_blocks()
         self.block_manager = BlockManager(self.num_blocks, config.block_size,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepserve import kernels
 from deepserve.layers.attention import AttentionMetadata, paged_attention
 from deepserve.layers.kv_cache import LayerKV
 from deepserve.layers.linear import Linear
@@ -66,9 +67,34 @@ class DecoderLayer(nn.Module):
             self.intermediate_size, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
+    def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+        """The same layer through deepserve's fused CPU kernels (``kernels.py``): norm,
+        rotary + cache write and SwiGLU each in one call; same rounding points."""
+        t = x.shape[0]
+        h = kernels.rms_norm(x, None, self.input_layernorm.weight, self.input_layernorm.eps)[0]
+        qkv = self.qkv_proj(h)
+        if cache.kind == "auto":
+            q, k = kernels.rope_write_kv(qkv, cos, sin, cache.k, cache.v, meta.slot_mapping,
+                                         self.num_heads, self.num_kv_heads)
+            v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
+        else:  # quantized caches encode on write: the torch path does it
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
+            k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+            v = v.view(t, self.num_kv_heads, self.head_dim)
+            cache.write(k, v, meta.slot_mapping)
+        attn = paged_attention(q, k, v, cache, meta, self.scale)
+        norm = self.post_attention_layernorm
+        h, x = kernels.rms_norm(x, self.o_proj(attn.view(t, self.q_size)), norm.weight,
+                                norm.eps)
+        return x + self.down_proj(kernels.silu_mul(self.gate_up_proj(h)))
+
 
 class LlamaForCausalLM(nn.Module):
     """The whole decoder; ``forward`` returns hidden states, ``logits`` projects chosen rows."""
+
+    use_kernel = False  # fused CPU kernels per layer; set by layers.linear.enable_kernels()
 
     def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -86,9 +112,18 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[LayerKV], meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.tables(positions)
+        if self.use_kernel and self._fusable():
+            for layer, cache in zip(self.layers, kv_caches, strict=True):
+                x = layer.forward_fused(x, cos, sin, cache, meta)
+            return x
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, cache, meta)
         return x
+
+    def _fusable(self) -> bool:
+        # The fused kernels handle float32 and bfloat16 with same-dtype norm weights.
+        w = self.norm.weight
+        return w.dtype in (torch.float32, torch.bfloat16) and w.device.type == "cpu"
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden)).float()
