@@ -643,6 +643,26 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 // rounds to the compute dtype at the same points as the torch code in models/llama.py,
 // so bf16 results match it up to the order of float32 sums.
 
+#if DS_AVX512
+// e^x for any float x (clamped to the finite range), by the same polynomial.
+inline __m512 exp_any(__m512 x) {
+  return exp_nonpos_unclamped(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
+                                            _mm512_set1_ps(88.0f)));
+}
+
+// 16 floats -> 16 bf16, round to nearest even (NaN is not expected here).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb);
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
+#endif
+
 template <typename T>
 inline T round_to(float v) {
   return static_cast<T>(v);
@@ -650,12 +670,52 @@ inline T round_to(float v) {
 
 // out = weight * dtype(x * rsqrt(mean(x^2) + eps)); with a residual, x = dtype(x + residual)
 // first, and that sum is returned too (the next residual stream).
+#if DS_AVX512
+template <typename T>
+inline void store16(T* dst, __m512 v);
+template <>
+inline void store16<float>(float* dst, __m512 v) {
+  _mm512_storeu_ps(dst, v);
+}
+template <>
+inline void store16<at::BFloat16>(at::BFloat16* dst, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), to_bf16(v));
+}
+template <typename T>
+inline __m512 round_to_vec(__m512 v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) return round_bf16(v);
+  return v;
+}
+#endif
+
 template <typename T>
 void rms_norm_impl(const T* x, const T* res, const T* w, T* out, T* sum, int64_t rows,
                    int64_t dim, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(dim);
     for (int64_t r = r0; r < r1; ++r) {
+#if DS_AVX512
+      if (dim % 16 == 0) {
+        const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+        __m512 ss = _mm512_setzero_ps();
+        for (int64_t i = 0; i < dim; i += 16) {
+          __m512 v = load16<T>(x + r * dim, i, all);
+          if (res) {
+            v = round_to_vec<T>(_mm512_add_ps(v, load16<T>(res + r * dim, i, all)));
+            store16<T>(sum + r * dim + i, v);
+          }
+          _mm512_storeu_ps(buf.data() + i, v);
+          ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        const __m512 inv = _mm512_set1_ps(
+            1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(dim) + eps));
+        for (int64_t i = 0; i < dim; i += 16) {
+          const __m512 n = round_to_vec<T>(_mm512_mul_ps(_mm512_loadu_ps(buf.data() + i), inv));
+          store16<T>(out + r * dim + i, _mm512_mul_ps(load16<T>(w, i, all), n));
+        }
+        continue;
+      }
+#endif
       const T* xr = x + r * dim;
       float ss = 0.f;
       for (int64_t i = 0; i < dim; ++i) {
@@ -776,25 +836,6 @@ std::vector<at::Tensor> rope_write_kv(const at::Tensor& qkv, const at::Tensor& c
   return {q, k};
 }
 
-#if DS_AVX512
-// e^x for any float x (clamped to the finite range), by the same polynomial.
-inline __m512 exp_any(__m512 x) {
-  return exp_nonpos_unclamped(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
-                                            _mm512_set1_ps(88.0f)));
-}
-
-// 16 floats -> 16 bf16, round to nearest even (NaN is not expected here).
-inline __m256i to_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb);
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
-
-inline __m512 round_bf16(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
-}
-#endif
 
 // SwiGLU: dtype(silu(gate)) * up, from the fused [T, 2I] gate_up projection.
 template <typename T>
