@@ -27,9 +27,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-# Rows at or below which linear_small beats torch's bf16 matmul (measured on a 2-core
-# AVX-512 CPU: 3.5x faster at 1 row, 1.6x at 4, even at about 12).
+# Rows at or below which linear_small beats oneDNN's packed bf16 GEMM (measured on a
+# 2-core AVX-512 CPU over all of a decode step's layer weights: 1.3x faster at 1 row,
+# 1.1x at 8, 0.85x at 16).
 SMALL_ROWS = 8
+# For int8 weights the alternative is dequantize + GEMM, so the kernel wins longer:
+# 5x at 1 row, 1.4x at 16, 1.2x at 32, even at 64.
+SMALL_ROWS_INT8 = 32
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -144,6 +144,88 @@ void linear_rows_avx512(const float* x, const W* w, int64_t K, int64_t n0, int64
 }
 #endif
 
+#if DS_AVX512 && defined(__AVX512BF16__)
+// 32 weights as bf16 pairs. int8 values are exact in bf16 (8 significant bits).
+template <typename W>
+inline __m512bh load32_bf16(const W* row, int64_t k, __mmask32 mask);
+
+template <>
+inline __m512bh load32_bf16<at::BFloat16>(const at::BFloat16* row, int64_t k, __mmask32 mask) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, reinterpret_cast<const uint16_t*>(row) + k);
+}
+
+template <>
+inline __m512bh load32_bf16<int8_t>(const int8_t* row, int64_t k, __mmask32 mask) {
+  const __m256i b = _mm256_maskz_loadu_epi8(mask, row + k);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// bf16 inputs: AVX512-BF16 dot instructions multiply bf16 pairs exactly and accumulate
+// in float32, 32 weights per instruction (the float path needs a convert and an FMA
+// per 16), so more input rows per weight row pay off before a GEMM does.
+template <typename W, int M>
+void linear_rows_bf16dot(const uint16_t* x, const W* w, int64_t K, int64_t n0, int64_t n1,
+                         float* out, int64_t N) {
+  const __mmask32 all = ~static_cast<__mmask32>(0);
+  for (int64_t n = n0; n < n1; ++n) {
+    const W* row = w + n * K;
+    __m512 acc[2][M];
+    for (int a = 0; a < 2; ++a)
+      for (int m = 0; m < M; ++m) acc[a][m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      for (int a = 0; a < 2; ++a) {
+        const __m512bh wv = load32_bf16<W>(row, k + 32 * a, all);
+        for (int m = 0; m < M; ++m)
+          acc[a][m] = _mm512_dpbf16_ps(
+              acc[a][m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * a));
+      }
+    }
+    for (; k < K; k += 32) {
+      const int64_t left = K - k;
+      const __mmask32 mask = left >= 32 ? all : static_cast<__mmask32>((1u << left) - 1);
+      const __m512bh wv = load32_bf16<W>(row, k, mask);
+      for (int m = 0; m < M; ++m)
+        acc[0][m] = _mm512_dpbf16_ps(
+            acc[0][m], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k));
+    }
+    for (int m = 0; m < M; ++m)
+      out[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  }
+}
+
+template <typename W>
+void rows_bf16dot_chunks(const uint16_t* x, const W* w, int64_t M, int64_t K, int64_t b0,
+                         int64_t b1, float* out, int64_t N) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const uint16_t* xm = x + m0 * K;
+    float* om = out + m0 * N;
+    switch (std::min<int64_t>(8, M - m0)) {
+#define DS_CASE(c) \
+  case c: linear_rows_bf16dot<W, c>(xm, w, K, b0, b1, om, N); break;
+      DS_CASE(1) DS_CASE(2) DS_CASE(3) DS_CASE(4) DS_CASE(5) DS_CASE(6) DS_CASE(7)
+      default: linear_rows_bf16dot<W, 8>(xm, w, K, b0, b1, om, N); break;
+#undef DS_CASE
+    }
+  }
+}
+
+template <typename W>
+void linear_dispatch_bf16(const uint16_t* x, const W* w, int64_t M, int64_t K, int64_t N,
+                          float* out) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    // Blocks of 16 output rows, all input rows for each: the block's weights stay in L1
+    // while up to 8 input rows at a time go through them.
+    for (int64_t b0 = n0; b0 < n1; b0 += 16) {
+      const int64_t b1 = std::min(b0 + 16, n1);
+      rows_bf16dot_chunks(x, w, M, K, b0, b1, out, N);
+    }
+  });
+}
+#endif
+
 // Portable path: convert a weight row to fp32, then one dot product per input row.
 template <typename W>
 void linear_rows_generic(const float* x, const W* w, int64_t M, int64_t K, int64_t n0,
@@ -190,12 +272,25 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(x.size(1) == weight.size(1), "linear_small: in_features mismatch");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_small: CPU only");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  switch (w.scalar_type()) {
+  bool done = false;
+#if DS_AVX512 && defined(__AVX512BF16__)
+  if (x.scalar_type() == at::kBFloat16 &&
+      (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kChar)) {
+    at::Tensor xc = x.contiguous();
+    auto* xp16 = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    if (w.scalar_type() == at::kBFloat16)
+      linear_dispatch_bf16(xp16, w.data_ptr<at::BFloat16>(), M, K, N, op);
+    else
+      linear_dispatch_bf16(xp16, w.data_ptr<int8_t>(), M, K, N, op);
+    done = true;
+  }
+#endif
+  at::Tensor xf = done ? at::Tensor() : x.to(at::kFloat).contiguous();
+  const float* xp = done ? nullptr : xf.data_ptr<float>();
+  if (!done) switch (w.scalar_type()) {
     case at::kBFloat16: linear_dispatch(xp, w.data_ptr<at::BFloat16>(), M, K, N, op); break;
     case at::kFloat: linear_dispatch(xp, w.data_ptr<float>(), M, K, N, op); break;
     case at::kChar: linear_dispatch(xp, w.data_ptr<int8_t>(), M, K, N, op); break;

@@ -23,9 +23,10 @@ SMALL_BATCH_ROWS = 4  # at or below this many rows the quantized kernel is faste
 class Int8Linear(nn.Module):
     """y = x W^T (+ b) with W stored as int8 and one scale per output channel.
 
-    Small batches use deepserve's ``linear_small`` kernel when enabled (it reads the
-    int8 rows at memory speed, on par with torch's packed kernel for small layers and
-    25% faster for large ones), else torch's ``_weight_int8pack_mm``.
+    Up to ``kernels.SMALL_ROWS_INT8`` rows use deepserve's ``linear_small`` kernel when
+    enabled (it streams the int8 rows at memory speed and multiplies them in bf16, never
+    materializing a dequantized weight), else torch's ``_weight_int8pack_mm`` for a few
+    rows; larger batches dequantize and run a GEMM, or use ``dense`` when one is kept.
     """
 
     use_kernel = False  # set per model by layers.linear.enable_kernels()
@@ -49,10 +50,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel and x2.shape[0] <= kernels.SMALL_ROWS:
-            y = kernels.linear_small(x2, self.qweight, self.scales, self.bias)
-        elif self.dense is not None and x2.shape[0] > SMALL_BATCH_ROWS:
+        if self.dense is not None and x2.shape[0] > kernels.SMALL_ROWS:
             y = self.dense(x2)
+        elif self.use_kernel and x2.shape[0] <= kernels.SMALL_ROWS_INT8:
+            y = kernels.linear_small(x2, self.qweight, self.scales, self.bias)
         else:
             if x2.shape[0] <= SMALL_BATCH_ROWS and x2.device.type == "cpu":
                 y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
