@@ -3,15 +3,15 @@
 Measures, for both engines, with greedy decoding and token ids fed directly (no
 tokenizer differences):
 
-* prompt processing: one 128-token prompt, tok/s (and deepserve with 32 prompts in
-  one batch, as a server runs it);
+* prompt processing (prefill): tok/s over the batch's prompts, 1, 32 or 64 of them;
 * single-stream decode: tok/s after the prompt;
 * batched generation: N sequences of 128 prompt tokens and 64 new tokens each, all
   decoded together; output tok/s with prefill included, and decode alone.
 
 llama.cpp runs through llama-cpp-python's low-level API (``llama_batch`` with one
 sequence id per request, as ``llama-batched-bench`` does). Install it with
-``make bench-deps``. The engines run one after the other, never at the same time.
+``make bench-deps``. The engines run one after the other, never at the same time,
+each on fresh prompts per repeat (deepserve's prefix cache off); medians of the repeats.
 
     .venv/bin/python benchmarks/vs_llamacpp.py --threads 2 --batch 32 64
 """
@@ -45,6 +45,9 @@ class LlamaCpp:
         import llama_cpp as lc
 
         self.lc = lc
+        # llama.cpp logs every tensor it loads: keep its log quiet.
+        self._quiet = lc.llama_log_callback(lambda level, text, data: None)
+        lc.llama_log_set(self._quiet, ctypes.c_void_p(0))
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
         self.model = lc.llama_model_load_from_file(str(path).encode(), mparams)
@@ -148,21 +151,21 @@ def main() -> None:
     if not args.skip_llamacpp:
         cpp = LlamaCpp(default_model_path(), args.threads, max(sizes))
         for n in sizes:
-            seqs = prompts(n)
-            cpp.run(seqs, 4)  # warm-up
-            rows.append(summarize("llama.cpp Q4_1", [cpp.run(seqs, NEW_TOKENS)
-                                                      for _ in range(args.repeats)], n))
+            cpp.run(prompts(n), 4)  # warm-up
+            rows.append(summarize("llama.cpp Q4_1", [cpp.run(prompts(n, seed), NEW_TOKENS)
+                                                      for seed in range(1, args.repeats + 1)],
+                                  n))
             print(rows[-1], flush=True)
         del cpp
     for quant in args.quantization:
+        # Prefix caching off: every repeat must compute its prompts (new ones anyway).
         llm = LLM(quantization=quant, max_num_seqs=max(sizes), max_num_batched_tokens=2048,
-                  show_progress=False, num_threads=args.threads)
+                  enable_prefix_caching=False, show_progress=False, num_threads=args.threads)
         name = "deepserve bf16" + ("" if quant == "none" else f" + {quant} weights")
         for n in sizes:
-            seqs = prompts(n)
-            deepserve_run(llm, seqs, 4)
-            rows.append(summarize(name, [deepserve_run(llm, seqs, NEW_TOKENS)
-                                         for _ in range(args.repeats)], n))
+            deepserve_run(llm, prompts(n), 4)  # warm-up
+            rows.append(summarize(name, [deepserve_run(llm, prompts(n, seed), NEW_TOKENS)
+                                         for seed in range(1, args.repeats + 1)], n))
             print(rows[-1], flush=True)
         del llm
     print()

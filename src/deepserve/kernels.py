@@ -117,3 +117,24 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.ops.deepserve.silu_mul(gate_up)
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (bf16) times int4 weights in groups of 32 (layout: ``pack_int4``)."""
+    return torch.ops.deepserve.linear_int4(x, packed, scales, lows, bias)
+
+
+def has_bf16_dot() -> bool:
+    """Whether the kernels were built with AVX512-BF16 (needed by ``linear_int4``)."""
+    found = _state.get("bf16_dot")
+    if found is None:
+        found = _state["bf16_dot"] = available() and bool(torch.ops.deepserve.has_avx512_bf16())
+    return bool(found)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 -> [N, K/2] uint8: per group of 32, byte i = q[i] | q[i+16] << 4."""
+    n, k = q.shape
+    g = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
