@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup serve test lint bench bench-deps bench-compare ray deploy-tools clean
+.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp ray deploy-tools clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ bench-deps: setup
 
 bench-compare: bench-deps
 	$(BIN)/deepserve bench compare --concurrency 1 8 32 --num-requests 16 --out results
+
+# Prefill, single-stream decode and batched generation against llama.cpp, one run.
+bench-llamacpp: bench-deps
+	$(BIN)/python benchmarks/vs_llamacpp.py --batch 32 64 --quantization none int8 int4 mixed
 
 # Ray Serve (the [ray] extra is part of setup): two tiers on a local Ray cluster.
 ray: setup

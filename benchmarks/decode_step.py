@@ -1,0 +1,68 @@
+"""Time of one decode step at a fixed batch, and where it goes.
+
+Fills the batch with 128-token random prompts, runs prefill, then times decode steps
+(each sequence has 128-160 tokens of context) and splits them into the engine's phases
+(schedule, prepare, forward, sample, postprocess). ``--profile`` adds torch.profiler's
+top ops. Sampling is temperature 1.0, as an OpenAI request's default.
+
+    .venv/bin/python benchmarks/decode_step.py --batch 1 32 64
+    .venv/bin/python benchmarks/decode_step.py --batch 32 --no-cpu-kernels --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+from deepserve.config import EngineConfig
+from deepserve.engine.llm_engine import LLMEngine
+from deepserve.sampling_params import SamplingParams
+
+
+def measure(batch: int, steps: int, profile: bool, **engine: object) -> None:
+    eng = LLMEngine(EngineConfig(max_num_seqs=batch, enable_prefix_caching=False, **engine),
+                    show_progress=False)
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True)
+    for _ in range(batch):
+        eng.add_request(None, [rng.randint(100, 40000) for _ in range(128)], params)
+    while eng.scheduler.waiting or any(s.num_computed < 128 for s in eng.scheduler.running):
+        eng.step()
+    for _ in range(5):
+        eng.step()
+    before = dict(eng.runner.timings)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    per_step = (time.perf_counter() - t0) / steps
+    phases = {k: (eng.runner.timings[k] - before[k]) / steps * 1e3 for k in before}
+    split = ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+    print(f"batch {batch}: {per_step * 1e3:.2f} ms per decode step = {batch / per_step:.0f} "
+          f"tok/s ({split} ms)", flush=True)
+    if profile:
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile() as prof:
+            for _ in range(10):
+                eng.step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--quantization", default="none")
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    for b in args.batch:
+        measure(b, args.steps, args.profile, quantization=args.quantization,
+                kv_cache_dtype=args.kv_cache_dtype, cpu_kernels=args.cpu_kernels)
+
+
+if __name__ == "__main__":
+    main()
