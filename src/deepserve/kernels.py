@@ -153,3 +153,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     g = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
     return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def sample_rows(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One draw per row of softmax(logits) (float32), given a uniform number per row."""
+    return torch.ops.deepserve.sample_rows(logits, uniform)

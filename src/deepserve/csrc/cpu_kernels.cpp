@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -1098,6 +1099,87 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// ---- sampling ---------------------------------------------------------------------------
+
+// One draw per row from softmax(logits): the row's exp-sum, then a scan of the cumulative
+// mass up to u * sum, 16 entries at a time. -inf entries have probability exactly 0.
+// Two passes over the logits and no [N, V] temporaries (torch's softmax + cumsum +
+// searchsorted took 5.6 ms at 64 x 49k).
+at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniform) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat,
+              "sample_rows: logits must be float32 [N, V]");
+  TORCH_CHECK(uniform.scalar_type() == at::kFloat && uniform.numel() == logits.size(0),
+              "sample_rows: one float32 uniform number per row");
+  at::Tensor lc = logits.contiguous(), uc = uniform.contiguous();
+  const int64_t rows = lc.size(0), V = lc.size(1);
+  at::Tensor out = at::empty({rows}, lc.options().dtype(at::kLong));
+  const float* lp = lc.data_ptr<float>();
+  const float* up = uc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = lp + r * V;
+      float mx = -INFINITY;
+      for (int64_t i = 0; i < V; ++i) mx = std::max(mx, x[i]);
+      int64_t pick = 0;
+      if (mx == -INFINITY) {  // nothing allowed: keep index 0, as argmax would
+        op[r] = 0;
+        continue;
+      }
+#if DS_AVX512
+      const __m512 m = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
+      auto block_exp = [&](int64_t i, __mmask16 mask) {
+        const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
+        const __mmask16 live = mask & _mm512_cmp_ps_mask(v, ninf, _CMP_NEQ_OQ);
+        return _mm512_maskz_mov_ps(live, exp_nonpos(_mm512_sub_ps(v, m)));
+      };
+      auto mask_at = [&](int64_t i) {
+        return V - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                           : static_cast<__mmask16>((1u << (V - i)) - 1);
+      };
+      double total = 0.0;
+      for (int64_t i = 0; i < V; i += 16) total += _mm512_reduce_add_ps(block_exp(i, mask_at(i)));
+      const double target = static_cast<double>(up[r]) * total;
+      double run = 0.0;
+      int64_t last_live = -1;
+      bool found = false;
+      for (int64_t i = 0; i < V && !found; i += 16) {
+        alignas(64) float e[16];
+        _mm512_store_ps(e, block_exp(i, mask_at(i)));
+        const int64_t n = std::min<int64_t>(16, V - i);
+        const double block = std::accumulate(e, e + n, 0.0);
+        if (run + block <= target) {
+          run += block;
+          for (int64_t j = n - 1; j >= 0; --j)
+            if (e[j] > 0.f) { last_live = i + j; break; }
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          if (e[j] <= 0.f) continue;
+          last_live = i + j;
+          run += e[j];
+          if (run > target) { found = true; break; }
+        }
+      }
+      pick = last_live;  // rounding can leave the target just past the end: last token
+#else
+      double total = 0.0;
+      for (int64_t i = 0; i < V; ++i) total += x[i] == -INFINITY ? 0.0 : std::exp(x[i] - mx);
+      const double target = static_cast<double>(up[r]) * total;
+      double run = 0.0;
+      for (int64_t i = 0; i < V; ++i) {
+        if (x[i] == -INFINITY) continue;
+        pick = i;
+        run += std::exp(x[i] - mx);
+        if (run > target) break;
+      }
+#endif
+      op[r] = pick;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(deepserve, m) {
@@ -1113,6 +1195,7 @@ TORCH_LIBRARY(deepserve, m) {
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor lows, Tensor? bias) -> Tensor");
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
+  m.def("sample_rows(Tensor logits, Tensor uniform) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deepserve, CPU, m) {
@@ -1122,4 +1205,5 @@ TORCH_LIBRARY_IMPL(deepserve, CPU, m) {
   m.impl("rope_write_kv", &rope_write_kv);
   m.impl("silu_mul", &silu_mul);
   m.impl("linear_int4", &linear_int4);
+  m.impl("sample_rows", &sample_rows);
 }

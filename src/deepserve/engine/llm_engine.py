@@ -155,6 +155,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.dtype,
                                   self.device, Sampler(mcfg.vocab_size, self.eos_token_ids),
                                   kv_kind=config.kv_cache_dtype, use_kernels=self.use_kernels)
+        self.runner.sampler.use_kernel = self.use_kernels
         self.grammars = GrammarCompiler(self.tokenizer, mcfg.vocab_size, self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()

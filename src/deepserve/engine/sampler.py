@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from deepserve import kernels
 from deepserve.engine.sequence import Logprob, Sequence
 from deepserve.engine.structured import apply_grammar_masks
 
@@ -12,6 +13,7 @@ class Sampler:
     """Turns last-position logits into next tokens (and logprobs) for a batch."""
 
     def __init__(self, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self.use_kernel = False  # kernels.sample_rows for plain temperature sampling
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
 
@@ -110,6 +112,15 @@ class Sampler:
             drop |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        seeded = [i for i, s in enumerate(seqs) if s.generator is not None]
+        u = torch.empty(logits.shape[0], 1)
+        if len(seeded) < len(seqs):
+            u.uniform_()
+        for i in seeded:
+            u[i].uniform_(generator=seqs[i].generator)
+        if self.use_kernel and not (min_p > 0).any():
+            # Same inverse-CDF draw, without the [N, V] softmax and cumsum tensors.
+            return kernels.sample_rows(logits.float(), u.squeeze(1))
         probs = logits.softmax(dim=-1)
         if (min_p > 0).any():
             floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
@@ -117,15 +128,8 @@ class Sampler:
         # Inverse-CDF draw: one uniform number per row against the row's cumulative
         # probabilities. (The exponential race, argmax(p / E) with E ~ Exp(1), needs a
         # random number per vocabulary entry: 22 ms per step at 32 rows x 49k here,
-        # against about 1 ms for the cumsum.)
+        # against about 1 ms for the cumsum.) right=True: the first index whose
+        # cumulative mass exceeds u, which skips zero-probability entries.
         cdf = probs.cumsum(dim=-1)
-        u = torch.empty(probs.shape[0], 1)
-        seeded = [i for i, s in enumerate(seqs) if s.generator is not None]
-        if len(seeded) < len(seqs):
-            u.uniform_()
-        for i in seeded:
-            u[i].uniform_(generator=seqs[i].generator)
-        # right=True: the first index whose cumulative mass exceeds u, which skips
-        # zero-probability entries (their cdf equals the previous one).
         picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
         return picked.clamp_(max=probs.shape[1] - 1)
