@@ -180,8 +180,9 @@ def test_failover_when_a_replica_is_killed_mid_traffic(backends, tmp_path):
     victim = backends[1]
     try:
         def one(i: int) -> str:
+            # 200 tokens: requests are still streaming when the replica dies 1 s in
             return client(gw).completions.create(model="lite", prompt=f"Count to {i}:",
-                                                 max_tokens=40,
+                                                 max_tokens=200,
                                                  extra_body={"ignore_eos": True}).choices[0].text
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:

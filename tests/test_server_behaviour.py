@@ -157,7 +157,9 @@ def test_queue_full_is_429_with_retry_after(small_server):
 
 def test_sigterm_drains_running_requests_then_exits_0(small_server):
     headers = {"Authorization": "Bearer sekret"}
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 60, "stream": True,
+    # Long enough to still be running when the second request arrives 0.5 s after
+    # SIGTERM (600 tokens: several seconds at any plausible speed).
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 600, "stream": True,
             "ignore_eos": True}
     texts: list[str] = []
     with httpx.stream("POST", f"{small_server.url}/v1/completions", json=body, headers=headers,
@@ -175,5 +177,5 @@ def test_sigterm_drains_running_requests_then_exits_0(small_server):
     texts = [e["choices"][0]["text"] for e in events if e["choices"]]
     assert rest[-1] == "data: [DONE]"
     assert events[-1]["choices"][0]["finish_reason"] == "length"
-    assert len(texts) >= 50  # the running request ran to its end
+    assert len(texts) >= 500  # the running request ran to its end
     assert small_server.proc.wait(60) == 0
