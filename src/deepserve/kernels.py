@@ -1,17 +1,19 @@
 """deepserve's own CPU kernels (``csrc/cpu_kernels.cpp``), built on first use.
 
 The C++ source is compiled with the machine's own instruction set (``-march=native``)
-by ``torch.utils.cpp_extension`` into ``~/.cache/deepserve/kernels`` (about 10 s on two
-cores, once; ``make setup`` runs ``deepserve kernels`` to do it ahead of time). The ops register as
-``torch.ops.deepserve.*``. When no compiler is present or the build fails, deepserve
-logs why and uses its pure-torch paths, which give the same results, only slower.
-``DEEPSERVE_KERNELS=0`` turns the kernels off.
+by ``torch.utils.cpp_extension`` into ``~/.cache/deepserve/kernels/<torch>-<cpu flags>``
+(about 15 s on two cores, once; ``make setup`` runs ``deepserve kernels`` to do it ahead
+of time). The ops register as ``torch.ops.deepserve.*``. When no compiler is present or
+the build fails, deepserve logs why and uses its pure-torch paths, which give the same
+results, only slower. ``DEEPSERVE_KERNELS=0`` turns the kernels off.
 
 * ``linear_small``: a few rows times a bf16 / fp32 / int8 weight at memory speed.
+* ``linear_int4``: the same for int4 weights in groups of 32 (5-64 rows).
 * ``paged_decode_attention``: decode attention read in place through block tables.
 * ``rms_norm`` (with the residual add), ``rope_write_kv`` (rotary on q/k plus the KV
   cache write) and ``silu_mul``: a decoder layer's element-wise work in 3 calls instead
   of about 30 small torch ops, which at batch 1 cost more than the math they do.
+* ``sample_rows``: one temperature-sampling draw per row, without [N, V] temporaries.
 """
 
 from __future__ import annotations
