@@ -5,7 +5,9 @@ by ``torch.utils.cpp_extension`` into ``~/.cache/deepserve/kernels/<torch>-<cpu 
 (about 15 s on two cores, once; ``make setup`` runs ``deepserve kernels`` to do it ahead
 of time). The ops register as ``torch.ops.deepserve.*``. When no compiler is present or
 the build fails, deepserve logs why and uses its pure-torch paths, which give the same
-results, only slower. ``DEEPSERVE_KERNELS=0`` turns the kernels off.
+results, only slower. ``DEEPSERVE_KERNELS=0`` turns the kernels off;
+``DEEPSERVE_KERNELS_MARCH`` compiles for another target than ``native`` (e.g.
+``x86-64-v3`` for AVX2 machines, which take the portable loops).
 
 * ``linear_small``: a few rows times a bf16 / fp32 / int8 weight at memory speed.
 * ``linear_int4``: the same for int4 weights in groups of 32 (5-64 rows).
@@ -58,7 +60,11 @@ def _cpu_tag() -> str:
 
 def build_dir() -> Path:
     root = os.environ.get("DEEPSERVE_CACHE_DIR") or Path.home() / ".cache" / "deepserve"
-    return Path(root) / "kernels" / f"{torch.__version__}-{_cpu_tag()}"
+    return Path(root) / "kernels" / f"{torch.__version__}-{_march()}-{_cpu_tag()}"
+
+
+def _march() -> str:
+    return os.environ.get("DEEPSERVE_KERNELS_MARCH", "native")
 
 
 def _build() -> bool:
@@ -74,7 +80,7 @@ def _build() -> bool:
         cpp_extension.load(
             name="deepserve_cpu_kernels",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             is_python_module=False,
