@@ -52,15 +52,23 @@ class DecoderLayer(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.intermediate_size = cfg.intermediate_size
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x))
+    def _rotate_and_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          cache: LayerKV, meta: AttentionMetadata
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split the fused projection, rotate q and k, write k and v to the cache."""
+        t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         cache.write(k, v, meta.slot_mapping)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self._rotate_and_store(self.qkv_proj(self.input_layernorm(x)), cos, sin,
+                                         cache, meta)
         attn = paged_attention(q, k, v, cache, meta, self.scale)
         x = x + self.o_proj(attn.view(t, self.q_size))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(
@@ -79,11 +87,7 @@ class DecoderLayer(nn.Module):
                                          self.num_heads, self.num_kv_heads)
             v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         else:  # quantized caches encode on write: the torch path does it
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
-            k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-            v = v.view(t, self.num_kv_heads, self.head_dim)
-            cache.write(k, v, meta.slot_mapping)
+            q, k, v = self._rotate_and_store(qkv, cos, sin, cache, meta)
         attn = paged_attention(q, k, v, cache, meta, self.scale)
         norm = self.post_attention_layernorm
         h, x = kernels.rms_norm(x, self.o_proj(attn.view(t, self.q_size)), norm.weight,
