@@ -137,6 +137,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from deepserve.config import parse_bytes
     from deepserve.server.app import ServerConfig, run_server
 
     server_cfg = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
@@ -144,7 +145,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               shutdown_grace_s=args.shutdown_grace, ledger=args.ledger,
                               pricing=args.pricing, api_keys=args.api_keys,
                               pricing_clock=args.pricing_clock, tier=args.tier,
-                              hardware=args.hardware, hourly_cost=args.hourly_cost)
+                              hardware=args.hardware, hourly_cost=args.hourly_cost,
+                              max_request_bytes=parse_bytes(args.max_request_bytes,
+                                                            "max_request_bytes"),
+                              request_timeout=args.request_timeout or None,
+                              max_tokens_default=args.max_tokens_default,
+                              metrics_port=args.metrics_port,
+                              prefix_cache_scope=args.prefix_cache_scope)
     return run_server(engine_config(args), server_cfg)
 
 
@@ -230,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hardware name recorded with replica uptime")
     serve.add_argument("--hourly-cost", type=float, default=0.0,
                        help="this replica's cost per hour, exported for margin dashboards")
+    serve.add_argument("--max-request-bytes", default="8MiB",
+                       help="larger request bodies get 413 (e.g. 8MiB, 2000000)")
+    serve.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds a request may take before it is cancelled with a 408 "
+                       "(0: no limit)")
+    serve.add_argument("--max-tokens-default", type=int, default=4096,
+                       help="max_tokens for chat requests that give none")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="also serve /metrics on this port, without a key (with "
+                       "--api-key(s), /metrics on the main port needs one)")
+    serve.add_argument("--prefix-cache-scope", default="global", choices=["global", "key"],
+                       help="key: requests share cached prompt blocks only within one API "
+                       "key (and cache_salt)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -50,7 +50,7 @@ class EngineConfig:
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
-def parse_bytes(value: str | int) -> int:
+def parse_bytes(value: str | int, param: str = "kv_cache_memory") -> int:
     """'512MiB', '2GB', '1.5g', '1000000' -> bytes."""
     if isinstance(value, int):
         return value
@@ -68,8 +68,8 @@ def parse_bytes(value: str | int) -> int:
         from deepserve.errors import DeepserveError
 
         raise DeepserveError(
-            f"kv_cache_memory={value!r} is not a size; write e.g. '512MiB' or '2GB'",
-            param="kv_cache_memory") from None
+            f"{param}={value!r} is not a size; write e.g. '512MiB' or '2GB'",
+            param=param) from None
 
 
 def read_toml(path: str | Path, what: str, param: str) -> dict[str, Any]:

@@ -74,6 +74,11 @@ class LLM:
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)
+                failed = engine.pop_failures()
+                if failed:
+                    rid, exc = next(iter(failed.items()))
+                    raise DeepserveError(f"request {rid} failed inside the engine: {exc}",
+                                         status=500, code="internal_error") from exc
         finally:
             bar.close()
             for rid in order:

@@ -83,5 +83,9 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids,
                       "stop_token_ids must be non-negative integers")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(
+                self.seed, int) or not -2**63 <= self.seed < 2**64):
+            raise bad("seed", self.seed, "seed must be an integer that fits in 64 bits "
+                      f"(from {-2**63} to {2**64 - 1})")
         if len(self.stop) > 16:
             raise bad("stop", self.stop, "at most 16 stop strings")

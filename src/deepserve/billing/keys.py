@@ -2,9 +2,14 @@
 
     [[keys]]
     id = "team-a"             # what the ledger and reports show (never the key itself)
-    key = "sk-team-a-secret"
+    key = "sk-team-a-secret"  # or key_sha256 = "<hex SHA-256 of the key>" (no plaintext)
     budget = 5.0              # in the pricing currency; over it: 402
     token_quota = 1000000     # prompt + completion tokens; over it: 429
+
+A request reserves its largest possible cost and token count at admission (its
+prompt plus max_tokens); the real figures are charged when it ends and the
+reservation released, so neither concurrent nor back-to-back requests can take a
+key past its budget or quota.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class APIKey:
     token_quota: int | None = None
     spent: float = 0.0
     tokens: int = 0
+    reserved: float = 0.0  # money held by requests in flight
+    reserved_tokens: int = 0
 
 
 def hash_key(key: str) -> str:
@@ -45,11 +52,17 @@ class KeyStore:
         data = read_toml(path, "API key file", "api_keys")
         keys = []
         for i, k in enumerate(data.get("keys", [])):
-            if "key" not in k or "id" not in k:
-                raise DeepserveError(f"API key file {path}: keys[{i}] needs id and key",
-                                     param="api_keys")
-            keys.append(APIKey(str(k["id"]), hash_key(str(k["key"])), k.get("budget"),
-                               k.get("token_quota")))
+            if "id" not in k or ("key" in k) == ("key_sha256" in k):
+                raise DeepserveError(f"API key file {path}: keys[{i}] needs id and one of "
+                                     "key or key_sha256", param="api_keys")
+            digest = str(k.get("key_sha256", "")).lower()
+            if "key_sha256" in k and (len(digest) != 64 or
+                                      any(c not in "0123456789abcdef" for c in digest)):
+                raise DeepserveError(f"API key file {path}: keys[{i}].key_sha256 must be 64 "
+                                     "hex digits (e.g. the output of `printf %s KEY | "
+                                     "sha256sum`)", param="api_keys")
+            keys.append(APIKey(str(k["id"]), digest or hash_key(str(k["key"])),
+                               k.get("budget"), k.get("token_quota")))
         if not keys:
             raise DeepserveError(f"API key file {path} defines no [[keys]]", param="api_keys")
         return cls(keys)
@@ -60,8 +73,35 @@ class KeyStore:
                 self._by_id[key_id].spent = money
                 self._by_id[key_id].tokens = tokens
 
+    def get(self, key_id: str) -> APIKey | None:
+        return self._by_id.get(key_id)
+
     def lookup(self, key: str) -> APIKey | None:
         return self._by_hash.get(hash_key(key))
+
+    def reserve(self, key_id: str, money: float, tokens: int) -> str | None:
+        """Hold ``money`` and ``tokens`` for a request in flight if the key can afford
+        them on top of what it spent and what its other requests hold; else return why
+        not ("budget" or "quota") and hold nothing."""
+        with self._lock:
+            k = self._by_id.get(key_id)
+            if k is None:
+                return None
+            if k.budget is not None and k.spent + k.reserved + money > k.budget + 1e-12:
+                return "budget"
+            if k.token_quota is not None and \
+                    k.tokens + k.reserved_tokens + tokens > k.token_quota:
+                return "quota"
+            k.reserved += money
+            k.reserved_tokens += tokens
+            return None
+
+    def release(self, key_id: str, money: float, tokens: int) -> None:
+        with self._lock:
+            k = self._by_id.get(key_id)
+            if k is not None:
+                k.reserved = max(0.0, k.reserved - money)
+                k.reserved_tokens = max(0, k.reserved_tokens - tokens)
 
     def charge(self, key_id: str, money: float, tokens: int) -> None:
         with self._lock:

@@ -38,6 +38,8 @@ class BillingContext:
     key_id: str | None
     quote: Quote
     start: float
+    reserved_money: float = 0.0  # held against the key's budget until release()
+    reserved_tokens: int = 0
 
 
 class Meter:
@@ -84,6 +86,41 @@ class Meter:
     def start(self, key_id: str | None, model: str) -> BillingContext:
         return BillingContext(key_id, self.policy.quote(model, self.clock(),
                                                          self.utilization()), time.time())
+
+    def reserve(self, ctx: BillingContext, prompt_tokens: int, max_output_tokens: int) -> None:
+        """Hold the request's largest possible cost (every prompt token a cache miss,
+        every output token produced) against its key; BillingError (402/429) if the key
+        cannot cover it. ``release`` gives the hold back once the real cost is charged."""
+        if self.keys is None or ctx.key_id is None:
+            return
+        q = ctx.quote
+        money = q.list_cost(0, prompt_tokens, max_output_tokens) * q.multiplier
+        tokens = prompt_tokens + max_output_tokens
+        why = self.keys.reserve(ctx.key_id, money, tokens)
+        k = self.keys.get(ctx.key_id)
+        assert k is not None
+        if why == "budget":
+            left = max(0.0, k.budget - k.spent - k.reserved)
+            raise BillingError(402, f"API key {k.key_id!r} cannot cover this request: it may "
+                               f"cost up to {money:.6f} {self.policy.currency} ({prompt_tokens}"
+                               f" prompt + {max_output_tokens} output tokens) and the key has "
+                               f"{left:.6f} of its budget of {k.budget} left; lower max_tokens "
+                               "or raise the budget in the key file", "insufficient_quota")
+        if why == "quota":
+            left = max(0, k.token_quota - k.tokens - k.reserved_tokens)
+            raise BillingError(429, f"API key {k.key_id!r} cannot cover this request: it may "
+                               f"use up to {tokens} tokens ({prompt_tokens} prompt + "
+                               f"{max_output_tokens} output) and {left} of its "
+                               f"{k.token_quota}-token quota are left; lower max_tokens",
+                               "token_quota_exceeded")
+        ctx.reserved_money, ctx.reserved_tokens = money, tokens
+
+    def release(self, ctx: BillingContext) -> None:
+        """Give back the request's hold (after its real cost was charged)."""
+        if self.keys is not None and ctx.key_id is not None and (
+                ctx.reserved_money or ctx.reserved_tokens):
+            self.keys.release(ctx.key_id, ctx.reserved_money, ctx.reserved_tokens)
+            ctx.reserved_money, ctx.reserved_tokens = 0.0, 0
 
     async def settle(self, ctx: BillingContext, request_id: str, out: RequestOutput,
                      finish_reason: str | None) -> dict[str, Any]:

@@ -34,6 +34,20 @@ class EngineDeadError(RuntimeError):
     """The engine loop failed; requests in flight get this error."""
 
 
+class RequestFailedError(DeepserveError):
+    """One request hit an internal error; the engine and other requests go on (500)."""
+
+    def __init__(self, request_id: str, exc: BaseException) -> None:
+        super().__init__(f"request {request_id} failed inside the engine "
+                         f"({type(exc).__name__}: {exc}); other requests are unaffected, "
+                         "retry, and report it if it repeats", status=500,
+                         code="internal_error")
+
+
+def _as_request_error(request_id: str, exc: BaseException) -> BaseException:
+    return exc if isinstance(exc, DeepserveError) else RequestFailedError(request_id, exc)
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -42,6 +56,7 @@ class _Add:
     params: SamplingParams
     sink: Any  # callable(RequestOutput | Exception)
     priority: int = 0
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -101,17 +116,28 @@ class AsyncEngine:
 
     def prepare(self, prompt: str | list[int] | None = None,
                 messages: list[dict[str, Any]] | None = None,
-                params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
-        """Tokenize and validate on the caller's side; raises DeepserveError."""
+                params: SamplingParams | None = None,
+                default_max_tokens: int | None = None) -> tuple[str | None, list[int]]:
+        """Tokenize and validate on the caller's side; raises DeepserveError.
+
+        Thread-safe (it reads only the tokenizer and fixed settings), so the server runs
+        it in a worker thread, off the event loop. A request without ``max_tokens`` gets
+        ``default_max_tokens``, never more than the context has left."""
+        params = params or SamplingParams()
         text, ids = self.engine.tokenize_prompt(prompt, messages)
-        self.engine.check_request(ids, params or SamplingParams())
+        if params.max_tokens is None and len(ids) < self.engine.max_model_len:
+            room = self.engine.max_model_len - len(ids)
+            params.max_tokens = min(default_max_tokens or room, room)
+        self.engine.check_request(ids, params, "messages" if messages is not None
+                                  else "prompt")
         return text, ids
 
     async def generate(self, prompt: str | list[int] | None = None,
                        params: SamplingParams | None = None, request_id: str | None = None,
                        messages: list[dict[str, Any]] | None = None,
                        prompt_ids: list[int] | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         if self.dead is not None:
             raise EngineDeadError(f"engine loop failed: {self.dead}")
         params = params or SamplingParams()
@@ -131,7 +157,8 @@ class AsyncEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
         self._sinks[request_id] = sink
-        self._inbox.put(_Add(request_id, prompt, prompt_ids, params, sink, priority))
+        self._inbox.put(_Add(request_id, prompt, prompt_ids, params, sink, priority,
+                             cache_salt))
         finished = False
         try:
             while True:
@@ -164,10 +191,14 @@ class AsyncEngine:
                     try:
                         self.engine.add_request(item.request_id, item.prompt, item.params,
                                                 prompt_ids=item.prompt_ids,
-                                                priority=item.priority)
-                    except DeepserveError as exc:
+                                                priority=item.priority,
+                                                cache_salt=item.cache_salt)
+                    except Exception as exc:  # fails this request only
+                        if not isinstance(exc, DeepserveError):
+                            logger.exception("could not add request %s", item.request_id)
+                        self.engine.abort(item.request_id)
                         self._sinks.pop(item.request_id, None)
-                        item.sink(exc)
+                        item.sink(_as_request_error(item.request_id, exc))
             elif isinstance(item, _Abort):
                 self.engine.abort(item.request_id)
             try:
@@ -192,6 +223,10 @@ class AsyncEngine:
                     engine.abort(rid)
                 self._sinks.clear()
                 return
+            for rid, exc in engine.pop_failures().items():
+                sink = self._sinks.pop(rid, None)
+                if sink is not None:
+                    sink(_as_request_error(rid, exc))
             self.num_running = len(engine.scheduler.running)
             self.num_waiting = len(engine.scheduler.waiting)
             for out in outputs:

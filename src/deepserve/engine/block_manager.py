@@ -1,16 +1,40 @@
 """Paged KV-cache bookkeeping: fixed-size blocks, reference counts, prefix caching.
 
 A block holds ``block_size`` tokens of K/V for every layer. A full block is named by
-a hash chained over the token ids of the whole prefix up to its end, so two
-sequences with the same first N*block_size tokens share N blocks. Freed blocks that
-carry a hash stay findable (LRU order) until a new allocation needs them.
+a BLAKE2b digest chained over the token ids of the whole prefix up to its end (and
+the sequence's cache salt), so two sequences with the same first N*block_size tokens
+and the same salt share N blocks. Freed blocks that carry a digest stay findable (LRU
+order) until a new allocation needs them.
+
+A digest match alone never serves a block: the block's own tokens and the identity
+of the block before it are checked too, so even a digest collision cannot hand one
+request another's KV. Each registered block gets a fresh content id; a block records
+its parent's content id (or the salt's root digest), so a child whose parent block
+was evicted and reused for other tokens no longer matches.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 
 from deepserve.engine.sequence import Sequence
+
+
+def block_digest(parent: bytes, tokens: list[int]) -> bytes:
+    """Collision-resistant name of a block: BLAKE2b over the parent digest and token ids."""
+    h = hashlib.blake2b(parent, digest_size=32)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
+
+
+def salt_root(salt: str | None) -> bytes:
+    """The digest a sequence's first block chains from: empty without a salt."""
+    if not salt:
+        return b""
+    return hashlib.blake2b(b"deepserve-cache-salt\0" + salt.encode("utf-8", "replace"),
+                           digest_size=32).digest()
 
 
 class BlockManager:
@@ -21,10 +45,17 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        # What a cached block holds, checked on every hit: its tokens and its parent
+        # (the parent's content id, or the salt root digest for a first block).
+        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.block_parent: list[int | bytes | None] = [None] * num_blocks
+        self.block_cid: list[int] = [0] * num_blocks
+        self._next_cid = 1
+        self.digest = block_digest  # replaceable (tests force collisions)
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but still cached
-        self.cached: dict[int, int] = {}  # prefix hash -> block id
+        self.cached: dict[bytes, int] = {}  # prefix digest -> block id
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -58,6 +89,9 @@ class BlockManager:
             if old is not None and self.cached.get(old) == block:
                 del self.cached[old]
             self.block_hash[block] = None
+            self.block_tokens[block] = None
+            self.block_parent[block] = None
+            self.block_cid[block] = 0
         self.ref_count[block] = 1
         return block
 
@@ -83,12 +117,21 @@ class BlockManager:
         seq.block_table = []
         seq.num_hashed_blocks = 0
         seq.block_hashes = []
+        seq.block_cids = []
 
     # -- prefix caching -------------------------------------------------------------
-    def _hash_block(self, seq: Sequence, index: int) -> int:
-        parent = seq.block_hashes[index - 1] if index else 0
+    def _block_tokens(self, seq: Sequence, index: int) -> list[int]:
         start = index * self.block_size
-        return hash((parent, tuple(seq.tokens[start:start + self.block_size])))
+        return seq.tokens[start:start + self.block_size]
+
+    def _hash_block(self, seq: Sequence, index: int) -> bytes:
+        parent = seq.block_hashes[index - 1] if index else salt_root(seq.cache_salt)
+        return self.digest(parent, self._block_tokens(seq, index))
+
+    def _parent_key(self, seq: Sequence, index: int) -> int | bytes:
+        if index == 0:
+            return salt_root(seq.cache_salt)
+        return seq.block_cids[index - 1]
 
     def match_prefix(self, seq: Sequence, count: bool = True) -> int:
         """Attach cached blocks for the longest cached prefix of a fresh sequence.
@@ -106,18 +149,24 @@ class BlockManager:
         for index in range(max_blocks):
             h = self._hash_block(seq, index)
             block = self.cached.get(h)
-            if block is None:
+            if block is None or not self._holds(block, seq, index):
                 break
             if self.ref_count[block] == 0:
                 del self.evictable[block]
             self.ref_count[block] += 1
             seq.block_table.append(block)
             seq.block_hashes.append(h)
+            seq.block_cids.append(self.block_cid[block])
         seq.num_hashed_blocks = len(seq.block_table)
         hit = seq.num_hashed_blocks * self.block_size
         if count:
             self.hit_tokens += hit
         return hit
+
+    def _holds(self, block: int, seq: Sequence, index: int) -> bool:
+        """True only if the cached block holds exactly this sequence's block ``index``."""
+        return (self.block_parent[block] == self._parent_key(seq, index)
+                and self.block_tokens[block] == tuple(self._block_tokens(seq, index)))
 
     def register_computed(self, seq: Sequence) -> None:
         """Make the sequence's newly completed full blocks findable by later requests."""
@@ -129,7 +178,20 @@ class BlockManager:
             h = self._hash_block(seq, index)
             seq.block_hashes.append(h)
             block = seq.block_table[index]
-            if h not in self.cached:
+            parent = self._parent_key(seq, index)
+            other = self.cached.get(h)
+            if parent == 0:
+                cid = 0  # the prefix before it could not be verified: never shared
+            elif other is None and self.block_hash[block] is None:
+                self.block_tokens[block] = tuple(self._block_tokens(seq, index))
+                self.block_parent[block] = parent
+                cid = self.block_cid[block] = self._next_cid
+                self._next_cid += 1
                 self.cached[h] = block
                 self.block_hash[block] = h
+            elif other is not None and self._holds(other, seq, index):
+                cid = self.block_cid[other]  # same content computed twice: same identity
+            else:
+                cid = 0  # digest taken by other content (a collision): not shared
+            seq.block_cids.append(cid)
             seq.num_hashed_blocks += 1

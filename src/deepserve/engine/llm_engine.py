@@ -35,6 +35,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
            "float": torch.float32, "half": torch.float16}
 
 
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token can stand for (its vocabulary string bounds it)."""
+    try:
+        return max(8, max(len(t) for t in tokenizer.get_vocab()))
+    except Exception:  # a tokenizer without get_vocab: a generous fixed bound
+        return 64
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,6 +137,7 @@ class LLMEngine:
                 param="max_num_batched_tokens")
         self.tokenizer = load_tokenizer(path, kind)
         self.eos_token_ids = eos_token_ids(self.tokenizer, path, kind)
+        self.max_token_chars = max_token_chars(self.tokenizer)
         if config.quantization not in QUANTIZATIONS:
             raise DeepserveError(f"quantization={config.quantization!r} is not one of "
                                  f"{', '.join(QUANTIZATIONS)}", param="quantization")
@@ -161,6 +170,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.num_steps = 0
+        self.failures: dict[str, BaseException] = {}
+        self.consecutive_failures = 0
+        self.max_consecutive_failures = 3
         self.kv_tokens = self.num_blocks * config.block_size
         logger.info(
             "loaded %s (%s, %d layers) in %.1fs on %s as %s, weights %s (%.0f MiB); KV cache "
@@ -205,12 +217,16 @@ class LLMEngine:
                         messages: list[dict[str, Any]] | None = None) -> tuple[str | None,
                                                                                 list[int]]:
         """Prompt text or chat messages -> (text, token ids). Raises DeepserveError."""
+        param = "messages" if messages is not None else "prompt"
         if messages is not None:
+            chars = sum(len(str(m.get("content") or "")) for m in messages)
+            self._check_chars(chars, param)
             prompt = apply_chat_template(self.tokenizer, messages)
         if isinstance(prompt, str):
             if not prompt:
                 raise DeepserveError("prompt is empty; give at least one token of text",
                                      param="prompt")
+            self._check_chars(len(prompt), param)
             ids = self.tokenizer.encode(prompt, add_special_tokens=messages is None)
             return prompt, ids
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
@@ -222,8 +238,21 @@ class LLMEngine:
         raise DeepserveError("prompt must be a non-empty string or a non-empty list of "
                              "token ids", param="prompt")
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Reject what can never run: too long for the context or for the KV pool."""
+    def _check_chars(self, chars: int, param: str) -> None:
+        """Reject text too long for the context before tokenizing all of it: no token
+        covers more than ``max_token_chars`` characters, so more characters than the
+        context times that (with a margin) cannot fit."""
+        limit = self.max_model_len * self.max_token_chars * 2
+        if chars > limit:
+            raise DeepserveError(
+                f"{param} is {chars} characters, far more than this model's context of "
+                f"{self.max_model_len} tokens can hold (no more than {limit} characters); "
+                "shorten the prompt", param=param, code="context_length_exceeded")
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams,
+                      param: str = "messages") -> None:
+        """Reject what can never run: too long for the context or for the KV pool.
+        ``param`` names the prompt's field in errors (messages or prompt)."""
         params.validate()
         n = len(prompt_ids)
         if n == 0:
@@ -233,7 +262,7 @@ class LLMEngine:
             raise DeepserveError(
                 f"prompt is {n} tokens, but this model's context is {limit} tokens "
                 f"(max_model_len) and at least one token must be generated; shorten the "
-                "prompt", param="messages", code="context_length_exceeded")
+                "prompt", param=param, code="context_length_exceeded")
         if params.max_tokens is not None and n + params.max_tokens > limit:
             raise DeepserveError(
                 f"this model's maximum context length is {limit} tokens, but "
@@ -246,12 +275,15 @@ class LLMEngine:
         if n + 1 > self.kv_tokens:
             raise DeepserveError(
                 f"prompt is {n} tokens but the KV cache holds only {self.kv_tokens}; start the "
-                "engine with a larger --kv-cache-memory", param="messages",
+                "engine with a larger --kv-cache-memory", param=param,
                 code="context_length_exceeded")
 
     def add_request(self, request_id: str | None, prompt: str | list[int] | None,
                     params: SamplingParams, prompt_ids: list[int] | None = None,
-                    arrival: float | None = None, priority: int = 0) -> str:
+                    arrival: float | None = None, priority: int = 0,
+                    cache_salt: str | None = None) -> str:
+        """Queue a request. ``cache_salt``: only requests with the same salt share
+        prefix-cache blocks (tenant isolation); None shares with other unsalted ones."""
         if prompt_ids is None:
             prompt, prompt_ids = self.tokenize_prompt(prompt)
         self.check_request(prompt_ids, params)
@@ -264,8 +296,10 @@ class LLMEngine:
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, arrival,
                            priority)
+            seq.cache_salt = cache_salt
             if params.seed is not None:
-                seq.generator = torch.Generator().manual_seed(params.seed + index)
+                # Any 64-bit seed, and seed + index wraps instead of overflowing.
+                seq.generator = torch.Generator().manual_seed((params.seed + index) % 2**64)
             if params.json_schema is not None:
                 seq.matcher = self.grammars.matcher(self.grammars.grammar(params.json_schema))
             seqs.append(seq)
@@ -289,6 +323,16 @@ class LLMEngine:
                 self.scheduler.remove(seq)
         return True
 
+    def fail(self, request_id: str, exc: BaseException) -> None:
+        """Stop one request because of an internal error; ``pop_failures`` hands it on."""
+        if self.abort(request_id):
+            self.failures[request_id] = exc
+
+    def pop_failures(self) -> dict[str, BaseException]:
+        """Requests that failed since the last call (their blocks are already freed)."""
+        failed, self.failures = self.failures, {}
+        return failed
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
@@ -308,16 +352,36 @@ class LLMEngine:
             touched.add(seq.request_id)
         sampled: dict[int, int] = {}
         if batch.items:
-            sampled = self.runner.execute(batch.items)
-            self.num_steps += 1
-            now = time.time()
+            try:
+                sampled = self.runner.execute(batch.items)
+            except Exception as exc:
+                # The batch's requests fail; the engine and every other request go on.
+                # Steps that keep failing mean a broken engine: raise, the caller stops.
+                self.consecutive_failures += 1
+                logger.exception("engine step failed (%d in a row); failing the %d request(s) "
+                                 "in it", self.consecutive_failures, len(batch.items))
+                if self.consecutive_failures >= self.max_consecutive_failures:
+                    raise
+                for seq, _ in batch.items:
+                    self.fail(seq.request_id, exc)
+            else:
+                self.consecutive_failures = 0
+                self.num_steps += 1
+                now = time.time()
         t1 = time.perf_counter()
         for i, (seq, n) in enumerate(batch.items):
-            seq.num_computed += n
-            self.block_manager.register_computed(seq)
-            if i in sampled:
-                self._append(seq, sampled[i], now)
-                touched.add(seq.request_id)
+            if seq.request_id not in self.requests:
+                continue  # failed in this step
+            try:
+                seq.num_computed += n
+                self.block_manager.register_computed(seq)
+                if i in sampled:
+                    self._append(seq, sampled[i], now)
+                    touched.add(seq.request_id)
+            except Exception as exc:  # one request's bad state fails that request only
+                logger.exception("request %s failed while processing its token",
+                                 seq.request_id)
+                self.fail(seq.request_id, exc)
         outputs = [self._output(rid, now) for rid in touched if rid in self.requests]
         for out in outputs:
             if out.finished:

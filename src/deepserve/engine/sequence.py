@@ -46,7 +46,9 @@ class Sequence:
         self.num_computed = 0
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
+        self.block_cids: list[int] = []  # content ids of the hashed blocks (0: not shared)
+        self.cache_salt: str | None = None  # only sequences with the same salt share blocks
         self.num_cached_tokens: int | None = None  # prompt tokens served from prefix cache
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,15 +18,37 @@ from deepserve.billing.meter import BillingContext, BillingError, Meter
 from deepserve.config import EngineConfig
 from deepserve.engine.async_engine import AsyncEngine, EngineDeadError
 from deepserve.errors import DeepserveError
+from deepserve.server.guard import BodyLimit, KeyCheck, error_body, same_key
 from deepserve.server.metrics import ServerMetrics
-from deepserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from deepserve.server.pipeline import (
+    Admission,
+    APIError,
+    ClientGone,
+    Preparer,
+    guarded_stream,
+    until_done,
+)
+from deepserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    bad_text_path,
+)
 from deepserve.server.serving import OpenAIServing, chat_messages, sampling_params
 
 logger = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
-          404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
-          500: "internal_server_error", 503: "service_unavailable"}
+PREFIX_CACHE_SCOPES = ("global", "key")
+# pydantic names the union member in an error's location ("prompt.list[int].0"): dropped.
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
+# Documented in the OpenAPI schema for every route that takes a body.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what} for code, what in (
+        (400, "Invalid request (the message names the field and the fix)"),
+        (401, "Missing or wrong API key"), (402, "Budget exhausted"),
+        (404, "Unknown model"), (408, "Request timed out"),
+        (413, "Request body too large"), (429, "Capacity, rate or quota limit reached"),
+        (500, "Internal error in one request"), (503, "Draining or engine failed"))}
 
 
 @dataclass(frozen=True)
@@ -44,28 +67,36 @@ class ServerConfig:
     tier: str | None = None  # tier name recorded in the ledger
     hardware: str | None = None  # recorded with replica uptime (default: detected)
     hourly_cost: float = 0.0  # this replica's cost per hour, exported for margin dashboards
+    max_request_bytes: int = 8 * 2**20  # larger bodies get 413 before they are read whole
+    request_timeout: float | None = 600.0  # seconds; past it 408 (or an SSE error event)
+    max_tokens_default: int = 4096  # chat requests that give no max_tokens
+    metrics_port: int | None = None  # serve /metrics here too, without a key
+    prefix_cache_scope: str = "global"  # "key": tenants never share cached KV blocks
 
-
-class APIError(Exception):
-    """An error answered with the OpenAI error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers
+    def __post_init__(self) -> None:
+        if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
+            raise DeepserveError(f"prefix_cache_scope={self.prefix_cache_scope!r} is not one "
+                                 f"of {', '.join(PREFIX_CACHE_SCOPES)}",
+                                 param="prefix_cache_scope")
+        if self.max_request_bytes < 1024:
+            raise DeepserveError(f"max_request_bytes={self.max_request_bytes} is too small; "
+                                 "give at least 1024", param="max_request_bytes")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise DeepserveError("request_timeout must be > 0 seconds (or unset for none)",
+                                 param="request_timeout")
+        if self.max_tokens_default < 1:
+            raise DeepserveError("max_tokens_default must be >= 1", param="max_tokens_default")
 
 
 def error_response(status: int, message: str, param: str | None = None,
                    code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param, code), status_code=status,
+                        headers=headers)
 
 
 class ServerState:
-    """What the routes share: engine, metrics, draining flag."""
+    """What the routes share: engine, metrics, meter, admission, draining flag."""
 
     def __init__(self, engine: AsyncEngine, cfg: ServerConfig) -> None:
         self.engine = engine
@@ -79,8 +110,31 @@ class ServerState:
         cost.labels(self.model_name, cfg.hardware or _hardware(engine.engine)).set(
             cfg.hourly_cost)
         self.serving = OpenAIServing(engine, self.metrics, self.model_name, self.meter)
+        self.admission = Admission(engine.engine.config.max_num_seqs + cfg.max_queue)
+        self.preparer = Preparer()
         self.draining = False
         self.started = time.time()
+
+    def check_key(self, key: str | None) -> str | tuple[int, str, str] | None:
+        """Bearer key -> key id (None without a key file), or (status, message, code)."""
+        if self.meter.keys is not None:
+            try:
+                return self.meter.authorize(key)
+            except BillingError as exc:
+                return exc.status, exc.message, exc.code
+        if self.cfg.api_key and not same_key(key, self.cfg.api_key):
+            why = "missing" if key is None else "wrong"
+            return (401, f"API key {why}: send 'Authorization: Bearer <key>' with the key "
+                    "the server was started with", "invalid_api_key")
+        return None
+
+    def cache_salt(self, req: ChatCompletionRequest | CompletionRequest,
+                   key_id: str | None) -> str | None:
+        """Which requests may share prefix-cache blocks: same ``cache_salt``, and with
+        ``--prefix-cache-scope key`` the same API key too."""
+        if self.cfg.prefix_cache_scope == "key":
+            return f"key:{key_id or ''}\0{req.cache_salt or ''}"
+        return req.cache_salt or None
 
 
 def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
@@ -90,22 +144,30 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                   description="OpenAI-compatible LLM serving")
     app.state.deepserve = state
 
+    def count_error(status: int) -> None:
+        state.metrics.errors.labels(state.model_name, str(status)).inc()
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        state.metrics.errors.labels(state.model_name, str(exc.status)).inc()
+        count_error(exc.status)
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(DeepserveError)
     async def _user_error(_: Request, exc: DeepserveError) -> JSONResponse:
-        state.metrics.errors.labels(state.model_name, str(exc.status)).inc()
+        count_error(exc.status)
         return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(BillingError)
+    async def _billing_error(_: Request, exc: BillingError) -> JSONResponse:
+        count_error(exc.status)
+        return error_response(exc.status, exc.message, code=exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        state.metrics.errors.labels(state.model_name, "400").inc()
+        count_error(400)
         errs = exc.errors()
         first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        loc = [str(x) for x in first.get("loc", []) if x != "body" and not _TYPE_TAG.match(str(x))]
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             msg = ("request body is not valid JSON (" + str(first.get("ctx", {}).get("error", ""))
@@ -120,34 +182,27 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        # Keeps the exception's headers: a 405 carries its Allow header.
+        return error_response(exc.status_code, str(exc.detail),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
         return error_response(503, str(exc), code="engine_dead")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Response:
-        request.state.key_id = None
-        if state.meter.keys is not None and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            key = header[7:] if header.startswith("Bearer ") else None
-            try:
-                request.state.key_id = state.meter.authorize(key)
-            except BillingError as exc:
-                state.metrics.errors.labels(state.model_name, str(exc.status)).inc()
-                return error_response(exc.status, exc.message, code=exc.code)
-        elif cfg.api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {cfg.api_key}":
-                state.metrics.errors.labels(state.model_name, "401").inc()
-                why = "missing" if not header else "wrong"
-                return error_response(401, f"API key {why}: send 'Authorization: Bearer "
-                                      "<key>' with the key the server was started with",
-                                      code="invalid_api_key")
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in a request")
+        count_error(500)
+        return error_response(500, f"internal error ({type(exc).__name__}); the server goes "
+                              "on serving, retry, and report it if it repeats",
+                              code="internal_error")
 
-    def admit(model: str | None) -> None:
+    if state.meter.keys is not None or cfg.api_key:
+        app.add_middleware(KeyCheck, check=state.check_key, on_refuse=count_error)
+    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+
+    def admit(model: str | None, weight: int) -> Any:
         if state.draining:
             raise APIError(503, "server is shutting down and takes no new requests; retry "
                            "on another replica", code="draining")
@@ -155,12 +210,7 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
                            f"{state.model_name!r} (see GET /v1/models)", param="model",
                            code="model_not_found")
-        eng = engine.engine
-        limit = eng.config.max_num_seqs + cfg.max_queue
-        if engine.num_unfinished >= limit:
-            raise APIError(429, f"server is at capacity ({engine.num_unfinished} requests in "
-                           f"flight, queue limit {cfg.max_queue}); retry after a moment",
-                           code="queue_full", headers={"Retry-After": "1"})
+        return state.admission.enter(weight)
 
     @app.get("/health")
     async def health() -> Response:
@@ -175,40 +225,75 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
         return Response(generate_latest(state.metrics.registry),
                         media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": int(state.started),
             "owned_by": "deepserve", "max_model_len": engine.engine.max_model_len}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
-        admit(req.model)
-        params = sampling_params(req, None)
-        messages = chat_messages(req)
-        _, ids = engine.prepare(messages=messages, params=params)
-        bill = state.meter.start(request.state.key_id, state.model_name)
-        headers = _price_headers(bill)
-        if req.stream:
-            return StreamingResponse(state.serving.chat_stream(req, params, ids, bill),
-                                     media_type="text/event-stream", headers=headers)
-        body = await state.serving.chat(req, params, ids, bill)
-        return JSONResponse(body, headers=headers | _cost_header(body))
+    async def run(req: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
+        chat = isinstance(req, ChatCompletionRequest)
+        where = bad_text_path(req.model_dump(exclude_none=True))
+        if where is not None:
+            raise APIError(400, f"{where} is not valid Unicode text (it holds a lone UTF-16 "
+                           "surrogate such as \\ud800); send text that encodes as UTF-8",
+                           param=where)
+        if not chat and req.suffix is not None:
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model: "
+                           "it has no FIM tokens; remove suffix", param="suffix")
+        prompts = [None] if chat else _prompt_list(req.prompt)
+        release = admit(req.model, len(prompts))
+        handed_off = False
+        key_id = getattr(request.state, "key_id", None)
+        bill: BillingContext | None = None
+        try:
+            params = sampling_params(req, None if chat else 16)
+            salt = state.cache_salt(req, key_id)
+            if chat:
+                messages = chat_messages(req)
+                prepared = [await state.preparer.run(
+                    engine.prepare, messages=messages, params=params,
+                    default_max_tokens=cfg.max_tokens_default)]
+            else:
+                prepared = await state.preparer.run(
+                    lambda: [engine.prepare(prompt=p, params=params) for p in prompts])
+            bill = state.meter.start(key_id, state.model_name)
+            state.meter.reserve(bill, sum(len(ids) for _, ids in prepared),
+                                (params.max_tokens or 0) * params.n * len(prepared))
+            headers = _price_headers(bill)
+            if req.stream:
+                chunks = (state.serving.chat_stream(req, params, prepared[0][1], bill, salt)
+                          if chat else
+                          state.serving.completion_stream(req, params, prepared, bill, salt))
 
-    @app.post("/v1/completions")
+                def end(b: BillingContext = bill) -> None:
+                    state.meter.release(b)
+                    release()
+
+                handed_off = True
+                return StreamingResponse(guarded_stream(chunks, cfg.request_timeout, end),
+                                         media_type="text/event-stream", headers=headers)
+            work = (state.serving.chat(req, params, prepared[0][1], bill, salt) if chat
+                    else state.serving.completion(req, params, prepared, bill, salt))
+            try:
+                body = await until_done(request, work, cfg.request_timeout)
+            except ClientGone:
+                logger.info("client went away before its response; request cancelled")
+                return Response(status_code=499)
+            return JSONResponse(body, headers=headers | _cost_header(body))
+        finally:
+            if not handed_off:
+                if bill is not None:
+                    state.meter.release(bill)
+                release()
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+        return await run(req, request)
+
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        admit(req.model)
-        params = sampling_params(req, 16)
-        prompts = _prompt_list(req.prompt)
-        prepared = [engine.prepare(prompt=p, params=params) for p in prompts]
-        bill = state.meter.start(request.state.key_id, state.model_name)
-        headers = _price_headers(bill)
-        if req.stream:
-            return StreamingResponse(
-                state.serving.completion_stream(req, params, prepared, bill),
-                media_type="text/event-stream", headers=headers)
-        body = await state.serving.completion(req, params, prepared, bill)
-        return JSONResponse(body, headers=headers | _cost_header(body))
+        return await run(req, request)
 
     return app
 
@@ -296,11 +381,19 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
                                             log_level="warning", access_log=False,
                                             timeout_graceful_shutdown=5), state)
 
+    if cfg.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(cfg.metrics_port, addr=cfg.host, registry=state.metrics.registry)
+        logger.info("metrics on http://%s:%d/metrics (no key needed there)", cfg.host,
+                    cfg.metrics_port)
+
     def serve() -> None:
         try:
             server.run()
         finally:
             engine.shutdown()
+            state.preparer.shutdown()
             if state.meter.ledger is not None:
                 state.meter.ledger.close()
 
@@ -341,12 +434,12 @@ class _DrainingServer:
                     self.force_exit = True
                     return
                 logger.info("signal %d: draining %d request(s), grace %.0fs", sig,
-                            state.engine.num_unfinished, state.cfg.shutdown_grace_s)
+                            state.admission.in_flight, state.cfg.shutdown_grace_s)
                 self._drain_deadline = time.monotonic() + state.cfg.shutdown_grace_s
                 state.draining = True
 
             async def on_tick(self, counter: int) -> bool:
-                if state.draining and (state.engine.num_unfinished == 0 or
+                if state.draining and (state.admission.in_flight == 0 or
                                        time.monotonic() > self._drain_deadline):
                     return True
                 return await super().on_tick(counter)

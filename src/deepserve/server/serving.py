@@ -119,19 +119,30 @@ class OpenAIServing:
                 "text_offset": offsets}
 
     # -- running requests ---------------------------------------------------------------------
-    async def _final(self, gen: AsyncIterator[RequestOutput]) -> RequestOutput:
+    async def _final(self, gen: AsyncIterator[RequestOutput], bill: BillingContext,
+                     rid: str) -> RequestOutput:
+        """The finished output. Cancelled (client gone, timeout): what was produced so far
+        is billed with finish_reason "abort", and the engine request is aborted."""
         last = None
-        async for out in gen:
-            last = out
+        try:
+            async for out in gen:
+                last = out
+        except asyncio.CancelledError:
+            if last is not None and last.num_output_tokens:
+                self.metrics.observe(last, "abort")
+                self.meter.finish(bill, rid, last, "abort")
+            raise
         assert last is not None
         return last
 
     async def chat(self, req: ChatCompletionRequest, params: SamplingParams,
-                   prompt_ids: list[int], bill: BillingContext) -> dict[str, Any]:
+                   prompt_ids: list[int], bill: BillingContext,
+                   salt: str | None = None) -> dict[str, Any]:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         out = await self._final(self.engine.generate(params=params, request_id=rid,
                                                      prompt_ids=prompt_ids,
-                                                     priority=req.priority))
+                                                     priority=req.priority, cache_salt=salt),
+                                bill, rid)
         self.metrics.observe(out, out.finish_reason or "abort")
         cost = await self.meter.settle(bill, rid, out, out.finish_reason)
         choices = []
@@ -148,7 +159,8 @@ class OpenAIServing:
                 "system_fingerprint": None}
 
     async def chat_stream(self, req: ChatCompletionRequest, params: SamplingParams,
-                          prompt_ids: list[int], bill: BillingContext) -> AsyncIterator[str]:
+                          prompt_ids: list[int], bill: BillingContext,
+                          salt: str | None = None) -> AsyncIterator[str]:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -162,7 +174,7 @@ class OpenAIServing:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         gen = self.engine.generate(params=params, request_id=rid, prompt_ids=prompt_ids,
-                                   priority=req.priority)
+                                   priority=req.priority, cache_salt=salt)
         sent_text = [0] * params.n
         sent_lp = [0] * params.n
         done = [False] * params.n
@@ -208,11 +220,12 @@ class OpenAIServing:
 
     async def completion(self, req: CompletionRequest, params: SamplingParams,
                          prompts: list[tuple[str | None, list[int]]],
-                         bill: BillingContext) -> dict[str, Any]:
+                         bill: BillingContext, salt: str | None = None) -> dict[str, Any]:
         rid = f"cmpl-{uuid.uuid4().hex}"
         outs = await asyncio.gather(*[
             self._final(self.engine.generate(params=params, request_id=f"{rid}-{k}",
-                                             prompt_ids=ids, priority=req.priority))
+                                             prompt_ids=ids, priority=req.priority,
+                                             cache_salt=salt), bill, f"{rid}-{k}")
             for k, (_, ids) in enumerate(prompts)])
         choices = []
         usage = await self._settle_all(bill, rid, dict(enumerate(outs)))
@@ -251,7 +264,8 @@ class OpenAIServing:
 
     async def completion_stream(self, req: CompletionRequest, params: SamplingParams,
                                 prompts: list[tuple[str | None, list[int]]],
-                                bill: BillingContext) -> AsyncIterator[str]:
+                                bill: BillingContext,
+                                salt: str | None = None) -> AsyncIterator[str]:
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -261,7 +275,8 @@ class OpenAIServing:
         async def pump(k: int, ids: list[int]) -> None:
             try:
                 async for out in self.engine.generate(params=params, request_id=f"{rid}-{k}",
-                                                      prompt_ids=ids, priority=req.priority):
+                                                      prompt_ids=ids, priority=req.priority,
+                                                      cache_salt=salt):
                     await merged.put((k, out))
                 await merged.put((k, None))
             except BaseException as exc:  # forwarded to the consumer, which re-raises

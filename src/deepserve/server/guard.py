@@ -1,0 +1,135 @@
+"""What every HTTP request passes before a route runs: a body-size limit and the API key.
+
+Both are plain ASGI middleware, so they see every path (``/metrics``, ``/openapi.json``
+and ``/docs`` included) and work the same for streaming and non-streaming routes.
+Only ``/health`` stays open, for load balancers and probes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/health"})
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
+          404: "not_found_error", 405: "invalid_request_error", 408: "timeout",
+          413: "invalid_request_error", 429: "rate_limit_exceeded",
+          500: "internal_server_error", 503: "service_unavailable"}
+
+
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object."""
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+async def send_error(send: Send, status: int, message: str, code: str | None = None,
+                     headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error_body(status, message, code=code)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def bearer(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            text = value.decode("latin-1")
+            return text[7:] if text.startswith("Bearer ") else ""
+    return None
+
+
+def same_key(given: str | None, expected: str) -> bool:
+    """Constant-time comparison, so response times do not reveal a key's prefix."""
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+class BodyLimit:
+    """413 for a body over ``limit`` bytes: from Content-Length before reading, or while
+    reading a chunked body, so an oversized upload is never buffered whole."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                return await self._reject(send)
+        seen = 0
+        too_big = False
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen, too_big
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    too_big = True
+                    raise _TooLarge
+            return message
+
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+        except Exception:
+            if not too_big:
+                raise
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        mib = self.limit / 2**20
+        await send_error(send, 413, f"request body is larger than this server's limit of "
+                         f"{self.limit} bytes ({mib:g} MiB); send a shorter prompt, or start "
+                         "the server with a larger --max-request-bytes",
+                         code="request_too_large")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class KeyCheck:
+    """Requires ``Authorization: Bearer <key>`` on every path but ``/health``.
+
+    ``check`` maps the bearer key (None when absent) to a key id for billing, or returns
+    (status, message, code) to refuse the request. The key id is left in
+    ``scope["state"]["key_id"]`` for the routes."""
+
+    def __init__(self, app: ASGIApp,
+                 check: Callable[[str | None], str | tuple[int, str, str] | None],
+                 on_refuse: Callable[[int], None] | None = None) -> None:
+        self.app, self.check, self.on_refuse = app, check, on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        result = self.check(bearer(scope))
+        if isinstance(result, tuple):
+            status, message, code = result
+            if self.on_refuse is not None:
+                self.on_refuse(status)
+            return await send_error(send, status, message, code)
+        scope.setdefault("state", {})["key_id"] = result
+        await self.app(scope, receive, send)
