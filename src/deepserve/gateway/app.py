@@ -28,9 +28,17 @@ from deepserve.gateway.config import GatewayConfig
 from deepserve.gateway.pool import Backend, TierPool, prefix_key
 from deepserve.gateway.ratelimit import RateLimiter
 from deepserve.gateway.router import Router
-from deepserve.server.app import error_response
+from deepserve.server.guard import error_body
+from deepserve.server.pipeline import sse_error
 
 logger = logging.getLogger(__name__)
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status,
+                        headers=headers)
 
 
 class NoBackend(Exception):
@@ -281,6 +289,7 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
         async def passthrough() -> AsyncIterator[bytes]:
             usage = None
             finish = None
+            done = False
             try:
                 async for line in resp.aiter_lines():
                     if line.startswith("data: {"):
@@ -291,7 +300,20 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
                                 continue  # the client did not ask for the usage chunk
                         for c in event.get("choices") or []:
                             finish = c.get("finish_reason") or finish
+                    done = done or line == "data: [DONE]"
                     yield (line + "\n").encode()
+            except (httpx.HTTPError, json.JSONDecodeError) as exc:
+                # The backend died mid-stream, after the 200 went out: tell the client in
+                # the stream itself and end it cleanly rather than cutting the connection.
+                logger.warning("backend %s broke a stream: %s", backend.url, exc)
+                backend.note_failure()
+                gw.errors.labels(tier, "502").inc()
+                if not done:
+                    yield sse_error(502, f"the backend {backend.url} failed in the middle of "
+                                    f"this stream ({type(exc).__name__}); the text so far is "
+                                    "incomplete; retry the request",
+                                    code="backend_stream_broken").encode()
+                    yield b"data: [DONE]\n\n"
             finally:
                 await resp.aclose()
                 gw.release(backend)
