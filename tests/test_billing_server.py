@@ -119,19 +119,30 @@ def test_budget_and_quota_are_enforced(billed):
     assert post().status_code == 401
     assert post(headers={"Authorization": "Bearer sk-nope"}).status_code == 401
     poor = {"Authorization": "Bearer sk-poor"}
-    assert post(headers=poor).status_code == 200  # spends past budget
+    # The request's largest cost is held at admission: a key that cannot cover it is
+    # refused before anything runs, so no key ever spends past its budget.
     over = post(headers=poor)
     assert over.status_code == 402 and over.json()["error"]["code"] == "insufficient_quota"
+    assert "lower max_tokens" in over.json()["error"]["message"]
     capped = {"Authorization": "Bearer sk-capped"}
-    assert post(headers=capped).status_code == 200  # uses > 20 tokens
-    limited = post(headers=capped)
+    limited = post(headers=capped)  # prompt + 30 tokens cannot fit a 20-token quota
     assert limited.status_code == 429
     assert limited.json()["error"]["code"] == "token_quota_exceeded"
+    small = {"model": MODEL, "prompt": "Hello there", "max_tokens": 4, "ignore_eos": True}
+    used, codes = 0, []
+    for _ in range(6):
+        r = httpx.post(url, json=small, headers=capped, timeout=60)
+        codes.append(r.status_code)
+        if r.status_code == 200:
+            used += r.json()["usage"]["total_tokens"]
+    assert codes[0] == 200 and codes[-1] == 429, codes
+    assert used <= 20  # the quota is never exceeded
 
 
 def test_revenue_counters_on_metrics(billed):
     srv, _ = billed
-    text = httpx.get(f"{srv.url}/metrics").text
+    assert httpx.get(f"{srv.url}/metrics").status_code == 401  # revenue needs a key
+    text = httpx.get(f"{srv.url}/metrics", headers={"Authorization": "Bearer sk-rich"}).text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
     out_rev = samples[("deepserve_revenue_total",

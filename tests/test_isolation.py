@@ -92,10 +92,9 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny_llm):
         return real(items)
 
     async def one(prompt):
-        out = None
-        async for out in engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0)):
-            pass
-        return out
+        outs = [o async for o in engine.generate(prompt, SamplingParams(max_tokens=4,
+                                                                        temperature=0))]
+        return outs[-1]
 
     runner.execute = broken_once
     try:

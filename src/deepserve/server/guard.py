@@ -84,6 +84,11 @@ class BodyLimit:
 
         async def tracked(message: dict[str, Any]) -> None:
             nonlocal started
+            if too_big:  # the app answered its failed body read: answer 413 instead
+                if not started and message["type"] == "http.response.start":
+                    started = True
+                    await self._reject(send)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
