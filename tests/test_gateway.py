@@ -23,6 +23,7 @@ policy = "model"
 balancing = "{balancing}"
 health_interval_s = 0.5
 rate_limit_rpm = {rpm}
+{extra}
 
 [tiers.lite]
 models = ["lite", "fast"]
@@ -43,11 +44,11 @@ ab_weights = {{ lite = 0.5, pro = 0.5 }}
 
 
 class GatewayProcess:
-    def __init__(self, tmp_path, backends, balancing="cache_aware", rpm=0) -> None:
+    def __init__(self, tmp_path, backends, balancing="cache_aware", rpm=0, extra="") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = tmp_path / f"gateway-{self.port}.toml"
-        cfg.write_text(CONFIG.format(port=self.port, balancing=balancing, rpm=rpm,
+        cfg.write_text(CONFIG.format(port=self.port, balancing=balancing, rpm=rpm, extra=extra,
                                      lite1=backends[0].url, lite2=backends[1].url,
                                      pro=backends[2].url))
         self.log = open(tmp_path / f"gateway-{self.port}.log", "w")
@@ -248,6 +249,33 @@ def test_rate_limit_is_429_with_retry_after(backends, tmp_path):
                                                              "max_tokens": 1},
                            headers={"Authorization": "Bearer k2"}, timeout=60)
         assert other.status_code == 200  # limits are per key
+    finally:
+        gw.stop()
+
+
+def test_gateway_holds_a_requests_largest_cost_against_the_budget(backends, tmp_path):
+    if any(b.proc.poll() is not None for b in backends):
+        pytest.skip("needs every backend")
+    keys = tmp_path / "keys.toml"
+    # 250 output tokens may cost 0.00055 at the default prices: one fits, two do not.
+    keys.write_text('[[keys]]\nid = "capped"\nkey = "sk-capped"\nbudget = 0.001\n')
+    gw = GatewayProcess(tmp_path, backends, extra=f'api_keys = "{keys}"')
+    try:
+        body = {"model": "lite", "prompt": "Write:", "max_tokens": 250, "ignore_eos": True}
+        auth = {"Authorization": "Bearer sk-capped"}
+
+        def post(b=body):
+            return httpx.post(f"{gw.url}/v1/completions", json=b, headers=auth, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            codes = sorted(f.result().status_code for f in [pool.submit(post) for _ in
+                                                            range(2)])
+        assert codes == [200, 402], codes
+        over = post()  # what the first spent plus this one's hold exceeds the budget
+        assert over.status_code == 402
+        assert over.json()["error"]["code"] == "insufficient_quota"
+        small = post({"model": "lite", "prompt": "Hi", "max_tokens": 3})
+        assert small.status_code == 200, small.text  # holds are released after the bill
     finally:
         gw.stop()
 

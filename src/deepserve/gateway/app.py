@@ -25,6 +25,7 @@ from prometheus_client import (
 from deepserve.billing.meter import BillingContext, BillingError, Meter
 from deepserve.errors import DeepserveError
 from deepserve.gateway.config import GatewayConfig
+from deepserve.gateway.hold import BudgetHold
 from deepserve.gateway.pool import Backend, TierPool, prefix_key
 from deepserve.gateway.ratelimit import RateLimiter
 from deepserve.gateway.router import Router
@@ -236,9 +237,22 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
         forward_headers = {"content-type": "application/json"}
         chat = path.endswith("chat/completions")
         start = time.perf_counter()
-        if policy == "cascade":
-            return await cascade(body, forward_headers, chat, path, key_id, who, start)
-        return await forward(tier, path, body, forward_headers, key_id, who, start)
+        hold = BudgetHold(gw.meter)
+        tiers = [gw.router.order[0], gw.router.order[-1]] if policy == "cascade" else [tier]
+        try:
+            hold.reserve(key_id, tiers, body, chat)
+        except BillingError as exc:
+            gw.errors.labels("-", str(exc.status)).inc()
+            return error_response(exc.status, exc.message, code=exc.code)
+        try:
+            if policy == "cascade":
+                return await cascade(body, forward_headers, chat, path, key_id, who, start,
+                                     hold)
+            return await forward(tier, path, body, forward_headers, key_id, who, start,
+                                 hold=hold)
+        finally:
+            if not hold.streaming:
+                hold.release()
 
     def bill(tier: str, key_id: str | None, who: str, usage: dict[str, Any] | None,
              finish: str | None) -> dict[str, Any]:
@@ -254,7 +268,8 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
 
     async def forward(tier: str, path: str, body: dict[str, Any], headers: dict[str, str],
                       key_id: str | None, who: str, start: float,
-                      extra_headers: dict[str, str] | None = None) -> Response:
+                      extra_headers: dict[str, str] | None = None,
+                      hold: BudgetHold | None = None) -> Response:
         stream = bool(body.get("stream"))
         client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         send = dict(body)
@@ -319,12 +334,17 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
                 gw.release(backend)
                 gw.latency.labels(tier).observe(time.perf_counter() - start)
                 bill(tier, key_id, who, usage, finish or "abort")
+                if hold is not None:
+                    hold.release()
+
+        if hold is not None:
+            hold.streaming = True  # released when the stream ends, after its bill
 
         return StreamingResponse(passthrough(), media_type="text/event-stream",
                                  headers=out_headers)
 
     async def cascade(body: dict[str, Any], headers: dict[str, str], chat: bool, path: str,
-                      key_id: str | None, who: str, start: float) -> Response:
+                      key_id: str | None, who: str, start: float, hold: BudgetHold) -> Response:
         lite, pro = gw.router.order[0], gw.router.order[-1]
         probe = dict(body, stream=False)
         probe.pop("stream_options", None)
@@ -336,7 +356,7 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
             resp, backend = await gw.open(lite, path, probe, headers)
         except NoBackend:
             return await forward(pro, path, body, headers, key_id, who, start,
-                                 {"x-deepserve-escalated": "lite-unavailable"})
+                                 {"x-deepserve-escalated": "lite-unavailable"}, hold)
         try:
             content = await resp.aread()
         finally:
@@ -361,7 +381,7 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
             gw.escalations.labels(lite, pro, reason).inc()
             return await forward(pro, path, body, headers, key_id, who, start,
                                  {"x-deepserve-escalated": reason,
-                                  "x-deepserve-lite-mean-logprob": f"{mean_lp}"})
+                                  "x-deepserve-lite-mean-logprob": f"{mean_lp}"}, hold)
         gw.latency.labels(lite).observe(time.perf_counter() - start)
         if not (body.get("logprobs") or body.get("top_logprobs")):
             for c in data.get("choices", []):
