@@ -151,7 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               request_timeout=args.request_timeout or None,
                               max_tokens_default=args.max_tokens_default,
                               metrics_port=args.metrics_port,
-                              prefix_cache_scope=args.prefix_cache_scope)
+                              prefix_cache_scope=args.prefix_cache_scope,
+                              reasoning_parser=args.reasoning_parser)
     return run_server(engine_config(args), server_cfg)
 
 
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefix-cache-scope", default="global", choices=["global", "key"],
                        help="key: requests share cached prompt blocks only within one API "
                        "key (and cache_salt)")
+    serve.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1"],
+                       help="split <think>...</think> into reasoning_content (on by default "
+                       "when the chat template uses <think>)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from deepserve.errors import DeepserveError
 
@@ -35,6 +36,11 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Constrain the output to JSON matching this schema ({"type": "object"}: any object).
     json_schema: dict | str | None = None
+    # Or to another grammar: ("regex", pattern), ("choice", [strings]), ("grammar", lark)
+    # or ("json", schema). ``param`` names the request field in errors.
+    guided: tuple[str, Any] | None = None
+    guided_param: str = "response_format"
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -43,6 +49,15 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+
+    @property
+    def constraint(self) -> tuple[str, Any] | None:
+        """The output grammar as (kind, spec), or None."""
+        if self.guided is not None:
+            return self.guided
+        if self.json_schema is not None:
+            return ("json", self.json_schema)
+        return None
 
     @property
     def greedy(self) -> bool:
@@ -87,5 +102,19 @@ class SamplingParams:
                 self.seed, int) or not -2**63 <= self.seed < 2**64):
             raise bad("seed", self.seed, "seed must be an integer that fits in 64 bits "
                       f"(from {-2**63} to {2**64 - 1})")
+        if self.guided is not None and self.json_schema is not None:
+            raise bad(self.guided_param, self.guided[0], "give one output constraint, not "
+                      "both response_format and a guided/structured_outputs field")
+        if self.guided is not None and self.guided[0] not in ("json", "regex", "choice",
+                                                              "grammar"):
+            raise bad(self.guided_param, self.guided[0],
+                      "the kind must be json, regex, choice or grammar")
+        if self.logit_bias is not None:
+            for token, value in self.logit_bias.items():
+                if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                    raise bad("logit_bias", token, "keys must be token ids (integers >= 0, "
+                              "sent as strings in JSON)")
+                if not isinstance(value, int | float) or not -100 <= value <= 100:
+                    raise bad("logit_bias", value, "each bias must be from -100 to 100")
         if len(self.stop) > 16:
             raise bad("stop", self.stop, "at most 16 stop strings")

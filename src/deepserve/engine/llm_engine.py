@@ -214,19 +214,21 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int] | None = None,
-                        messages: list[dict[str, Any]] | None = None) -> tuple[str | None,
-                                                                                list[int]]:
-        """Prompt text or chat messages -> (text, token ids). Raises DeepserveError."""
+                        messages: list[dict[str, Any]] | None = None,
+                        chat_options: dict[str, Any] | None = None) -> tuple[str | None,
+                                                                              list[int]]:
+        """Prompt text or chat messages -> (text, token ids). Raises DeepserveError.
+        ``chat_options`` go to the chat template (tools, add_generation_prompt, ...)."""
         param = "messages" if messages is not None else "prompt"
         if messages is not None:
             chars = sum(len(str(m.get("content") or "")) for m in messages)
-            self._check_chars(chars, param)
-            prompt = apply_chat_template(self.tokenizer, messages)
+            self.check_chars(chars, param)
+            prompt = apply_chat_template(self.tokenizer, messages, **(chat_options or {}))
         if isinstance(prompt, str):
             if not prompt:
                 raise DeepserveError("prompt is empty; give at least one token of text",
                                      param="prompt")
-            self._check_chars(len(prompt), param)
+            self.check_chars(len(prompt), param)
             ids = self.tokenizer.encode(prompt, add_special_tokens=messages is None)
             return prompt, ids
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
@@ -238,7 +240,7 @@ class LLMEngine:
         raise DeepserveError("prompt must be a non-empty string or a non-empty list of "
                              "token ids", param="prompt")
 
-    def _check_chars(self, chars: int, param: str) -> None:
+    def check_chars(self, chars: int, param: str) -> None:
         """Reject text too long for the context before tokenizing all of it: no token
         covers more than ``max_token_chars`` characters, so more characters than the
         context times that (with a margin) cannot fit."""
@@ -270,8 +272,14 @@ class LLMEngine:
                 f"{params.max_tokens} for max_tokens); "
                 f"lower max_tokens to at most {limit - n} or shorten the prompt",
                 param="max_tokens", code="context_length_exceeded")
-        if params.json_schema is not None:
-            self.grammars.grammar(params.json_schema)
+        if params.constraint is not None:
+            self.grammars.compile(*params.constraint, params.guided_param)
+        if params.logit_bias:
+            bad = [t for t in params.logit_bias if t >= self.model_config.vocab_size]
+            if bad:
+                raise DeepserveError(f"logit_bias token ids {bad[:5]} are outside the "
+                                     f"vocabulary [0, {self.model_config.vocab_size})",
+                                     param="logit_bias")
         if n + 1 > self.kv_tokens:
             raise DeepserveError(
                 f"prompt is {n} tokens but the KV cache holds only {self.kv_tokens}; start the "
@@ -300,8 +308,10 @@ class LLMEngine:
             if params.seed is not None:
                 # Any 64-bit seed, and seed + index wraps instead of overflowing.
                 seq.generator = torch.Generator().manual_seed((params.seed + index) % 2**64)
-            if params.json_schema is not None:
-                seq.matcher = self.grammars.matcher(self.grammars.grammar(params.json_schema))
+            if params.constraint is not None:
+                seq.matcher = self.grammars.matcher(
+                    self.grammars.compile(*params.constraint, params.guided_param),
+                    params.guided_param)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_ids,
                                                  params.skip_special_tokens, params.stop,

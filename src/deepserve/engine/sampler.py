@@ -27,6 +27,12 @@ class Sampler:
         if constrained:
             logits = logits.clone()
             apply_grammar_masks(logits, constrained)
+        biased = [(i, s.params.logit_bias) for i, s in enumerate(seqs) if s.params.logit_bias]
+        if biased:
+            logits = logits.clone() if not constrained else logits
+            for i, bias in biased:
+                ids = torch.tensor(list(bias.keys()))
+                logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype)
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_min_tokens(logits, seqs)
 

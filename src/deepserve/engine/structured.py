@@ -37,34 +37,57 @@ class GrammarCompiler:
                                                       else None)
         return self._info
 
-    def grammar(self, schema: dict[str, Any] | str) -> str:
+    def grammar(self, schema: dict[str, Any] | str, param: str = "response_format") -> str:
         """Compile-check a JSON schema; raises DeepserveError naming what is wrong."""
+        return self.compile("json", schema, param)
+
+    def compile(self, kind: str, spec: Any, param: str = "response_format") -> str:
+        """A llguidance grammar for a JSON schema, a regex, a list of choices or a Lark
+        grammar, checked once and cached; DeepserveError (naming ``param``) if unusable."""
         import llguidance
 
-        try:
-            text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
-            json.loads(text)
-        except (TypeError, ValueError) as exc:
-            raise DeepserveError(f"json_schema is not valid JSON: {exc}",
-                                 param="response_format") from None
-        if text in self._cache:
-            return self._cache[text]
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(text)
+        key = f"{kind}\0{spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)}"
+        if key in self._cache:
+            return self._cache[key]
+        if kind == "json":
+            try:
+                text = spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
+                json.loads(text)
+            except (TypeError, ValueError) as exc:
+                raise DeepserveError(f"the JSON schema is not valid JSON: {exc}",
+                                     param=param) from None
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(text)
+        elif kind == "regex":
+            grammar = llguidance.LLMatcher.grammar_from_regex(str(spec))
+        elif kind == "choice":
+            if not isinstance(spec, list) or not spec or not all(isinstance(c, str) and c
+                                                                 for c in spec):
+                raise DeepserveError("the choice list must hold at least one non-empty "
+                                     "string", param=param)
+            grammar = llguidance.LLMatcher.grammar_from_regex(
+                "|".join(_regex_escape(c) for c in spec))
+        else:
+            grammar = llguidance.LLMatcher.grammar_from_lark(str(spec))
         problem = llguidance.LLMatcher.validate_grammar(grammar)
         if problem:
-            raise DeepserveError(f"json_schema cannot be used to constrain output: {problem}",
-                                 param="response_format")
-        self._cache[text] = grammar
+            raise DeepserveError(f"the {kind} constraint cannot be used: {problem.strip()}",
+                                 param=param)
+        self._cache[key] = grammar
         return grammar
 
-    def matcher(self, grammar: str) -> Any:
+    def matcher(self, grammar: str, param: str = "response_format") -> Any:
         import llguidance
 
         m = llguidance.LLMatcher(self._tokenizer_info(), grammar)
         if m.is_error():
-            raise DeepserveError(f"json_schema rejected: {m.get_error()}",
-                                 param="response_format")
+            raise DeepserveError(f"output constraint rejected: {m.get_error()}", param=param)
         return m
+
+
+def _regex_escape(text: str) -> str:
+    """Escape for llguidance's regex syntax (Rust regex): every non-alphanumeric char."""
+    return "".join(c if c.isalnum() or c in " _" else
+                   (f"\\x{{{ord(c):x}}}" if ord(c) > 127 else "\\" + c) for c in text)
 
 
 def apply_grammar_masks(logits: torch.Tensor, matchers: list[tuple[int, Any]]) -> None:

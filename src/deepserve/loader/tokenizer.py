@@ -44,8 +44,12 @@ def eos_token_ids(tokenizer: Any, path: Path, kind: str) -> set[int]:
     return ids
 
 
-def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
-    """Render a conversation with the checkpoint's template, ready for the reply."""
+def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]],
+                        tools: list[dict[str, Any]] | None = None,
+                        add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    """Render a conversation with the checkpoint's template, ready for the reply.
+    ``tools`` (OpenAI tool objects) go to templates that render them; ``kwargs`` are
+    the template's own variables (e.g. ``enable_thinking``)."""
     if not isinstance(messages, list) or not messages:
         raise DeepserveError("messages must be a non-empty list of {role, content} objects",
                              param="messages")
@@ -53,8 +57,9 @@ def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
         raise DeepserveError("this model has no chat template; use completions (a plain "
                              "prompt) instead of chat", param="messages")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
     except Exception as exc:  # jinja2 raises many types for malformed conversations
         raise DeepserveError(f"the chat template rejected these messages: {exc}",
                              param="messages") from exc

@@ -18,8 +18,10 @@ from deepserve.billing.meter import BillingContext, BillingError, Meter
 from deepserve.config import EngineConfig
 from deepserve.engine.async_engine import AsyncEngine, EngineDeadError
 from deepserve.errors import DeepserveError
+from deepserve.server.chat_output import ChatContext
 from deepserve.server.guard import BodyLimit, KeyCheck, error_body, same_key
 from deepserve.server.metrics import ServerMetrics
+from deepserve.server.params import sampling_params
 from deepserve.server.pipeline import (
     Admission,
     APIError,
@@ -34,7 +36,14 @@ from deepserve.server.protocol import (
     ErrorResponse,
     bad_text_path,
 )
-from deepserve.server.serving import OpenAIServing, chat_messages, sampling_params
+from deepserve.server.reasoning import (
+    REASONING_PARSERS,
+    prompt_opens_thinking,
+    template_thinks,
+)
+from deepserve.server.serving import OpenAIServing
+from deepserve.server.tokenize import add_tokenize_routes
+from deepserve.server.tools import constraint, plan_tools, render_history
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +81,8 @@ class ServerConfig:
     max_tokens_default: int = 4096  # chat requests that give no max_tokens
     metrics_port: int | None = None  # serve /metrics here too, without a key
     prefix_cache_scope: str = "global"  # "key": tenants never share cached KV blocks
+    # "deepseek_r1": <think> text -> reasoning_content; None: on if the template thinks
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
@@ -84,6 +95,9 @@ class ServerConfig:
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise DeepserveError("request_timeout must be > 0 seconds (or unset for none)",
                                  param="request_timeout")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise DeepserveError(f"reasoning_parser={self.reasoning_parser!r} is not one of "
+                                 f"{', '.join(REASONING_PARSERS)}", param="reasoning_parser")
         if self.max_tokens_default < 1:
             raise DeepserveError("max_tokens_default must be >= 1", param="max_tokens_default")
 
@@ -112,6 +126,11 @@ class ServerState:
         self.serving = OpenAIServing(engine, self.metrics, self.model_name, self.meter)
         self.admission = Admission(engine.engine.config.max_num_seqs + cfg.max_queue)
         self.preparer = Preparer()
+        self.chat_template = getattr(engine.tokenizer, "chat_template", None)
+        if not isinstance(self.chat_template, str):
+            self.chat_template = None
+        self.reasoning = cfg.reasoning_parser is not None or template_thinks(
+            self.chat_template)
         self.draining = False
         self.started = time.time()
 
@@ -169,7 +188,10 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
         first = errs[0] if errs else {}
         loc = [str(x) for x in first.get("loc", []) if x != "body" and not _TYPE_TAG.match(str(x))]
         param = ".".join(loc) or None
-        if first.get("type") == "json_invalid":
+        if first.get("type") == "extra_forbidden":
+            msg = (f"Unrecognized request argument supplied: {param}; see GET /openapi.json "
+                   "for the fields this server takes")
+        elif first.get("type") == "json_invalid":
             msg = ("request body is not valid JSON (" + str(first.get("ctx", {}).get("error", ""))
                    + "); send a JSON object with Content-Type: application/json")
             param = None
@@ -247,13 +269,25 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
         key_id = getattr(request.state, "key_id", None)
         bill: BillingContext | None = None
         try:
-            params = sampling_params(req, None if chat else 16)
+            ctx = None
+            if chat:
+                plan = plan_tools(req, state.chat_template)
+                params = sampling_params(req, None, constraint(plan) if plan else None)
+                messages = render_history(req, plan, state.chat_template)
+                options = {"add_generation_prompt": req.add_generation_prompt,
+                           **(req.chat_template_kwargs or {})}
+                if plan is not None and plan.native:
+                    options["tools"] = plan.tools
+            else:
+                params = sampling_params(req, 16)
             salt = state.cache_salt(req, key_id)
             if chat:
-                messages = chat_messages(req)
-                prepared = [await state.preparer.run(
+                text, ids = await state.preparer.run(
                     engine.prepare, messages=messages, params=params,
-                    default_max_tokens=cfg.max_tokens_default)]
+                    default_max_tokens=cfg.max_tokens_default, chat_options=options)
+                prepared = [(text, ids)]
+                ctx = ChatContext(plan, state.reasoning,
+                                  state.reasoning and prompt_opens_thinking(text or ""))
             else:
                 prepared = await state.preparer.run(
                     lambda: [engine.prepare(prompt=p, params=params) for p in prompts])
@@ -262,8 +296,8 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                                 (params.max_tokens or 0) * params.n * len(prepared))
             headers = _price_headers(bill)
             if req.stream:
-                chunks = (state.serving.chat_stream(req, params, prepared[0][1], bill, salt)
-                          if chat else
+                chunks = (state.serving.chat_stream(req, params, prepared[0][1], bill, salt,
+                                                    ctx) if chat else
                           state.serving.completion_stream(req, params, prepared, bill, salt))
 
                 def end(b: BillingContext = bill) -> None:
@@ -273,7 +307,7 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                 handed_off = True
                 return StreamingResponse(guarded_stream(chunks, cfg.request_timeout, end),
                                          media_type="text/event-stream", headers=headers)
-            work = (state.serving.chat(req, params, prepared[0][1], bill, salt) if chat
+            work = (state.serving.chat(req, params, prepared[0][1], bill, salt, ctx) if chat
                     else state.serving.completion(req, params, prepared, bill, salt))
             try:
                 body = await until_done(request, work, cfg.request_timeout)
@@ -286,6 +320,8 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                 if bill is not None:
                     state.meter.release(bill)
                 release()
+
+    add_tokenize_routes(app, state, ERROR_RESPONSES)
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:

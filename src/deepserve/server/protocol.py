@@ -18,7 +18,9 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Unknown fields are 400 "Unrecognized request argument supplied: NAME", as the
+    # OpenAI API answers: nothing a client sends is silently ignored.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -26,9 +28,64 @@ class StreamOptions(_Strict):
 
 
 class ResponseFormat(_Strict):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: dict[str, Any] | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs``: exactly one of these constrains the output."""
+
+    json: dict[str, Any] | Str | None = None
+    regex: Str | None = None
+    choice: list[Str] | None = None
+    grammar: Str | None = None  # Lark syntax (llguidance), %json{...} allowed
+
+
+class FunctionDef(_Strict):
+    name: Str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: Str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: Str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class ToolCallFunction(_Strict):
+    name: Str
+    arguments: Str
+
+
+class ToolCall(_Strict):
+    id: Str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+# OpenAI parameters deepserve does not implement: a request that sets one gets a 400 that
+# names it, instead of an answer that silently lacks what was asked for.
+UNSUPPORTED = {
+    "audio": "audio output", "modalities": "output modalities other than text",
+    "prediction": "predicted outputs", "web_search_options": "web search",
+    "reasoning_effort": "reasoning effort", "verbosity": "verbosity",
+    "functions": "the deprecated functions API (send tools)",
+    "function_call": "the deprecated function_call (send tool_choice)",
+    "service_tier": "service tiers", "best_of": "best_of other than n (send n)",
+    "store": "stored completions", "metadata": "stored-completion metadata",
+    "prompt_cache_key": "prompt_cache_key (send cache_salt)",
+    "safety_identifier": "safety_identifier",
+}
 
 
 class _Common(_Strict):
@@ -59,13 +116,60 @@ class _Common(_Strict):
     response_format: ResponseFormat | None = None
     # Prefix-cache isolation: only requests with the same salt share cached KV blocks.
     cache_salt: Str | None = None
+    logit_bias: dict[Str, float] | None = None
+    # Guided decoding, vLLM's names (at most one constraint per request)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | Str | None = None
+    guided_regex: Str | None = None
+    guided_choice: list[Str] | None = None
+    guided_grammar: Str | None = None
+    # Known OpenAI parameters that are not implemented: 400 when set (see UNSUPPORTED)
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    functions: Any = None
+    function_call: Any = None
+    service_tier: Any = None
+    best_of: Int | None = None
+    store: Bool | None = None
+    metadata: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+
+    def unsupported(self) -> str | None:
+        """The first OpenAI parameter set that deepserve does not implement."""
+        for name in UNSUPPORTED:
+            value = getattr(self, name)
+            if name == "best_of" and value in (None, 1, self.n):
+                continue
+            if name == "store" and not value:
+                continue
+            if name == "modalities" and value in (None, ["text"]):
+                continue
+            if name == "service_tier" and value in (None, "auto", "default"):
+                continue
+            if value is not None:
+                return name
+        return None
 
 
 class ChatMessage(_Strict):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Str | list[dict[str, Any]] | None = None
     name: Str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Str | None = None  # which call a role "tool" message answers
+    # What the SDKs send back when an assistant message is appended to the history as
+    # it came: the reasoning is not rendered again (as DeepSeek's API advises), the
+    # other fields must be null.
+    reasoning_content: Str | None = None
+    refusal: None = None
+    audio: None = None
+    function_call: None = None
+    annotations: list[Any] | None = None
 
 
 class ChatCompletionRequest(_Common):
@@ -73,6 +177,11 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Int | None = None
     logprobs: Bool = False
     top_logprobs: Int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: Bool | None = None
+    add_generation_prompt: Bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Common):
@@ -80,6 +189,22 @@ class CompletionRequest(_Common):
     logprobs: Int | None = None
     echo: Bool = False
     suffix: Str | None = None  # fill-in-the-middle: refused (400), the model has no FIM tokens
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize`` (vLLM's shape): a prompt, or chat messages through the template."""
+
+    model: Str | None = None
+    prompt: Str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: Bool = True
+    add_generation_prompt: Bool = True
+    return_token_strs: Bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: Str | None = None
+    tokens: list[Int]
 
 
 class ErrorDetail(BaseModel):

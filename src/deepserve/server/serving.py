@@ -12,63 +12,10 @@ from typing import Any
 from deepserve.billing.meter import BillingContext, Meter
 from deepserve.engine.async_engine import AsyncEngine
 from deepserve.engine.sequence import CompletionOutput, Logprob, RequestOutput
-from deepserve.errors import DeepserveError
 from deepserve.sampling_params import SamplingParams
+from deepserve.server.chat_output import ChatContext, ChoiceStream, shape
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.protocol import ChatCompletionRequest, CompletionRequest
-
-
-def sampling_params(req: ChatCompletionRequest | CompletionRequest,
-                    default_max_tokens: int | None) -> SamplingParams:
-    max_tokens = req.max_tokens
-    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
-        max_tokens = req.max_completion_tokens
-    if isinstance(req, ChatCompletionRequest):
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        if req.top_logprobs and not req.logprobs:
-            raise DeepserveError("top_logprobs needs logprobs=true", param="top_logprobs")
-    else:
-        logprobs = req.logprobs
-    json_schema: dict[str, Any] | None = None
-    fmt = req.response_format
-    if fmt is not None and fmt.type == "json_object":
-        json_schema = {"type": "object"}
-    elif fmt is not None and fmt.type == "json_schema":
-        spec = fmt.json_schema or {}
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise DeepserveError("response_format.json_schema.schema must be a JSON schema "
-                                 "object, e.g. {\"type\": \"json_schema\", \"json_schema\": "
-                                 "{\"name\": \"x\", \"schema\": {...}}}",
-                                 param="response_format")
-        json_schema = schema
-    return SamplingParams(
-        n=req.n, max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
-        min_tokens=req.min_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p,
-        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop,
-        stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
-        skip_special_tokens=req.skip_special_tokens,
-        include_stop_str_in_output=req.include_stop_str_in_output, json_schema=json_schema)
-
-
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    messages = []
-    for i, m in enumerate(req.messages):
-        content = m.content
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.get("type") != "text":
-                    raise DeepserveError(f"messages[{i}].content has a part of type "
-                                         f"{part.get('type')!r}; this model takes text only",
-                                         param=f"messages[{i}].content")
-                parts.append(str(part.get("text", "")))
-            content = "".join(parts)
-        messages.append({"role": m.role, "content": content or ""})
-    return messages
 
 
 def _usage(out: RequestOutput) -> dict[str, Any]:
@@ -135,9 +82,14 @@ class OpenAIServing:
         assert last is not None
         return last
 
+    def _reasoning_tokens(self, reasoning: str | None) -> int:
+        return len(self.tokenizer.encode(reasoning, add_special_tokens=False)) \
+            if reasoning else 0
+
     async def chat(self, req: ChatCompletionRequest, params: SamplingParams,
                    prompt_ids: list[int], bill: BillingContext,
-                   salt: str | None = None) -> dict[str, Any]:
+                   salt: str | None = None, ctx: ChatContext | None = None) -> dict[str, Any]:
+        ctx = ctx or ChatContext()
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         out = await self._final(self.engine.generate(params=params, request_id=rid,
                                                      prompt_ids=prompt_ids,
@@ -146,21 +98,28 @@ class OpenAIServing:
         self.metrics.observe(out, out.finish_reason or "abort")
         cost = await self.meter.settle(bill, rid, out, out.finish_reason)
         choices = []
+        reasoning_tokens = 0
         for o in out.outputs:
+            shaped = shape(ctx, o.text)
+            reasoning_tokens += self._reasoning_tokens(shaped.reasoning)
             choice: dict[str, Any] = {
-                "index": o.index, "message": {"role": "assistant", "content": o.text},
-                "finish_reason": o.finish_reason, "logprobs": None,
+                "index": o.index, "message": shaped.message(),
+                "finish_reason": shaped.finish_reason(o.finish_reason), "logprobs": None,
                 "stop_reason": o.stop_reason}
             if o.logprobs is not None:
                 choice["logprobs"] = self._chat_logprobs(o.logprobs)
             choices.append(choice)
+        usage = _usage(out) | {"completion_tokens_details": {
+            "reasoning_tokens": reasoning_tokens}} | cost
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices, "usage": _usage(out) | cost,
+                "model": self.model_name, "choices": choices, "usage": usage,
                 "system_fingerprint": None}
 
     async def chat_stream(self, req: ChatCompletionRequest, params: SamplingParams,
                           prompt_ids: list[int], bill: BillingContext,
-                          salt: str | None = None) -> AsyncIterator[str]:
+                          salt: str | None = None,
+                          ctx: ChatContext | None = None) -> AsyncIterator[str]:
+        ctx = ctx or ChatContext()
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -178,6 +137,7 @@ class OpenAIServing:
         sent_text = [0] * params.n
         sent_lp = [0] * params.n
         done = [False] * params.n
+        streams = [ChoiceStream(ctx) for _ in range(params.n)]
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None} for i in range(params.n)])
         last = None
@@ -190,28 +150,35 @@ class OpenAIServing:
                     i = o.index
                     if done[i]:
                         continue
-                    delta = o.text[sent_text[i]:]
+                    final = o.finish_reason is not None
+                    deltas = streams[i].feed(o.text[sent_text[i]:], final)
+                    sent_text[i] = len(o.text)
                     lp = None
                     if o.logprobs is not None and len(o.logprobs) > sent_lp[i]:
                         lp = self._chat_logprobs(o.logprobs[sent_lp[i]:])
                         sent_lp[i] = len(o.logprobs)
-                    if not delta and o.finish_reason is None and lp is None:
-                        continue
-                    sent_text[i] = len(o.text)
-                    choices.append({"index": i, "delta": {"content": delta} if delta else {},
-                                    "logprobs": lp, "finish_reason": o.finish_reason,
-                                    **({"stop_reason": o.stop_reason}
-                                       if o.finish_reason else {})})
-                    if o.finish_reason is not None:
+                    if lp is not None and not deltas:
+                        deltas = [{}]
+                    for k, delta in enumerate(deltas):
+                        choices.append({"index": i, "delta": delta,
+                                        "logprobs": lp if k == 0 else None,
+                                        "finish_reason": None})
+                    if final:
                         done[i] = True
-                if choices:
-                    yield chunk(choices)
+                        choices.append({"index": i, "delta": {}, "logprobs": None,
+                                        "finish_reason": streams[i].finish_reason(
+                                            o.finish_reason), "stop_reason": o.stop_reason})
+                for c in choices:  # one choice per chunk, as the OpenAI API sends them
+                    yield chunk([c])
             if last is not None:
                 self.metrics.observe(last, last.finish_reason or "abort")
                 cost = await self.meter.settle(bill, rid, last, last.finish_reason)
                 billed = True
                 if include_usage:
-                    yield chunk([], _usage(last) | cost)
+                    reasoning = sum(self._reasoning_tokens(s.reasoning or None)
+                                    for s in streams)
+                    yield chunk([], _usage(last) | {"completion_tokens_details": {
+                        "reasoning_tokens": reasoning}} | cost)
             yield "data: [DONE]\n\n"
         finally:
             if not billed and last is not None and last.num_output_tokens:

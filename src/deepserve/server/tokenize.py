@@ -1,0 +1,68 @@
+"""``POST /tokenize`` and ``POST /detokenize``, in vLLM's shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from deepserve.errors import DeepserveError
+from deepserve.server.protocol import (
+    ChatCompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    bad_text_path,
+)
+from deepserve.server.tools import render_history
+
+
+def add_tokenize_routes(app: FastAPI, state: Any, responses: dict[int | str, Any]) -> None:
+    """Routes that count and convert tokens with the served model's tokenizer (and chat
+    template), in the worker thread that prepares requests."""
+    engine = state.engine
+
+    def check(model: str | None, body: Any) -> None:
+        where = bad_text_path(body.model_dump(exclude_none=True))
+        if where is not None:
+            raise DeepserveError(f"{where} is not valid Unicode text (a lone UTF-16 "
+                                 "surrogate); send text that encodes as UTF-8", param=where)
+        if model not in (None, "", state.model_name):
+            raise DeepserveError(f"model {model!r} does not exist; this server serves "
+                                 f"{state.model_name!r}", param="model", status=404,
+                                 code="model_not_found")
+
+    @app.post("/tokenize", responses=responses)
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        check(req.model, req)
+        if (req.prompt is None) == (req.messages is None):
+            raise DeepserveError("give either prompt or messages", param="prompt")
+        tok = engine.tokenizer
+
+        def run() -> dict[str, Any]:
+            if req.messages is not None:
+                chat = ChatCompletionRequest(messages=req.messages)
+                messages = render_history(chat, None, state.chat_template)
+                _, ids = engine.engine.tokenize_prompt(messages=messages, chat_options={
+                    "add_generation_prompt": req.add_generation_prompt})
+            else:
+                if not req.prompt:
+                    raise DeepserveError("prompt is empty", param="prompt")
+                engine.engine.check_chars(len(req.prompt), "prompt")
+                ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            out: dict[str, Any] = {"count": len(ids), "max_model_len":
+                                   engine.engine.max_model_len, "tokens": ids}
+            if req.return_token_strs:
+                out["token_strs"] = tok.convert_ids_to_tokens(ids)
+            return out
+
+        return await state.preparer.run(run)
+
+    @app.post("/detokenize", responses=responses)
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        check(req.model, req)
+        vocab = engine.engine.model_config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise DeepserveError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                                 param="tokens")
+        return {"prompt": await state.preparer.run(engine.tokenizer.decode, req.tokens)}
