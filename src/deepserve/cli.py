@@ -138,7 +138,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from deepserve.config import parse_bytes
-    from deepserve.server.app import ServerConfig, run_server
+    from deepserve.server.run import run_server
+    from deepserve.server.state import ServerConfig
 
     server_cfg = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                               max_queue=args.max_queue,

@@ -31,7 +31,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token plus k alternatives
-    prompt_logprobs: None = None
+    # None: off; k >= 0: each prompt token's logprob plus k alternatives (echo + logprobs).
+    # Such requests skip the prefix cache: every prompt position must be computed.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Constrain the output to JSON matching this schema ({"type": "object"}: any object).
@@ -95,6 +97,8 @@ class SamplingParams:
                       "frequency_penalty must be in [-2, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", self.logprobs, "logprobs (top alternatives) must be in [0, 20]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise bad("prompt_logprobs", self.prompt_logprobs, "must be in [0, 20]")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids,
                       "stop_token_ids must be non-negative integers")

@@ -444,10 +444,14 @@ class LLMEngine:
         if finished and req.finished_time is None:
             req.finished_time = now
         cached = min((s.num_cached_tokens or 0) for s in req.seqs)
+        prompt_lps = None
+        if req.params.prompt_logprobs is not None:
+            got = req.seqs[0].prompt_logprobs
+            prompt_lps = [None] + [got.get(p) for p in range(1, len(req.prompt_ids))]
         return RequestOutput(request_id, req.prompt, req.prompt_ids, outs, finished,
                              num_cached_tokens=cached, arrival_time=req.arrival,
                              first_token_time=req.first_token_time,
-                             finished_time=req.finished_time)
+                             finished_time=req.finished_time, prompt_logprobs=prompt_lps)
 
     def prompt_logits(self, prompt_ids: list[int], last_n: int = 1) -> torch.Tensor:
         """Next-token logits after a prompt, computed through the paged cache (no

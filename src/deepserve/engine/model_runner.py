@@ -8,7 +8,7 @@ import time
 import torch
 
 from deepserve.engine.sampler import Sampler
-from deepserve.engine.sequence import Sequence
+from deepserve.engine.sequence import Logprob, Sequence
 from deepserve.layers.attention import AttentionMetadata, PrefillChunk
 from deepserve.layers.kv_cache import LayerKV
 from deepserve.models.llama import LlamaForCausalLM
@@ -120,6 +120,7 @@ class ModelRunner:
         input_ids, positions, meta, rows, which = self.prepare(items)
         t1 = time.perf_counter()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        self._prompt_logprobs(items, meta, hidden)
         tokens: list[int] = []
         if rows:
             logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]).cpu()
@@ -131,6 +132,30 @@ class ModelRunner:
         self.timings["forward"] += t2 - t1
         self.timings["sample"] += t3 - t2
         return dict(zip(which, tokens, strict=True))
+
+    def _prompt_logprobs(self, items: list[tuple[Sequence, int]], meta: AttentionMetadata,
+                         hidden: torch.Tensor) -> None:
+        """For prefill chunks of requests that asked for prompt logprobs: the logprob of
+        each next prompt token (and the top alternatives), stored by position."""
+        prefills = [i for i, (s, n) in enumerate(items) if not (n == 1 and s.num_computed > 0)]
+        for i, chunk in zip(prefills, meta.prefills, strict=True):
+            seq, n = items[i]
+            k = seq.params.prompt_logprobs
+            if k is None:
+                continue
+            begin = seq.num_computed
+            last = min(begin + n, seq.prompt_len - 1)  # positions that predict a prompt token
+            if last <= begin:
+                continue
+            rows = hidden[chunk.start:chunk.start + (last - begin)]
+            logprobs = torch.log_softmax(self.model.logits(rows).float().cpu(), dim=-1)
+            targets = torch.tensor(seq.tokens[begin + 1:last + 1])
+            chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+            top_v, top_i = (logprobs.topk(k) if k else (None, None))
+            for r in range(last - begin):
+                top = [] if not k else list(zip(top_i[r].tolist(), top_v[r].tolist(),
+                                                strict=True))
+                seq.prompt_logprobs[begin + 1 + r] = Logprob(int(targets[r]), chosen[r], top)
 
     @torch.inference_mode()
     def logits_for(self, items: list[tuple[Sequence, int]], last_n: int = 1) -> torch.Tensor:

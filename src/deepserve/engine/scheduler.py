@@ -104,7 +104,8 @@ class Scheduler:
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
             if not seq.block_table:
-                hit = self.bm.match_prefix(seq, count=seq.num_cached_tokens is None)
+                hit = 0 if seq.params.prompt_logprobs is not None else \
+                    self.bm.match_prefix(seq, count=seq.num_cached_tokens is None)
                 seq.num_computed = hit
                 if seq.num_cached_tokens is None:
                     seq.num_cached_tokens = hit

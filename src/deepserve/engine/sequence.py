@@ -53,6 +53,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.logprobs: list[Logprob] = []
+        self.prompt_logprobs: dict[int, Logprob] = {}  # position -> logprob of that token
         self.first_token_time: float | None = None
         self.num_preemptions = 0
         self.generator = None  # torch.Generator when the request has a seed
@@ -105,6 +106,8 @@ class RequestOutput:
     arrival_time: float = field(default_factory=time.time)
     first_token_time: float | None = None
     finished_time: float | None = None
+    # With SamplingParams.prompt_logprobs: one per prompt token (None for the first).
+    prompt_logprobs: list[Logprob | None] | None = None
 
     @property
     def text(self) -> str:

@@ -88,5 +88,6 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest,
         stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        prompt_logprobs=logprobs if isinstance(req, CompletionRequest) and req.echo else None,
         guided=guided, guided_param=found[0][0] if found else "response_format",
         logit_bias=bias)

@@ -65,6 +65,21 @@ class OpenAIServing:
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
                 "text_offset": offsets}
 
+    def _prompt_logprobs(self, out: RequestOutput) -> dict[str, Any]:
+        """The echoed prompt's logprobs: the first token has none (null), as OpenAI's."""
+        tokens, values, tops, offsets = [], [], [], []
+        offset = 0
+        for token_id, lp in zip(out.prompt_token_ids, out.prompt_logprobs or [],
+                                strict=False):
+            tok = self._token(token_id)
+            tokens.append(tok)
+            values.append(None if lp is None else lp.logprob)
+            tops.append(None if lp is None else {self._token(i): v for i, v in lp.top})
+            offsets.append(offset)
+            offset += len(tok)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+                "text_offset": offsets}
+
     # -- running requests ---------------------------------------------------------------------
     async def _final(self, gen: AsyncIterator[RequestOutput], bill: BillingContext,
                      rid: str) -> RequestOutput:
@@ -199,7 +214,7 @@ class OpenAIServing:
         for k, ((text, _), out) in enumerate(zip(prompts, outs, strict=True)):
             for o in out.outputs:
                 choices.append(self._completion_choice(req, k * params.n + o.index, o,
-                                                       text or ""))
+                                                       text or "", out))
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
                 "usage": usage, "system_fingerprint": None}
@@ -219,14 +234,19 @@ class OpenAIServing:
         return _sum_usage(totals) | cost
 
     def _completion_choice(self, req: CompletionRequest, index: int, o: CompletionOutput,
-                           prompt_text: str) -> dict[str, Any]:
+                           prompt_text: str, out: RequestOutput) -> dict[str, Any]:
+        if req.echo and not prompt_text:
+            prompt_text = self.tokenizer.decode(out.prompt_token_ids)
         text = (prompt_text + o.text) if req.echo else o.text
         choice: dict[str, Any] = {"index": index, "text": text,
                                   "finish_reason": o.finish_reason, "logprobs": None,
                                   "stop_reason": o.stop_reason}
         if o.logprobs is not None:
-            choice["logprobs"] = self._completion_logprobs(
-                o.logprobs, len(prompt_text) if req.echo else 0)
+            lps = self._completion_logprobs(o.logprobs, len(prompt_text) if req.echo else 0)
+            if req.echo and out.prompt_logprobs is not None:
+                head = self._prompt_logprobs(out)
+                lps = {k: head[k] + lps[k] for k in lps}
+            choice["logprobs"] = lps
         return choice
 
     async def completion_stream(self, req: CompletionRequest, params: SamplingParams,
@@ -273,12 +293,20 @@ class OpenAIServing:
                     if key in sent and start < 0:
                         continue
                     delta = o.text[start:]
-                    if req.echo and key not in sent:
-                        delta = (prompts[k][0] or "") + delta
+                    echo = req.echo and key not in sent
+                    prompt_text = ""
+                    if echo:
+                        prompt_text = prompts[k][0] or self.tokenizer.decode(
+                            item.prompt_token_ids)
+                        delta = prompt_text + delta
                     lp = None
                     if o.logprobs is not None and len(o.logprobs) > sent_lp.get(key, 0):
-                        lp = self._completion_logprobs(o.logprobs[sent_lp.get(key, 0):], start)
+                        lp = self._completion_logprobs(o.logprobs[sent_lp.get(key, 0):],
+                                                       start + len(prompt_text))
                         sent_lp[key] = len(o.logprobs)
+                    if echo and item.prompt_logprobs is not None:
+                        head = self._prompt_logprobs(item)
+                        lp = head if lp is None else {f: head[f] + lp[f] for f in lp}
                     if not delta and o.finish_reason is None and lp is None:
                         continue
                     sent[key] = len(o.text) if o.finish_reason is None else -1

@@ -1,0 +1,159 @@
+"""What the server's routes share: its settings (``ServerConfig``) and state (engine,
+metrics, meter, admission, preparation thread, chat template facts)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from prometheus_client import Gauge
+
+from deepserve.billing.meter import BillingError, Meter
+from deepserve.engine.async_engine import AsyncEngine
+from deepserve.errors import DeepserveError
+from deepserve.server.guard import error_body, same_key
+from deepserve.server.metrics import ServerMetrics
+from deepserve.server.pipeline import Admission, Preparer
+from deepserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from deepserve.server.reasoning import REASONING_PARSERS, template_thinks
+from deepserve.server.serving import OpenAIServing
+
+PREFIX_CACHE_SCOPES = ("global", "key")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-side settings of ``deepserve serve``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue: int = 256
+    shutdown_grace_s: float = 30.0
+    ledger: str | None = None  # SQLite usage ledger path; None: no ledger
+    pricing: str | None = None  # pricing policy TOML; None: DeepSeek-R1 list prices
+    api_keys: str | None = None  # key file with budgets and quotas
+    pricing_clock: str | None = None  # fixed ISO time for pricing (tests, simulations)
+    tier: str | None = None  # tier name recorded in the ledger
+    hardware: str | None = None  # recorded with replica uptime (default: detected)
+    hourly_cost: float = 0.0  # this replica's cost per hour, exported for margin dashboards
+    max_request_bytes: int = 8 * 2**20  # larger bodies get 413 before they are read whole
+    request_timeout: float | None = 600.0  # seconds; past it 408 (or an SSE error event)
+    max_tokens_default: int = 4096  # chat requests that give no max_tokens
+    metrics_port: int | None = None  # serve /metrics here too, without a key
+    prefix_cache_scope: str = "global"  # "key": tenants never share cached KV blocks
+    # "deepseek_r1": <think> text -> reasoning_content; None: on if the template thinks
+    reasoning_parser: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
+            raise DeepserveError(f"prefix_cache_scope={self.prefix_cache_scope!r} is not one "
+                                 f"of {', '.join(PREFIX_CACHE_SCOPES)}",
+                                 param="prefix_cache_scope")
+        if self.max_request_bytes < 1024:
+            raise DeepserveError(f"max_request_bytes={self.max_request_bytes} is too small; "
+                                 "give at least 1024", param="max_request_bytes")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise DeepserveError("request_timeout must be > 0 seconds (or unset for none)",
+                                 param="request_timeout")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise DeepserveError(f"reasoning_parser={self.reasoning_parser!r} is not one of "
+                                 f"{', '.join(REASONING_PARSERS)}", param="reasoning_parser")
+        if self.max_tokens_default < 1:
+            raise DeepserveError("max_tokens_default must be >= 1", param="max_tokens_default")
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status,
+                        headers=headers)
+
+
+class ServerState:
+    """What the routes share: engine, metrics, meter, admission, draining flag."""
+
+    def __init__(self, engine: AsyncEngine, cfg: ServerConfig) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.model_name = engine.model_name
+        self.metrics = ServerMetrics(engine, self.model_name)
+        self.meter = _build_meter(engine, cfg, self.metrics)
+        cost = Gauge("deepserve_replica_cost_per_hour", "What this replica costs per hour "
+                     "(--hourly-cost), in the pricing currency", ["model", "hardware"],
+                     registry=self.metrics.registry)
+        cost.labels(self.model_name, cfg.hardware or _hardware(engine.engine)).set(
+            cfg.hourly_cost)
+        self.serving = OpenAIServing(engine, self.metrics, self.model_name, self.meter)
+        self.admission = Admission(engine.engine.config.max_num_seqs + cfg.max_queue)
+        self.preparer = Preparer()
+        self.chat_template = getattr(engine.tokenizer, "chat_template", None)
+        if not isinstance(self.chat_template, str):
+            self.chat_template = None
+        self.reasoning = cfg.reasoning_parser is not None or template_thinks(
+            self.chat_template)
+        self.draining = False
+        self.started = time.time()
+
+    def check_key(self, key: str | None) -> str | tuple[int, str, str] | None:
+        """Bearer key -> key id (None without a key file), or (status, message, code)."""
+        if self.meter.keys is not None:
+            try:
+                return self.meter.authorize(key)
+            except BillingError as exc:
+                return exc.status, exc.message, exc.code
+        if self.cfg.api_key and not same_key(key, self.cfg.api_key):
+            why = "missing" if key is None else "wrong"
+            return (401, f"API key {why}: send 'Authorization: Bearer <key>' with the key "
+                    "the server was started with", "invalid_api_key")
+        return None
+
+    def cache_salt(self, req: ChatCompletionRequest | CompletionRequest,
+                   key_id: str | None) -> str | None:
+        """Which requests may share prefix-cache blocks: same ``cache_salt``, and with
+        ``--prefix-cache-scope key`` the same API key too."""
+        if self.cfg.prefix_cache_scope == "key":
+            return f"key:{key_id or ''}\0{req.cache_salt or ''}"
+        return req.cache_salt or None
+
+
+def _build_meter(engine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) -> Meter:
+    from datetime import datetime
+
+    from deepserve.billing.keys import KeyStore
+    from deepserve.billing.ledger import Ledger
+    from deepserve.billing.pricing import PricingPolicy
+
+    policy = PricingPolicy.load(cfg.pricing) if cfg.pricing else PricingPolicy()
+    keys = KeyStore.load(cfg.api_keys) if cfg.api_keys else None
+    eng = engine.engine
+    ledger = None
+    if cfg.ledger:
+        ledger = Ledger(cfg.ledger, engine.model_name, cfg.hardware or _hardware(eng))
+    clock = None
+    if cfg.pricing_clock:
+        try:
+            fixed = datetime.fromisoformat(cfg.pricing_clock.replace("Z", "+00:00"))
+        except ValueError:
+            raise DeepserveError(f"pricing_clock={cfg.pricing_clock!r} is not an ISO time "
+                                 "like 2026-01-01T17:00:00Z", param="pricing_clock") from None
+        clock = lambda: fixed  # noqa: E731
+
+    def utilization() -> float:
+        # The busier of KV-cache use and batch occupancy.
+        return max(eng.block_manager.usage,
+                   len(eng.scheduler.running) / eng.config.max_num_seqs)
+
+    return Meter(policy, ledger, keys, metrics.registry, utilization, cfg.tier, clock)
+
+
+def _hardware(engine: Any) -> str:
+    import platform
+
+    import torch
+
+    if engine.device.type == "cuda":
+        return torch.cuda.get_device_name(engine.device)
+    return f"cpu:{platform.machine()}"
