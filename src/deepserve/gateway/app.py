@@ -24,6 +24,7 @@ from prometheus_client import (
 
 from deepserve.billing.meter import BillingContext, BillingError, Meter
 from deepserve.errors import DeepserveError
+from deepserve.gateway.answers import as_sse, mean_logprob, usage_tokens
 from deepserve.gateway.config import GatewayConfig
 from deepserve.gateway.hold import BudgetHold
 from deepserve.gateway.pool import Backend, TierPool, prefix_key
@@ -145,26 +146,6 @@ class Gateway:
         backend.outstanding -= 1
 
 
-def _usage_tokens(usage: dict[str, Any] | None) -> tuple[int, int, int]:
-    if not usage:
-        return 0, 0, 0
-    details = usage.get("prompt_tokens_details") or {}
-    cached = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
-    return int(usage.get("prompt_tokens", 0)), int(cached), \
-        int(usage.get("completion_tokens", 0))
-
-
-def _mean_logprob(body: dict[str, Any], chat: bool) -> float | None:
-    values: list[float] = []
-    for choice in body.get("choices", []):
-        lp = choice.get("logprobs") or {}
-        if chat:
-            values += [t["logprob"] for t in lp.get("content") or []]
-        else:
-            values += [v for v in lp.get("token_logprobs") or [] if v is not None]
-    return sum(values) / len(values) if values else None
-
-
 def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
     gw = Gateway(cfg)
     app = FastAPI(title="deepserve gateway", version="0.1.0")
@@ -256,7 +237,7 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
 
     def bill(tier: str, key_id: str | None, who: str, usage: dict[str, Any] | None,
              finish: str | None) -> dict[str, Any]:
-        prompt, cached, completion = _usage_tokens(usage)
+        prompt, cached, completion = usage_tokens(usage)
         gw.limiter.add_tokens(who, prompt + completion)
         if gw.meter is None:
             return {}
@@ -370,7 +351,7 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
                                      "x-deepserve-backend": backend.url})
         data = json.loads(content)
         choice = (data.get("choices") or [{}])[0]
-        mean_lp = _mean_logprob(data, chat)
+        mean_lp = mean_logprob(data, chat)
         reason = None
         if choice.get("finish_reason") == "length":
             reason = "length"
@@ -392,9 +373,49 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
                        "x-deepserve-escalated": "no",
                        "x-deepserve-lite-mean-logprob": f"{mean_lp}"}
         if body.get("stream"):
-            return StreamingResponse(_as_sse(data, chat, body), media_type="text/event-stream",
+            return StreamingResponse(as_sse(data, chat, body), media_type="text/event-stream",
                                      headers=out_headers)
         return JSONResponse(data, headers=out_headers)
+
+    async def relay(request: Request, path: str) -> Response:
+        """Pass a request that is neither generated nor billed (tokenize) to a backend of
+        the tier its model names, and its answer back unchanged."""
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error_response(400, "request body is not valid JSON; send a JSON object "
+                                  "with Content-Type: application/json")
+        if not isinstance(body, dict):
+            return error_response(400, "request body must be a JSON object")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        if gw.meter is not None:
+            auth = headers.get("authorization", "")
+            try:
+                gw.meter.authorize(auth[7:] if auth.startswith("Bearer ") else None)
+            except BillingError as exc:
+                return error_response(exc.status, exc.message, code=exc.code)
+        tier = gw.router.choose("model", body, headers, "")
+        try:
+            resp, backend = await gw.open(tier, path, body,
+                                          {"content-type": "application/json"})
+        except NoBackend as exc:
+            return error_response(503, str(exc), code="no_backend")
+        try:
+            content = await resp.aread()
+        finally:
+            await resp.aclose()
+            gw.release(backend)
+        return Response(content, status_code=resp.status_code,
+                        media_type=resp.headers.get("content-type", "application/json"),
+                        headers={"x-deepserve-tier": tier})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await relay(request, "/tokenize")
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await relay(request, "/detokenize")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -405,25 +426,6 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
         return await handle(request, "/v1/completions")
 
     return app
-
-
-async def _as_sse(data: dict[str, Any], chat: bool, body: dict[str, Any]) -> AsyncIterator[str]:
-    """A finished (non-streamed) answer replayed as an SSE stream."""
-    base = {"id": data.get("id"), "created": data.get("created"), "model": data.get("model"),
-            "object": "chat.completion.chunk" if chat else "text_completion"}
-    choices = []
-    for c in data.get("choices", []):
-        if chat:
-            choices.append({"index": c["index"], "delta": {"role": "assistant", "content":
-                                                          c["message"]["content"]},
-                            "logprobs": None, "finish_reason": c.get("finish_reason")})
-        else:
-            choices.append({"index": c["index"], "text": c["text"], "logprobs": None,
-                            "finish_reason": c.get("finish_reason")})
-    yield f"data: {json.dumps(base | {'choices': choices})}\n\n"
-    if (body.get("stream_options") or {}).get("include_usage"):
-        yield f"data: {json.dumps(base | {'choices': [], 'usage': data.get('usage')})}\n\n"
-    yield "data: [DONE]\n\n"
 
 
 def run_gateway(cfg: GatewayConfig) -> int:
