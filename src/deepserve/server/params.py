@@ -29,7 +29,7 @@ def _constraints(req: ChatCompletionRequest | CompletionRequest) -> list[tuple[s
     so = req.structured_outputs
     if so is not None:
         for kind in ("json", "regex", "choice", "grammar"):
-            value = getattr(so, kind)
+            value = getattr(so, "json_schema" if kind == "json" else kind)
             if value is not None:
                 found.append((f"structured_outputs.{kind}", kind, value))
         if not any(p.startswith("structured_outputs") for p, _, _ in found):

@@ -35,7 +35,7 @@ class ResponseFormat(_Strict):
 class StructuredOutputs(_Strict):
     """vLLM's ``structured_outputs``: exactly one of these constrains the output."""
 
-    json: dict[str, Any] | Str | None = None
+    json_schema: dict[str, Any] | Str | None = Field(default=None, alias="json")
     regex: Str | None = None
     choice: list[Str] | None = None
     grammar: Str | None = None  # Lark syntax (llguidance), %json{...} allowed

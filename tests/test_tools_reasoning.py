@@ -1,0 +1,233 @@
+"""Tool-call formats, forced-call grammars, history rendering and the reasoning parser,
+on scripted text (no model) and through the real tokenizer's templates."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from deepserve.server.chat_output import ChatContext, ChoiceStream, shape
+from deepserve.server.protocol import ChatCompletionRequest
+from deepserve.server.reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning
+from deepserve.server.tools import (
+    constraint,
+    parse_tool_calls,
+    plan_tools,
+    render_history,
+    tool_format,
+)
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["a", "b"]}}}
+# A minimal template in the style of models that render tools and <tool_call> blocks.
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>\n{{ {'name': "
+    "c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>"
+    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def request(**kw) -> ChatCompletionRequest:
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}]} | kw
+    return ChatCompletionRequest.model_validate(body)
+
+
+def test_format_detection():
+    assert tool_format(HERMES_TEMPLATE) == ("hermes", True)
+    assert tool_format("{{ '<|python_tag|>' }}{% if tools %}{% endif %}") == ("llama3", True)
+    assert tool_format("{% for m in messages %}{{ m.content }}{% endfor %}") == (
+        "generic", False)
+
+
+@pytest.mark.parametrize("text,names", [
+    ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}',
+     ["get_weather"]),
+    ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+     '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>',
+     ["add", "get_weather"]),
+    ('<|python_tag|>{"name": "add", "parameters": {"a": 3, "b": 4}}', ["add"]),
+    ('[{"name": "add", "arguments": {"a": 3, "b": 4}}]', ["add"]),
+])
+def test_each_format_parses(text, names):
+    plan = plan_tools(request(tools=[WEATHER, ADD]), None)
+    content, calls = parse_tool_calls(text, plan)
+    assert content is None
+    assert [c["function"]["name"] for c in calls] == names
+    for c in calls:
+        assert c["id"].startswith("call_") and c["type"] == "function"
+        assert isinstance(json.loads(c["function"]["arguments"]), dict)
+
+
+@pytest.mark.parametrize("text", [
+    "Paris is sunny today.",
+    '{"tool_calls": [{"name": "unknown_tool", "arguments": {}}]}',
+    '{"tool_calls": [{"name": "add", "arguments": {"a": 1',  # cut by max_tokens
+    '{"answer": 42}',
+])
+def test_text_that_is_not_a_valid_call_stays_content(text):
+    plan = plan_tools(request(tools=[WEATHER, ADD]), None)
+    assert parse_tool_calls(text, plan) == (text, [])
+
+
+def test_plan_errors_and_choices():
+    with pytest.raises(ValueError, match="tool_choice names function"):
+        plan_tools(request(tools=[WEATHER], tool_choice={"type": "function",
+                                                          "function": {"name": "nope"}}), None)
+    with pytest.raises(ValueError, match="needs tools"):
+        plan_tools(request(tool_choice="required"), None)
+    assert plan_tools(request(tools=[WEATHER], tool_choice="none"), None) is None
+    named = plan_tools(request(tools=[WEATHER, ADD], tool_choice={
+        "type": "function", "function": {"name": "add"}}), None)
+    assert named.forced and named.name == "add" and not named.parallel
+    assert not plan_tools(request(tools=[WEATHER]), None).forced
+
+
+def test_forced_grammar_accepts_valid_calls_only():
+    plan = plan_tools(request(tools=[WEATHER, ADD], tool_choice="required",
+                              parallel_tool_calls=False), None)
+    kind, schema = constraint(plan)
+    assert kind == "json"
+    good = {"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]}
+    jsonschema.validate(good, schema)
+    for bad in ({"tool_calls": []},
+                {"tool_calls": [{"name": "add", "arguments": {"a": "x", "b": 2}}]},
+                {"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2, "c": 3}}]},
+                {"tool_calls": [good["tool_calls"][0], good["tool_calls"][0]]}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    hermes = plan_tools(request(tools=[ADD], tool_choice="required"), HERMES_TEMPLATE)
+    kind, lark = constraint(hermes)
+    assert kind == "grammar" and "<tool_call>" in lark and "%json" in lark
+
+
+def test_forced_grammars_compile_in_llguidance(default_gguf):
+    from deepserve.engine.structured import GrammarCompiler
+    from deepserve.loader.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_gguf, "gguf")
+    compiler = GrammarCompiler(tok, 49152, {tok.eos_token_id})
+    for template in (None, HERMES_TEMPLATE, "{{ '<|python_tag|>' }}{{ tools }}"):
+        plan = plan_tools(request(tools=[WEATHER, ADD], tool_choice="required"), template)
+        compiler.matcher(compiler.compile(*constraint(plan)))
+
+
+def test_generic_history_renders_calls_and_results(default_gguf):
+    from deepserve.loader.tokenizer import apply_chat_template, load_tokenizer
+
+    tok = load_tokenizer(default_gguf, "gguf")
+    req = request(tools=[WEATHER], messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"}])
+    plan = plan_tools(req, tok.chat_template)
+    assert plan.fmt == "generic" and not plan.native
+    prompt = apply_chat_template(tok, render_history(req, plan, tok.chat_template))
+    assert '"name": "get_weather"' in prompt and "reply with only a JSON object" in prompt
+    assert '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}' in prompt
+    assert "Result of tool call call_1 (get_weather): 18 C and sunny" in prompt
+    with pytest.raises(ValueError, match="tool_call_id"):
+        render_history(request(messages=[{"role": "tool", "content": "x"}]), None, None)
+
+
+def test_native_template_gets_tools_and_structured_history(default_gguf):
+    from deepserve.loader.tokenizer import apply_chat_template, load_tokenizer
+
+    tok = load_tokenizer(default_gguf, "gguf")
+    tok.chat_template = HERMES_TEMPLATE
+    req = request(tools=[ADD], messages=[
+        {"role": "user", "content": "1+2?"},
+        {"role": "assistant", "tool_calls": [{"id": "c9", "type": "function", "function": {
+            "name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "c9", "content": "3"}])
+    plan = plan_tools(req, tok.chat_template)
+    assert plan.native and plan.fmt == "hermes"
+    messages = render_history(req, plan, tok.chat_template)
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1, "b": 2}
+    assert messages[2] == {"role": "tool", "content": "3", "tool_call_id": "c9",
+                           "name": "add"}
+    prompt = apply_chat_template(tok, messages, tools=plan.tools)
+    system = prompt.split("<|im_end|>")[0]
+    assert system.startswith("<|im_start|>system\nTools:") and '"name": "add"' in system
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in prompt
+    assert "<|im_start|>tool\n3<|im_end|>" in prompt
+    assert "reply with only a JSON object" not in prompt  # no generic preamble
+
+
+def test_streamed_tool_calls_come_as_openai_deltas():
+    plan = plan_tools(request(tools=[ADD], tool_choice="required"), None)
+    stream = ChoiceStream(ChatContext(tools=plan))
+    text = '{"tool_calls":[{"name":"add","arguments":{"a":12,"b":30}}]}'
+    deltas = []
+    for i in range(0, len(text), 5):  # token-sized pieces: nothing shows before the end
+        deltas += stream.feed(text[i:i + 5], final=False)
+    assert deltas == []
+    deltas += stream.feed("", final=True)
+    first = deltas[0]["tool_calls"][0]
+    assert first["index"] == 0 and first["id"].startswith("call_")
+    assert first["function"] == {"name": "add", "arguments": ""}
+    args = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:])
+    assert json.loads(args) == {"a": 12, "b": 30}
+    assert all(set(d["tool_calls"][0]) == {"index", "function"} for d in deltas[1:])
+    assert stream.finish_reason("stop") == "tool_calls"
+
+
+def test_auto_streams_plain_answers_at_once():
+    plan = plan_tools(request(tools=[ADD]), None)
+    stream = ChoiceStream(ChatContext(tools=plan))
+    assert stream.feed("  ", final=False) == []  # too early to tell
+    assert stream.feed("Hello", final=False) == [{"content": "  Hello"}]
+    assert stream.feed(" there", final=False) == [{"content": " there"}]
+    assert stream.finish_reason("stop") == "stop"
+
+
+# -- reasoning ---------------------------------------------------------------------------
+def feed_all(pieces, starts_inside=False):
+    p = ReasoningParser(starts_inside)
+    parts = [p.feed(x) for x in pieces] + [p.feed("", final=True)]
+    return "".join(x.reasoning for x in parts), "".join(x.content for x in parts)
+
+
+@pytest.mark.parametrize("pieces", [
+    ["<think>", "I add 2 and 2.", "</think>", "\n\n4"],
+    ["<th", "ink>I add ", "2 and 2.</th", "ink>\n", "\n4"],
+    ["<", "t", "h", "i", "n", "k", ">", "I add 2 and 2.", "<", "/", "think", ">", "4"],
+    ["  <think>I add 2 and 2.</think>4"],
+])
+def test_think_tags_split_across_pieces(pieces):
+    assert feed_all(pieces) == ("I add 2 and 2.", "4")
+
+
+def test_no_closing_tag_is_all_reasoning_and_no_tag_is_all_content():
+    assert feed_all(["<think>still ", "thinking"]) == ("still thinking", "")
+    assert feed_all(["just ", "an answer <think> here"]) == ("", "just an answer <think> here")
+    assert split_reasoning("no tags at all") == (None, "no tags at all")
+
+
+def test_prompt_that_opens_the_block_starts_inside():
+    assert prompt_opens_thinking("<|Assistant|><think>\n")
+    assert not prompt_opens_thinking("<think>old</think> new turn")
+    assert feed_all(["step one ", "</think>", "answer"], starts_inside=True) == (
+        "step one ", "answer")
+    assert feed_all(["a <b> not a tag ", "</think>x"], starts_inside=True) == (
+        "a <b> not a tag ", "x")
+
+
+def test_reasoning_then_tool_call():
+    plan = plan_tools(request(tools=[ADD]), None)
+    out = shape(ChatContext(tools=plan, reasoning=True),
+                '<think>I should add.</think>{"tool_calls": [{"name": "add", '
+                '"arguments": {"a": 1, "b": 1}}]}')
+    assert out.reasoning == "I should add." and out.content is None
+    assert out.tool_calls[0]["function"]["name"] == "add"
+    assert out.message()["reasoning_content"] == "I should add."
