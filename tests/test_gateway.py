@@ -253,6 +253,31 @@ def test_rate_limit_is_429_with_retry_after(backends, tmp_path):
         gw.stop()
 
 
+def test_tools_strictness_and_tokenize_pass_through_the_gateway(gateway):
+    add = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"]}}}
+    c = client(gateway)
+    r = c.chat.completions.create(model="lite", max_tokens=60, temperature=0, tools=[add],
+                                  tool_choice="required", parallel_tool_calls=False,
+                                  messages=[{"role": "user", "content": "Add 2 and 3."}])
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert r.choices[0].message.tool_calls[0].function.name == "add"
+    stream = c.chat.completions.create(model="lite", max_tokens=60, temperature=0,
+                                       tools=[add], tool_choice="required", stream=True,
+                                       parallel_tool_calls=False,
+                                       messages=[{"role": "user", "content": "Add 2 and 3."}])
+    args = "".join(d.function.arguments or "" for ch in stream for choice in ch.choices
+                   for d in choice.delta.tool_calls or [])
+    assert set(json.loads(args)) == {"a", "b"}
+    with pytest.raises(openai.BadRequestError, match="Unrecognized request argument"):
+        c.completions.create(model="pro", prompt="x", extra_body={"bogus": 1})
+    tok = httpx.post(f"{gateway.url}/tokenize", json={"model": "pro", "prompt": "Hello world"},
+                     timeout=60)
+    assert tok.status_code == 200 and tok.json()["count"] == 2
+    assert tok.headers["x-deepserve-tier"] == "pro"
+
+
 def test_gateway_holds_a_requests_largest_cost_against_the_budget(backends, tmp_path):
     if any(b.proc.poll() is not None for b in backends):
         pytest.skip("needs every backend")

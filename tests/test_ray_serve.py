@@ -4,6 +4,7 @@ the OpenAI ingress, driven by the openai client; both replicas must answer."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 
 import httpx
 import openai
@@ -64,3 +65,21 @@ def test_streaming_and_errors_pass_through(ray_app):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
     unknown = httpx.post(f"{ray_app}/v1/completions", json={"model": "nope", "prompt": "x"})
     assert unknown.status_code == 404
+
+
+def test_tools_strictness_and_tokenize_pass_through(ray_app):
+    client = openai.OpenAI(base_url=f"{ray_app}/v1", api_key="x", max_retries=0, timeout=300)
+    add = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"]}}}
+    r = client.chat.completions.create(
+        model="lite", max_tokens=60, temperature=0, tools=[add], tool_choice="required",
+        parallel_tool_calls=False, messages=[{"role": "user", "content": "Add 2 and 3."}])
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "add" and r.choices[0].finish_reason == "tool_calls"
+    assert set(json.loads(call.function.arguments)) == {"a", "b"}
+    with pytest.raises(openai.BadRequestError, match="Unrecognized request argument"):
+        client.completions.create(model="lite", prompt="x", extra_body={"bogus": 1})
+    tok = httpx.post(f"{ray_app}/tokenize", json={"model": "lite", "prompt": "Hello world"},
+                     timeout=60)
+    assert tok.status_code == 200 and tok.json()["count"] == 2

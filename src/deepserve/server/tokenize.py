@@ -40,7 +40,10 @@ def add_tokenize_routes(app: FastAPI, state: Any, responses: dict[int | str, Any
 
         def run() -> dict[str, Any]:
             if req.messages is not None:
-                chat = ChatCompletionRequest(messages=req.messages)
+                if not req.messages:
+                    raise DeepserveError("messages is empty; give at least one message",
+                                         param="messages")
+                chat = ChatCompletionRequest.model_construct(messages=req.messages)
                 messages = render_history(chat, None, state.chat_template)
                 _, ids = engine.engine.tokenize_prompt(messages=messages, chat_options={
                     "add_generation_prompt": req.add_generation_prompt})
