@@ -301,6 +301,11 @@ def test_gateway_holds_a_requests_largest_cost_against_the_budget(backends, tmp_
         assert over.json()["error"]["code"] == "insufficient_quota"
         small = post({"model": "lite", "prompt": "Hi", "max_tokens": 3})
         assert small.status_code == 200, small.text  # holds are released after the bill
+        # With keys, the gateway's revenue counters and docs need a key too.
+        for path in ("/metrics", "/openapi.json", "/docs"):
+            assert httpx.get(f"{gw.url}{path}").status_code == 401
+            assert httpx.get(f"{gw.url}{path}", headers=auth).status_code == 200
+        assert httpx.get(f"{gw.url}/health").status_code in (200, 503)
     finally:
         gw.stop()
 

@@ -30,7 +30,7 @@ from deepserve.gateway.hold import BudgetHold
 from deepserve.gateway.pool import Backend, TierPool, prefix_key
 from deepserve.gateway.ratelimit import RateLimiter
 from deepserve.gateway.router import Router
-from deepserve.server.guard import error_body
+from deepserve.server.guard import KeyCheck, error_body
 from deepserve.server.pipeline import sse_error
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,20 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
     gw = Gateway(cfg)
     app = FastAPI(title="deepserve gateway", version="0.1.0")
     app.state.gateway = gw
+    if gw.meter is not None and gw.meter.keys is not None:
+        meter = gw.meter
+
+        def check(key: str | None) -> str | tuple[int, str, str] | None:
+            # /v1 routes are authorized (with budgets and rate limits) by the route
+            # itself; this guards the rest: /metrics (revenue), /docs, /openapi.json.
+            if meter.keys is None or meter.keys.lookup(key or "") is None:
+                return (401, "API key missing or not recognised: send 'Authorization: "
+                        "Bearer <key>' with a key from the gateway's key file",
+                        "invalid_api_key")
+            return None
+
+        app.add_middleware(KeyCheck, check=check, skip_prefix="/v1/",
+                           on_refuse=lambda status: gw.errors.labels("-", str(status)).inc())
 
     @app.on_event("startup")
     async def _start() -> None:

@@ -116,7 +116,8 @@ class _TooLarge(Exception):
 
 
 class KeyCheck:
-    """Requires ``Authorization: Bearer <key>`` on every path but ``/health``.
+    """Requires ``Authorization: Bearer <key>`` on every path but ``/health`` (and, with
+    ``skip_prefix``, paths under it that check keys themselves).
 
     ``check`` maps the bearer key (None when absent) to a key id for billing, or returns
     (status, message, code) to refuse the request. The key id is left in
@@ -124,11 +125,14 @@ class KeyCheck:
 
     def __init__(self, app: ASGIApp,
                  check: Callable[[str | None], str | tuple[int, str, str] | None],
-                 on_refuse: Callable[[int], None] | None = None) -> None:
+                 on_refuse: Callable[[int], None] | None = None,
+                 skip_prefix: str | None = None) -> None:
         self.app, self.check, self.on_refuse = app, check, on_refuse
+        self.skip_prefix = skip_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS or (
+                self.skip_prefix and scope["path"].startswith(self.skip_prefix)):
             return await self.app(scope, receive, send)
         result = self.check(bearer(scope))
         if isinstance(result, tuple):
