@@ -25,7 +25,7 @@ _HELP = {
     "kv_cache_memory_fraction": "share of free memory for the KV cache when no size is given",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "enable_chunked_prefill": "split long prompts across steps",
-    "seed": "engine seed",
+    "seed": "seed of the generator that requests without their own seed draw from",
     "num_threads": "torch CPU threads (default: torch's choice)",
     "quantization": "weights: none | int8 (per channel) | int4 (group 32) | mixed "
                     "(MLP int4, attention int8)",

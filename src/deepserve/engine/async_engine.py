@@ -24,6 +24,7 @@ from typing import Any
 from deepserve.config import EngineConfig
 from deepserve.engine.llm_engine import LLMEngine
 from deepserve.engine.sequence import RequestOutput
+from deepserve.engine.stats import EngineStats
 from deepserve.errors import DeepserveError
 from deepserve.sampling_params import SamplingParams
 
@@ -81,8 +82,11 @@ class AsyncEngine:
         self._stopped = threading.Event()
         self._external = False
         self.dead: BaseException | None = None
-        self.num_waiting = 0  # mirrors of engine stats, readable without a lock
-        self.num_running = 0
+
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's latest published snapshot: safe to read from any thread."""
+        return self.engine.latest_stats
 
     @property
     def tokenizer(self) -> Any:
@@ -228,8 +232,6 @@ class AsyncEngine:
                 sink = self._sinks.pop(rid, None)
                 if sink is not None:
                     sink(_as_request_error(rid, exc))
-            self.num_running = len(engine.scheduler.running)
-            self.num_waiting = len(engine.scheduler.waiting)
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
                 if sink is None:
@@ -237,4 +239,3 @@ class AsyncEngine:
                 if out.finished:
                     self._sinks.pop(out.request_id, None)
                 sink(out)
-        self.num_running = self.num_waiting = 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.sampler import Sampler
 from deepserve.engine.scheduler import Scheduler
 from deepserve.engine.sequence import CompletionOutput, RequestOutput, Sequence, SequenceStatus
+from deepserve.engine.stats import EngineStats
 from deepserve.engine.structured import GrammarCompiler
 from deepserve.errors import DeepserveError
 from deepserve.layers.kv_cache import KV_DTYPES, LayerKV
@@ -99,8 +101,6 @@ class _Request:
     arrival: float
     first_token_time: float | None = None
     finished_time: float | None = None
-    sent: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -135,7 +135,18 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len} with chunked prefill off: long prompts "
                 "could never be scheduled; raise it or enable chunked prefill",
                 param="max_num_batched_tokens")
-        self.tokenizer = load_tokenizer(path, kind)
+        if config.tokenizer:
+            tok_path = Path(config.tokenizer)
+            if not tok_path.is_dir():
+                raise DeepserveError(f"tokenizer={config.tokenizer!r} is not a folder; give a "
+                                     "folder with tokenizer.json (or leave it unset to use "
+                                     "the model's own)", param="tokenizer")
+            self.tokenizer = load_tokenizer(tok_path, "hf")
+        else:
+            self.tokenizer = load_tokenizer(path, kind)
+        # Requests without a seed draw from the global generator: seeded here, a fresh
+        # engine repeats the same draws for the same requests (as vLLM's --seed).
+        torch.manual_seed(config.seed)
         self.eos_token_ids = eos_token_ids(self.tokenizer, path, kind)
         self.max_token_chars = max_token_chars(self.tokenizer)
         if config.quantization not in QUANTIZATIONS:
@@ -174,6 +185,8 @@ class LLMEngine:
         self.consecutive_failures = 0
         self.max_consecutive_failures = 3
         self.kv_tokens = self.num_blocks * config.block_size
+        self.latest_stats = EngineStats()
+        self.publish_stats()
         logger.info(
             "loaded %s (%s, %d layers) in %.1fs on %s as %s, weights %s (%.0f MiB); KV cache "
             "%s: %d blocks x %d = %d tokens (%.0f MiB, %d bytes/token); max_model_len=%d; "
@@ -331,6 +344,7 @@ class LLMEngine:
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "abort"
                 self.scheduler.remove(seq)
+        self.publish_stats()
         return True
 
     def fail(self, request_id: str, exc: BaseException) -> None:
@@ -397,6 +411,7 @@ class LLMEngine:
             if out.finished:
                 del self.requests[out.request_id]
         timings["postprocess"] += time.perf_counter() - t1
+        self.publish_stats()
         return outputs
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
@@ -476,18 +491,25 @@ class LLMEngine:
             self.block_manager.free(seq)
 
     # -- stats ----------------------------------------------------------------------------
-    def stats(self) -> dict[str, float]:
+    def publish_stats(self) -> EngineStats:
+        """Replace the published snapshot (after a step, an add or an abort)."""
         bm = self.block_manager
-        return {"num_running": len(self.scheduler.running),
-                "num_waiting": len(self.scheduler.waiting),
-                "kv_cache_usage": bm.usage, "kv_blocks_total": bm.num_blocks,
-                "kv_blocks_used": bm.num_used, "prefix_cache_hit_rate": bm.hit_rate,
-                "prefix_cache_queried_tokens": bm.queried_tokens,
-                "prefix_cache_hit_tokens": bm.hit_tokens,
-                "num_preemptions": self.scheduler.num_preemptions}
+        self.latest_stats = EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used,
+            prefix_cache_queried_tokens=bm.queried_tokens,
+            prefix_cache_hit_tokens=bm.hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
+            max_num_seqs=self.config.max_num_seqs)
+        return self.latest_stats
 
-
-def engine_from_kwargs(model: str | None = None, show_progress: bool = True,
-                       **kwargs: Any) -> LLMEngine:
-    return LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs), show_progress)
-
+    def stats(self) -> dict[str, float]:
+        """The current state as a dict (a fresh snapshot; call from the engine's thread)."""
+        snap = self.publish_stats()
+        return {"num_running": snap.num_running, "num_waiting": snap.num_waiting,
+                "kv_cache_usage": snap.kv_cache_usage, "kv_blocks_total": snap.kv_blocks_total,
+                "kv_blocks_used": snap.kv_blocks_used,
+                "prefix_cache_hit_rate": snap.prefix_cache_hit_rate,
+                "prefix_cache_queried_tokens": snap.prefix_cache_queried_tokens,
+                "prefix_cache_hit_tokens": snap.prefix_cache_hit_tokens,
+                "num_preemptions": snap.num_preemptions}

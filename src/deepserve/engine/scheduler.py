@@ -47,7 +47,8 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        if seq.priority and self.waiting and self.waiting[-1].priority > seq.priority:
+        # Lower priority values go first (0 before 5), FCFS among equals.
+        if self.waiting and self.waiting[-1].priority > seq.priority:
             index = next(i for i, s in enumerate(self.waiting) if s.priority > seq.priority)
             self.waiting.insert(index, seq)
         else:
@@ -60,9 +61,6 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)

@@ -90,7 +90,8 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """What the engine returns for a request, streamed (deltas) or final (cumulative).
+    """What the engine returns for a request after a step: cumulative (all the text and
+    token ids so far), the last one with ``finished`` set.
 
     ``text``, ``token_ids`` and ``finish_reason`` are those of the first continuation;
     ``num_cached_tokens`` is the number of prompt tokens served from the prefix cache

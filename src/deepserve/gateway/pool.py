@@ -41,11 +41,11 @@ class Backend:
         return self.healthy and time.monotonic() >= self.ejected_until
 
     def note_failure(self) -> None:
+        # Ejected at the first failure; the health checker brings it back when /health
+        # answers again.
         self.failures += 1
-        if self.failures >= 1:
-            # Ejected at once; the health checker brings it back when /health answers.
-            self.healthy = False
-            self.ejected_until = time.monotonic() + 1.0
+        self.healthy = False
+        self.ejected_until = time.monotonic() + 1.0
 
     def note_success(self) -> None:
         self.failures = 0

@@ -18,26 +18,27 @@ class ServerMetrics:
         self.registry = r = CollectorRegistry()
         labels = ["model"]
         m = model_name
-        eng = engine.engine
 
         def gauge(name: str, doc: str, fn: object) -> None:
             g = Gauge(name, doc, labels, registry=r)
             g.labels(m).set_function(fn)  # type: ignore[arg-type]
 
+        # Read from the engine's published snapshot, never from its live objects.
         gauge("deepserve_num_requests_running", "Sequences in the running batch",
-              lambda: len(eng.scheduler.running))
+              lambda: engine.stats.num_running)
         gauge("deepserve_num_requests_waiting", "Sequences waiting to be scheduled",
-              lambda: len(eng.scheduler.waiting))
+              lambda: engine.stats.num_waiting)
         gauge("deepserve_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0-1)",
-              lambda: eng.block_manager.usage)
+              lambda: engine.stats.kv_cache_usage)
         gauge("deepserve_kv_cache_blocks_total", "KV-cache blocks in the pool",
-              lambda: eng.block_manager.num_blocks)
+              lambda: engine.stats.kv_blocks_total)
         gauge("deepserve_kv_cache_blocks_used", "KV-cache blocks held by sequences",
-              lambda: eng.block_manager.num_used)
+              lambda: engine.stats.kv_blocks_used)
         gauge("deepserve_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache "
-              "over prompt tokens looked up, since start", lambda: eng.block_manager.hit_rate)
+              "over prompt tokens looked up, since start",
+              lambda: engine.stats.prefix_cache_hit_rate)
         gauge("deepserve_num_preemptions", "Sequences preempted since start",
-              lambda: eng.scheduler.num_preemptions)
+              lambda: engine.stats.num_preemptions)
         self.prompt_tokens = Counter("deepserve_prompt_tokens", "Prompt tokens processed",
                                      labels, registry=r).labels(m)
         self.cached_tokens = Counter("deepserve_prompt_cached_tokens",

@@ -141,12 +141,8 @@ def _build_meter(engine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics)
                                  "like 2026-01-01T17:00:00Z", param="pricing_clock") from None
         clock = lambda: fixed  # noqa: E731
 
-    def utilization() -> float:
-        # The busier of KV-cache use and batch occupancy.
-        return max(eng.block_manager.usage,
-                   len(eng.scheduler.running) / eng.config.max_num_seqs)
-
-    return Meter(policy, ledger, keys, metrics.registry, utilization, cfg.tier, clock)
+    return Meter(policy, ledger, keys, metrics.registry, lambda: engine.stats.utilization,
+                 cfg.tier, clock)
 
 
 def _hardware(engine: Any) -> str:

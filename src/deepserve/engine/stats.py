@@ -1,0 +1,42 @@
+"""The engine's published state: one immutable snapshot, replaced after every step.
+
+Everything outside the engine thread (the HTTP server's metrics, pricing by
+utilization, health) reads this snapshot and never the scheduler or block manager,
+which the engine thread mutates. Replacing one reference is atomic, so readers need
+no lock and always see one consistent step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine as of the end of its last step."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    max_num_seqs: int = 1
+    time: float = field(default_factory=time.time)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        q = self.prefix_cache_queried_tokens
+        return self.prefix_cache_hit_tokens / q if q else 0.0
+
+    @property
+    def utilization(self) -> float:
+        """The busier of KV-cache use and batch occupancy (what pricing rules read)."""
+        return max(self.kv_cache_usage, self.num_running / self.max_num_seqs)
