@@ -5,55 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import MISSING, fields
 from typing import Any
 
-from deepserve.config import EngineConfig
 from deepserve.errors import DeepserveError
-
-_HELP = {
-    "model": "local .gguf file or Hugging Face folder (default: packaged SmolLM2-135M-Instruct)",
-    "tokenizer": "tokenizer folder, if not the model's own",
-    "served_model_name": "model name clients use (default: derived from the model)",
-    "dtype": "auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it)",
-    "device": "auto | cpu | cuda",
-    "max_model_len": "context length (default: the model's)",
-    "max_num_seqs": "most sequences in one batch",
-    "max_num_batched_tokens": "token budget of one engine step",
-    "block_size": "tokens per KV-cache block",
-    "kv_cache_memory": "KV-cache pool size, e.g. 512MiB or 2GB",
-    "kv_cache_memory_fraction": "share of free memory for the KV cache when no size is given",
-    "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
-    "enable_chunked_prefill": "split long prompts across steps",
-    "seed": "seed of the generator that requests without their own seed draw from",
-    "num_threads": "torch CPU threads (default: torch's choice)",
-    "quantization": "weights: none | int8 (per channel) | int4 (group 32) | mixed "
-                    "(MLP int4, attention int8)",
-    "kv_cache_dtype": "KV cache storage: auto (compute dtype) | int8 (with scales) | fp8",
-    "cpu_kernels": "use deepserve's C++ CPU kernels (small-batch matmul, paged decode "
-                   "attention; compiled once on first use); --no-cpu-kernels: torch ops only",
-}
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineConfig field: --max-num-seqs -> max_num_seqs."""
-    group = parser.add_argument_group("engine")
-    for f in fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        if isinstance(default, bool):
-            group.add_argument(flag, dest=f.name, default=default,
-                               action=argparse.BooleanOptionalAction, help=_HELP.get(f.name))
-        else:
-            kind: Any = {"int": int, "float": float}.get(type(default).__name__, str)
-            if f.name in ("max_model_len", "num_threads"):
-                kind = int
-            group.add_argument(flag, dest=f.name, default=default, type=kind,
-                               help=_HELP.get(f.name))
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
+from deepserve.flags import add_dataclass_args, add_engine_args, engine_config, from_args
 
 
 def _sampling(args: argparse.Namespace) -> Any:
@@ -137,24 +92,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deepserve.config import parse_bytes
     from deepserve.server.run import run_server
     from deepserve.server.state import ServerConfig
 
-    server_cfg = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
-                              max_queue=args.max_queue,
-                              shutdown_grace_s=args.shutdown_grace, ledger=args.ledger,
-                              pricing=args.pricing, api_keys=args.api_keys,
-                              pricing_clock=args.pricing_clock, tier=args.tier,
-                              hardware=args.hardware, hourly_cost=args.hourly_cost,
-                              max_request_bytes=parse_bytes(args.max_request_bytes,
-                                                            "max_request_bytes"),
-                              request_timeout=args.request_timeout or None,
-                              max_tokens_default=args.max_tokens_default,
-                              metrics_port=args.metrics_port,
-                              prefix_cache_scope=args.prefix_cache_scope,
-                              reasoning_parser=args.reasoning_parser)
-    return run_server(engine_config(args), server_cfg)
+    return run_server(engine_config(args), from_args(ServerConfig, args))
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerConfig field, as for the engine."""
+    from deepserve.config import parse_bytes
+    from deepserve.server.state import (
+        PREFIX_CACHE_SCOPES,
+        REASONING_PARSERS,
+        SERVER_HELP,
+        ServerConfig,
+    )
+
+    add_dataclass_args(
+        parser.add_argument_group("server"), ServerConfig, SERVER_HELP,
+        choices={"prefix_cache_scope": list(PREFIX_CACHE_SCOPES),
+                 "reasoning_parser": list(REASONING_PARSERS)},
+        types={"max_request_bytes": lambda v: parse_bytes(v, "max_request_bytes")})
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -221,40 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require this bearer key")
-    serve.add_argument("--max-queue", type=int, default=256,
-                       help="waiting requests beyond which new ones get 429")
-    serve.add_argument("--shutdown-grace", type=float, default=30.0,
-                       help="seconds SIGTERM waits for running requests")
-    serve.add_argument("--ledger", default=None, help="SQLite usage ledger to append to")
-    serve.add_argument("--pricing", default=None, help="pricing policy TOML")
-    serve.add_argument("--api-keys", default=None,
-                       help="TOML key file with per-key budgets and token quotas")
-    serve.add_argument("--pricing-clock", default=None,
-                       help="price every request as if at this ISO time (simulations)")
-    serve.add_argument("--tier", default=None, help="tier name recorded in the ledger")
-    serve.add_argument("--hardware", default=None,
-                       help="hardware name recorded with replica uptime")
-    serve.add_argument("--hourly-cost", type=float, default=0.0,
-                       help="this replica's cost per hour, exported for margin dashboards")
-    serve.add_argument("--max-request-bytes", default="8MiB",
-                       help="larger request bodies get 413 (e.g. 8MiB, 2000000)")
-    serve.add_argument("--request-timeout", type=float, default=600.0,
-                       help="seconds a request may take before it is cancelled with a 408 "
-                       "(0: no limit)")
-    serve.add_argument("--max-tokens-default", type=int, default=4096,
-                       help="max_tokens for chat requests that give none")
-    serve.add_argument("--metrics-port", type=int, default=None,
-                       help="also serve /metrics on this port, without a key (with "
-                       "--api-key(s), /metrics on the main port needs one)")
-    serve.add_argument("--prefix-cache-scope", default="global", choices=["global", "key"],
-                       help="key: requests share cached prompt blocks only within one API "
-                       "key (and cache_salt)")
-    serve.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1"],
-                       help="split <think>...</think> into reasoning_content (on by default "
-                       "when the chat template uses <think>)")
+    add_server_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -71,7 +71,7 @@ def _stamp() -> str:
 
 def cmd_offline(args: argparse.Namespace) -> int:
     from deepserve.bench.offline import run_offline
-    from deepserve.cli import engine_config
+    from deepserve.flags import engine_config
 
     tok = load_tokenizer(args.tokenizer_model or args.model)
     reqs = build_workload(args, tok)
@@ -197,7 +197,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(sub: Any) -> None:
-    from deepserve.cli import add_engine_args
+    from deepserve.flags import add_engine_args
 
     bench = sub.add_parser("bench", help="benchmarks: offline, serve, sweep, compare, report")
     bsub = bench.add_subparsers(dest="bench_command", required=True)

@@ -122,6 +122,10 @@ class Ledger:
                                         daemon=True)
         self._thread.start()
 
+    def key_spend(self) -> dict[str, tuple[float, int]]:
+        """key_id -> (money spent, tokens used), from the rows on disk."""
+        return key_spend(self._conn)
+
     def record(self, rec: UsageRecord) -> Future[None]:
         """Queue a record; returns at once with a future that resolves once committed."""
         rec.replica_id = self.replica_id

@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from deepserve.billing.keys import KeyStore
-from deepserve.billing.ledger import Ledger, UsageRecord, key_spend
+from deepserve.billing.ledger import Ledger, UsageRecord
 from deepserve.billing.pricing import PricingPolicy, Quote
 from deepserve.engine.sequence import RequestOutput
 
@@ -29,6 +29,23 @@ class BillingError(Exception):
     def __init__(self, status: int, message: str, code: str) -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one request used, as billed."""
+
+    request_id: str
+    prompt: int
+    hit: int  # prompt tokens served from the prefix cache
+    completion: int
+    finish_reason: str | None
+    first_token_ts: float | None = None
+    tier: str | None = None  # None: the meter's own tier
+
+    @property
+    def miss(self) -> int:
+        return self.prompt - self.hit
 
 
 @dataclass
@@ -55,7 +72,7 @@ class Meter:
         self.utilization = utilization
         self.clock = clock or (lambda: datetime.now(UTC))
         if keys is not None and ledger is not None:
-            keys.seed(key_spend(ledger._conn))
+            keys.seed(ledger.key_spend())
         self.tokens = Counter("deepserve_billed_tokens", "Billed tokens by class",
                               ["model", "token_class"], registry=registry)
         self.revenue = Counter("deepserve_revenue",
@@ -135,46 +152,54 @@ class Meter:
                finish_reason: str | None) -> tuple[dict[str, Any], Future[None] | None]:
         """Bill a finished (or aborted) request: the cost fields for `usage`, and the
         ledger write's future (None without a ledger)."""
-        return self.bill(ctx, request_id, out.num_prompt_tokens, out.num_cached_tokens,
-                         out.num_output_tokens, finish_reason, out.first_token_time)
+        return self.bill(ctx, Usage(request_id, out.num_prompt_tokens, out.num_cached_tokens,
+                                    out.num_output_tokens, finish_reason,
+                                    out.first_token_time))
 
-    def bill(self, ctx: BillingContext, request_id: str, prompt: int, hit: int,
-             completion: int, finish_reason: str | None, first_token_ts: float | None = None,
-             tier: str | None = None) -> tuple[dict[str, Any], Future[None] | None]:
-        """Bill token counts (the gateway bills from its backends' `usage`)."""
-        miss = prompt - hit
-        q = ctx.quote
-        list_cost = q.list_cost(hit, miss, completion)
-        cost = list_cost * q.multiplier
-        p = q.list_prices
-        committed = None
-        if self.ledger is not None:
-            committed = self.ledger.record(UsageRecord(
-                request_id=request_id, key_id=ctx.key_id, model=q.model,
-                tier=tier or self.tier,
-                prompt_tokens=prompt, cache_hit_tokens=hit, cache_miss_tokens=miss,
-                completion_tokens=completion, start_ts=ctx.start,
-                first_token_ts=first_token_ts, end_ts=time.time(),
-                finish_reason=finish_reason, price_cache_hit=p.cache_hit_input,
-                price_cache_miss=p.cache_miss_input, price_output=p.output,
-                multiplier=q.multiplier, rules=",".join(q.rules), currency=q.currency,
-                list_cost=list_cost, cost=cost))
+    def bill(self, ctx: BillingContext, usage: Usage) -> tuple[dict[str, Any],
+                                                               Future[None] | None]:
+        """Bill token counts (the gateway bills from its backends' `usage`): price them,
+        record them, charge the key, log the request and count the revenue."""
+        list_cost = ctx.quote.list_cost(usage.hit, usage.miss, usage.completion)
+        cost = list_cost * ctx.quote.multiplier
+        committed = self._record(ctx, usage, list_cost, cost)
         if self.keys is not None and ctx.key_id is not None:
-            self.keys.charge(ctx.key_id, cost, prompt + completion)
+            self.keys.charge(ctx.key_id, cost, usage.prompt + usage.completion)
+        self._log(ctx, usage, cost)
+        self._count(ctx.quote, usage, list_cost)
+        return {"cost": round(cost, 10), "currency": ctx.quote.currency,
+                "price_multiplier": ctx.quote.multiplier}, committed
+
+    def _record(self, ctx: BillingContext, u: Usage, list_cost: float,
+                cost: float) -> Future[None] | None:
+        if self.ledger is None:
+            return None
+        q, p = ctx.quote, ctx.quote.list_prices
+        return self.ledger.record(UsageRecord(
+            request_id=u.request_id, key_id=ctx.key_id, model=q.model,
+            tier=u.tier or self.tier, prompt_tokens=u.prompt, cache_hit_tokens=u.hit,
+            cache_miss_tokens=u.miss, completion_tokens=u.completion, start_ts=ctx.start,
+            first_token_ts=u.first_token_ts, end_ts=time.time(),
+            finish_reason=u.finish_reason, price_cache_hit=p.cache_hit_input,
+            price_cache_miss=p.cache_miss_input, price_output=p.output,
+            multiplier=q.multiplier, rules=",".join(q.rules), currency=q.currency,
+            list_cost=list_cost, cost=cost))
+
+    def _log(self, ctx: BillingContext, u: Usage, cost: float) -> None:
         request_log.info("request finished", extra={"fields": {
-            "event": "request_finished", "request_id": request_id, "key_id": ctx.key_id,
-            "model": q.model, "tier": tier or self.tier, "prompt_tokens": prompt,
-            "cached_tokens": hit, "completion_tokens": completion,
-            "finish_reason": finish_reason,
-            "ttft_ms": round((first_token_ts - ctx.start) * 1000, 1) if first_token_ts
+            "event": "request_finished", "request_id": u.request_id, "key_id": ctx.key_id,
+            "model": ctx.quote.model, "tier": u.tier or self.tier, "prompt_tokens": u.prompt,
+            "cached_tokens": u.hit, "completion_tokens": u.completion,
+            "finish_reason": u.finish_reason,
+            "ttft_ms": round((u.first_token_ts - ctx.start) * 1000, 1) if u.first_token_ts
             else None, "e2e_ms": round((time.time() - ctx.start) * 1000, 1),
-            "cost": round(cost, 10), "currency": q.currency}})
-        m = q.model
-        for cls, n, price in (("cache_hit", hit, p.cache_hit_input),
-                              ("cache_miss", miss, p.cache_miss_input),
-                              ("output", completion, p.output)):
-            self.tokens.labels(m, cls).inc(n)
-            self.revenue.labels(m, cls).inc(n * price / 1e6 * q.multiplier)
-        self.list_revenue.labels(m).inc(list_cost)
-        return {"cost": round(cost, 10), "currency": q.currency,
-                "price_multiplier": q.multiplier}, committed
+            "cost": round(cost, 10), "currency": ctx.quote.currency}})
+
+    def _count(self, q: Quote, u: Usage, list_cost: float) -> None:
+        p = q.list_prices
+        for cls, n, price in (("cache_hit", u.hit, p.cache_hit_input),
+                              ("cache_miss", u.miss, p.cache_miss_input),
+                              ("output", u.completion, p.output)):
+            self.tokens.labels(q.model, cls).inc(n)
+            self.revenue.labels(q.model, cls).inc(n * price / 1e6 * q.multiplier)
+        self.list_revenue.labels(q.model).inc(list_cost)

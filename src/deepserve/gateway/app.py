@@ -22,7 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from deepserve.billing.meter import BillingContext, BillingError, Meter
+from deepserve.billing.meter import BillingContext, BillingError, Meter, Usage
 from deepserve.errors import DeepserveError
 from deepserve.gateway.answers import as_sse, mean_logprob, usage_tokens
 from deepserve.gateway.config import GatewayConfig
@@ -257,8 +257,8 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
             return {}
         ctx = BillingContext(key_id, gw.meter.policy.quote(tier, gw.meter.clock(), 0.5),
                              time.time())
-        cost, _ = gw.meter.bill(ctx, f"gw-{time.time_ns()}", prompt, cached, completion,
-                                finish, tier=tier)
+        cost, _ = gw.meter.bill(ctx, Usage(f"gw-{time.time_ns()}", prompt, cached,
+                                           completion, finish, tier=tier))
         return cost
 
     async def forward(tier: str, path: str, body: dict[str, Any], headers: dict[str, str],

@@ -86,8 +86,8 @@ class _DrainingServer:
                     self.force_exit = True
                     return
                 logger.info("signal %d: draining %d request(s), grace %.0fs", sig,
-                            state.admission.in_flight, state.cfg.shutdown_grace_s)
-                self._drain_deadline = time.monotonic() + state.cfg.shutdown_grace_s
+                            state.admission.in_flight, state.cfg.shutdown_grace)
+                self._drain_deadline = time.monotonic() + state.cfg.shutdown_grace
                 state.draining = True
 
             async def on_tick(self, counter: int) -> bool:

@@ -21,6 +21,29 @@ from deepserve.server.reasoning import REASONING_PARSERS, template_thinks
 from deepserve.server.serving import OpenAIServing
 
 PREFIX_CACHE_SCOPES = ("global", "key")
+SERVER_HELP = {
+    "host": "address to listen on", "port": "port to listen on",
+    "api_key": "require this bearer key on every path but /health",
+    "max_queue": "waiting requests beyond max_num_seqs at which new ones get 429",
+    "shutdown_grace": "seconds SIGTERM waits for running requests",
+    "ledger": "SQLite usage ledger to append to",
+    "pricing": "pricing policy TOML (default: DeepSeek-R1 list prices)",
+    "api_keys": "TOML key file with per-key budgets and token quotas",
+    "pricing_clock": "price every request as if at this ISO time (simulations)",
+    "tier": "tier name recorded in the ledger",
+    "hardware": "hardware name recorded with replica uptime",
+    "hourly_cost": "this replica's cost per hour, exported for margin dashboards",
+    "max_request_bytes": "larger request bodies get 413 (e.g. 8MiB, 2000000)",
+    "request_timeout": "seconds a request may take before it is cancelled with a 408 "
+                       "(0: no limit)",
+    "max_tokens_default": "max_tokens for chat requests that give none",
+    "metrics_port": "also serve /metrics on this port, without a key (with --api-key(s), "
+                    "/metrics on the main port needs one)",
+    "prefix_cache_scope": "key: requests share cached prompt blocks only within one API "
+                          "key (and cache_salt)",
+    "reasoning_parser": "split <think>...</think> into reasoning_content (on by default "
+                        "when the chat template uses <think>)",
+}
 
 
 @dataclass(frozen=True)
@@ -31,7 +54,7 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     max_queue: int = 256
-    shutdown_grace_s: float = 30.0
+    shutdown_grace: float = 30.0
     ledger: str | None = None  # SQLite usage ledger path; None: no ledger
     pricing: str | None = None  # pricing policy TOML; None: DeepSeek-R1 list prices
     api_keys: str | None = None  # key file with budgets and quotas
@@ -55,8 +78,10 @@ class ServerConfig:
         if self.max_request_bytes < 1024:
             raise DeepserveError(f"max_request_bytes={self.max_request_bytes} is too small; "
                                  "give at least 1024", param="max_request_bytes")
-        if self.request_timeout is not None and self.request_timeout <= 0:
-            raise DeepserveError("request_timeout must be > 0 seconds (or unset for none)",
+        if self.request_timeout == 0:
+            object.__setattr__(self, "request_timeout", None)  # 0: no limit
+        if self.request_timeout is not None and self.request_timeout < 0:
+            raise DeepserveError("request_timeout must be >= 0 seconds (0: no limit)",
                                  param="request_timeout")
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise DeepserveError(f"reasoning_parser={self.reasoning_parser!r} is not one of "
