@@ -6,6 +6,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+# Weight formats and KV-cache storage the engine implements (layers/quantized.py and
+# layers/kv_cache.py); named here so the configuration is checked without torch.
+QUANTIZATIONS = ("none", "int8", "int4", "mixed")  # mixed: MLP int4, attention int8
+KV_DTYPES = ("auto", "int8", "fp8")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -35,6 +40,25 @@ class EngineConfig:
     quantization: str = "none"  # none | int8 | int4 | mixed (FFN int4, attention int8)
     kv_cache_dtype: str = "auto"  # auto (= compute dtype) | int8 | fp8
     cpu_kernels: bool = True  # deepserve's C++ kernels on CPU (built on first use)
+
+    def __post_init__(self) -> None:
+        """Checks that need no model (those that do run when the engine loads)."""
+        from deepserve.errors import DeepserveError
+
+        def bad(name: str, fix: str) -> DeepserveError:
+            return DeepserveError(f"{name}={getattr(self, name)!r} is invalid: {fix}",
+                                  param=name)
+
+        if self.quantization not in QUANTIZATIONS:
+            raise bad("quantization", f"use one of {', '.join(QUANTIZATIONS)}")
+        if self.kv_cache_dtype not in KV_DTYPES:
+            raise bad("kv_cache_dtype", f"use one of {', '.join(KV_DTYPES)}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, "give a positive integer")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise bad("kv_cache_memory_fraction", "give a share in (0, 1]")
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineConfig:

@@ -95,6 +95,16 @@ def _build() -> bool:
     return True
 
 
+def cpu_has_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 pays."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def available() -> bool:
     """Whether the C++ kernels are loaded (builds them on the first call)."""
     ok = _state.get("ok")

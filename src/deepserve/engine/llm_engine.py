@@ -6,13 +6,12 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from deepserve import kernels
-from deepserve.config import EngineConfig, parse_bytes
+from deepserve.config import EngineConfig
+from deepserve.engine import setup
 from deepserve.engine.block_manager import BlockManager
 from deepserve.engine.detokenizer import IncrementalDetokenizer
 from deepserve.engine.model_runner import ModelRunner
@@ -22,72 +21,14 @@ from deepserve.engine.sequence import CompletionOutput, RequestOutput, Sequence,
 from deepserve.engine.stats import EngineStats
 from deepserve.engine.structured import GrammarCompiler
 from deepserve.errors import DeepserveError
-from deepserve.layers.kv_cache import KV_DTYPES, LayerKV
-from deepserve.layers.linear import enable_kernels, pack_weights
-from deepserve.layers.quantized import QUANTIZATIONS, quantize_model, weight_bytes
-from deepserve.loader.resolve import DEFAULT_MODEL_NAME, resolve_model
-from deepserve.loader.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
-from deepserve.loader.weights import load_model, open_checkpoint
+from deepserve.layers.kv_cache import LayerKV
+from deepserve.layers.quantized import weight_bytes
+from deepserve.loader.resolve import resolve_model
+from deepserve.loader.tokenizer import apply_chat_template, eos_token_ids
+from deepserve.loader.weights import open_checkpoint
 from deepserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-           "float": torch.float32, "half": torch.float16}
-
-
-def max_token_chars(tokenizer: Any) -> int:
-    """The most characters one token can stand for (its vocabulary string bounds it)."""
-    try:
-        return max(8, max(len(t) for t in tokenizer.get_vocab()))
-    except Exception:  # a tokenizer without get_vocab: a generous fixed bound
-        return 64
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeepserveError(f"device={name!r} but no CUDA GPU is visible; use --device cpu",
-                             param="device")
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 pays."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # Measured on an AVX-512 BF16 CPU: bf16 matmuls run 4-5x fp32 at batch >= 32.
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    if name not in _DTYPES:
-        raise DeepserveError(f"dtype={name!r} is not one of auto, float32, bfloat16, float16",
-                             param="dtype")
-    return _DTYPES[name]
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 2**30
 
 
 @dataclass
@@ -112,70 +53,40 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig | None = None, show_progress: bool = True) -> None:
         self.config = config = config or EngineConfig()
+        started = time.perf_counter()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.dtype, self.device)
+        self.device = setup.pick_device(config.device)
+        self.dtype = setup.pick_dtype(config.dtype, self.device)
         path, kind = resolve_model(config.model)
         self.model_path = path
-        self.model_name = config.served_model_name or (
-            DEFAULT_MODEL_NAME if config.model in (None, "", DEFAULT_MODEL_NAME)
-            else (path.stem if kind == "gguf" else path.name))
-        started = time.perf_counter()
+        self.model_name = setup.served_name(config, path, kind)
         ckpt = open_checkpoint(path, kind)
         self.model_config = mcfg = ckpt.model_config()
-        self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
-        if not 2 <= self.max_model_len <= mcfg.max_position_embeddings:
-            raise DeepserveError(
-                f"max_model_len={self.max_model_len} must be between 2 and the model's "
-                f"context of {mcfg.max_position_embeddings} tokens", param="max_model_len")
-        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
-            raise DeepserveError(
-                f"max_num_batched_tokens={config.max_num_batched_tokens} is below "
-                f"max_model_len={self.max_model_len} with chunked prefill off: long prompts "
-                "could never be scheduled; raise it or enable chunked prefill",
-                param="max_num_batched_tokens")
-        if config.tokenizer:
-            tok_path = Path(config.tokenizer)
-            if not tok_path.is_dir():
-                raise DeepserveError(f"tokenizer={config.tokenizer!r} is not a folder; give a "
-                                     "folder with tokenizer.json (or leave it unset to use "
-                                     "the model's own)", param="tokenizer")
-            self.tokenizer = load_tokenizer(tok_path, "hf")
-        else:
-            self.tokenizer = load_tokenizer(path, kind)
+        self.max_model_len = setup.context_length(config, mcfg)
+        self.tokenizer = setup.tokenizer_for(config, path, kind)
         # Requests without a seed draw from the global generator: seeded here, a fresh
         # engine repeats the same draws for the same requests (as vLLM's --seed).
         torch.manual_seed(config.seed)
         self.eos_token_ids = eos_token_ids(self.tokenizer, path, kind)
-        self.max_token_chars = max_token_chars(self.tokenizer)
-        if config.quantization not in QUANTIZATIONS:
-            raise DeepserveError(f"quantization={config.quantization!r} is not one of "
-                                 f"{', '.join(QUANTIZATIONS)}", param="quantization")
-        if config.kv_cache_dtype not in KV_DTYPES:
-            raise DeepserveError(f"kv_cache_dtype={config.kv_cache_dtype!r} is not one of "
-                                 f"{', '.join(KV_DTYPES)}", param="kv_cache_dtype")
-        if config.quantization != "none" and self.device.type != "cpu":
-            raise DeepserveError("weight quantization uses CPU kernels; run with --device "
-                                 "cpu or --quantization none", param="quantization")
-        self.model = load_model(ckpt, mcfg, self.max_model_len, self.dtype, self.device,
-                                show_progress=show_progress)
-        quantize_model(self.model, config.quantization, self.dtype)
-        self.use_kernels = (config.cpu_kernels and self.device.type == "cpu"
-                            and kernels.available())
-        enable_kernels(self.model, self.use_kernels)
-        if config.cpu_kernels:
-            pack_weights(self.model)
+        self.max_token_chars = setup.max_token_chars(self.tokenizer)
+        # The one decision on deepserve's CPU kernels: every layer, the attention
+        # metadata and the sampler get it from here.
+        self.use_kernels = setup.use_cpu_kernels(config, self.device)
+        self.model = setup.build_model(ckpt, mcfg, config, self.max_model_len, self.dtype,
+                                       self.device, self.use_kernels, show_progress)
         self.weight_bytes = weight_bytes(self.model)
-        self.num_blocks = self._num_blocks()
+        self.num_blocks = setup.kv_blocks(config, self.kv_bytes_per_token, self.max_model_len,
+                                          self.device)
+        self.kv_tokens = self.num_blocks * config.block_size
         self.block_manager = BlockManager(self.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.enable_chunked_prefill)
+        sampler = Sampler(mcfg.vocab_size, self.eos_token_ids, use_kernel=self.use_kernels)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.dtype,
-                                  self.device, Sampler(mcfg.vocab_size, self.eos_token_ids),
-                                  kv_kind=config.kv_cache_dtype, use_kernels=self.use_kernels)
-        self.runner.sampler.use_kernel = self.use_kernels
+                                  self.device, sampler, kv_kind=config.kv_cache_dtype,
+                                  use_kernels=self.use_kernels)
         self.grammars = GrammarCompiler(self.tokenizer, mcfg.vocab_size, self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
@@ -184,22 +95,9 @@ class LLMEngine:
         self.failures: dict[str, BaseException] = {}
         self.consecutive_failures = 0
         self.max_consecutive_failures = 3
-        self.kv_tokens = self.num_blocks * config.block_size
         self.latest_stats = EngineStats()
         self.publish_stats()
-        logger.info(
-            "loaded %s (%s, %d layers) in %.1fs on %s as %s, weights %s (%.0f MiB); KV cache "
-            "%s: %d blocks x %d = %d tokens (%.0f MiB, %d bytes/token); max_model_len=%d; "
-            "CPU kernels: %s",
-            self.model_name, mcfg.architecture, mcfg.num_layers,
-            time.perf_counter() - started, self.device, str(self.dtype).replace("torch.", ""),
-            config.quantization, self.weight_bytes / 2**20, config.kv_cache_dtype,
-            self.num_blocks, config.block_size, self.kv_tokens,
-            self.num_blocks * config.block_size * self.kv_bytes_per_token / 2**20,
-            self.kv_bytes_per_token, self.max_model_len,
-            "on" if self.use_kernels else (
-                "off" if not config.cpu_kernels or self.device.type != "cpu"
-                else f"unavailable ({kernels.unavailable_reason()})"))
+        setup.log_loaded(self, time.perf_counter() - started)
 
     # -- sizing -----------------------------------------------------------------------
     @property
@@ -207,23 +105,6 @@ class LLMEngine:
         m = self.model_config
         return m.num_layers * LayerKV.bytes_per_token_per_layer(
             m.num_kv_heads, m.head_dim, self.dtype, self.config.kv_cache_dtype)
-
-    def _num_blocks(self) -> int:
-        cfg = self.config
-        per_block = self.kv_bytes_per_token * cfg.block_size
-        if cfg.kv_cache_memory is not None:
-            budget = parse_bytes(cfg.kv_cache_memory)
-            blocks = budget // per_block
-            if blocks < 2:
-                raise DeepserveError(
-                    f"kv_cache_memory={cfg.kv_cache_memory!r} holds {blocks} blocks of "
-                    f"{cfg.block_size} tokens ({per_block} bytes each); give at least "
-                    f"{2 * per_block} bytes", param="kv_cache_memory")
-            return int(blocks)
-        budget = int(available_memory(self.device) * cfg.kv_cache_memory_fraction)
-        # Never more than every sequence at full length could use.
-        ceiling = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) + 1
-        return int(max(2, min(budget // per_block, ceiling)))
 
     # -- requests -----------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int] | None = None,

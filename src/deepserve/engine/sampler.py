@@ -12,8 +12,9 @@ from deepserve.engine.structured import apply_grammar_masks
 class Sampler:
     """Turns last-position logits into next tokens (and logprobs) for a batch."""
 
-    def __init__(self, vocab_size: int, eos_token_ids: set[int]) -> None:
-        self.use_kernel = False  # kernels.sample_rows for plain temperature sampling
+    def __init__(self, vocab_size: int, eos_token_ids: set[int],
+                 use_kernel: bool = False) -> None:
+        self.use_kernel = use_kernel  # kernels.sample_rows for plain temperature sampling
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
 

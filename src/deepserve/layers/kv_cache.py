@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-KV_DTYPES = ("auto", "int8", "fp8")
+from deepserve.config import KV_DTYPES  # noqa: F401 (re-exported)
 
 
 class LayerKV:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepserve import kernels
+from deepserve.config import QUANTIZATIONS  # noqa: F401 (re-exported)
 
 SMALL_BATCH_ROWS = 4  # at or below this many rows the quantized kernel is faster
 
@@ -128,7 +129,6 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-QUANTIZATIONS = ("none", "int8", "int4", "mixed")
 
 
 def quantize_model(model: nn.Module, method: str, dtype: torch.dtype,

@@ -1,0 +1,163 @@
+"""Building one engine replica, one named step at a time: where it runs and in which
+dtype, its context length, tokenizer, model (loaded, quantized, packed for the
+kernels), and the size of its KV pool. ``LLMEngine.__init__`` calls these in order."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepserve import kernels
+from deepserve.config import EngineConfig, parse_bytes
+from deepserve.errors import DeepserveError
+from deepserve.layers.linear import enable_kernels, pack_weights
+from deepserve.layers.quantized import quantize_model
+from deepserve.loader.resolve import DEFAULT_MODEL_NAME
+from deepserve.loader.tokenizer import load_tokenizer
+from deepserve.loader.weights import load_model
+from deepserve.models.config import ModelConfig
+
+logger = logging.getLogger("deepserve.engine.llm_engine")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+           "float": torch.float32, "half": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeepserveError(f"device={name!r} but no CUDA GPU is visible; use --device cpu",
+                             param="device")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Measured on an AVX-512 BF16 CPU: bf16 matmuls run 4-5x fp32 at batch >= 32.
+        return torch.bfloat16 if kernels.cpu_has_bf16() else torch.float32
+    if name not in _DTYPES:
+        raise DeepserveError(f"dtype={name!r} is not one of auto, float32, bfloat16, float16",
+                             param="dtype")
+    return _DTYPES[name]
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def served_name(config: EngineConfig, path: Path, kind: str) -> str:
+    if config.served_model_name:
+        return config.served_model_name
+    if config.model in (None, "", DEFAULT_MODEL_NAME):
+        return DEFAULT_MODEL_NAME
+    return path.stem if kind == "gguf" else path.name
+
+
+def context_length(config: EngineConfig, mcfg: ModelConfig) -> int:
+    """max_model_len, checked against the model and the scheduler's budget."""
+    length = config.max_model_len or mcfg.max_position_embeddings
+    if not 2 <= length <= mcfg.max_position_embeddings:
+        raise DeepserveError(
+            f"max_model_len={length} must be between 2 and the model's context of "
+            f"{mcfg.max_position_embeddings} tokens", param="max_model_len")
+    if not config.enable_chunked_prefill and config.max_num_batched_tokens < length:
+        raise DeepserveError(
+            f"max_num_batched_tokens={config.max_num_batched_tokens} is below "
+            f"max_model_len={length} with chunked prefill off: long prompts could never "
+            "be scheduled; raise it or enable chunked prefill",
+            param="max_num_batched_tokens")
+    return length
+
+
+def tokenizer_for(config: EngineConfig, path: Path, kind: str) -> Any:
+    if not config.tokenizer:
+        return load_tokenizer(path, kind)
+    folder = Path(config.tokenizer)
+    if not folder.is_dir():
+        raise DeepserveError(f"tokenizer={config.tokenizer!r} is not a folder; give a folder "
+                             "with tokenizer.json (or leave it unset to use the model's own)",
+                             param="tokenizer")
+    return load_tokenizer(folder, "hf")
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token can stand for (its vocabulary string bounds it)."""
+    try:
+        return max(8, max(len(t) for t in tokenizer.get_vocab()))
+    except Exception:  # a tokenizer without get_vocab: a generous fixed bound
+        return 64
+
+
+def use_cpu_kernels(config: EngineConfig, device: torch.device) -> bool:
+    """Whether this replica runs deepserve's C++ kernels: asked for, on a CPU, and built."""
+    if config.quantization != "none" and device.type != "cpu":
+        raise DeepserveError("weight quantization uses CPU kernels; run with --device cpu "
+                             "or --quantization none", param="quantization")
+    return config.cpu_kernels and device.type == "cpu" and kernels.available()
+
+
+def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_len: int,
+                dtype: torch.dtype, device: torch.device, use_kernels: bool,
+                show_progress: bool) -> torch.nn.Module:
+    """Load the weights, quantize them, and prepare them for the kernel decision."""
+    model = load_model(ckpt, mcfg, max_model_len, dtype, device, show_progress=show_progress)
+    quantize_model(model, config.quantization, dtype)
+    enable_kernels(model, use_kernels)
+    if config.cpu_kernels:
+        pack_weights(model)
+    return model
+
+
+def kv_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int,
+              device: torch.device) -> int:
+    """KV blocks in the pool: the byte budget given, or a share of free memory capped at
+    what every sequence at full length could use."""
+    per_block = bytes_per_token * config.block_size
+    if config.kv_cache_memory is not None:
+        blocks = parse_bytes(config.kv_cache_memory) // per_block
+        if blocks < 2:
+            raise DeepserveError(
+                f"kv_cache_memory={config.kv_cache_memory!r} holds {blocks} blocks of "
+                f"{config.block_size} tokens ({per_block} bytes each); give at least "
+                f"{2 * per_block} bytes", param="kv_cache_memory")
+        return int(blocks)
+    budget = int(available_memory(device) * config.kv_cache_memory_fraction)
+    ceiling = config.max_num_seqs * -(-max_model_len // config.block_size) + 1
+    return int(max(2, min(budget // per_block, ceiling)))
+
+
+def log_loaded(engine: Any, seconds: float) -> None:
+    config, mcfg = engine.config, engine.model_config
+    if engine.use_kernels:
+        status = "on"
+    elif not config.cpu_kernels or engine.device.type != "cpu":
+        status = "off"
+    else:
+        status = f"unavailable ({kernels.unavailable_reason()})"
+    logger.info(
+        "loaded %s (%s, %d layers) in %.1fs on %s as %s, weights %s (%.0f MiB); KV cache "
+        "%s: %d blocks x %d = %d tokens (%.0f MiB, %d bytes/token); max_model_len=%d; "
+        "CPU kernels: %s",
+        engine.model_name, mcfg.architecture, mcfg.num_layers, seconds, engine.device,
+        str(engine.dtype).replace("torch.", ""), config.quantization,
+        engine.weight_bytes / 2**20, config.kv_cache_dtype, engine.num_blocks,
+        config.block_size, engine.kv_tokens,
+        engine.kv_tokens * engine.kv_bytes_per_token / 2**20, engine.kv_bytes_per_token,
+        engine.max_model_len, status)
