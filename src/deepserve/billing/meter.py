@@ -203,3 +203,25 @@ class Meter:
             self.tokens.labels(q.model, cls).inc(n)
             self.revenue.labels(q.model, cls).inc(n * price / 1e6 * q.multiplier)
         self.list_revenue.labels(q.model).inc(list_cost)
+
+
+def build_meter(registry: CollectorRegistry, utilization: Callable[[], float], *,
+                pricing: str | None = None, api_keys: str | None = None,
+                ledger: Ledger | None = None, tier: str | None = None,
+                pricing_clock: str | None = None) -> Meter:
+    """A meter from the settings files every front door takes: the pricing TOML (None:
+    DeepSeek-R1 list prices), the key file, a ledger the caller opened, and an optional
+    fixed ISO time to price at (simulations and tests)."""
+    from deepserve.errors import DeepserveError
+
+    policy = PricingPolicy.load(pricing) if pricing else PricingPolicy()
+    keys = KeyStore.load(api_keys) if api_keys else None
+    clock = None
+    if pricing_clock:
+        try:
+            fixed = datetime.fromisoformat(pricing_clock.replace("Z", "+00:00"))
+        except ValueError:
+            raise DeepserveError(f"pricing_clock={pricing_clock!r} is not an ISO time like "
+                                 "2026-01-01T17:00:00Z", param="pricing_clock") from None
+        clock = lambda: fixed  # noqa: E731
+    return Meter(policy, ledger, keys, registry, utilization, tier, clock)

@@ -153,13 +153,14 @@ class OpenAIIngress:
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, StreamingResponse
 
+        from deepserve.server.guard import error_body, models_list
+
         path = request.url.path
         if path in ("/health", "/"):
             return JSONResponse({"status": "ok", "tiers": sorted(self.handles)})
         if path == "/v1/models":
-            return JSONResponse({"object": "list", "data": [
-                {"id": m, "object": "model", "owned_by": "deepserve", "tier": t}
-                for m, t in self.aliases.items()]})
+            return JSONResponse(models_list([(m, {"tier": t})
+                                             for m, t in self.aliases.items()]))
         body = await request.body()
         tier = self.default
         if body:
@@ -170,10 +171,10 @@ class OpenAIIngress:
             if model:
                 tier = self.aliases.get(model, "")
                 if not tier:
-                    return JSONResponse({"error": {
-                        "message": f"model {model!r} does not exist; available: "
-                                   f"{sorted(self.aliases)}", "type": "not_found_error",
-                        "param": "model", "code": "model_not_found"}}, status_code=404)
+                    return JSONResponse(error_body(
+                        404, f"model {model!r} does not exist; available: "
+                        f"{sorted(self.aliases)}", "model", "model_not_found"),
+                        status_code=404)
         handle = self.handles[tier].options(stream=True)
         gen = handle.handle_http.remote(request.method, path,
                                         request.url.query.encode(),

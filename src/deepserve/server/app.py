@@ -16,7 +16,7 @@ from deepserve.billing.meter import BillingContext, BillingError
 from deepserve.engine.async_engine import AsyncEngine, EngineDeadError
 from deepserve.errors import DeepserveError
 from deepserve.server.chat_output import ChatContext
-from deepserve.server.guard import BodyLimit, KeyCheck
+from deepserve.server.guard import BodyLimit, KeyCheck, models_list
 from deepserve.server.params import sampling_params
 from deepserve.server.pipeline import (
     APIError,
@@ -142,9 +142,8 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": int(state.started),
-            "owned_by": "deepserve", "max_model_len": engine.engine.max_model_len}]}
+        return models_list([(state.model_name, {
+            "created": int(state.started), "max_model_len": engine.engine.max_model_len})])
 
     async def run(req: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
         chat = isinstance(req, ChatCompletionRequest)

@@ -1,4 +1,6 @@
-"""What every HTTP request passes before a route runs: a body-size limit and the API key.
+"""What every HTTP request passes before a route runs: a body-size limit and the API key;
+and the OpenAI protocol pieces the three front doors share (error bodies, bearer keys,
+the model list). Torch-free: the gateway and the Ray ingress import it too.
 
 Both are plain ASGI middleware, so they see every path (``/metrics``, ``/openapi.json``
 and ``/docs`` included) and work the same for streaming and non-streaming routes.
@@ -41,12 +43,26 @@ async def send_error(send: Send, status: int, message: str, code: str | None = N
     await send({"type": "http.response.body", "body": body})
 
 
+def bearer_of(header: str | None) -> str | None:
+    """The key in an ``Authorization: Bearer <key>`` header: None when the header is
+    absent, "" when it is not a bearer token."""
+    if header is None:
+        return None
+    return header[7:] if header.startswith("Bearer ") else ""
+
+
 def bearer(scope: Scope) -> str | None:
     for name, value in scope.get("headers", []):
         if name == b"authorization":
-            text = value.decode("latin-1")
-            return text[7:] if text.startswith("Bearer ") else ""
+            return bearer_of(value.decode("latin-1"))
     return None
+
+
+def models_list(entries: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The body of ``GET /v1/models``: (model id, extra fields) for each model served."""
+    return {"object": "list", "data": [{"id": name, "object": "model",
+                                        "owned_by": "deepserve", **extra}
+                                       for name, extra in entries]}
 
 
 def same_key(given: str | None, expected: str) -> bool:

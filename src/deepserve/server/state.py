@@ -10,7 +10,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from prometheus_client import Gauge
 
-from deepserve.billing.meter import BillingError, Meter
+from deepserve.billing.meter import BillingError, Meter, build_meter
 from deepserve.engine.async_engine import AsyncEngine
 from deepserve.errors import DeepserveError
 from deepserve.server.guard import error_body, same_key
@@ -145,29 +145,14 @@ class ServerState:
 
 
 def _build_meter(engine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) -> Meter:
-    from datetime import datetime
-
-    from deepserve.billing.keys import KeyStore
     from deepserve.billing.ledger import Ledger
-    from deepserve.billing.pricing import PricingPolicy
 
-    policy = PricingPolicy.load(cfg.pricing) if cfg.pricing else PricingPolicy()
-    keys = KeyStore.load(cfg.api_keys) if cfg.api_keys else None
-    eng = engine.engine
     ledger = None
     if cfg.ledger:
-        ledger = Ledger(cfg.ledger, engine.model_name, cfg.hardware or _hardware(eng))
-    clock = None
-    if cfg.pricing_clock:
-        try:
-            fixed = datetime.fromisoformat(cfg.pricing_clock.replace("Z", "+00:00"))
-        except ValueError:
-            raise DeepserveError(f"pricing_clock={cfg.pricing_clock!r} is not an ISO time "
-                                 "like 2026-01-01T17:00:00Z", param="pricing_clock") from None
-        clock = lambda: fixed  # noqa: E731
-
-    return Meter(policy, ledger, keys, metrics.registry, lambda: engine.stats.utilization,
-                 cfg.tier, clock)
+        ledger = Ledger(cfg.ledger, engine.model_name, cfg.hardware or _hardware(engine.engine))
+    return build_meter(metrics.registry, lambda: engine.stats.utilization,
+                       pricing=cfg.pricing, api_keys=cfg.api_keys, ledger=ledger,
+                       tier=cfg.tier, pricing_clock=cfg.pricing_clock)
 
 
 def _hardware(engine: Any) -> str:

@@ -1,0 +1,122 @@
+"""The gateway's shared state: tier pools, router, limits, metrics, meter, and the one
+way to reach a backend (``open``: retries and failover before the first byte)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from deepserve.billing.meter import Meter, build_meter
+from deepserve.gateway.config import GatewayConfig
+from deepserve.gateway.pool import Backend, TierPool, prefix_key
+from deepserve.gateway.ratelimit import RateLimiter
+from deepserve.gateway.router import Router
+
+logger = logging.getLogger("deepserve.gateway.app")
+
+
+class NoBackend(Exception):
+    """Every replica of a tier failed before sending a byte."""
+
+
+class Gateway:
+    """Shared state of the gateway process."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.pools = {t.name: TierPool(t.name, t.backends, cfg.balancing, cfg.affinity_slack)
+                      for t in cfg.tiers}
+        self.router = Router(cfg, self.pools)
+        self.limiter = RateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=2.0),
+                                        limits=httpx.Limits(max_connections=1000,
+                                                            max_keepalive_connections=200))
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("deepserve_gateway_requests", "Requests answered by a backend",
+                                ["tier", "backend", "status"], registry=r)
+        self.errors = Counter("deepserve_gateway_errors", "Requests answered with an error",
+                              ["tier", "status"], registry=r)
+        self.retries = Counter("deepserve_gateway_retries",
+                               "Attempts moved to another replica", ["tier"], registry=r)
+        self.escalations = Counter("deepserve_gateway_escalations",
+                                   "Cascade escalations", ["from_tier", "to_tier", "reason"],
+                                   registry=r)
+        self.latency = Histogram("deepserve_gateway_request_latency_seconds",
+                                 "End-to-end latency through the gateway", ["tier"],
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+                                 registry=r)
+        up = Gauge("deepserve_gateway_backend_up", "1 when a backend is in rotation",
+                   ["tier", "backend"], registry=r)
+        outstanding = Gauge("deepserve_gateway_backend_outstanding",
+                            "Requests in flight per backend", ["tier", "backend"], registry=r)
+        for name, pool in self.pools.items():
+            for b in pool.backends:
+                up.labels(name, b.url).set_function(lambda b=b: float(b.available))
+                outstanding.labels(name, b.url).set_function(lambda b=b: b.outstanding)
+        self.meter = self._meter(cfg)
+        self._health_task: asyncio.Task | None = None
+
+    def _meter(self, cfg: GatewayConfig) -> Meter | None:
+        if not (cfg.api_keys or cfg.ledger or cfg.pricing):
+            return None
+        from deepserve.billing.ledger import Ledger
+
+        ledger = Ledger(cfg.ledger, "gateway", "gateway", accelerators=0) if cfg.ledger \
+            else None
+        # The gateway cannot see its backends' batches: utilization pricing uses 0.5.
+        return build_meter(self.registry, lambda: 0.5, pricing=cfg.pricing,
+                           api_keys=cfg.api_keys, ledger=ledger)
+
+    async def health_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(p.check(self.client) for p in self.pools.values()))
+            await asyncio.sleep(self.cfg.health_interval_s)
+
+    # -- forwarding ---------------------------------------------------------------------------
+    async def open(self, tier: str, path: str, body: dict[str, Any],
+                   headers: dict[str, str]) -> tuple[httpx.Response, Backend]:
+        """Send to the tier's best replica; on a connect error or 5xx before any byte,
+        try the next one. Returns the open (streaming) response and its backend."""
+        pool = self.pools[tier]
+        order = pool.candidates(prefix_key(body))
+        last_error = "no replica"
+        for attempt in range(max(1, self.cfg.max_attempts)):
+            backend = order[attempt % len(order)]
+            if attempt:
+                self.retries.labels(tier).inc()
+            # Public names are the gateway's; each backend gets the name it serves.
+            sent = dict(body)
+            if backend.model:
+                sent["model"] = backend.model
+            else:
+                sent.pop("model", None)
+            req = self.client.build_request("POST", backend.url + path, json=sent,
+                                            headers=headers)
+            backend.outstanding += 1
+            try:
+                resp = await self.client.send(req, stream=True)
+            except httpx.TransportError as exc:
+                backend.outstanding -= 1
+                backend.note_failure()
+                last_error = f"{backend.url}: {type(exc).__name__}"
+                logger.warning("tier %s: %s failed (%s); trying another replica", tier,
+                               backend.url, type(exc).__name__)
+                continue
+            if resp.status_code >= 500:
+                await resp.aclose()
+                backend.outstanding -= 1
+                backend.note_failure()
+                last_error = f"{backend.url}: HTTP {resp.status_code}"
+                continue
+            backend.note_success()
+            return resp, backend
+        raise NoBackend(f"tier {tier!r}: every replica failed ({last_error})")
+
+    def release(self, backend: Backend) -> None:
+        backend.outstanding -= 1
+
+

@@ -1,0 +1,276 @@
+"""What the gateway does with one request: authorize, limit, hold its budget, route,
+forward (streaming or not), cascade, bill. One ``Call`` record carries what a request
+needs from admission to its bill."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from deepserve.billing.meter import BillingContext, BillingError, Usage
+from deepserve.gateway.answers import as_sse, mean_logprob, usage_tokens
+from deepserve.gateway.core import Gateway, NoBackend
+from deepserve.gateway.hold import BudgetHold
+from deepserve.server.guard import bearer_of, error_body
+from deepserve.server.pipeline import sse_error
+
+logger = logging.getLogger("deepserve.gateway.app")
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status,
+                        headers=headers)
+
+
+@dataclass
+class Call:
+    """One request through the gateway."""
+
+    path: str
+    body: dict[str, Any]
+    key_id: str | None
+    who: str  # whom rate limits count: the key id, else the key, else the client address
+    hold: BudgetHold
+    start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def chat(self) -> bool:
+        return self.path.endswith("chat/completions")
+
+
+async def json_body(request: Request) -> dict[str, Any] | Response:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return error_response(400, "request body is not valid JSON; send a JSON object "
+                              "with Content-Type: application/json")
+    if not isinstance(body, dict):
+        return error_response(400, "request body must be a JSON object")
+    return body
+
+
+class Handlers:
+    """The gateway's request handling, as methods over the shared ``Gateway`` state."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def refuse(self, exc: BillingError) -> Response:
+        self.gw.errors.labels("-", str(exc.status)).inc()
+        return error_response(exc.status, exc.message, code=exc.code)
+
+    async def handle(self, request: Request, path: str) -> Response:
+        gw = self.gw
+        body = await json_body(request)
+        if isinstance(body, Response):
+            return body
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        key = bearer_of(headers.get("authorization"))
+        key_id = None
+        if gw.meter is not None:
+            try:
+                key_id = gw.meter.authorize(key)
+            except BillingError as exc:
+                return self.refuse(exc)
+        who = key_id or key or (request.client.host if request.client else "anon")
+        limited = gw.limiter.check(who)
+        if limited is not None:
+            which, wait = limited
+            gw.errors.labels("-", "429").inc()
+            return error_response(429, f"rate limit reached: {which} per minute for this "
+                                  "key; retry after the Retry-After seconds",
+                                  code="rate_limit_exceeded",
+                                  headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+        policy = gw.router.policy(headers)
+        tier = gw.router.choose(policy, body, headers, str(body.get("user") or who))
+        call = Call(path, body, key_id, who, BudgetHold(gw.meter))
+        tiers = [gw.router.order[0], gw.router.order[-1]] if policy == "cascade" else [tier]
+        try:
+            call.hold.reserve(key_id, tiers, body, call.chat)
+        except BillingError as exc:
+            return self.refuse(exc)
+        try:
+            if policy == "cascade":
+                return await self.cascade(call)
+            return await self.forward(call, tier)
+        finally:
+            if not call.hold.streaming:
+                call.hold.release()
+
+    def bill(self, call: Call, tier: str, usage: dict[str, Any] | None,
+             finish: str | None) -> dict[str, Any]:
+        gw = self.gw
+        prompt, cached, completion = usage_tokens(usage)
+        gw.limiter.add_tokens(call.who, prompt + completion)
+        if gw.meter is None:
+            return {}
+        ctx = BillingContext(call.key_id, gw.meter.policy.quote(tier, gw.meter.clock(), 0.5),
+                             time.time())
+        cost, _ = gw.meter.bill(ctx, Usage(f"gw-{time.time_ns()}", prompt, cached,
+                                           completion, finish, tier=tier))
+        return cost
+
+    async def forward(self, call: Call, tier: str,
+                      extra_headers: dict[str, str] | None = None) -> Response:
+        gw = self.gw
+        stream = bool(call.body.get("stream"))
+        send = dict(call.body)
+        if stream:
+            send["stream_options"] = {"include_usage": True}
+        try:
+            resp, backend = await gw.open(tier, call.path, send, JSON_HEADERS)
+        except NoBackend as exc:
+            gw.errors.labels(tier, "503").inc()
+            return error_response(503, str(exc), code="no_backend")
+        out_headers = {"x-deepserve-tier": tier, "x-deepserve-backend": backend.url,
+                       **(extra_headers or {})}
+        gw.requests.labels(tier, backend.url, str(resp.status_code)).inc()
+        if stream and resp.status_code == 200:
+            call.hold.streaming = True  # released when the stream ends, after its bill
+            return StreamingResponse(self.passthrough(call, tier, resp, backend),
+                                     media_type="text/event-stream", headers=out_headers)
+        try:
+            content = await resp.aread()
+        finally:
+            await resp.aclose()
+            gw.release(backend)
+        gw.latency.labels(tier).observe(time.perf_counter() - call.start)
+        if resp.status_code == 200:
+            data = json.loads(content)
+            cost = self.bill(call, tier, data.get("usage"),
+                             (data.get("choices") or [{}])[0].get("finish_reason"))
+            if cost:
+                data.setdefault("usage", {})["gateway_cost"] = cost["cost"]
+            content = json.dumps(data).encode()
+        return Response(content, status_code=resp.status_code,
+                        media_type=resp.headers.get("content-type", "application/json"),
+                        headers=out_headers)
+
+    async def passthrough(self, call: Call, tier: str, resp: httpx.Response,
+                          backend: Any) -> AsyncIterator[bytes]:
+        """A backend's SSE stream, line by line; usage read for the bill on the way."""
+        gw = self.gw
+        wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+        usage = None
+        finish = None
+        done = False
+        try:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    if event.get("usage"):
+                        usage = event["usage"]
+                        if not event.get("choices") and not wants_usage:
+                            continue  # the client did not ask for the usage chunk
+                    for c in event.get("choices") or []:
+                        finish = c.get("finish_reason") or finish
+                done = done or line == "data: [DONE]"
+                yield (line + "\n").encode()
+        except (httpx.HTTPError, json.JSONDecodeError) as exc:
+            # The backend died mid-stream, after the 200 went out: tell the client in
+            # the stream itself and end it cleanly rather than cutting the connection.
+            logger.warning("backend %s broke a stream: %s", backend.url, exc)
+            backend.note_failure()
+            gw.errors.labels(tier, "502").inc()
+            if not done:
+                yield sse_error(502, f"the backend {backend.url} failed in the middle of "
+                                f"this stream ({type(exc).__name__}); the text so far is "
+                                "incomplete; retry the request",
+                                code="backend_stream_broken").encode()
+                yield b"data: [DONE]\n\n"
+        finally:
+            await resp.aclose()
+            gw.release(backend)
+            gw.latency.labels(tier).observe(time.perf_counter() - call.start)
+            self.bill(call, tier, usage, finish or "abort")
+            call.hold.release()
+
+    async def cascade(self, call: Call) -> Response:
+        """Ask the light tier first (not streamed, with logprobs); escalate to the strong
+        tier when the answer was cut by length or its mean logprob is too low."""
+        gw = self.gw
+        body, chat = call.body, call.chat
+        lite, pro = gw.router.order[0], gw.router.order[-1]
+        probe = dict(body, stream=False)
+        probe.pop("stream_options", None)
+        probe["logprobs"] = True if chat else max(1, int(body.get("logprobs") or 0))
+        try:
+            resp, backend = await gw.open(lite, call.path, probe, JSON_HEADERS)
+        except NoBackend:
+            return await self.forward(call, pro, {"x-deepserve-escalated": "lite-unavailable"})
+        try:
+            content = await resp.aread()
+        finally:
+            await resp.aclose()
+            gw.release(backend)
+        gw.requests.labels(lite, backend.url, str(resp.status_code)).inc()
+        if resp.status_code != 200:
+            return Response(content, status_code=resp.status_code,
+                            media_type="application/json",
+                            headers={"x-deepserve-tier": lite,
+                                     "x-deepserve-backend": backend.url})
+        data = json.loads(content)
+        choice = (data.get("choices") or [{}])[0]
+        mean_lp = mean_logprob(data, chat)
+        reason = None
+        if choice.get("finish_reason") == "length":
+            reason = "length"
+        elif mean_lp is not None and mean_lp < gw.cfg.cascade_min_logprob:
+            reason = "low_confidence"
+        lite_cost = self.bill(call, lite, data.get("usage"), choice.get("finish_reason"))
+        if reason is not None and pro != lite:
+            gw.escalations.labels(lite, pro, reason).inc()
+            return await self.forward(call, pro, {"x-deepserve-escalated": reason,
+                                                  "x-deepserve-lite-mean-logprob":
+                                                  f"{mean_lp}"})
+        gw.latency.labels(lite).observe(time.perf_counter() - call.start)
+        if not (body.get("logprobs") or body.get("top_logprobs")):
+            for c in data.get("choices", []):
+                c["logprobs"] = None
+        if lite_cost:
+            data.setdefault("usage", {})["gateway_cost"] = lite_cost["cost"]
+        out_headers = {"x-deepserve-tier": lite, "x-deepserve-backend": backend.url,
+                       "x-deepserve-escalated": "no",
+                       "x-deepserve-lite-mean-logprob": f"{mean_lp}"}
+        if body.get("stream"):
+            return StreamingResponse(as_sse(data, chat, body), media_type="text/event-stream",
+                                     headers=out_headers)
+        return JSONResponse(data, headers=out_headers)
+
+    async def relay(self, request: Request, path: str) -> Response:
+        """Pass a request that is neither generated nor billed (tokenize) to a backend of
+        the tier its model names, and its answer back unchanged."""
+        gw = self.gw
+        body = await json_body(request)
+        if isinstance(body, Response):
+            return body
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        if gw.meter is not None:
+            try:
+                gw.meter.authorize(bearer_of(headers.get("authorization")))
+            except BillingError as exc:
+                return self.refuse(exc)
+        tier = gw.router.choose("model", body, headers, "")
+        try:
+            resp, backend = await gw.open(tier, path, body, JSON_HEADERS)
+        except NoBackend as exc:
+            return error_response(503, str(exc), code="no_backend")
+        try:
+            content = await resp.aread()
+        finally:
+            await resp.aclose()
+            gw.release(backend)
+        return Response(content, status_code=resp.status_code,
+                        media_type=resp.headers.get("content-type", "application/json"),
+                        headers={"x-deepserve-tier": tier})
