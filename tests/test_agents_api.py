@@ -53,11 +53,12 @@ def valid_calls(calls) -> list[tuple[str, dict]]:
 
 
 def test_required_tool_choice_gives_calls_that_validate(client):
+    # Room for the most calls a turn may hold (8): a small model tends to repeat them.
     r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, ADD],
-                                       tool_choice="required", temperature=0, max_tokens=120)
+                                       tool_choice="required", temperature=0, max_tokens=400)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    assert valid_calls(choice.message.tool_calls)
+    assert 1 <= len(valid_calls(choice.message.tool_calls)) <= 8
 
 
 def test_named_tool_choice_calls_that_function_only(client):
@@ -95,7 +96,7 @@ def test_none_and_auto_answer_in_prose_or_valid_calls(client):
 def test_streamed_tool_calls_assemble_into_valid_calls(client):
     stream = client.chat.completions.create(
         model=MODEL, messages=ASK, tools=[WEATHER, ADD], tool_choice="required",
-        temperature=0, max_tokens=120, stream=True, stream_options={"include_usage": True})
+        temperature=0, max_tokens=400, stream=True, stream_options={"include_usage": True})
     calls: dict[int, dict] = {}
     finish = None
     usage = None

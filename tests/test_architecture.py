@@ -66,3 +66,69 @@ def test_lower_priority_value_goes_first_and_fcfs_among_equals():
         s.add(_seq(i, p))
     assert [(q.seq_id, q.priority) for q in s.waiting] == [
         (2, 0), (4, 0), (3, 3), (0, 5), (1, 5), (5, 5)]
+
+
+def _imports(path: Path) -> set[str]:
+    """Every deepserve module a file imports, at any depth (lazy imports included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m.startswith("deepserve")}
+
+
+def _module_graph() -> dict[str, set[str]]:
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for path in SRC.rglob("*.py"):
+        name = ".".join(("deepserve", *path.relative_to(SRC).with_suffix("").parts))
+        name = name.removesuffix(".__init__")
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # module level: what runs at import
+            if isinstance(node, ast.ImportFrom) and node.module and \
+                    node.module.startswith("deepserve."):
+                deps.add(node.module)
+        graph[name] = deps
+    return graph
+
+
+def test_imports_only_point_down():
+    upper = ("deepserve.server", "deepserve.gateway", "deepserve.deploy", "deepserve.bench",
+             "deepserve.billing", "deepserve.cli", "deepserve.flags", "deepserve.entrypoints")
+    for folder in ("engine", "models", "layers", "loader"):
+        for path in (SRC / folder).glob("*.py"):
+            bad = [m for m in _imports(path) if m.startswith(upper)]
+            assert not bad, f"{folder}/{path.name} imports {bad}"
+    for path in [SRC / "kernels.py", SRC / "config.py", SRC / "errors.py"]:
+        bad = [m for m in _imports(path) if m.startswith((*upper, "deepserve.engine"))]
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_no_import_cycles():
+    graph = _module_graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(
+                    [*trail[trail.index(dep):], dep]))
+            if dep in graph and not state.get(dep):
+                visit(dep, [*trail, dep])
+        state[node] = 2
+
+    for name in graph:
+        if not state.get(name):
+            visit(name, [name])
+
+
+def test_no_module_over_400_lines():
+    sizes = {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines())
+             for p in SRC.rglob("*.py")}
+    assert max(sizes.values()) <= 400, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]

@@ -65,7 +65,7 @@ class LLM:
             prepared.append((text, ids, p))
         order = []
         for text, ids, p in prepared:
-            order.append(engine.add_request(None, text, p, prompt_ids=ids))
+            order.append(engine.add_request(None, text, p, prompt_ids=ids, validated=True))
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(order), desc="generating", disable=not use_tqdm)
         try:

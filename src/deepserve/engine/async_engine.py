@@ -58,6 +58,7 @@ class _Add:
     sink: Any  # callable(RequestOutput | Exception)
     priority: int = 0
     cache_salt: str | None = None
+    validated: bool = False
 
 
 @dataclass
@@ -142,13 +143,17 @@ class AsyncEngine:
                        messages: list[dict[str, Any]] | None = None,
                        prompt_ids: list[int] | None = None,
                        priority: int = 0,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None,
+                       validated: bool = False) -> AsyncIterator[RequestOutput]:
+        """``validated``: ``prompt_ids`` and ``params`` came from ``prepare`` and are not
+        checked again (a request is validated once, off the event loop)."""
         if self.dead is not None:
             raise EngineDeadError(f"engine loop failed: {self.dead}")
         params = params or SamplingParams()
         if prompt_ids is None:
             prompt, prompt_ids = self.prepare(prompt, messages, params)
-        else:
+            validated = True
+        elif not validated:
             self.engine.check_request(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._sinks:
@@ -163,7 +168,7 @@ class AsyncEngine:
 
         self._sinks[request_id] = sink
         self._inbox.put(_Add(request_id, prompt, prompt_ids, params, sink, priority,
-                             cache_salt))
+                             cache_salt, validated))
         finished = False
         try:
             while True:
@@ -197,7 +202,8 @@ class AsyncEngine:
                         self.engine.add_request(item.request_id, item.prompt, item.params,
                                                 prompt_ids=item.prompt_ids,
                                                 priority=item.priority,
-                                                cache_salt=item.cache_salt)
+                                                cache_salt=item.cache_salt,
+                                                validated=item.validated)
                     except Exception as exc:  # fails this request only
                         if not isinstance(exc, DeepserveError):
                             logger.exception("could not add request %s", item.request_id)

@@ -183,12 +183,15 @@ class LLMEngine:
     def add_request(self, request_id: str | None, prompt: str | list[int] | None,
                     params: SamplingParams, prompt_ids: list[int] | None = None,
                     arrival: float | None = None, priority: int = 0,
-                    cache_salt: str | None = None) -> str:
+                    cache_salt: str | None = None, validated: bool = False) -> str:
         """Queue a request. ``cache_salt``: only requests with the same salt share
-        prefix-cache blocks (tenant isolation); None shares with other unsalted ones."""
+        prefix-cache blocks (tenant isolation); None shares with other unsalted ones.
+        ``validated``: the caller already ran ``check_request`` on these ids and params."""
         if prompt_ids is None:
             prompt, prompt_ids = self.tokenize_prompt(prompt)
-        self.check_request(prompt_ids, params)
+            validated = False
+        if not validated:
+            self.check_request(prompt_ids, params)
         request_id = request_id or f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise DeepserveError(f"request id {request_id!r} is already running",

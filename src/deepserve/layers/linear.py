@@ -19,10 +19,15 @@ from torch import nn
 from deepserve import kernels
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` whose forward uses ``linear_small`` for a few rows when enabled."""
+class KernelLayer:
+    """A layer with a CPU-kernel path. ``use_kernel`` is the engine's one decision
+    (``engine.setup.use_cpu_kernels``), handed to every such layer by enable_kernels."""
 
-    use_kernel = False  # set per model by enable_kernels()
+    use_kernel = False
+
+
+class Linear(KernelLayer, nn.Linear):
+    """``nn.Linear`` whose forward uses ``linear_small`` for a few rows when enabled."""
     packed: torch.Tensor | None = None  # oneDNN layout of weight, set by pack()
 
     def pack(self) -> None:
@@ -47,7 +52,7 @@ class Linear(nn.Linear):
 def enable_kernels(model: nn.Module, on: bool) -> None:
     """Turn the small-batch kernel on or off for every layer of ``model`` that has one."""
     for module in model.modules():
-        if hasattr(module, "use_kernel"):
+        if isinstance(module, KernelLayer):
             module.use_kernel = on
 
 

@@ -17,11 +17,12 @@ from torch import nn
 
 from deepserve import kernels
 from deepserve.config import QUANTIZATIONS  # noqa: F401 (re-exported)
+from deepserve.layers.linear import KernelLayer
 
 SMALL_BATCH_ROWS = 4  # at or below this many rows the quantized kernel is faster
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(KernelLayer, nn.Module):
     """y = x W^T (+ b) with W stored as int8 and one scale per output channel.
 
     Up to ``kernels.SMALL_ROWS_INT8`` rows use deepserve's ``linear_small`` kernel when
@@ -30,7 +31,6 @@ class Int8Linear(nn.Module):
     rows; larger batches dequantize and run a GEMM, or use ``dense`` when one is kept.
     """
 
-    use_kernel = False  # set per model by layers.linear.enable_kernels()
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
                  dtype: torch.dtype) -> None:
@@ -67,7 +67,7 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(KernelLayer, nn.Module):
     """y = x W^T (+ b) with W in 4 bits, asymmetric, one scale and zero per group.
 
     Up to ``SMALL_BATCH_ROWS`` rows use torch's packed int4 kernel (measured faster than
@@ -77,7 +77,6 @@ class Int4Linear(nn.Module):
     kernel over it (batch-32 decode step 49 -> 30 ms); larger batches dequantize + GEMM.
     """
 
-    use_kernel = False  # set per model by layers.linear.enable_kernels()
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                  group_size: int = 32) -> None:

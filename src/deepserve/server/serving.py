@@ -108,7 +108,8 @@ class OpenAIServing:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         out = await self._final(self.engine.generate(params=params, request_id=rid,
                                                      prompt_ids=prompt_ids,
-                                                     priority=req.priority, cache_salt=salt),
+                                                     priority=req.priority, cache_salt=salt,
+                                                     validated=True),
                                 bill, rid)
         self.metrics.observe(out, out.finish_reason or "abort")
         cost = await self.meter.settle(bill, rid, out, out.finish_reason)
@@ -148,7 +149,8 @@ class OpenAIServing:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         gen = self.engine.generate(params=params, request_id=rid, prompt_ids=prompt_ids,
-                                   priority=req.priority, cache_salt=salt)
+                                   priority=req.priority, cache_salt=salt,
+                                   validated=True)
         sent_text = [0] * params.n
         sent_lp = [0] * params.n
         done = [False] * params.n
@@ -207,7 +209,8 @@ class OpenAIServing:
         outs = await asyncio.gather(*[
             self._final(self.engine.generate(params=params, request_id=f"{rid}-{k}",
                                              prompt_ids=ids, priority=req.priority,
-                                             cache_salt=salt), bill, f"{rid}-{k}")
+                                             cache_salt=salt, validated=True),
+                        bill, f"{rid}-{k}")
             for k, (_, ids) in enumerate(prompts)])
         choices = []
         usage = await self._settle_all(bill, rid, dict(enumerate(outs)))
@@ -263,7 +266,7 @@ class OpenAIServing:
             try:
                 async for out in self.engine.generate(params=params, request_id=f"{rid}-{k}",
                                                       prompt_ids=ids, priority=req.priority,
-                                                      cache_salt=salt):
+                                                      cache_salt=salt, validated=True):
                     await merged.put((k, out))
                 await merged.put((k, None))
             except BaseException as exc:  # forwarded to the consumer, which re-raises
