@@ -21,7 +21,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "deepserve"
 
 def test_gateway_imports_without_torch():
     code = ("import sys, deepserve.gateway.app, deepserve.billing.meter, "
-            "deepserve.gateway.hold; print('torch' in sys.modules)")
+            "deepserve.gateway.hold, deepserve.protocol.models, deepserve.protocol.http; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False", out.stderr
@@ -29,7 +30,7 @@ def test_gateway_imports_without_torch():
 
 def test_front_doors_never_touch_live_engine_objects():
     offenders = []
-    for folder in ("server", "gateway", "deploy"):
+    for folder in ("server", "gateway", "deploy", "protocol"):
         for path in (SRC / folder).glob("*.py"):
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if re.search(r"\.(scheduler|block_manager)\b", line):
@@ -99,6 +100,7 @@ def _module_graph() -> dict[str, set[str]]:
 
 def test_imports_only_point_down():
     upper = ("deepserve.server", "deepserve.gateway", "deepserve.deploy", "deepserve.bench",
+             "deepserve.protocol",
              "deepserve.billing", "deepserve.cli", "deepserve.flags", "deepserve.entrypoints")
     for folder in ("engine", "models", "layers", "loader"):
         for path in (SRC / folder).glob("*.py"):

@@ -296,12 +296,12 @@ def test_metrics_and_docs_need_a_key_except_on_the_metrics_port(keyed):
 
 
 def test_api_key_compare_is_constant_time():
-    from deepserve.server.guard import same_key
+    from deepserve.protocol.http import same_key
 
     assert same_key("sekret", "sekret")
     assert not same_key("sekreT", "sekret") and not same_key(None, "sekret")
     assert not same_key("", "sekret")
-    src = Path(sys.modules["deepserve.server.guard"].__file__).read_text()
+    src = Path(sys.modules["deepserve.protocol.http"].__file__).read_text()
     assert "compare_digest" in src
 
 

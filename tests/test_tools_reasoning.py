@@ -8,8 +8,8 @@ import json
 import jsonschema
 import pytest
 
+from deepserve.protocol.models import ChatCompletionRequest
 from deepserve.server.chat_output import ChatContext, ChoiceStream, shape
-from deepserve.server.protocol import ChatCompletionRequest
 from deepserve.server.reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning
 from deepserve.server.tools import (
     constraint,

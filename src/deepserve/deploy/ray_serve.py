@@ -153,7 +153,7 @@ class OpenAIIngress:
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, StreamingResponse
 
-        from deepserve.server.guard import error_body, models_list
+        from deepserve.protocol.http import error_body, models_list
 
         path = request.url.path
         if path in ("/health", "/"):

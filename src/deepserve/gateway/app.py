@@ -15,7 +15,7 @@ from deepserve.errors import DeepserveError
 from deepserve.gateway.config import GatewayConfig
 from deepserve.gateway.core import Gateway, NoBackend
 from deepserve.gateway.handlers import Handlers, error_response
-from deepserve.server.guard import KeyCheck, models_list
+from deepserve.protocol.http import KeyCheck, models_list
 
 logger = logging.getLogger(__name__)
 

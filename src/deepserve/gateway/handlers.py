@@ -19,8 +19,7 @@ from deepserve.billing.meter import BillingContext, BillingError, Usage
 from deepserve.gateway.answers import as_sse, mean_logprob, usage_tokens
 from deepserve.gateway.core import Gateway, NoBackend
 from deepserve.gateway.hold import BudgetHold
-from deepserve.server.guard import bearer_of, error_body
-from deepserve.server.pipeline import sse_error
+from deepserve.protocol.http import bearer_of, error_body, sse_error
 
 logger = logging.getLogger("deepserve.gateway.app")
 JSON_HEADERS = {"content-type": "application/json"}

@@ -15,20 +15,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deepserve.billing.meter import BillingContext, BillingError
 from deepserve.engine.async_engine import AsyncEngine, EngineDeadError
 from deepserve.errors import DeepserveError
+from deepserve.protocol.http import BodyLimit, KeyCheck, models_list
+from deepserve.protocol.models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    bad_text_path,
+)
 from deepserve.server.chat_output import ChatContext
-from deepserve.server.guard import BodyLimit, KeyCheck, models_list
 from deepserve.server.params import sampling_params
 from deepserve.server.pipeline import (
     APIError,
     ClientGone,
     guarded_stream,
     until_done,
-)
-from deepserve.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorResponse,
-    bad_text_path,
 )
 from deepserve.server.reasoning import prompt_opens_thinking
 from deepserve.server.state import ServerConfig, ServerState, error_response

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from deepserve.errors import DeepserveError
+from deepserve.protocol.models import ChatCompletionRequest, CompletionRequest
 from deepserve.sampling_params import SamplingParams
-from deepserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def _constraints(req: ChatCompletionRequest | CompletionRequest) -> list[tuple[str, str, Any]]:
@@ -48,7 +48,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest,
     """Raises DeepserveError (400) naming the field for anything the engine cannot do."""
     unsupported = req.unsupported()
     if unsupported is not None:
-        from deepserve.server.protocol import UNSUPPORTED
+        from deepserve.protocol.models import UNSUPPORTED
 
         raise DeepserveError(f"{unsupported} is an OpenAI parameter that deepserve does not "
                              f"implement ({UNSUPPORTED[unsupported]}); remove it from the "

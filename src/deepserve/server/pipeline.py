@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +23,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from deepserve.server.guard import error_body
+from deepserve.protocol.http import sse_error
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -140,8 +139,3 @@ async def guarded_stream(chunks: AsyncIterator[str], timeout: float | None,
         with contextlib.suppress(Exception):
             await chunks.aclose()  # type: ignore[attr-defined]
         on_end()
-
-
-def sse_error(status: int, message: str, code: str | None = None) -> str:
-    """An error inside an event stream, after the 200 status has gone out."""
-    return f"data: {json.dumps(error_body(status, message, code=code))}\n\n"

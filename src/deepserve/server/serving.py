@@ -12,10 +12,10 @@ from typing import Any
 from deepserve.billing.meter import BillingContext, Meter
 from deepserve.engine.async_engine import AsyncEngine
 from deepserve.engine.sequence import CompletionOutput, Logprob, RequestOutput
+from deepserve.protocol.models import ChatCompletionRequest, CompletionRequest
 from deepserve.sampling_params import SamplingParams
 from deepserve.server.chat_output import ChatContext, ChoiceStream, shape
 from deepserve.server.metrics import ServerMetrics
-from deepserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def _usage(out: RequestOutput) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from prometheus_client import Gauge
 from deepserve.billing.meter import BillingError, Meter, build_meter
 from deepserve.engine.async_engine import AsyncEngine
 from deepserve.errors import DeepserveError
-from deepserve.server.guard import error_body, same_key
+from deepserve.protocol.http import error_body, same_key
+from deepserve.protocol.models import ChatCompletionRequest, CompletionRequest
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.pipeline import Admission, Preparer
-from deepserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from deepserve.server.reasoning import REASONING_PARSERS, template_thinks
 from deepserve.server.serving import OpenAIServing
 

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from deepserve.errors import DeepserveError
-from deepserve.server.protocol import (
+from deepserve.protocol.models import (
     ChatCompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deepserve.errors import DeepserveError
-from deepserve.server.protocol import ChatCompletionRequest
+from deepserve.protocol.models import ChatCompletionRequest
 
 GENERIC_PREAMBLE = (
     "You can call the tools listed below. To call one or more of them, reply with only a "

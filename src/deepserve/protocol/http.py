@@ -1,6 +1,6 @@
-"""What every HTTP request passes before a route runs: a body-size limit and the API key;
-and the OpenAI protocol pieces the three front doors share (error bodies, bearer keys,
-the model list). Torch-free: the gateway and the Ray ingress import it too.
+"""The HTTP side of the OpenAI protocol, shared by the server, the gateway and the Ray
+ingress: error bodies (and SSE error events), bearer keys, the model list, and what
+every request passes before a route runs: a body-size limit and the API key check.
 
 Both are plain ASGI middleware, so they see every path (``/metrics``, ``/openapi.json``
 and ``/docs`` included) and work the same for streaming and non-streaming routes.
@@ -158,3 +158,8 @@ class KeyCheck:
             return await send_error(send, status, message, code)
         scope.setdefault("state", {})["key_id"] = result
         await self.app(scope, receive, send)
+
+
+def sse_error(status: int, message: str, code: str | None = None) -> str:
+    """An error inside an event stream, after the 200 status has gone out."""
+    return f"data: {json.dumps(error_body(status, message, code=code))}\n\n"
