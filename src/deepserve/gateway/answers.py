@@ -3,9 +3,10 @@ confidence, and a finished answer replayed as an SSE stream."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
+
+from deepserve.protocol.http import SSE_DONE, sse
 
 
 def usage_tokens(usage: dict[str, Any] | None) -> tuple[int, int, int]:
@@ -47,7 +48,7 @@ async def as_sse(data: dict[str, Any], chat: bool, body: dict[str, Any]) -> Asyn
         else:
             choices.append({"index": c["index"], "text": c["text"], "logprobs": None,
                             "finish_reason": c.get("finish_reason")})
-    yield f"data: {json.dumps(base | {'choices': choices})}\n\n"
+    yield sse(base | {"choices": choices})
     if (body.get("stream_options") or {}).get("include_usage"):
-        yield f"data: {json.dumps(base | {'choices': [], 'usage': data.get('usage')})}\n\n"
-    yield "data: [DONE]\n\n"
+        yield sse(base | {"choices": [], "usage": data.get("usage")})
+    yield SSE_DONE

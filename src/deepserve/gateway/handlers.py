@@ -19,7 +19,7 @@ from deepserve.billing.meter import BillingContext, BillingError, Usage
 from deepserve.gateway.answers import as_sse, mean_logprob, usage_tokens
 from deepserve.gateway.core import Gateway, NoBackend
 from deepserve.gateway.hold import BudgetHold
-from deepserve.protocol.http import bearer_of, error_body, sse_error
+from deepserve.protocol.http import SSE_DONE, bearer_of, error_body, sse_error
 
 logger = logging.getLogger("deepserve.gateway.app")
 JSON_HEADERS = {"content-type": "application/json"}
@@ -174,7 +174,7 @@ class Handlers:
                             continue  # the client did not ask for the usage chunk
                     for c in event.get("choices") or []:
                         finish = c.get("finish_reason") or finish
-                done = done or line == "data: [DONE]"
+                done = done or line == SSE_DONE.strip()
                 yield (line + "\n").encode()
         except (httpx.HTTPError, json.JSONDecodeError) as exc:
             # The backend died mid-stream, after the 200 went out: tell the client in
@@ -187,7 +187,7 @@ class Handlers:
                                 f"this stream ({type(exc).__name__}); the text so far is "
                                 "incomplete; retry the request",
                                 code="backend_stream_broken").encode()
-                yield b"data: [DONE]\n\n"
+                yield SSE_DONE.encode()
         finally:
             await resp.aclose()
             gw.release(backend)

@@ -160,6 +160,14 @@ class KeyCheck:
         await self.app(scope, receive, send)
 
 
+SSE_DONE = "data: [DONE]\n\n"  # the last event of every OpenAI stream
+
+
+def sse(event: dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON object, as OpenAI streams frame them."""
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
 def sse_error(status: int, message: str, code: str | None = None) -> str:
     """An error inside an event stream, after the 200 status has gone out."""
-    return f"data: {json.dumps(error_body(status, message, code=code))}\n\n"
+    return sse(error_body(status, message, code=code))

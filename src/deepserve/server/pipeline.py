@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from deepserve.protocol.http import sse_error
+from deepserve.protocol.http import SSE_DONE, sse_error
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -132,7 +132,7 @@ async def guarded_stream(chunks: AsyncIterator[str], timeout: float | None,
             except TimeoutError:
                 err = timeout_error(timeout)  # type: ignore[arg-type]
                 yield sse_error(err.status, err.message, err.code)
-                yield "data: [DONE]\n\n"
+                yield SSE_DONE
                 return
             yield chunk
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,6 +11,7 @@ from typing import Any
 from deepserve.billing.meter import BillingContext, Meter
 from deepserve.engine.async_engine import AsyncEngine
 from deepserve.engine.sequence import CompletionOutput, Logprob, RequestOutput
+from deepserve.protocol.http import SSE_DONE, sse
 from deepserve.protocol.models import ChatCompletionRequest, CompletionRequest
 from deepserve.sampling_params import SamplingParams
 from deepserve.server.chat_output import ChatContext, ChoiceStream, shape
@@ -146,7 +146,7 @@ class OpenAIServing:
                                     "choices": choices}
             if include_usage:
                 body["usage"] = usage
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return sse(body)
 
         gen = self.engine.generate(params=params, request_id=rid, prompt_ids=prompt_ids,
                                    priority=req.priority, cache_salt=salt,
@@ -196,7 +196,7 @@ class OpenAIServing:
                                     for s in streams)
                     yield chunk([], _usage(last) | {"completion_tokens_details": {
                         "reasoning_tokens": reasoning}} | cost)
-            yield "data: [DONE]\n\n"
+            yield SSE_DONE
         finally:
             if not billed and last is not None and last.num_output_tokens:
                 # The client left mid-stream: what was produced is still billed.
@@ -321,7 +321,7 @@ class OpenAIServing:
                                             "choices": choices}
                     if include_usage:
                         body["usage"] = None
-                    yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                    yield sse(body)
         finally:
             for t in tasks:
                 t.cancel()
@@ -334,8 +334,8 @@ class OpenAIServing:
             body = {"id": rid, "object": "text_completion", "created": created,
                     "model": self.model_name, "choices": [],
                     "usage": usage}
-            yield f"data: {json.dumps(body)}\n\n"
-        yield "data: [DONE]\n\n"
+            yield sse(body)
+        yield SSE_DONE
 
 
 def _sum_usage(u: dict[str, int]) -> dict[str, Any]:
