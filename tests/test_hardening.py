@@ -343,7 +343,7 @@ def test_schemathesis_finds_no_5xx_and_only_openai_error_bodies(open_server, tmp
     proc = subprocess.run(
         [str(exe), "run", f"{open_server.url}/openapi.json", "--checks",
          "not_a_server_error,response_schema_conformance,status_code_conformance,"
-         "unsupported_method", "--max-time", "75", "--workers", "2",
+         "unsupported_method", "--max-time", "50", "--workers", "2",
          "--phases", "coverage,fuzzing", "--seed", "20261124", "--generation-database", "none"],
         capture_output=True, text=True, timeout=170, cwd=tmp_path)
     out = proc.stdout + proc.stderr
