@@ -136,6 +136,9 @@ def test_generic_history_renders_calls_and_results(default_gguf):
     assert '"name": "get_weather"' in prompt and "reply with only a JSON object" in prompt
     assert '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}' in prompt
     assert "Result of tool call call_1 (get_weather): 18 C and sunny" in prompt
+    named = render_history(request(messages=[{"role": "user", "content": "hi", "name": "ann"}]),
+                           None, None)
+    assert named == [{"role": "user", "content": "hi", "name": "ann"}]  # not dropped
     with pytest.raises(ValueError, match="tool_call_id"):
         render_history(request(messages=[{"role": "tool", "content": "x"}]), None, None)
 

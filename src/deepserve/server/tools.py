@@ -147,6 +147,8 @@ def render_history(req: ChatCompletionRequest, plan: ToolPlan | None,
                             f"{m.tool_call_id} ({name}): {content}"})
             continue
         msg: dict[str, Any] = {"role": m.role, "content": content}
+        if m.name is not None:
+            msg["name"] = m.name  # for templates that render speaker names
         if m.tool_calls:
             for c in m.tool_calls:
                 calls_by_id[c.id] = c.function.name
