@@ -54,7 +54,7 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--quantization", default="none")
+    ap.add_argument("--quantization", default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--profile", action="store_true")

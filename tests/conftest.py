@@ -57,14 +57,17 @@ def hf_greedy(hf_model):
 def llm_fp32():
     from deepserve import LLM
 
-    return LLM(dtype="float32", show_progress=False, kv_cache_memory="256MiB")
+    # The float32 reference: the GGUF dequantized once, computed densely.
+    return LLM(dtype="float32", quantization="none", show_progress=False,
+               kv_cache_memory="256MiB")
 
 
 @pytest.fixture(scope="session")
 def llm_bf16():
     from deepserve import LLM
 
-    return LLM(dtype="bfloat16", show_progress=False, kv_cache_memory="256MiB")
+    return LLM(dtype="bfloat16", quantization="none", show_progress=False,
+               kv_cache_memory="256MiB")
 
 
 def _write_tiny(path: Path, arch: str, default_gguf: Path) -> Path:
@@ -113,3 +116,21 @@ def tiny_llm(tiny_llama_dir):
 
     return LLM(model=str(tiny_llama_dir), dtype="float32", show_progress=False,
                kv_cache_memory="16MiB")
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable"])
+def each_isa(request):
+    """Run a kernel test on one forced instruction-set build (skipped where this CPU
+    cannot run it); ``kernels.*`` calls go to that build for the test's duration."""
+    from deepserve import kernels
+
+    which = request.param
+    if not kernels.available():
+        pytest.skip(f"CPU kernels not built: {kernels.unavailable_reason()}")
+    if which not in kernels.supported_isas():
+        pytest.skip(f"this CPU cannot run the {which} build")
+    assert kernels.load(which), kernels._state.get(f"reason:{which}")
+    before = kernels._state.get("ops")
+    kernels._state["ops"] = kernels.ops(which)
+    yield which
+    kernels._state["ops"] = before

@@ -1,4 +1,4 @@
-"""Weight-only int8/int4/mixed quantization and int8/fp8 KV caches: numerics of the
+"""A GGUF's own blocks (auto), weight-only int8/int4/mixed quantization and int8/fp8 KV caches: numerics of the
 layers, and on the real model a KL bound against float32 for each format."""
 
 from __future__ import annotations
@@ -9,22 +9,6 @@ from prompts import PROMPTS
 
 from deepserve import LLM, DeepserveError, SamplingParams
 from deepserve.layers.kv_cache import LayerKV
-from deepserve.layers.quantized import Int4Linear, Int8Linear
-
-
-@pytest.mark.parametrize("cls, tol", [(Int8Linear, 0.02), (Int4Linear, 0.2)])
-def test_quantized_linear_small_and_large_batch_paths_agree(cls, tol):
-    torch.manual_seed(0)
-    w, b = torch.randn(96, 64), torch.randn(96)
-    layer = cls(w, b, torch.bfloat16)
-    deq = layer.dequantized().float()
-    # the quantization error itself is bounded relative to the weights
-    assert (deq - w).abs().max() <= tol * w.abs().max()
-    for rows in (1, 3, 16):  # 1 and 3 take the packed kernel, 16 the dequantized matmul
-        x = torch.randn(rows, 64, dtype=torch.bfloat16)
-        ref = x.float() @ deq.t() + b
-        got = layer(x).float()
-        assert torch.allclose(got, ref, atol=0.1 * ref.abs().max().item() / 10 + 0.05), rows
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
@@ -45,11 +29,12 @@ def test_quantized_kv_round_trip(kind):
 
 # Mean KL (nats) of next-token distributions against float32 over the test prompts,
 # 16 teacher-forced positions each, read back through the KV cache. Measured here:
-# bf16 0.0013, int8 0.0048, int4 0.0024, mixed 0.0032, KV int8 0.0016, KV fp8 0.0063
+# bf16 0.0013, the GGUF's own Q4_1 blocks (auto) 0.0015, int8 (Q8_0) 0.0028, int4
+# (Q4_1) 0.0015, mixed 0.0020, KV int8 0.0017, KV fp8 0.0062
 # (benchmarks/quality.py gives the same order over 32 prompts x 64 tokens). Bounds are
 # about 2.5x those: a broken kernel, scale or packing (KL 0.1 and up) fails, while
 # rounding noise from another CPU's kernels passes.
-KL_BOUNDS = {("none", "auto"): 0.0035, ("int8", "auto"): 0.012, ("int4", "auto"): 0.006,
+KL_BOUNDS = {("none", "auto"): 0.0035, ("auto", "auto"): 0.004, ("int8", "auto"): 0.012, ("int4", "auto"): 0.006,
              ("mixed", "auto"): 0.008, ("none", "int8"): 0.004, ("none", "fp8"): 0.016}
 
 

@@ -164,7 +164,8 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     from deepserve import kernels
 
     if kernels.available():
-        print(f"deepserve CPU kernels: ready ({kernels.build_dir()})")
+        print(f"deepserve CPU kernels: ready, {kernels.isa()} "
+              f"(this CPU runs: {', '.join(kernels.supported_isas())}; {kernels.build_dir()})")
         return 0
     print(f"deepserve CPU kernels: unavailable ({kernels.unavailable_reason()}); "
           "deepserve runs on torch ops alone")

@@ -8,7 +8,8 @@ from typing import Any
 
 # Weight formats and KV-cache storage the engine implements (layers/quantized.py and
 # layers/kv_cache.py); named here so the configuration is checked without torch.
-QUANTIZATIONS = ("none", "int8", "int4", "mixed")  # mixed: MLP int4, attention int8
+# auto: a GGUF's own Q4_0/Q4_1/Q8_0 blocks as stored, else none; mixed: MLP int4, attention int8
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "mixed")
 KV_DTYPES = ("auto", "int8", "fp8")
 
 
@@ -37,7 +38,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     seed: int = 0
     num_threads: int | None = None
-    quantization: str = "none"  # none | int8 | int4 | mixed (FFN int4, attention int8)
+    quantization: str = "auto"  # auto | none | int8 | int4 | mixed (FFN int4, attention int8)
     kv_cache_dtype: str = "auto"  # auto (= compute dtype) | int8 | fp8
     cpu_kernels: bool = True  # deepserve's C++ kernels on CPU (built on first use)
 

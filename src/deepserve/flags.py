@@ -29,8 +29,9 @@ ENGINE_HELP = {
     "enable_chunked_prefill": "split long prompts across steps",
     "seed": "seed of the generator that requests without their own seed draw from",
     "num_threads": "torch CPU threads (default: torch's choice)",
-    "quantization": "weights: none | int8 (per channel) | int4 (group 32) | mixed "
-                    "(MLP int4, attention int8)",
+    "quantization": "weights: auto (a GGUF's own Q4_0/Q4_1/Q8_0 blocks as stored, else "
+                    "none) | none | int8 (Q8_0) | int4 (Q4_1) | mixed (MLP Q4_1, "
+                    "attention Q8_0)",
     "kv_cache_dtype": "KV cache storage: auto (compute dtype) | int8 (with scales) | fp8",
     "cpu_kernels": "use deepserve's C++ CPU kernels (small-batch matmul, paged decode "
                    "attention; compiled once on first use); --no-cpu-kernels: torch ops only",

@@ -1,14 +1,24 @@
-"""deepserve's own CPU kernels (``csrc/cpu_kernels.cpp``), built on first use.
+"""deepserve's own CPU kernels (``csrc/*.cpp``), built on first use, one build per
+instruction set and picked at run time by this CPU's features.
 
-The C++ source is compiled with the machine's own instruction set (``-march=native``)
-by ``torch.utils.cpp_extension`` into ``~/.cache/deepserve/kernels/<torch>-<cpu flags>``
-(about 15 s on two cores, once; ``make setup`` runs ``deepserve kernels`` to do it ahead
-of time). The ops register as ``torch.ops.deepserve.*``. When no compiler is present or
-the build fails, deepserve logs why and uses its pure-torch paths, which give the same
-results, only slower. ``DEEPSERVE_KERNELS=0`` turns the kernels off;
-``DEEPSERVE_KERNELS_MARCH`` compiles for another target than ``native`` (e.g.
-``x86-64-v3`` for AVX2 machines, which take the portable loops).
+Instruction sets (``DEEPSERVE_ISA`` forces one; the default is the best this CPU has):
 
+* ``avx512``: AVX-512 F/BW/DQ/VL with VNNI and BF16 (AMD Zen 4+, Intel Sapphire Rapids+),
+  compiled for ``x86-64-v4 -mavx512vnni -mavx512bf16``.
+* ``avx2``: AVX2 + FMA + F16C (Intel since Haswell, AMD Zen 1-3, most cloud VMs),
+  compiled for ``x86-64-v3``.
+* ``portable``: plain C++ that the compiler vectorizes as it can (any CPU, ARM included).
+
+Each build is compiled by ``torch.utils.cpp_extension`` into
+``~/.cache/deepserve/kernels/<torch>-<isa>`` (about 20 s on two cores, once; ``make setup``
+runs ``deepserve kernels`` to do it ahead of time) and registers its ops under its own
+namespace, ``torch.ops.deepserve_<isa>``, so several can be loaded side by side (the tests
+check every path on one machine). When no compiler is present or the build fails,
+deepserve logs why and uses its pure-torch paths, which give the same results, only
+slower. ``DEEPSERVE_KERNELS=0`` turns the kernels off.
+
+* ``linear_gguf``: x times a weight kept in GGUF blocks (Q4_0, Q4_1, Q8_0), any number of
+  rows, with 8-bit integer dot products (``csrc/gguf_kernels.cpp``).
 * ``linear_small``: a few rows times a bf16 / fp32 / int8 weight at memory speed.
 * ``linear_int4``: the same for int4 weights in groups of 32 (5-64 rows).
 * ``paged_decode_attention``: decode attention read in place through block tables.
@@ -20,7 +30,7 @@ results, only slower. ``DEEPSERVE_KERNELS=0`` turns the kernels off;
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 import os
 import threading
@@ -31,7 +41,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("cpu_kernels.cpp", "gguf_kernels.cpp")]
 # Rows at or below which linear_small beats oneDNN's packed bf16 GEMM (measured on a
 # 2-core AVX-512 CPU over all of a decode step's layer weights: 1.3x faster at 1 row,
 # 1.1x at 8, 0.85x at 16).
@@ -41,67 +52,143 @@ SMALL_ROWS = 8
 # 85 -> 50 ms).
 SMALL_ROWS_INT8 = 64
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _state: dict[str, object] = {}
 
 
-def _cpu_tag() -> str:
-    """Short hash of the CPU's feature flags: a build made with -march=native on one CPU
-    must not be loaded on another (a shared home directory, a moved container)."""
+ISAS = ("avx512", "avx2", "portable")
+# /proc/cpuinfo flags each instruction set needs.
+_NEEDS = {
+    "avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16",
+               "avx2", "fma", "f16c"),
+    "avx2": ("avx2", "fma", "f16c"),
+    "portable": (),
+}
+_FLAGS = {
+    "avx512": ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16"],
+    "avx2": ["-march=x86-64-v3"],
+    "portable": [],
+}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+            line = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
     except OSError:
-        import platform
-
-        flags = platform.machine() + platform.processor()
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
-def build_dir() -> Path:
+def supported_isas() -> list[str]:
+    """The instruction sets this CPU can run, best first (portable always)."""
+    flags = cpu_flags()
+    return [isa for isa in ISAS if all(f in flags for f in _NEEDS[isa])]
+
+
+def isa_problem() -> str | None:
+    """Why ``DEEPSERVE_ISA`` cannot be used as set, or None."""
+    forced = os.environ.get("DEEPSERVE_ISA", "").strip().lower()
+    if not forced or forced == "auto":
+        return None
+    if forced not in ISAS:
+        return (f"DEEPSERVE_ISA={forced!r} is not one of auto, {', '.join(ISAS)}; unset it to "
+                "use the best this CPU has")
+    if forced not in supported_isas():
+        missing = [f for f in _NEEDS[forced] if f not in cpu_flags()]
+        return (f"DEEPSERVE_ISA={forced} needs CPU features this CPU lacks "
+                f"({', '.join(missing)}); use one of {', '.join(supported_isas())}")
+    return None
+
+
+def isa() -> str:
+    """The instruction set the kernels run with: ``DEEPSERVE_ISA`` when set and usable,
+    else the best this CPU supports."""
+    forced = os.environ.get("DEEPSERVE_ISA", "").strip().lower()
+    if forced in ISAS and isa_problem() is None:
+        return forced
+    return supported_isas()[0]
+
+
+def build_dir(which: str | None = None) -> Path:
     root = os.environ.get("DEEPSERVE_CACHE_DIR") or Path.home() / ".cache" / "deepserve"
-    return Path(root) / "kernels" / f"{torch.__version__}-{_march()}-{_cpu_tag()}"
+    return Path(root) / "kernels" / f"{torch.__version__}-{which or isa()}"
 
 
-def _march() -> str:
-    return os.environ.get("DEEPSERVE_KERNELS_MARCH", "native")
+def _x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def load(which: str) -> bool:
+    """Build (once) and load the kernels for one instruction set; False with a logged
+    reason when that fails."""
+    key = f"ok:{which}"
+    with _lock:
+        if key in _state:
+            return bool(_state[key])
+        if which != "portable" and which not in supported_isas():
+            _state[f"reason:{which}"] = f"this CPU cannot run {which}"
+            _state[key] = False
+            return False
+        from torch.utils import cpp_extension
+
+        directory = build_dir(which)
+        directory.mkdir(parents=True, exist_ok=True)
+        flags = _FLAGS[which] if _x86() else []
+        t0 = time.perf_counter()
+        try:
+            cpp_extension.load(
+                name=f"deepserve_cpu_kernels_{which}",
+                sources=[str(s) for s in SOURCES],
+                extra_cflags=["-O3", "-fopenmp", f"-DDS_NS=deepserve_{which}", *flags],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=False,
+            )
+        except Exception as exc:  # any build failure means: use the torch paths
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
+            _state[f"reason:{which}"] = reason
+            _state[key] = False
+            logger.warning("deepserve CPU kernels (%s) unavailable (%s); using the torch paths",
+                           which, reason)
+            return False
+        logger.info("deepserve CPU kernels (%s) ready (%.1f s)", which, time.perf_counter() - t0)
+        _state[key] = True
+        return True
+
+
+def ops(which: str | None = None):
+    """The ops namespace of one build (default: the one in use, looked up once)."""
+    if which is not None:
+        return getattr(torch.ops, f"deepserve_{which}")
+    found = _state.get("ops")
+    if found is None:
+        found = _state["ops"] = getattr(torch.ops, f"deepserve_{isa()}")
+    return found
 
 
 def _build() -> bool:
     if os.environ.get("DEEPSERVE_KERNELS", "1") in ("0", "false", "off"):
         _state["reason"] = "disabled by DEEPSERVE_KERNELS=0"
         return False
-    from torch.utils import cpp_extension
-
-    directory = build_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    try:
-        cpp_extension.load(
-            name="deepserve_cpu_kernels",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as exc:  # any build failure means: use the torch paths
-        _state["reason"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
-        logger.warning("deepserve CPU kernels unavailable (%s); using the torch paths",
-                       _state["reason"])
+    problem = isa_problem()
+    if problem:
+        _state["reason"] = problem
+        logger.warning("deepserve CPU kernels unavailable: %s", problem)
         return False
-    logger.info("deepserve CPU kernels ready (%.1f s)", time.perf_counter() - t0)
-    return True
+    ok = load(isa())
+    if not ok:
+        _state["reason"] = _state.get(f"reason:{isa()}")
+    return ok
 
 
 def cpu_has_bf16() -> bool:
     """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 pays."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -123,46 +210,57 @@ def unavailable_reason() -> str | None:
 
 def linear_small(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.deepserve.linear_small(x, weight, row_scale, bias)
+    return ops().linear_small(x, weight, row_scale, bias)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
                            block_table: torch.Tensor, ctx_lens: torch.Tensor, block_size: int,
                            scale: float) -> torch.Tensor:
-    return torch.ops.deepserve.paged_decode_attention(q, k_cache, v_cache, k_scale, v_scale,
+    return ops().paged_decode_attention(q, k_cache, v_cache, k_scale, v_scale,
                                                       block_table, ctx_lens, block_size, scale)
 
 
 def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
              eps: float) -> list[torch.Tensor]:
     """[normed] or, with a residual, [normed, x + residual]."""
-    return torch.ops.deepserve.rms_norm(x, residual, weight, eps)
+    return ops().rms_norm(x, residual, weight, eps)
 
 
 def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                   heads: int, kv_heads: int) -> list[torch.Tensor]:
     """Rotated [q, k]; k and v are written to the caches at ``slots``."""
-    return torch.ops.deepserve.rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads,
+    return ops().rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads,
                                              kv_heads)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    return torch.ops.deepserve.silu_mul(gate_up)
+    return ops().silu_mul(gate_up)
+
+
+def linear_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] times a weight stored as GGUF blocks ([N, K / 32 * block bytes] uint8)."""
+    return ops().linear_gguf(x, blocks, qtype, bias)
+
+
+def gguf_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """Rows ``ids`` of a GGUF block matrix as float32 (an embedding lookup)."""
+    return ops().gguf_rows(blocks, ids, qtype, k)
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (bf16) times int4 weights in groups of 32 (layout: ``pack_int4``)."""
-    return torch.ops.deepserve.linear_int4(x, packed, scales, lows, bias)
+    return ops().linear_int4(x, packed, scales, lows, bias)
 
 
 def has_bf16_dot() -> bool:
     """Whether the kernels were built with AVX512-BF16 (needed by ``linear_int4``)."""
     found = _state.get("bf16_dot")
     if found is None:
-        found = _state["bf16_dot"] = available() and bool(torch.ops.deepserve.has_avx512_bf16())
+        found = _state["bf16_dot"] = available() and bool(ops().has_avx512_bf16())
     return bool(found)
 
 
@@ -175,4 +273,4 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def sample_rows(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One draw per row of softmax(logits) (float32), given a uniform number per row."""
-    return torch.ops.deepserve.sample_rows(logits, uniform)
+    return ops().sample_rows(logits, uniform)

@@ -1182,7 +1182,15 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniform) {
 
 }  // namespace
 
-TORCH_LIBRARY(deepserve, m) {
+// One build per instruction set (kernels.py), each under its own namespace, e.g.
+// torch.ops.deepserve_avx2; DS_NS names it (the extra macro level expands it).
+#ifndef DS_NS
+#define DS_NS deepserve
+#endif
+#define DS_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define DS_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+DS_LIBRARY(DS_NS, m) {
   m.def("linear_small(Tensor x, Tensor weight, Tensor? row_scale, Tensor? bias) -> Tensor");
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_scale, "
@@ -1198,7 +1206,7 @@ TORCH_LIBRARY(deepserve, m) {
   m.def("sample_rows(Tensor logits, Tensor uniform) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(deepserve, CPU, m) {
+DS_LIBRARY_IMPL(DS_NS, CPU, m) {
   m.impl("linear_small", &linear_small);
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("rms_norm", &rms_norm);

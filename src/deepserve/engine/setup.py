@@ -5,6 +5,7 @@ kernels), and the size of its KV pool. ``LLMEngine.__init__`` calls these in ord
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from deepserve import kernels
 from deepserve.config import EngineConfig, parse_bytes
 from deepserve.errors import DeepserveError
 from deepserve.layers.linear import enable_kernels, pack_weights
-from deepserve.layers.quantized import quantize_model
+from deepserve.layers.quantized import quantize_model, weight_formats
 from deepserve.loader.resolve import DEFAULT_MODEL_NAME
 from deepserve.loader.tokenizer import load_tokenizer
 from deepserve.loader.weights import load_model
@@ -40,8 +41,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # Measured on an AVX-512 BF16 CPU: bf16 matmuls run 4-5x fp32 at batch >= 32.
-        return torch.bfloat16 if kernels.cpu_has_bf16() else torch.float32
+        # By what this CPU does fast, with the kernels' instruction set: bf16 matmuls run
+        # 4-5x fp32 at batch >= 32 with AVX512-BF16, while CPUs without it emulate bf16
+        # (slower than fp32; measured on AVX2 Zen 3). DEEPSERVE_ISA=avx2 takes fp32 too.
+        native = kernels.cpu_has_bf16() and (kernels.isa() == "avx512"
+                                              or "amx_bf16" in kernels.cpu_flags())
+        return torch.bfloat16 if native else torch.float32
     if name not in _DTYPES:
         raise DeepserveError(f"dtype={name!r} is not one of auto, float32, bfloat16, float16",
                              param="dtype")
@@ -107,7 +112,10 @@ def max_token_chars(tokenizer: Any) -> int:
 
 def use_cpu_kernels(config: EngineConfig, device: torch.device) -> bool:
     """Whether this replica runs deepserve's C++ kernels: asked for, on a CPU, and built."""
-    if config.quantization != "none" and device.type != "cpu":
+    problem = kernels.isa_problem()
+    if problem and config.cpu_kernels and device.type == "cpu":
+        raise DeepserveError(problem)
+    if config.quantization not in ("none", "auto") and device.type != "cpu":
         raise DeepserveError("weight quantization uses CPU kernels; run with --device cpu "
                              "or --quantization none", param="quantization")
     return config.cpu_kernels and device.type == "cpu" and kernels.available()
@@ -117,12 +125,33 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
                 dtype: torch.dtype, device: torch.device, use_kernels: bool,
                 show_progress: bool) -> torch.nn.Module:
     """Load the weights, quantize them, and prepare them for the kernel decision."""
-    model = load_model(ckpt, mcfg, max_model_len, dtype, device, show_progress=show_progress)
+    keep_blocks = config.quantization == "auto" and device.type == "cpu"
+    model = load_model(ckpt, mcfg, max_model_len, dtype, device, show_progress=show_progress,
+                       keep_blocks=keep_blocks)
     quantize_model(model, config.quantization, dtype)
     enable_kernels(model, use_kernels)
+    if use_kernels and dtype == torch.bfloat16 and dense_for_batches():
+        keep_dense_copies(model, dtype)
     if config.cpu_kernels:
         pack_weights(model)
     return model
+
+
+def dense_for_batches() -> bool:
+    """Whether GGUF-block layers also keep a bf16 copy for large batches: where bf16
+    GEMMs run natively (oneDNN), unless DEEPSERVE_DENSE_COPY=0 saves the memory."""
+    if os.environ.get("DEEPSERVE_DENSE_COPY", "1") in ("0", "false", "off"):
+        return False
+    return torch.backends.mkldnn.is_available() and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def keep_dense_copies(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    from deepserve.layers.gguf_linear import GGUFLinear
+
+    for module in model.modules():
+        if isinstance(module, GGUFLinear):
+            module.keep_dense(dtype)
 
 
 def kv_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int,
@@ -146,17 +175,18 @@ def kv_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int,
 def log_loaded(engine: Any, seconds: float) -> None:
     config, mcfg = engine.config, engine.model_config
     if engine.use_kernels:
-        status = "on"
+        status = f"on ({kernels.isa()})"
     elif not config.cpu_kernels or engine.device.type != "cpu":
         status = "off"
     else:
         status = f"unavailable ({kernels.unavailable_reason()})"
     logger.info(
-        "loaded %s (%s, %d layers) in %.1fs on %s as %s, weights %s (%.0f MiB); KV cache "
+        "loaded %s (%s, %d layers) in %.1fs on %s as %s, weights %s: %s (%.0f MiB); KV cache "
         "%s: %d blocks x %d = %d tokens (%.0f MiB, %d bytes/token); max_model_len=%d; "
         "CPU kernels: %s",
         engine.model_name, mcfg.architecture, mcfg.num_layers, seconds, engine.device,
         str(engine.dtype).replace("torch.", ""), config.quantization,
+        weight_formats(engine.model),
         engine.weight_bytes / 2**20, config.kv_cache_dtype, engine.num_blocks,
         config.block_size, engine.kv_tokens,
         engine.kv_tokens * engine.kv_bytes_per_token / 2**20, engine.kv_bytes_per_token,

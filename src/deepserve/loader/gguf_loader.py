@@ -34,6 +34,10 @@ _GLOBAL_NAMES = {
 }
 
 
+# GGUF types deepserve computes with directly (layers/gguf_linear.py): Q4_0, Q4_1, Q8_0.
+BLOCK_TYPES = (2, 3, 8)
+
+
 class GGUFCheckpoint:
     """A GGUF file opened with the `gguf` package (memory-mapped, nothing read yet)."""
 
@@ -106,11 +110,47 @@ class GGUFCheckpoint:
     def __len__(self) -> int:
         return len(self._tensors)
 
-    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hf_name, float32 tensor) for every tensor, dequantized."""
+    def block_plan(self, config: ModelConfig) -> dict[str, tuple[int, list[str]]]:
+        """Modules that can keep the file's own blocks: module path -> (GGUF type, the
+        GGUF tensors it is made of, in row order). A fused projection qualifies when all
+        its parts share one of Q4_0, Q4_1, Q8_0."""
+        groups = {"embed_tokens": ["token_embd.weight"],
+                  "lm_head": ["output.weight" if "output.weight" in self._tensors
+                              else "token_embd.weight"]}
+        for i in range(config.num_layers):
+            p = f"blk.{i}."
+            groups[f"layers.{i}.qkv_proj"] = [p + "attn_q.weight", p + "attn_k.weight",
+                                              p + "attn_v.weight"]
+            groups[f"layers.{i}.o_proj"] = [p + "attn_output.weight"]
+            groups[f"layers.{i}.gate_up_proj"] = [p + "ffn_gate.weight", p + "ffn_up.weight"]
+            groups[f"layers.{i}.down_proj"] = [p + "ffn_down.weight"]
+        plan = {}
+        for module, names in groups.items():
+            if not all(n in self._tensors for n in names):
+                continue
+            types = {int(self._tensors[n].tensor_type) for n in names}
+            if len(types) == 1 and next(iter(types)) in BLOCK_TYPES:
+                plan[module] = (types.pop(), names)
+        return plan
+
+    def blocks(self, name: str, config: ModelConfig) -> torch.Tensor:
+        """One tensor's rows as the file stores them: [rows, bytes per row] uint8 (llama's
+        q/k rows put back in rotary order: a row permutation, so blocks stay whole)."""
+        t = self._tensors[name]
+        data = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))
+        if self.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_heads if "attn_q" in name else config.num_kv_heads
+            data = _unpermute_rotary(data, heads).contiguous()
+        return data
+
+    def tensors(self, config: ModelConfig, skip: frozenset[str] = frozenset()
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (hf_name, float32 tensor) for every tensor not in ``skip``, dequantized."""
         import gguf
 
         for name, t in self._tensors.items():
+            if name in skip:
+                continue
             hf = self.hf_name(name)
             if hf is None:
                 if name.startswith("rope_freqs"):

@@ -6,10 +6,12 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from deepserve.errors import ModelLoadError
 from deepserve.layers.rotary import RotaryEmbedding
+from deepserve.layers.gguf_linear import GGUFEmbedding, GGUFLinear
 from deepserve.loader.gguf_loader import GGUFCheckpoint
 from deepserve.loader.hf_loader import HFCheckpoint
 from deepserve.models.config import ModelConfig
@@ -39,16 +41,23 @@ def open_checkpoint(path: Path, kind: str) -> GGUFCheckpoint | HFCheckpoint:
 
 def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positions: int,
                dtype: torch.dtype, device: torch.device,
-               show_progress: bool = True) -> LlamaForCausalLM:
-    """Create the module on ``device`` in ``dtype`` and copy every checkpoint tensor in."""
+               show_progress: bool = True, keep_blocks: bool = False) -> LlamaForCausalLM:
+    """Create the module on ``device`` in ``dtype`` and copy every checkpoint tensor in.
+
+    ``keep_blocks``: a GGUF's Q4_0 / Q4_1 / Q8_0 projections and embeddings keep the
+    file's blocks (``GGUFLinear``), and are never materialized in ``dtype``."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions, dtype)
+    plan = ckpt.block_plan(cfg) if keep_blocks and isinstance(ckpt, GGUFCheckpoint) else {}
+    for path in plan:  # placeholders: nothing is allocated for them
+        _set_module(model, path, nn.Identity())
     model = model.to_empty(device=device).to(dtype)
     # Buffers were created on meta; build the rotary tables for real.
     model.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                    cfg.rope_scaling, dtype).to(device)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and "lm_head" not in plan:
         model.lm_head.weight = model.embed_tokens.weight
+    skip = _install_blocks(model, ckpt, cfg, plan, dtype) if plan else frozenset()
 
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: set[str] = set()
@@ -73,7 +82,8 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
             dest.copy_(tensor.to(dtype))
         filled.add(target if rows is None else f"{target}[{rows[0]}:{rows[1]}]")
 
-    bar = tqdm(ckpt.tensors(cfg), total=len(ckpt), desc="loading weights", unit="tensor",
+    tensors = ckpt.tensors(cfg, skip) if skip else ckpt.tensors(cfg)
+    bar = tqdm(tensors, total=len(ckpt) - len(skip), desc="loading weights", unit="tensor",
                disable=not show_progress, leave=False)
     for name, tensor in bar:
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -106,6 +116,39 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                              f"{cfg.architecture} model needs, e.g. {missing[:3]}")
     model.eval()
     return model
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelConfig,
+                    plan: dict[str, tuple[int, list[str]]], dtype: torch.dtype
+                    ) -> frozenset[str]:
+    """Put GGUF-block layers where ``plan`` says; returns the GGUF tensors they took."""
+    shared: dict[str, torch.Tensor] = {}
+    for path, (qtype, names) in plan.items():
+        if names == ["token_embd.weight"] and "token_embd.weight" in shared:
+            blocks = shared["token_embd.weight"]
+        else:
+            parts = [ckpt.blocks(n, cfg) for n in names]
+            blocks = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if names == ["token_embd.weight"]:
+                shared["token_embd.weight"] = blocks
+        if path == "embed_tokens":
+            layer: nn.Module = GGUFEmbedding(blocks, qtype, cfg.hidden_size, dtype)
+        else:
+            k = cfg.hidden_size
+            if path.endswith("o_proj"):
+                k = cfg.num_heads * cfg.head_dim
+            elif path.endswith("down_proj"):
+                k = cfg.intermediate_size
+            bias = (torch.zeros(blocks.shape[0]) if path.endswith("qkv_proj")
+                    and cfg.attention_bias else None)
+            layer = GGUFLinear(blocks, qtype, k, bias)
+        _set_module(model, path, layer)
+    return frozenset(n for _, names in plan.values() for n in names)
 
 
 def _expected_fills(model: LlamaForCausalLM, cfg: ModelConfig,

@@ -13,7 +13,7 @@ from torch import nn
 from deepserve import kernels
 from deepserve.layers.attention import AttentionMetadata, paged_attention
 from deepserve.layers.kv_cache import LayerKV
-from deepserve.layers.linear import Linear
+from deepserve.layers.linear import KernelLayer, Linear
 from deepserve.layers.rotary import RotaryEmbedding, apply_rotary
 from deepserve.models.config import ModelConfig
 
@@ -95,10 +95,8 @@ class DecoderLayer(nn.Module):
         return x + self.down_proj(kernels.silu_mul(self.gate_up_proj(h)))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(KernelLayer, nn.Module):
     """The whole decoder; ``forward`` returns hidden states, ``logits`` projects chosen rows."""
-
-    use_kernel = False  # fused CPU kernels per layer; set by layers.linear.enable_kernels()
 
     def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()

@@ -1,0 +1,445 @@
+// deepserve's GGUF block kernels: y = x W^T with W kept in the file's own blocks.
+//
+// Formats (32 weights per block, as GGUF stores them):
+//   Q4_0  fp16 d, 16 bytes of nibbles        w = d * (q - 8)      18 bytes
+//   Q4_1  fp16 d, fp16 m, 16 bytes nibbles    w = d * q + m        20 bytes
+//   Q8_0  fp16 d, 32 signed bytes             w = d * q            34 bytes
+// Nibble i of a block holds weight i (low half) and weight i + 16 (high half).
+//
+// Q8_0 multiplies float rows (row_dot_q8f). For Q4_0 / Q4_1 each input row is quantized
+// once per call to 8 bits per block of 32 (one float scale and the sum of the block's
+// codes), as llama.cpp does, so a block's dot product is an integer dot of 32 bytes
+// plus two multiply-adds:
+//   sum_i w_i x_i = d_w d_x sum_i q_i c_i + m_w (d_x sum_i c_i)
+// (Q4_0 is Q4_1 with m = -8 d). The integer dots use AVX512-VNNI (vpdpbusd), AVX2
+// (vpmaddubsw + vpmaddwd), or plain loops, chosen by how this file was compiled (see
+// kernels.py: one build per instruction set, picked at run time). Every weight block
+// is unpacked once and used for up to four input rows.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && \
+    defined(__AVX512BW__)
+#define DSQ_ISA 2  // AVX-512 with VNNI
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define DSQ_ISA 1  // AVX2 + FMA + F16C
+#else
+#define DSQ_ISA 0  // portable C++
+#endif
+
+namespace dsq {
+
+constexpr int QK = 32;
+enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
+
+inline int64_t block_bytes(int64_t t) {
+  switch (t) {
+    case kQ4_0: return 18;
+    case kQ4_1: return 20;
+    case kQ8_0: return 34;
+    default: return 0;
+  }
+}
+
+inline float half_to_float(uint16_t h) {
+#if DSQ_ISA >= 1
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ffu, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400u)) { mant <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+inline uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// ---- activations: float rows -> 8-bit codes, a scale and a code sum per block -----------
+
+struct QRows {
+  std::vector<int8_t> q;    // [M, K]
+  std::vector<float> d;     // [M, K/32]
+  std::vector<float> s;     // [M, K/32]: d * sum of the block's codes
+};
+
+template <typename T>
+inline float to_f(T v) { return static_cast<float>(v); }
+
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, QRows& out) {
+  const int64_t nb = K / QK;
+  out.q.resize(M * K);
+  out.d.resize(M * nb);
+  out.s.resize(M * nb);
+  at::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* src = x + i * QK;  // rows are contiguous, so block i is at i * 32
+      float v[QK];
+      float amax = 0.f;
+      for (int j = 0; j < QK; ++j) {
+        v[j] = to_f(src[j]);
+        amax = std::max(amax, std::fabs(v[j]));
+      }
+      const float d = amax / 127.f;
+      const float inv = d > 0.f ? 1.f / d : 0.f;
+      int sum = 0;
+      int8_t* q = out.q.data() + i * QK;
+      for (int j = 0; j < QK; ++j) {
+        const int c = static_cast<int>(std::nearbyint(v[j] * inv));
+        q[j] = static_cast<int8_t>(c);
+        sum += c;
+      }
+      out.d[i] = d;
+      out.s[i] = d * static_cast<float>(sum);
+    }
+  });
+}
+
+// ---- one weight row against R input rows ----------------------------------------------
+
+// Block b of a weight row: its scale, its offset (m; Q8_0 has none) and its codes.
+template <int64_t T>
+inline void block_scales(const uint8_t* blk, float& d, float& m) {
+  d = half_to_float(load_u16(blk));
+  if (T == kQ4_1) m = half_to_float(load_u16(blk + 2));
+  else if (T == kQ4_0) m = -8.f * d;
+  else m = 0.f;
+}
+
+template <int64_t T>
+inline const uint8_t* block_codes(const uint8_t* blk) {
+  return blk + (T == kQ4_1 ? 4 : 2);
+}
+
+#if DSQ_ISA >= 1
+// 32 codes of a 4-bit block as unsigned bytes 0..15, in weight order.
+inline __m256i unpack_nibbles(const uint8_t* qs) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Integer dot of 32 weight codes with 32 activation codes, as 8 int32 partial sums.
+// Q4: codes are unsigned 0..15. Q8_0: signed; `wneg` holds -128 * (partial code sums)
+// for the VNNI form, which needs an unsigned operand and so shifts x by 128.
+template <int64_t T>
+inline __m256i dot32(__m256i w, __m256i x, __m256i wneg) {
+#if DSQ_ISA == 2
+  if (T == kQ8_0) {
+    const __m256i xu = _mm256_xor_si256(x, _mm256_set1_epi8(static_cast<char>(0x80)));
+    return _mm256_dpbusd_epi32(wneg, xu, w);
+  }
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+  (void)wneg;
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (T == kQ8_0) {
+    const __m256i aw = _mm256_sign_epi8(w, w);
+    const __m256i sx = _mm256_sign_epi8(x, w);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+  }
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+#endif
+}
+#endif
+
+// out[r] = dot(weight row, input row r) for R rows, from their blocks.
+template <int64_t T, int R>
+inline void row_dot(const uint8_t* wrow, const int8_t* xq, const float* xd, const float* xs,
+                    int64_t K, float* out, int64_t out_stride) {
+  const int64_t nb = K / QK, bb = block_bytes(T);
+#if DSQ_ISA >= 1
+  __m256 acc[R];
+  float corr[R];
+  for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); corr[r] = 0.f; }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * bb;
+    float d, m;
+    block_scales<T>(blk, d, m);
+    const uint8_t* qs = block_codes<T>(blk);
+    __m256i w, wneg = _mm256_setzero_si256();
+    if (T == kQ8_0) {
+      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+#if DSQ_ISA == 2
+      wneg = _mm256_dpbusd_epi32(_mm256_setzero_si256(),
+                                 _mm256_set1_epi8(static_cast<char>(0x80)), w);
+      wneg = _mm256_sub_epi32(_mm256_setzero_si256(), wneg);
+#endif
+    } else {
+      w = unpack_nibbles(qs);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t xi = r * nb + b;
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + xi * QK));
+      const __m256 p = _mm256_cvtepi32_ps(dot32<T>(w, x, wneg));
+      acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * xd[xi]), acc[r]);
+      if (T != kQ8_0) corr[r] += m * xs[xi];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * out_stride] = hsum8(acc[r]) + corr[r];
+#else
+  float acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * bb;
+    float d, m;
+    block_scales<T>(blk, d, m);
+    const uint8_t* qs = block_codes<T>(blk);
+    int8_t wq[QK];
+    if (T == kQ8_0) {
+      std::memcpy(wq, qs, QK);
+    } else {
+      for (int j = 0; j < 16; ++j) {
+        wq[j] = static_cast<int8_t>(qs[j] & 0x0f);
+        wq[j + 16] = static_cast<int8_t>(qs[j] >> 4);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t xi = r * nb + b;
+      const int8_t* x = xq + xi * QK;
+      int32_t s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int j = 0; j < QK; ++j) s += static_cast<int32_t>(wq[j]) * x[j];
+      acc[r] += d * xd[xi] * static_cast<float>(s) + m * xs[xi];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * out_stride] = acc[r];
+#endif
+}
+
+// Q8_0 against float rows: each block's 32 codes become floats in registers, so the
+// only rounding is float32's (greedy decoding matches a float32 matmul over the same
+// dequantized weights; 8-bit activations did not, on 3 of 7 test prompts).
+template <int R>
+inline void row_dot_q8f(const uint8_t* wrow, const float* x, int64_t K, float* out,
+                        int64_t out_stride) {
+  const int64_t nb = K / QK, bb = block_bytes(kQ8_0);
+#if DSQ_ISA >= 1
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * bb;
+    const __m256 d = _mm256_set1_ps(half_to_float(load_u16(blk)));
+    __m256 w[4];
+    for (int j = 0; j < 4; ++j)
+      w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(
+                                      blk + 2 + 8 * j)))));
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * K + b * QK;
+      for (int j = 0; j < 4; ++j) acc[r] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * out_stride] = hsum8(acc[r]);
+#else
+  float acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * bb;
+    const float d = half_to_float(load_u16(blk));
+    const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2);
+    float w[QK];
+    for (int j = 0; j < QK; ++j) w[j] = d * qs[j];
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * K + b * QK;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int j = 0; j < QK; ++j) s += w[j] * xb[j];
+      acc[r] += s;
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * out_stride] = acc[r];
+#endif
+}
+
+void linear_q8f(const float* x, const uint8_t* w, int64_t M, int64_t K, int64_t N,
+                float* out) {
+  const int64_t row_bytes = K / QK * block_bytes(kQ8_0);
+  constexpr int64_t kTile = 64;
+  for (int64_t t0 = 0; t0 < M; t0 += kTile) {
+    const int64_t t1 = std::min(M, t0 + kTile);
+    const int64_t per_thread = N / (4 * at::get_num_threads()) + 1;
+    const int64_t grain =
+        std::min(per_thread, std::max<int64_t>(8, 1024 / std::max<int64_t>(1, t1 - t0)));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* wrow = w + n * row_bytes;
+        for (int64_t m = t0; m < t1; m += 4) {
+          const float* xm = x + m * K;
+          float* o = out + m * N + n;
+          switch (std::min<int64_t>(4, t1 - m)) {
+            case 1: row_dot_q8f<1>(wrow, xm, K, o, N); break;
+            case 2: row_dot_q8f<2>(wrow, xm, K, o, N); break;
+            case 3: row_dot_q8f<3>(wrow, xm, K, o, N); break;
+            default: row_dot_q8f<4>(wrow, xm, K, o, N); break;
+          }
+        }
+      }
+    });
+  }
+}
+
+template <int64_t T>
+void linear_blocks(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t N,
+                   float* out) {
+  const int64_t nb = K / QK, row_bytes = nb * block_bytes(T);
+  // Input rows in tiles of 64 (their codes stay in L2 while every weight row passes),
+  // weight rows split over threads, four input rows per unpacked weight block.
+  constexpr int64_t kTile = 64;
+  for (int64_t t0 = 0; t0 < M; t0 += kTile) {
+    const int64_t t1 = std::min(M, t0 + kTile);
+    // Enough weight rows per task to pay for the task, and several tasks per thread.
+    const int64_t per_thread = N / (4 * at::get_num_threads()) + 1;
+    const int64_t grain =
+        std::min(per_thread, std::max<int64_t>(8, 1024 / std::max<int64_t>(1, t1 - t0)));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* wrow = w + n * row_bytes;
+        for (int64_t m = t0; m < t1; m += 4) {
+          const int8_t* q = xq.q.data() + m * K;
+          const float* d = xq.d.data() + m * nb;
+          const float* s = xq.s.data() + m * nb;
+          float* o = out + m * N + n;
+          switch (std::min<int64_t>(4, t1 - m)) {
+            case 1: row_dot<T, 1>(wrow, q, d, s, K, o, N); break;
+            case 2: row_dot<T, 2>(wrow, q, d, s, K, o, N); break;
+            case 3: row_dot<T, 3>(wrow, q, d, s, K, o, N); break;
+            default: row_dot<T, 4>(wrow, q, d, s, K, o, N); break;
+          }
+        }
+      }
+    });
+  }
+}
+
+at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "linear_gguf: x [M,K] and weight [N,bytes]");
+  TORCH_CHECK(weight.scalar_type() == at::kByte, "linear_gguf: weight must be uint8 blocks");
+  const int64_t bb = block_bytes(qtype);
+  TORCH_CHECK(bb > 0, "linear_gguf: GGUF type ", qtype, " is not Q4_0 (2), Q4_1 (3) or Q8_0 (8)");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(K % QK == 0 && weight.size(1) == K / QK * bb,
+              "linear_gguf: in_features ", K, " does not match weight rows of ", weight.size(1),
+              " bytes");
+  at::Tensor xc = x.contiguous();
+  at::Tensor wc = weight.contiguous();
+  if (qtype == kQ8_0) {
+    at::Tensor xf = xc.to(at::kFloat).contiguous();
+    at::Tensor out = at::empty({M, N}, xf.options());
+    linear_q8f(xf.data_ptr<float>(), wc.data_ptr<uint8_t>(), M, K, N, out.data_ptr<float>());
+    if (bias.has_value()) out.add_(bias->to(at::kFloat));
+    return xc.scalar_type() == at::kFloat ? out : out.to(xc.scalar_type());
+  }
+  QRows q;
+  switch (xc.scalar_type()) {
+    case at::kFloat: quantize_rows(xc.data_ptr<float>(), M, K, q); break;
+    case at::kBFloat16: quantize_rows(xc.data_ptr<at::BFloat16>(), M, K, q); break;
+    case at::kHalf: quantize_rows(xc.data_ptr<at::Half>(), M, K, q); break;
+    default: TORCH_CHECK(false, "linear_gguf: x must be float32, bfloat16 or float16");
+  }
+  at::Tensor out = at::empty({M, N}, xc.options().dtype(at::kFloat));
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  switch (qtype) {
+    case kQ4_0: linear_blocks<kQ4_0>(q, wp, M, K, N, op); break;
+    default: linear_blocks<kQ4_1>(q, wp, M, K, N, op); break;
+  }
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  return xc.scalar_type() == at::kFloat ? out : out.to(xc.scalar_type());
+}
+
+// Rows `ids` of a block matrix as floats (an embedding lookup in a GGUF table).
+at::Tensor gguf_rows(const at::Tensor& weight, const at::Tensor& ids, int64_t qtype, int64_t K) {
+  const int64_t bb = block_bytes(qtype);
+  TORCH_CHECK(bb > 0 && K % QK == 0 && weight.size(1) == K / QK * bb,
+              "gguf_rows: weight rows do not hold ", K, " values of GGUF type ", qtype);
+  at::Tensor wc = weight.contiguous(), ic = ids.to(at::kLong).contiguous();
+  const int64_t n = ic.numel(), nb = K / QK, rows = wc.size(0);
+  at::Tensor out = at::empty({n, K}, at::kFloat);
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < rows, "gguf_rows: id ", ip[i], " out of range");
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* row = wp + ip[i] * nb * bb;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * bb;
+        float* o = op + i * K + b * QK;
+        const float d = half_to_float(load_u16(blk));
+        if (qtype == kQ8_0) {
+          const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2);
+          for (int j = 0; j < QK; ++j) o[j] = d * qs[j];
+        } else {
+          const float m = qtype == kQ4_1 ? half_to_float(load_u16(blk + 2)) : -8.f * d;
+          const uint8_t* qs = blk + (qtype == kQ4_1 ? 4 : 2);
+          for (int j = 0; j < 16; ++j) {
+            o[j] = d * (qs[j] & 0x0f) + m;
+            o[j + 16] = d * (qs[j] >> 4) + m;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+int64_t gguf_isa() { return DSQ_ISA; }
+
+}  // namespace dsq
+
+#ifndef DS_NS
+#define DS_NS deepserve
+#endif
+#define DSQ_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define DSQ_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+DSQ_FRAGMENT(DS_NS, m) {
+  m.def("linear_gguf(Tensor x, Tensor weight, int qtype, Tensor? bias) -> Tensor");
+  m.def("gguf_rows(Tensor weight, Tensor ids, int qtype, int k) -> Tensor");
+  m.def("isa() -> int", &dsq::gguf_isa);
+}
+
+DSQ_IMPL(DS_NS, CPU, m) {
+  m.impl("linear_gguf", &dsq::linear_gguf);
+  m.impl("gguf_rows", &dsq::gguf_rows);
+}

@@ -1,0 +1,173 @@
+"""GGUF block weights (Q4_0, Q4_1, Q8_0) computed as stored: the kernels on every
+instruction-set build this CPU runs against float64, the torch (de)quantizers against
+the gguf package's, and the real model on its own Q4_1 blocks and on Q8_0 blocks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GT
+from prompts import PROMPTS
+
+from deepserve import LLM, SamplingParams, kernels
+from deepserve.layers import gguf_linear as gl
+
+TYPES = {"Q4_0": gl.Q4_0, "Q4_1": gl.Q4_1, "Q8_0": gl.Q8_0}
+
+
+def gguf_blocks(w: torch.Tensor, name: str) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.quantize(w.numpy(), GT[name]))
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_torch_dequantize_equals_the_gguf_package(name):
+    torch.manual_seed(0)
+    w = torch.randn(37, 96) * 3
+    blocks = gguf_blocks(w, name)
+    ref = gguf.quants.dequantize(blocks.numpy(), GT[name])
+    assert torch.equal(gl.dequantize(blocks, TYPES[name], 96), torch.from_numpy(ref))
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0"])
+def test_torch_quantize_writes_blocks_the_gguf_package_reads(name):
+    torch.manual_seed(0)
+    w = torch.randn(40, 128)
+    blocks = gl.quantize(w, TYPES[name])
+    assert blocks.shape == (40, 128 // 32 * gl.BLOCK_BYTES[TYPES[name]])
+    back = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT[name]))
+    step = (w.reshape(40, 4, 32).amax(-1) - w.reshape(40, 4, 32).amin(-1)).max()
+    bound = step / 15 * 0.51 if name == "Q4_1" else w.abs().max() / 127 * 0.51
+    assert (back - w).abs().max() <= bound * 1.01
+    assert torch.equal(gl.dequantize(blocks, TYPES[name], 128), back)
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_gguf_matches_float64_on_each_isa(name, dtype, each_isa):
+    torch.manual_seed(1)
+    n, k = 203, 576
+    w = torch.randn(n, k)
+    blocks = gguf_blocks(w, name)
+    deq = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT[name])).double()
+    bias = torch.randn(n)
+    # 1-5: the decode tiles; 70: past one 64-row tile, with a 2-row remainder
+    for rows in (1, 2, 3, 4, 5, 70):
+        x = torch.randn(rows, k).to(dtype)
+        ref = x.double() @ deq.t() + bias.double()
+        got = kernels.linear_gguf(x, blocks, TYPES[name], bias)
+        assert got.dtype == dtype and got.shape == (rows, n)
+        # 8-bit activations per block of 32 (as llama.cpp): about 0.5% of the output
+        # scale; a wrong nibble order, scale or offset gives errors of 30% and more.
+        err = (got.double() - ref).abs().max() / ref.abs().max()
+        assert err < (0.02 if dtype == torch.float32 else 0.025), (rows, err.item())
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_gguf_rows_equal_the_dequantized_table_on_each_isa(name, each_isa):
+    torch.manual_seed(2)
+    w = torch.randn(50, 64)
+    blocks = gguf_blocks(w, name)
+    ids = torch.tensor([49, 0, 7, 7])
+    ref = gl.dequantize(blocks, TYPES[name], 64)[ids]
+    assert torch.equal(kernels.gguf_rows(blocks, ids, TYPES[name], 64), ref)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.gguf_rows(blocks, torch.tensor([50]), TYPES[name], 64)
+
+
+def test_linear_gguf_names_a_bad_shape_or_type(each_isa):
+    blocks = gguf_blocks(torch.randn(8, 64), "Q8_0")
+    with pytest.raises(RuntimeError, match="in_features 96"):
+        kernels.linear_gguf(torch.randn(1, 96), blocks, gl.Q8_0)
+    with pytest.raises(RuntimeError, match="GGUF type 12"):
+        kernels.linear_gguf(torch.randn(1, 64), blocks, 12)
+
+
+def test_sample_rows_draws_by_the_cumulative_softmax_on_each_isa(each_isa):
+    torch.manual_seed(3)
+    logits = torch.randn(6, 1000) * 3
+    logits[2, 500:] = -float("inf")
+    cdf = torch.softmax(logits.double(), -1).cumsum(-1)
+    u = torch.tensor([0.01, 0.3, 0.5, 0.77, 0.9, 0.999])
+    got = kernels.sample_rows(logits, u.float())
+    want = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+    assert torch.equal(got, want)
+    assert got[2] < 500
+
+
+def test_gguf_linear_layer_without_kernels_dequantizes_in_torch():
+    torch.manual_seed(4)
+    w = torch.randn(24, 64)
+    layer = gl.GGUFLinear(gl.quantize(w, gl.Q4_1), gl.Q4_1, 64, torch.randn(24))
+    layer.use_kernel = False
+    x = torch.randn(3, 64)
+    ref = x @ layer.dequantized().t() + layer.bias
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+def test_isa_env_is_checked_with_a_clear_error():
+    env = dict(os.environ, DEEPSERVE_ISA="sse9")
+    code = ("from deepserve import LLM\n"
+            "try:\n    LLM(show_progress=False)\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert "DeepserveError DEEPSERVE_ISA='sse9' is not one of auto, avx512, avx2, portable" \
+        in out.stdout, out.stdout + out.stderr
+
+
+# ---- the real model on its own blocks ----------------------------------------------------
+
+def test_default_gguf_keeps_its_blocks_and_says_so(caplog):
+    caplog.set_level("INFO", logger="deepserve.engine.llm_engine")
+    llm = LLM(show_progress=False, kv_cache_memory="64MiB")
+    layers = [m for m in llm.engine.model.modules() if isinstance(m, gl.GGUFLinear)]
+    # 30 layers x 4 projections in Q4_1, and the tied output head on the Q8_0 embedding
+    assert sorted({gl.NAMES[m.qtype] for m in layers}) == ["Q4_1", "Q8_0"]
+    assert len(layers) == 121
+    assert isinstance(llm.engine.model.embed_tokens, gl.GGUFEmbedding)
+    assert llm.engine.model.lm_head.blocks.data_ptr() == \
+        llm.engine.model.embed_tokens.blocks.data_ptr()
+    assert "weights auto: Q4_1 x 120 + Q8_0 x 1" in caplog.text
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=12))[0]
+    assert "Paris" in out.text
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the CPU kernels")
+def test_q8_0_blocks_give_the_float32_greedy_tokens():
+    """Q8_0 through the 8-bit kernel against float32 matmuls over the very same
+    dequantized Q8_0 weights (kernels off): only the activations' 8-bit rounding
+    differs, and greedy decoding must not notice."""
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    fast = LLM(dtype="float32", quantization="int8", show_progress=False,
+               kv_cache_memory="64MiB")
+    slow = LLM(dtype="float32", quantization="int8", cpu_kernels=False, show_progress=False,
+               kv_cache_memory="64MiB")
+    a = [o.token_ids for o in fast.generate(PROMPTS, greedy)]
+    b = [o.token_ids for o in slow.generate(PROMPTS, greedy)]
+    assert a == b
+
+
+def test_dense_copy_for_large_batches_gives_the_same_tokens(monkeypatch):
+    """Where bf16 GEMMs are native, block layers keep a bf16 copy for large batches;
+    both sides of DENSE_ROWS compute the same checkpoint weights."""
+    from deepserve.engine import setup
+
+    if not (kernels.available() and setup.dense_for_batches()):
+        pytest.skip("no native bf16 GEMM here: block layers keep no dense copy")
+    llm = LLM(dtype="bfloat16", show_progress=False, kv_cache_memory="64MiB")
+    layer = llm.engine.model.layers[0].down_proj
+    assert layer.dense is not None
+    x = torch.randn(gl.DENSE_ROWS + 8, layer.in_features, dtype=torch.bfloat16)
+    big = layer(x).float()
+    small = torch.cat([layer(x[i:i + 1]) for i in range(x.shape[0])]).float()
+    assert ((big - small).abs().max() / small.abs().max()) < 0.03
+    monkeypatch.setenv("DEEPSERVE_DENSE_COPY", "0")
+    lean = LLM(dtype="bfloat16", show_progress=False, kv_cache_memory="64MiB")
+    assert lean.engine.model.layers[0].down_proj.dense is None
+    assert lean.engine.weight_bytes < llm.engine.weight_bytes
