@@ -47,8 +47,8 @@ def test_last_token_logits_close_to_transformers(llm_fp32, hf_model):
     dict(enable_prefix_caching=False),
 ], ids=["preemption", "chunked-prefill", "no-prefix-cache"])
 def test_same_outputs_under_pressure(engine_args, hf_greedy):
-    llm = LLM(dtype="float32", show_progress=False, **{"kv_cache_memory": "64MiB",
-                                                       **engine_args})
+    llm = LLM(dtype="float32", quantization="none", show_progress=False,
+              **{"kv_cache_memory": "64MiB", **engine_args})
     outs = llm.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == hf_greedy
     stats = llm.engine.stats()
@@ -69,7 +69,7 @@ def test_prefix_cache_hit_reports_cached_tokens(llm_fp32):
     assert second.num_cached_tokens == (n - 1) // 16 * 16
     assert second.token_ids == first.token_ids
     assert third.num_cached_tokens >= 160
-    fresh = LLM(dtype="float32", show_progress=False, kv_cache_memory="64MiB",
+    fresh = LLM(dtype="float32", quantization="none", show_progress=False, kv_cache_memory="64MiB",
                 enable_prefix_caching=False)
     assert fresh.generate(LONG_CONTEXT + " machines", params)[0].token_ids == third.token_ids
 

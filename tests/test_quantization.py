@@ -1,5 +1,6 @@
-"""A GGUF's own blocks (auto), weight-only int8/int4/mixed quantization and int8/fp8 KV caches: numerics of the
-layers, and on the real model a KL bound against float32 for each format."""
+"""A GGUF's own blocks (auto), weight-only int8/int4/mixed quantization and int8/fp8 KV
+caches: numerics of the layers, and on the real model a KL bound against float32 for
+each format."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def test_quantized_kv_round_trip(kind):
 # (benchmarks/quality.py gives the same order over 32 prompts x 64 tokens). Bounds are
 # about 2.5x those: a broken kernel, scale or packing (KL 0.1 and up) fails, while
 # rounding noise from another CPU's kernels passes.
-KL_BOUNDS = {("none", "auto"): 0.0035, ("auto", "auto"): 0.004, ("int8", "auto"): 0.012, ("int4", "auto"): 0.006,
-             ("mixed", "auto"): 0.008, ("none", "int8"): 0.004, ("none", "fp8"): 0.016}
+KL_BOUNDS = {("none", "auto"): 0.0035, ("auto", "auto"): 0.004, ("int8", "auto"): 0.012,
+             ("int4", "auto"): 0.006, ("mixed", "auto"): 0.008, ("none", "int8"): 0.004,
+             ("none", "fp8"): 0.016}
 
 
 @pytest.fixture(scope="module")

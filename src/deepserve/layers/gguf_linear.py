@@ -92,7 +92,11 @@ class GGUFLinear(KernelLayer, nn.Module):
         ``DENSE_ROWS`` rows use it (where bf16 GEMMs run natively they beat the 8-bit
         dot kernel there; see ``DENSE_ROWS``)."""
         with torch.no_grad():
-            w = self.dequantized().to(dtype)
+            if self.use_kernel:
+                rows = torch.arange(self.out_features)
+                w = kernels.gguf_rows(self.blocks, rows, self.qtype, self.in_features).to(dtype)
+            else:
+                w = self.dequantized().to(dtype)
             self.dense = torch.ops.mkldnn._reorder_linear_weight(w)
             self.dense_bias = None if self.bias is None else self.bias.to(dtype)
 

@@ -54,8 +54,8 @@ def weight_bytes(model: nn.Module) -> int:
         if type(module).__name__ == "RotaryEmbedding":
             continue
         for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            if id(t) in seen or t.dtype not in (torch.uint8, torch.int8, torch.bfloat16, torch.float16,
-                                                 torch.float32):
+            if id(t) in seen or t.dtype not in (torch.uint8, torch.int8, torch.bfloat16,
+                                                 torch.float16, torch.float32):
                 continue
             seen.add(id(t))
             total += t.numel() * t.element_size()

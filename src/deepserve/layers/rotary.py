@@ -40,10 +40,13 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None, dtype: torch.dtype) -> None:
         super().__init__()
-        inv = inverse_frequencies(head_dim, theta, scaling)
-        t = torch.arange(max_positions, dtype=torch.float64)
-        freqs = torch.outer(t, inv)
-        emb = torch.cat([freqs, freqs], dim=-1)
+        # Always computed on the CPU: under a meta-device context torch would trace these
+        # ops through its compiler stack (1.5 s of the load for nothing).
+        with torch.device("cpu"):
+            inv = inverse_frequencies(head_dim, theta, scaling)
+            t = torch.arange(max_positions, dtype=torch.float64)
+            freqs = torch.outer(t, inv)
+            emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
 

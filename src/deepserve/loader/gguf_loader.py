@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from deepserve.errors import ModelLoadError
+from deepserve.loader.gguf_file import GGUFFile
 from deepserve.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 
 # GGUF tensor name (per layer, after "blk.N.") -> Hugging Face name (after "model.layers.N.")
@@ -39,14 +40,12 @@ BLOCK_TYPES = (2, 3, 8)
 
 
 class GGUFCheckpoint:
-    """A GGUF file opened with the `gguf` package (memory-mapped, nothing read yet)."""
+    """A GGUF file's header, its tensors memory-mapped (nothing read yet)."""
 
     def __init__(self, path: Path) -> None:
-        import gguf
-
         self.path = path
         try:
-            self.reader = gguf.GGUFReader(str(path))
+            self.reader = GGUFFile(path)
         except Exception as exc:  # the gguf package raises plain ValueError/OSError
             raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
         self.arch = str(self.field("general.architecture", ""))
@@ -57,10 +56,7 @@ class GGUFCheckpoint:
         self._tensors = {t.name: t for t in self.reader.tensors}
 
     def field(self, key: str, default: Any = None) -> Any:
-        f = self.reader.fields.get(key)
-        if f is None:
-            return default
-        return f.contents()
+        return self.reader.fields.get(key, default)
 
     def model_config(self) -> ModelConfig:
         a = self.arch

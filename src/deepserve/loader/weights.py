@@ -10,8 +10,8 @@ from torch import nn
 from tqdm import tqdm
 
 from deepserve.errors import ModelLoadError
-from deepserve.layers.rotary import RotaryEmbedding
 from deepserve.layers.gguf_linear import GGUFEmbedding, GGUFLinear
+from deepserve.layers.rotary import RotaryEmbedding
 from deepserve.loader.gguf_loader import GGUFCheckpoint
 from deepserve.loader.hf_loader import HFCheckpoint
 from deepserve.models.config import ModelConfig
