@@ -183,11 +183,23 @@ def log_loaded(engine: Any, seconds: float) -> None:
     logger.info(
         "loaded %s (%s, %d layers) in %.1fs on %s as %s, weights %s: %s (%.0f MiB); KV cache "
         "%s: %d blocks x %d = %d tokens (%.0f MiB, %d bytes/token); max_model_len=%d; "
-        "CPU kernels: %s",
+        "CPU kernels: %s; resident memory %s",
         engine.model_name, mcfg.architecture, mcfg.num_layers, seconds, engine.device,
         str(engine.dtype).replace("torch.", ""), config.quantization,
         weight_formats(engine.model),
         engine.weight_bytes / 2**20, config.kv_cache_dtype, engine.num_blocks,
         config.block_size, engine.kv_tokens,
         engine.kv_tokens * engine.kv_bytes_per_token / 2**20, engine.kv_bytes_per_token,
-        engine.max_model_len, status)
+        engine.max_model_len, status, resident())
+
+
+def resident() -> str:
+    """This process's resident memory now (VmRSS), for the start-up log."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return f"{int(line.split()[1]) / 1024:.0f} MiB"
+    except OSError:
+        pass
+    return "unknown"

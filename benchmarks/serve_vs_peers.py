@@ -1,0 +1,138 @@
+"""Serving throughput, load time and resident memory: deepserve (each weight format)
+against llama.cpp's own ``llama-server`` with parallel slots, one system at a time.
+
+For every system: start the server, time it from launch to ``/health`` answering 200
+("load"), run ``deepserve bench serve`` (random 128-token prompts, 128 output tokens,
+``ignore_eos``, fresh prompts for each concurrency) at each concurrency, read the server's peak resident memory (VmHWM)
+and stop it. Both sides get the same KV capacity in tokens (``--kv-tokens``) and the
+same threads. Nothing else should run meanwhile: llama.cpp's threads spin.
+
+    .venv/bin/python benchmarks/serve_vs_peers.py \\
+        --llama-server /path/to/llama-server --systems auto none int8 int4 mixed llama.cpp
+    DEEPSERVE_ISA=avx2 .venv/bin/python benchmarks/serve_vs_peers.py ...   # the AVX2 path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from deepserve.loader.resolve import resolve_model
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return time.perf_counter() - t0
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError("server did not become ready")
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--systems", nargs="+", default=["auto", "llama.cpp"],
+                    help="deepserve --quantization values, and/or llama.cpp")
+    ap.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-tokens", type=int, default=16384)
+    ap.add_argument("--rounds", type=int, default=2, help="requests = concurrency x rounds")
+    ap.add_argument("--out", default="results/serve_vs_peers.json")
+    args = ap.parse_args()
+    gguf = str(resolve_model(None)[0])
+    port = 8931
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    for system in args.systems:
+        if system == "llama.cpp":
+            if not args.llama_server:
+                sys.exit("--llama-server is needed for the llama.cpp system")
+            cmd = [args.llama_server, "-m", gguf, "-t", str(args.threads), "-np",
+                   str(max(args.concurrency)), "-c", str(args.kv_tokens), "--port", str(port),
+                   "--host", "127.0.0.1", "--no-webui"]
+            label = f"llama.cpp llama-server -np {max(args.concurrency)}"
+        else:
+            # KV bytes for kv_tokens tokens in the compute dtype the server will pick
+            cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--port", str(port),
+                   "--quantization", system, "--num-threads", str(args.threads),
+                   "--max-num-seqs", str(max(args.concurrency)),
+                   "--kv-cache-memory", str(args.kv_tokens * _kv_bytes_per_token())]
+            label = f"deepserve --quantization {system}"
+        log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            load = wait_ready(url, proc)
+            row = {"system": label, "load_s": round(load, 2), "by_concurrency": {}}
+            for c in args.concurrency:
+                with tempfile.TemporaryDirectory() as out:
+                    subprocess.run(
+                        [sys.executable, "-m", "deepserve.cli", "bench", "serve", "--base-url",
+                         url, "--workload", "random", "--input-len", "128", "--output-len",
+                         "128", "--ignore-eos", "--concurrency", str(c), "--workload-seed", str(c), "--num-requests",
+                         str(max(4, c * args.rounds)), "--warmup", "1", "--out", out],
+                        check=True, capture_output=True)
+                    run = json.loads(next(Path(out).glob("serve-*.json")).read_text())
+                s = run["summary"]
+                row["by_concurrency"][c] = {
+                    "output_tok_s": round(s["output_throughput"], 1),
+                    "tpot_p50_ms": round(s["tpot_ms"]["p50"], 1),
+                    "ttft_p50_ms": round(s["ttft_ms"]["p50"], 1), "errors": s["errors"]}
+                print(system, c, row["by_concurrency"][c], flush=True)
+            row["peak_rss_mib"] = round(peak_rss_mib(proc.pid))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            print("log:", log.name)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"isa": os.environ.get("DEEPSERVE_ISA", "auto"),
+                                          "rows": rows}, indent=2))
+    cs = args.concurrency
+    print("| system | " + " | ".join(f"conc {c}" for c in cs) +
+          " | TPOT p50 at conc 1 | load to ready | peak RSS |")
+    print("|---|" + "---:|" * (len(cs) + 3))
+    for r in rows:
+        b = r["by_concurrency"]
+        print(f"| {r['system']} | " + " | ".join(f"{b[c]['output_tok_s']}" for c in cs) +
+              f" | {b[cs[0]]['tpot_p50_ms']} ms | {r['load_s']} s | {r['peak_rss_mib']} MiB |")
+
+
+def _kv_bytes_per_token() -> int:
+    """Bytes per KV token for the default model in the dtype ``--dtype auto`` picks."""
+    import torch
+
+    from deepserve.engine.setup import pick_dtype
+
+    size = 2 if pick_dtype("auto", torch.device("cpu")) != torch.float32 else 4
+    return 30 * 2 * 3 * 64 * size
+
+
+if __name__ == "__main__":
+    main()
