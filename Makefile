@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp ray deploy-tools clean
+.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp bench-peers ray deploy-tools clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,26 @@ bench-compare: bench-deps
 # Prefill, single-stream decode and batched generation against llama.cpp, one run.
 bench-llamacpp: bench-deps
 	$(BIN)/python benchmarks/vs_llamacpp.py --batch 32 64 --quantization none int8 int4 mixed
+
+# llama.cpp's own llama-server (parallel slots), built from the llama.cpp sources that
+# ship in the llama-cpp-python sdist: about 8 minutes on 2 cores, once, into build/.
+LLAMA_CPP_SRC := build/llama.cpp-src/llama_cpp_python-0.3.36/vendor/llama.cpp
+LLAMA_SERVER  := build/llama.cpp/bin/llama-server
+$(LLAMA_SERVER): | setup
+	mkdir -p build/llama.cpp-src
+	test -d $(LLAMA_CPP_SRC) || ($(BIN)/pip download -q --no-binary :all: --no-deps \
+		llama-cpp-python==0.3.36 -d build/llama.cpp-src && \
+		tar xzf build/llama.cpp-src/llama_cpp_python-0.3.36.tar.gz -C build/llama.cpp-src)
+	cmake -S $(LLAMA_CPP_SRC) -B build/llama.cpp -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+		-DGGML_NATIVE=ON -DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(CURDIR)/build/llama.cpp/bin
+	cmake --build build/llama.cpp -j2 --target llama-server llama-batched-bench
+
+# Serving throughput, load time and memory: deepserve (each weight format) against
+# llama-server -np 64, one after the other (see BENCHMARKS.md; DEEPSERVE_ISA=avx2 for
+# the AVX2 path).
+bench-peers: setup $(LLAMA_SERVER)
+	$(BIN)/python benchmarks/serve_vs_peers.py --llama-server $(LLAMA_SERVER) \
+		--systems auto none int8 int4 mixed llama.cpp
 
 # Ray Serve (the [ray] extra is part of setup): two tiers on a local Ray cluster.
 ray: setup

@@ -3,8 +3,8 @@ against llama.cpp's own ``llama-server`` with parallel slots, one system at a ti
 
 For every system: start the server, time it from launch to ``/health`` answering 200
 ("load"), run ``deepserve bench serve`` (random 128-token prompts, 128 output tokens,
-``ignore_eos``, fresh prompts for each concurrency) at each concurrency, read the server's peak resident memory (VmHWM)
-and stop it. Both sides get the same KV capacity in tokens (``--kv-tokens``) and the
+``ignore_eos``, fresh prompts for each concurrency) at each concurrency, read the
+server's peak resident memory (VmHWM) and stop it. Both sides get the same KV capacity in tokens (``--kv-tokens``) and the
 same threads. Nothing else should run meanwhile: llama.cpp's threads spin.
 
     .venv/bin/python benchmarks/serve_vs_peers.py \\
@@ -91,7 +91,8 @@ def main() -> None:
                     subprocess.run(
                         [sys.executable, "-m", "deepserve.cli", "bench", "serve", "--base-url",
                          url, "--workload", "random", "--input-len", "128", "--output-len",
-                         "128", "--ignore-eos", "--concurrency", str(c), "--workload-seed", str(c), "--num-requests",
+                         "128", "--ignore-eos", "--concurrency", str(c), "--workload-seed",
+                         str(c), "--num-requests",
                          str(max(4, c * args.rounds)), "--warmup", "1", "--out", out],
                         check=True, capture_output=True)
                     run = json.loads(next(Path(out).glob("serve-*.json")).read_text())

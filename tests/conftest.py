@@ -66,8 +66,8 @@ def llm_fp32():
 def llm_bf16():
     from deepserve import LLM
 
-    return LLM(dtype="bfloat16", quantization="none", show_progress=False,
-               kv_cache_memory="256MiB")
+    # the default configuration, in bf16 (GGUF blocks as stored)
+    return LLM(dtype="bfloat16", show_progress=False, kv_cache_memory="256MiB")
 
 
 def _write_tiny(path: Path, arch: str, default_gguf: Path) -> Path:

@@ -15,7 +15,9 @@ from deepserve import SamplingParams
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerProcess("--max-num-seqs", "16", log_dir=tmp_path_factory.mktemp("logs"))
+    # bf16 like llm_bf16, which the greedy test compares with, on any CPU
+    srv = ServerProcess("--max-num-seqs", "16", "--dtype", "bfloat16",
+                        log_dir=tmp_path_factory.mktemp("logs"))
     yield srv
     assert srv.stop() == 0, srv.log()
 
