@@ -4,8 +4,9 @@ against llama.cpp's own ``llama-server`` with parallel slots, one system at a ti
 For every system: start the server, time it from launch to ``/health`` answering 200
 ("load"), run ``deepserve bench serve`` (random 128-token prompts, 128 output tokens,
 ``ignore_eos``, fresh prompts for each concurrency) at each concurrency, read the
-server's peak resident memory (VmHWM) and stop it. Both sides get the same KV capacity in tokens (``--kv-tokens``) and the
-same threads. Nothing else should run meanwhile: llama.cpp's threads spin.
+server's peak resident memory (VmHWM) and stop it. Both sides get the same KV capacity
+in tokens (``--kv-tokens``) and the same threads. Nothing else should run meanwhile:
+llama.cpp's threads spin.
 
     .venv/bin/python benchmarks/serve_vs_peers.py \\
         --llama-server /path/to/llama-server --systems auto none int8 int4 mixed llama.cpp
