@@ -74,9 +74,10 @@ class GatewayProcess:
 def backends(tmp_path_factory):
     logs = tmp_path_factory.mktemp("backends")
     procs = []
-    # lite: bf16, two replicas; pro: the same model at full precision (float32)
+    # lite: the default (GGUF blocks), two replicas; pro: the same model dequantized and
+    # computed at full precision (float32)
     for args in (["--served-model-name", "lite"], ["--served-model-name", "lite"],
-                 ["--served-model-name", "pro", "--dtype", "float32"]):
+                 ["--served-model-name", "pro", "--dtype", "float32", "--quantization", "none"]):
         procs.append(ServerProcess(*args, "--max-num-seqs", "16", log_dir=logs))
     yield procs
     for p in procs:
