@@ -53,7 +53,7 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_cli_generate_json_matches_offline(llm_bf16):
     proc = _cli("generate", "The capital of France is", "--max-tokens", "8", "--json",
-                "--kv-cache-memory", "64MiB")
+                "--kv-cache-memory", "64MiB", "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     offline = llm_bf16.generate("The capital of France is",
@@ -74,7 +74,7 @@ def test_cli_errors_are_clear(tmp_path):
 def test_cli_chat_streams_a_reply():
     proc = subprocess.run([sys.executable, "-m", "deepserve.cli", "chat", "--max-tokens", "16",
                            "--kv-cache-memory", "64MiB"],
-                          input="What is the capital of France?\n\n", capture_output=True,
+                          input="Name the capital city of France.\n\n", capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout

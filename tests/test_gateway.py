@@ -126,7 +126,7 @@ def test_auto_policy_uses_request_features(gateway):
 def test_streaming_passes_through_token_by_token(gateway):
     stream = client(gateway).chat.completions.with_raw_response.create(
         model="pro", max_tokens=12, stream=True, temperature=0,
-        messages=[{"role": "user", "content": "What is the capital of France?"}])
+        messages=[{"role": "user", "content": "Name the capital city of France."}])
     assert stream.headers["x-deepserve-tier"] == "pro"
     assert stream.headers["x-deepserve-backend"].startswith("http://127.0.0.1:")
     chunks = list(stream.parse())
@@ -152,7 +152,7 @@ def test_cascade_escalates_on_length_and_keeps_confident_answers(gateway):
     c = client(gateway, **{"x-deepserve-route": "cascade"})
     sure = c.chat.completions.with_raw_response.create(
         model="auto", max_tokens=40, temperature=0,
-        messages=[{"role": "user", "content": "What is the capital of France?"}])
+        messages=[{"role": "user", "content": "Name the capital city of France."}])
     assert sure.headers["x-deepserve-tier"] == "lite"
     assert sure.headers["x-deepserve-escalated"] == "no"
     assert "Paris" in sure.parse().choices[0].message.content

@@ -133,7 +133,7 @@ def test_default_gguf_keeps_its_blocks_and_says_so(caplog):
     assert llm.engine.model.lm_head.blocks.data_ptr() == \
         llm.engine.model.embed_tokens.blocks.data_ptr()
     assert "weights auto: Q4_1 x 120 + Q8_0 x 1" in caplog.text
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+    out = llm.chat([{"role": "user", "content": "Name the capital city of France."}],
                    SamplingParams(temperature=0, max_tokens=12))[0]
     assert "Paris" in out.text
 

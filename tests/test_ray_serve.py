@@ -56,7 +56,7 @@ def test_streaming_and_errors_pass_through(ray_app):
     client = openai.OpenAI(base_url=f"{ray_app}/v1", api_key="x", max_retries=0, timeout=300)
     stream = client.chat.completions.create(
         model="lite", max_tokens=12, stream=True, temperature=0,
-        messages=[{"role": "user", "content": "What is the capital of France?"}])
+        messages=[{"role": "user", "content": "Name the capital city of France."}])
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert "Paris" in text
     bad = httpx.post(f"{ray_app}/v1/chat/completions", json={
