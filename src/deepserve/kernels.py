@@ -20,7 +20,6 @@ slower. ``DEEPSERVE_KERNELS=0`` turns the kernels off.
 * ``linear_gguf``: x times a weight kept in GGUF blocks (Q4_0, Q4_1, Q8_0), any number of
   rows, with 8-bit integer dot products (``csrc/gguf_kernels.cpp``).
 * ``linear_small``: a few rows times a bf16 / fp32 / int8 weight at memory speed.
-* ``linear_int4``: the same for int4 weights in groups of 32 (5-64 rows).
 * ``paged_decode_attention``: decode attention read in place through block tables.
 * ``rms_norm`` (with the residual add), ``rope_write_kv`` (rotary on q/k plus the KV
   cache write) and ``silu_mul``: a decoder layer's element-wise work in 3 calls instead
@@ -47,10 +46,6 @@ SOURCES = [Path(__file__).parent / "csrc" / name
 # 2-core AVX-512 CPU over all of a decode step's layer weights: 1.3x faster at 1 row,
 # 1.1x at 8, 0.85x at 16).
 SMALL_ROWS = 8
-# For int8/int4 weights the alternative is dequantize + GEMM, so the kernels win longer:
-# int8 5x at 1 row, 1.2x at 32, even at 64; int4 1.7x at 64 (batch-64 decode step
-# 85 -> 50 ms).
-SMALL_ROWS_INT8 = 64
 
 _lock = threading.RLock()
 _state: dict[str, object] = {}
@@ -248,27 +243,6 @@ def linear_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int,
 def gguf_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """Rows ``ids`` of a GGUF block matrix as float32 (an embedding lookup)."""
     return ops().gguf_rows(blocks, ids, qtype, k)
-
-
-def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (bf16) times int4 weights in groups of 32 (layout: ``pack_int4``)."""
-    return ops().linear_int4(x, packed, scales, lows, bias)
-
-
-def has_bf16_dot() -> bool:
-    """Whether the kernels were built with AVX512-BF16 (needed by ``linear_int4``)."""
-    found = _state.get("bf16_dot")
-    if found is None:
-        found = _state["bf16_dot"] = available() and bool(ops().has_avx512_bf16())
-    return bool(found)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """[N, K] values 0..15 -> [N, K/2] uint8: per group of 32, byte i = q[i] | q[i+16] << 4."""
-    n, k = q.shape
-    g = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
-    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
 def sample_rows(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
