@@ -139,10 +139,14 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
 
 def dense_for_batches() -> bool:
     """Whether GGUF-block layers also keep a bf16 copy for large batches: where bf16
-    GEMMs run natively (oneDNN), unless DEEPSERVE_DENSE_COPY=0 saves the memory."""
+    GEMMs run natively (oneDNN) and the kernels run AVX-512, unless
+    DEEPSERVE_DENSE_COPY=0 saves the memory."""
     if os.environ.get("DEEPSERVE_DENSE_COPY", "1") in ("0", "false", "off"):
         return False
-    return torch.backends.mkldnn.is_available() and \
+    # Only with the avx512 kernels (a forced avx2 path computes everything on blocks, as
+    # an AVX2 CPU does, so its results match one).
+    native = kernels.isa() == "avx512" or "amx_bf16" in kernels.cpu_flags()
+    return native and torch.backends.mkldnn.is_available() and \
         torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
