@@ -289,9 +289,12 @@ inline void row_dot_q8f(const uint8_t* wrow, const float* x, int64_t K, float* o
 #endif
 }
 
-void linear_q8f(const float* x, const uint8_t* w, int64_t M, int64_t K, int64_t N,
-                float* out) {
-  const int64_t row_bytes = K / QK * block_bytes(kQ8_0);
+// The loop both formats share: input rows in tiles of 64 (they stay in L2 while every
+// weight row passes), weight rows split over threads with enough rows per task to pay
+// for it and several tasks per thread, and `dot(n, m, rows)` for up to four input rows
+// at a time against weight row n.
+template <typename Dot>
+void for_row_tiles(int64_t M, int64_t N, Dot dot) {
   constexpr int64_t kTile = 64;
   for (int64_t t0 = 0; t0 < M; t0 += kTile) {
     const int64_t t1 = std::min(M, t0 + kTile);
@@ -299,54 +302,45 @@ void linear_q8f(const float* x, const uint8_t* w, int64_t M, int64_t K, int64_t 
     const int64_t grain =
         std::min(per_thread, std::max<int64_t>(8, 1024 / std::max<int64_t>(1, t1 - t0)));
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t* wrow = w + n * row_bytes;
-        for (int64_t m = t0; m < t1; m += 4) {
-          const float* xm = x + m * K;
-          float* o = out + m * N + n;
-          switch (std::min<int64_t>(4, t1 - m)) {
-            case 1: row_dot_q8f<1>(wrow, xm, K, o, N); break;
-            case 2: row_dot_q8f<2>(wrow, xm, K, o, N); break;
-            case 3: row_dot_q8f<3>(wrow, xm, K, o, N); break;
-            default: row_dot_q8f<4>(wrow, xm, K, o, N); break;
-          }
-        }
-      }
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = t0; m < t1; m += 4) dot(n, m, std::min<int64_t>(4, t1 - m));
     });
   }
+}
+
+void linear_q8f(const float* x, const uint8_t* w, int64_t M, int64_t K, int64_t N,
+                float* out) {
+  const int64_t row_bytes = K / QK * block_bytes(kQ8_0);
+  for_row_tiles(M, N, [&](int64_t n, int64_t m, int64_t rows) {
+    const uint8_t* wrow = w + n * row_bytes;
+    const float* xm = x + m * K;
+    float* o = out + m * N + n;
+    switch (rows) {
+      case 1: row_dot_q8f<1>(wrow, xm, K, o, N); break;
+      case 2: row_dot_q8f<2>(wrow, xm, K, o, N); break;
+      case 3: row_dot_q8f<3>(wrow, xm, K, o, N); break;
+      default: row_dot_q8f<4>(wrow, xm, K, o, N); break;
+    }
+  });
 }
 
 template <int64_t T>
 void linear_blocks(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t N,
                    float* out) {
   const int64_t nb = K / QK, row_bytes = nb * block_bytes(T);
-  // Input rows in tiles of 64 (their codes stay in L2 while every weight row passes),
-  // weight rows split over threads, four input rows per unpacked weight block.
-  constexpr int64_t kTile = 64;
-  for (int64_t t0 = 0; t0 < M; t0 += kTile) {
-    const int64_t t1 = std::min(M, t0 + kTile);
-    // Enough weight rows per task to pay for the task, and several tasks per thread.
-    const int64_t per_thread = N / (4 * at::get_num_threads()) + 1;
-    const int64_t grain =
-        std::min(per_thread, std::max<int64_t>(8, 1024 / std::max<int64_t>(1, t1 - t0)));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t* wrow = w + n * row_bytes;
-        for (int64_t m = t0; m < t1; m += 4) {
-          const int8_t* q = xq.q.data() + m * K;
-          const float* d = xq.d.data() + m * nb;
-          const float* s = xq.s.data() + m * nb;
-          float* o = out + m * N + n;
-          switch (std::min<int64_t>(4, t1 - m)) {
-            case 1: row_dot<T, 1>(wrow, q, d, s, K, o, N); break;
-            case 2: row_dot<T, 2>(wrow, q, d, s, K, o, N); break;
-            case 3: row_dot<T, 3>(wrow, q, d, s, K, o, N); break;
-            default: row_dot<T, 4>(wrow, q, d, s, K, o, N); break;
-          }
-        }
-      }
-    });
-  }
+  for_row_tiles(M, N, [&](int64_t n, int64_t m, int64_t rows) {
+    const uint8_t* wrow = w + n * row_bytes;
+    const int8_t* q = xq.q.data() + m * K;
+    const float* d = xq.d.data() + m * nb;
+    const float* s = xq.s.data() + m * nb;
+    float* o = out + m * N + n;
+    switch (rows) {
+      case 1: row_dot<T, 1>(wrow, q, d, s, K, o, N); break;
+      case 2: row_dot<T, 2>(wrow, q, d, s, K, o, N); break;
+      case 3: row_dot<T, 3>(wrow, q, d, s, K, o, N); break;
+      default: row_dot<T, 4>(wrow, q, d, s, K, o, N); break;
+    }
+  });
 }
 
 at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype,
