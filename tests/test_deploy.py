@@ -71,7 +71,8 @@ def test_manifests_validate_against_kubernetes_schemas(variant):
     resources = base_resources() if variant == "base" else overlay(variant)
     kinds = {r["kind"] for r in resources}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-            "ConfigMap", "PersistentVolumeClaim", "ServiceMonitor"} <= kinds
+            "ConfigMap", "PersistentVolumeClaim", "ServiceMonitor", "Secret",
+            "StatefulSet"} <= kinds
     for r in resources:
         if r["kind"] in CRDS:
             assert r["apiVersion"] == "monitoring.coreos.com/v1"
@@ -95,9 +96,23 @@ def test_manifest_args_are_real_cli_flags():
             if r["kind"] != "Deployment":
                 continue
             c = r["spec"]["template"]["spec"]["containers"][0]
-            if "command" in c:
-                continue  # the gateway, checked with its config below
-            parser.parse_args(["serve", *c["args"]])  # exits on an unknown flag
+            if r["metadata"]["name"] in ("deepserve-postgres", "deepserve-redis"):
+                continue
+            if "command" in c:  # the gateway
+                assert c["command"][:4] == ["deepserve", "--log-format", "json", "gateway"]
+                args = parser.parse_args(c["command"][1:])  # exits on an unknown flag
+                assert args.ledger and args.redis and args.api_keys
+            else:
+                args = parser.parse_args(["serve", *c["args"]])
+                assert args.ledger and args.ledger_usage is False  # uptime only
+            # Every $(VAR) in the arguments is defined from a Secret that has that key.
+            env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c.get("env", [])}
+            secrets = {x["metadata"]["name"]: x["stringData"] for x in resources
+                       if x["kind"] == "Secret"}
+            for var in re.findall(r"\$\((\w+)\)", " ".join(c.get("command", []) +
+                                                           c.get("args", []))):
+                ref = env[var]
+                assert ref["key"] in secrets[ref["name"]], (var, ref)
     gw_cfg = next(r for r in base_resources() if r["kind"] == "ConfigMap"
                   and r["metadata"]["name"] == "deepserve-gateway")["data"]["gateway.toml"]
     import tomllib
@@ -106,11 +121,21 @@ def test_manifest_args_are_real_cli_flags():
 
     cfg = GatewayConfig.from_dict(tomllib.loads(gw_cfg))
     services = {r["metadata"]["name"]: r for r in base_resources() if r["kind"] == "Service"}
+    assert cfg.discovery == "dns"
     for tier in cfg.tiers:
         for url in tier.backends:
             host, port = re.match(r"http://([^:/]+):(\d+)", url).groups()
             svc = services[host]
             assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+            # Headless: the name lists every pod, so the gateway balances across them.
+            assert svc["spec"]["clusterIP"] == "None"
+    # The URLs in the fleet Secret name the Services that run PostgreSQL and Redis.
+    fleet = next(r for r in base_resources() if r["kind"] == "Secret"
+                 and r["metadata"]["name"] == "deepserve-fleet")["stringData"]
+    for url, kind in ((fleet["ledger-url"], "postgresql://"), (fleet["redis-url"], "redis://")):
+        assert url.startswith(kind)
+        host, port = re.match(r"\w+://(?:[^@]*@)?([^:/]+):(\d+)", url).groups()
+        assert int(port) in [p["port"] for p in services[host]["spec"]["ports"]]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +192,8 @@ def test_dashboard_and_alerts_query_metrics_that_exist(live):
 def test_probes_and_ports_match_the_server(live):
     srv, _ = live
     for r in base_resources():
-        if r["kind"] != "Deployment" or r["metadata"]["name"] == "deepserve-gateway":
+        if r["kind"] != "Deployment" or r["metadata"]["name"] in (
+                "deepserve-gateway", "deepserve-redis"):
             continue
         c = r["spec"]["template"]["spec"]["containers"][0]
         assert c["ports"][0]["containerPort"] == 8000  # deepserve serve's --port in the image

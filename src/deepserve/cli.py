@@ -119,8 +119,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from deepserve.billing import report
+    from deepserve.billing.ledger_db import is_postgres
 
-    if not Path(args.ledger).is_file():
+    if not is_postgres(args.ledger) and not Path(args.ledger).is_file():
         raise DeepserveError(f"ledger {args.ledger!r} does not exist; start the server with "
                              "--ledger PATH to record usage", param="ledger")
     try:
@@ -137,17 +138,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from deepserve.gateway.app import run_gateway
     from deepserve.gateway.config import GatewayConfig
 
     cfg = GatewayConfig.load(args.config)
-    if args.host:
-        cfg = replace(cfg, host=args.host)
-    if args.port:
-        cfg = replace(cfg, port=args.port)
+    # Flags override the file (Kubernetes passes Secrets this way).
+    overrides = {k: getattr(args, k) for k in ("host", "port", "ledger", "redis", "api_keys")
+                 if getattr(args, k)}
+    if overrides:
+        cfg = GatewayConfig.from_dict(_with_gateway(args.config, overrides), args.config)
     return run_gateway(cfg)
+
+
+def _with_gateway(path: str, overrides: dict[str, object]) -> dict[str, object]:
+    from deepserve.config import read_toml
+
+    data = read_toml(path, "gateway config", "config")
+    data["gateway"] = {**data.get("gateway", {}), **overrides}
+    return data
 
 
 def cmd_ray_serve(args: argparse.Namespace) -> int:
@@ -203,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--config", required=True, help="gateway TOML (see deepserve.gateway)")
     gw.add_argument("--host", default=None)
     gw.add_argument("--port", type=int, default=None)
+    gw.add_argument("--ledger", default=None,
+                    help="usage ledger: a SQLite path or a postgresql:// URL (overrides "
+                         "the config's [gateway] ledger)")
+    gw.add_argument("--redis", default=None,
+                    help="redis:// URL: rate limits, quotas and budgets shared by every "
+                         "gateway and server using it")
+    gw.add_argument("--api-keys", default=None, help="TOML key file (overrides the config)")
     gw.set_defaults(func=cmd_gateway)
 
     rs = sub.add_parser("ray-serve", help="serve tiers on a Ray cluster with Ray Serve")
@@ -210,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs.set_defaults(func=cmd_ray_serve)
 
     rep = sub.add_parser("report", help="revenue, cost and margin from a usage ledger")
-    rep.add_argument("--ledger", required=True, help="SQLite ledger written by serve --ledger")
+    rep.add_argument("--ledger", required=True,
+                     help="the ledger written by serve/gateway --ledger: a SQLite path or a "
+                          "postgresql:// URL")
     rep.add_argument("--since", default=None, help="ISO time (UTC) or epoch seconds")
     rep.add_argument("--until", default=None, help="ISO time (UTC) or epoch seconds")
     rep.add_argument("--by", default=None, choices=["model", "key", "tier", "hour"])

@@ -9,7 +9,8 @@
 A request reserves its largest possible cost and token count at admission (its
 prompt plus max_tokens); the real figures are charged when it ends and the
 reservation released, so neither concurrent nor back-to-back requests can take a
-key past its budget or quota.
+key past its budget or quota. This store keeps them in the process; with ``--redis``
+``billing/shared.SharedKeyStore`` keeps them in Redis for every replica at once.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class KeyStore:
     def lookup(self, key: str) -> APIKey | None:
         return self._by_hash.get(hash_key(key))
 
-    def reserve(self, key_id: str, money: float, tokens: int) -> str | None:
+    def reserve(self, key_id: str, money: float, tokens: int,
+                hold_id: str | None = None) -> str | None:
         """Hold ``money`` and ``tokens`` for a request in flight if the key can afford
         them on top of what it spent and what its other requests hold; else return why
         not ("budget" or "quota") and hold nothing."""
@@ -96,7 +98,8 @@ class KeyStore:
             k.reserved_tokens += tokens
             return None
 
-    def release(self, key_id: str, money: float, tokens: int) -> None:
+    def release(self, key_id: str, money: float, tokens: int,
+                hold_id: str | None = None) -> None:
         with self._lock:
             k = self._by_id.get(key_id)
             if k is not None:

@@ -1,16 +1,18 @@
-"""The usage ledger: one append-only SQLite row per finished request (WAL mode).
+"""The usage ledger: one append-only row per finished request, in SQLite (a path, WAL
+mode) or PostgreSQL (a ``postgresql://`` URL) shared by a fleet (``ledger_db``).
 
 Writes go through a queue to one writer thread, so the server's event loop never
-waits on disk; each record is committed on its own, so a crash or SIGKILL loses no
-committed record. The writer also keeps this replica's uptime row current, so cost
-can be computed from real replica-hours even after an unclean stop.
+waits on the database; each record is committed on its own, so a crash or SIGKILL loses
+no committed record. A record is written once per request id: the insert skips an id
+already on the books, so the writer can retry after a lost connection (it reconnects)
+without ever billing twice. The writer also keeps this replica's uptime row current,
+so cost can be computed from real replica-hours even after an unclean stop.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 import time
 import uuid
@@ -19,46 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from deepserve.billing.ledger_db import LedgerDB, open_db, redact
+
 logger = logging.getLogger(__name__)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL,
-    key_id TEXT,
-    model TEXT NOT NULL,
-    tier TEXT,
-    prompt_tokens INTEGER NOT NULL,
-    cache_hit_tokens INTEGER NOT NULL,
-    cache_miss_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    start_ts REAL NOT NULL,
-    first_token_ts REAL,
-    end_ts REAL NOT NULL,
-    finish_reason TEXT,
-    price_cache_hit REAL NOT NULL,
-    price_cache_miss REAL NOT NULL,
-    price_output REAL NOT NULL,
-    multiplier REAL NOT NULL,
-    rules TEXT,
-    currency TEXT NOT NULL,
-    list_cost REAL NOT NULL,
-    cost REAL NOT NULL,
-    replica_id TEXT
-);
-CREATE INDEX IF NOT EXISTS usage_start ON usage(start_ts);
-CREATE INDEX IF NOT EXISTS usage_key ON usage(key_id);
-CREATE TABLE IF NOT EXISTS replicas (
-    replica_id TEXT PRIMARY KEY,
-    model TEXT,
-    hardware TEXT NOT NULL,
-    accelerators INTEGER NOT NULL DEFAULT 1,
-    start_ts REAL NOT NULL,
-    last_seen_ts REAL NOT NULL,
-    stop_ts REAL
-);
-"""
-
 
 @dataclass
 class UsageRecord:
@@ -87,83 +52,120 @@ class UsageRecord:
     replica_id: str | None = None
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
-    """Open (and create) a ledger in WAL mode."""
-    conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode: a committed transaction survives a process crash or SIGKILL.
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(SCHEMA)
-    conn.commit()
-    return conn
-
-
 class Ledger:
-    """Append-only writer for one server process (the thread is the ledger's writer)."""
+    """Append-only writer for one process (the thread is the ledger's writer).
+
+    ``usage=False`` records only this replica's uptime (a backend behind a gateway that
+    bills its requests)."""
 
     HEARTBEAT_S = 10.0
+    RETRY_S = 30.0  # how long a write is retried while the database is unreachable
 
-    def __init__(self, path: str | Path, model: str, hardware: str,
-                 accelerators: int = 1) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, url: str | Path, model: str, hardware: str, accelerators: int = 1,
+                 hourly_cost: float | None = None, usage: bool = True) -> None:
+        self.url = str(url)
+        self.usage = usage
         self.replica_id = f"{model}-{uuid.uuid4().hex[:8]}"
-        self._conn = connect(self.path)
+        self._db = open_db(url)
         now = time.time()
-        self._conn.execute(
+        self._db.execute(
             "INSERT INTO replicas (replica_id, model, hardware, accelerators, start_ts, "
-            "last_seen_ts) VALUES (?, ?, ?, ?, ?, ?)",
-            (self.replica_id, model, hardware, accelerators, now, now))
-        self._conn.commit()
-        self._queue: queue.SimpleQueue[tuple[UsageRecord, Future[None]] | None] = \
+            "last_seen_ts, hourly_cost) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (self.replica_id, model, hardware, accelerators, now, now, hourly_cost or None))
+        self._db.commit()
+        self._queue: queue.SimpleQueue[tuple[UsageRecord, Future[bool]] | None] = \
             queue.SimpleQueue()
-        self._written = 0
+        self.written = 0
+        self.duplicates = 0
         self._thread = threading.Thread(target=self._run, name="deepserve-ledger",
                                         daemon=True)
         self._thread.start()
 
-    def key_spend(self) -> dict[str, tuple[float, int]]:
-        """key_id -> (money spent, tokens used), from the rows on disk."""
-        return key_spend(self._conn)
+    def __repr__(self) -> str:
+        return f"Ledger({redact(self.url)!r})"
 
-    def record(self, rec: UsageRecord) -> Future[None]:
-        """Queue a record; returns at once with a future that resolves once committed."""
+    def key_spend(self) -> dict[str, tuple[float, int]]:
+        """key_id -> (money spent, tokens used), from the rows on the books."""
+        with_db = open_db(self.url)  # the writer thread owns self._db
+        try:
+            return key_spend(with_db)
+        finally:
+            with_db.close()
+
+    def record(self, rec: UsageRecord) -> Future[bool]:
+        """Queue a record; returns at once with a future that resolves once committed
+        (True: written now; False: that request id was already on the books)."""
         rec.replica_id = self.replica_id
-        done: Future[None] = Future()
+        done: Future[bool] = Future()
+        if not self.usage:
+            done.set_result(False)
+            return done
         self._queue.put((rec, done))
         return done
 
-    def _write(self, rec: UsageRecord) -> None:
-        insert(self._conn, rec)
-        self._conn.execute("UPDATE replicas SET last_seen_ts=? WHERE replica_id=?",
-                           (time.time(), self.replica_id))
-        self._conn.commit()
-        self._written += 1
+    def _write(self, rec: UsageRecord) -> bool:
+        """Insert and commit; retried with a fresh connection while the database is
+        unreachable (the insert skips an id already written, so a retry never doubles)."""
+        deadline = time.monotonic() + self.RETRY_S
+        delay = 0.1
+        while True:
+            try:
+                new = insert(self._db, rec)
+                self._db.execute("UPDATE replicas SET last_seen_ts=? WHERE replica_id=?",
+                                 (time.time(), self.replica_id))
+                self._db.commit()
+                return new
+            except self._db.transient as exc:
+                self._db.rollback()
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("ledger %s: write of %s failed (%s); retrying",
+                               redact(self.url), rec.request_id, str(exc).strip()[:200])
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+                self._reconnect()
+
+    def _reconnect(self) -> None:
+        self._db.close()
+        try:
+            self._db.connect()
+        except Exception as exc:
+            logger.warning("ledger %s: reconnect failed: %s", redact(self.url), exc)
 
     def _run(self) -> None:
         while True:
             try:
-                rec = self._queue.get(timeout=self.HEARTBEAT_S)
+                item = self._queue.get(timeout=self.HEARTBEAT_S)
             except queue.Empty:
                 self._beat()
                 continue
-            if rec is None:
+            if item is None:
                 return
-            item, done = rec
+            rec, done = item
             try:
-                self._write(item)
-                done.set_result(None)
-            except sqlite3.Error as exc:
-                logger.exception("ledger write failed for %s", item.request_id)
+                new = self._write(rec)
+            except Exception as exc:
+                logger.exception("ledger write failed for %s", rec.request_id)
                 done.set_exception(exc)
+                continue
+            if new:
+                self.written += 1
+            else:
+                self.duplicates += 1
+                logger.info("ledger: request %s was already recorded; not billed again",
+                            rec.request_id)
+            done.set_result(new)
 
     def _beat(self) -> None:
         try:
-            self._conn.execute("UPDATE replicas SET last_seen_ts=? WHERE replica_id=?",
-                               (time.time(), self.replica_id))
-            self._conn.commit()
-        except sqlite3.Error:
-            logger.exception("ledger heartbeat failed")
+            self._db.execute("UPDATE replicas SET last_seen_ts=? WHERE replica_id=?",
+                             (time.time(), self.replica_id))
+            self._db.commit()
+        except self._db.errors as exc:
+            self._db.rollback()
+            logger.warning("ledger heartbeat failed: %s", exc)
+            if isinstance(exc, self._db.transient):
+                self._reconnect()
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every queued record is committed (used by tests and shutdown)."""
@@ -176,28 +178,34 @@ class Ledger:
         self._queue.put(None)
         self._thread.join(30)
         now = time.time()
-        self._conn.execute("UPDATE replicas SET stop_ts=?, last_seen_ts=? WHERE replica_id=?",
-                           (now, now, self.replica_id))
-        self._conn.commit()
-        self._conn.close()
+        try:
+            self._db.execute("UPDATE replicas SET stop_ts=?, last_seen_ts=? "
+                             "WHERE replica_id=?", (now, now, self.replica_id))
+            self._db.commit()
+        except self._db.errors as exc:
+            logger.warning("ledger: could not record this replica's stop: %s", exc)
+        self._db.close()
 
 
-def insert(conn: sqlite3.Connection, rec: UsageRecord) -> None:
-    """Append one record (the caller commits)."""
+def insert(db: LedgerDB, rec: UsageRecord) -> bool:
+    """Append one record unless its request id is already there (the caller commits);
+    True when a row was added."""
     row = asdict(rec)
     cols = ", ".join(row)
     marks = ", ".join("?" for _ in row)
-    conn.execute(f"INSERT INTO usage ({cols}) VALUES ({marks})", tuple(row.values()))
+    cur = db.execute(f"INSERT INTO usage ({cols}) VALUES ({marks}) "
+                     "ON CONFLICT (request_id) DO NOTHING", tuple(row.values()))
+    return cur.rowcount == 1
 
 
-def key_spend(conn: sqlite3.Connection) -> dict[str, tuple[float, int]]:
+def key_spend(db: LedgerDB) -> dict[str, tuple[float, int]]:
     """key_id -> (money spent, tokens used) from the ledger."""
-    rows = conn.execute("SELECT key_id, SUM(cost), SUM(prompt_tokens + completion_tokens) "
-                        "FROM usage WHERE key_id IS NOT NULL GROUP BY key_id").fetchall()
-    return {k: (c or 0.0, int(t or 0)) for k, c, t in rows}
+    rows = db.query("SELECT key_id, SUM(cost), SUM(prompt_tokens + completion_tokens) "
+                    "FROM usage WHERE key_id IS NOT NULL GROUP BY key_id")
+    return {k: (float(c or 0.0), int(t or 0)) for k, c, t in rows}
 
 
-def as_dicts(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] = ()) -> list[dict]:
-    cur = conn.execute(sql, args)
+def as_dicts(db: LedgerDB, sql: str, args: tuple[Any, ...] = ()) -> list[dict]:
+    cur = db.execute(sql, args)
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 from deepserve.billing.keys import KeyStore
 from deepserve.billing.ledger import Ledger, UsageRecord
 from deepserve.billing.pricing import PricingPolicy, Quote
+from deepserve.billing.shared import SharedLimitsError
 from deepserve.engine.sequence import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class BillingContext:
     start: float
     reserved_money: float = 0.0  # held against the key's budget until release()
     reserved_tokens: int = 0
+    hold_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class Meter:
@@ -86,7 +89,10 @@ class Meter:
         """Map a bearer key to its id, or raise BillingError (401/402/429)."""
         if self.keys is None:
             return None
-        k = self.keys.lookup(key or "")
+        try:
+            k = self.keys.lookup(key or "")
+        except SharedLimitsError as exc:
+            raise BillingError(503, f"{exc}; retry shortly", "limits_unavailable") from None
         if k is None:
             raise BillingError(401, "API key missing or not recognised: send 'Authorization: "
                                "Bearer <key>' with a key from the server's key file",
@@ -113,8 +119,11 @@ class Meter:
         q = ctx.quote
         money = q.list_cost(0, prompt_tokens, max_output_tokens) * q.multiplier
         tokens = prompt_tokens + max_output_tokens
-        why = self.keys.reserve(ctx.key_id, money, tokens)
-        k = self.keys.get(ctx.key_id)
+        try:
+            why = self.keys.reserve(ctx.key_id, money, tokens, ctx.hold_id)
+            k = self.keys.get(ctx.key_id)
+        except SharedLimitsError as exc:
+            raise BillingError(503, f"{exc}; retry shortly", "limits_unavailable") from None
         assert k is not None
         if why == "budget":
             left = max(0.0, k.budget - k.spent - k.reserved)
@@ -136,7 +145,12 @@ class Meter:
         """Give back the request's hold (after its real cost was charged)."""
         if self.keys is not None and ctx.key_id is not None and (
                 ctx.reserved_money or ctx.reserved_tokens):
-            self.keys.release(ctx.key_id, ctx.reserved_money, ctx.reserved_tokens)
+            try:
+                self.keys.release(ctx.key_id, ctx.reserved_money, ctx.reserved_tokens,
+                                  ctx.hold_id)
+            except SharedLimitsError as exc:  # the hold expires in Redis by itself
+                logger.error("could not release hold %s of key %s: %s", ctx.hold_id,
+                             ctx.key_id, exc)
             ctx.reserved_money, ctx.reserved_tokens = 0.0, 0
 
     async def settle(self, ctx: BillingContext, request_id: str, out: RequestOutput,
@@ -208,14 +222,19 @@ class Meter:
 def build_meter(registry: CollectorRegistry, utilization: Callable[[], float], *,
                 pricing: str | None = None, api_keys: str | None = None,
                 ledger: Ledger | None = None, tier: str | None = None,
-                pricing_clock: str | None = None) -> Meter:
+                pricing_clock: str | None = None, redis: str | None = None) -> Meter:
     """A meter from the settings files every front door takes: the pricing TOML (None:
-    DeepSeek-R1 list prices), the key file, a ledger the caller opened, and an optional
-    fixed ISO time to price at (simulations and tests)."""
+    DeepSeek-R1 list prices), the key file, a ledger the caller opened, an optional
+    fixed ISO time to price at (simulations and tests), and an optional Redis URL that
+    makes the keys' budgets and quotas shared by every replica."""
     from deepserve.errors import DeepserveError
 
     policy = PricingPolicy.load(pricing) if pricing else PricingPolicy()
     keys = KeyStore.load(api_keys) if api_keys else None
+    if keys is not None and redis:
+        from deepserve.billing.shared import SharedKeyStore
+
+        keys = SharedKeyStore.from_store(keys, redis)
     clock = None
     if pricing_clock:
         try:

@@ -1,21 +1,25 @@
 """Revenue, cost and cost-profit margin from a usage ledger, the way the DeepSeek-V3/R1
 overview reports a day of its service: tokens by class, revenue at list price and after
-discounts, cost as accelerator-hours times an hourly price, and the margin."""
+discounts, cost as accelerator-hours times an hourly price, and the margin.
+
+The ledger is a SQLite file or a PostgreSQL database shared by a fleet; the cost is
+the fleet's: every replica that wrote to the ledger recorded its uptime, and each
+replica-hour is priced at the replica's own ``--hourly-cost`` when it gave one, else at
+``--gpu-hour-cost`` per accelerator."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deepserve.billing.ledger import connect
+from deepserve.billing.ledger_db import LedgerDB, open_db
 
 GROUPS = {"model": "model", "key": "COALESCE(key_id, '-')", "tier": "COALESCE(tier, '-')",
-          "hour": "CAST(start_ts / 3600 AS INTEGER) * 3600"}
+          "hour": None}  # the start of the hour: the backend's own expression
 
 
 def parse_time(value: str | None) -> float | None:
@@ -31,37 +35,52 @@ def parse_time(value: str | None) -> float | None:
         return dt.timestamp()
 
 
-def _token_rows(conn: sqlite3.Connection, since: float, until: float,
+def _token_rows(db: LedgerDB, since: float, until: float,
                 group: str | None) -> list[dict[str, Any]]:
-    key = GROUPS[group] if group else "'all'"
+    key = (GROUPS[group] or db.hour_expr) if group else "'all'"
     sql = (f"SELECT {key} AS grp, COUNT(*) AS requests, SUM(prompt_tokens) AS prompt, "
            "SUM(cache_hit_tokens) AS hit, SUM(cache_miss_tokens) AS miss, "
            "SUM(completion_tokens) AS output, SUM(list_cost) AS list_revenue, "
            "SUM(cost) AS revenue FROM usage WHERE start_ts >= ? AND start_ts < ? "
            "GROUP BY grp ORDER BY grp")
     rows = []
-    for grp, req, prompt, hit, miss, out, lrev, rev in conn.execute(sql, (since, until)):
-        rows.append({"group": grp, "requests": req, "prompt_tokens": int(prompt or 0),
-                     "cache_hit_tokens": int(hit or 0), "cache_miss_tokens": int(miss or 0),
+    for grp, req, prompt, hit, miss, out, lrev, rev in db.query(sql, (since, until)):
+        prompt, hit = int(prompt or 0), int(hit or 0)
+        rows.append({"group": int(grp) if group == "hour" else grp, "requests": int(req),
+                     "prompt_tokens": prompt,
+                     "cache_hit_tokens": hit, "cache_miss_tokens": int(miss or 0),
                      "output_tokens": int(out or 0),
-                     "cache_hit_rate": (hit or 0) / prompt if prompt else 0.0,
+                     "cache_hit_rate": hit / prompt if prompt else 0.0,
                      "theoretical_revenue": float(lrev or 0.0),
                      "revenue": float(rev or 0.0)})
     return rows
 
 
-def accelerator_hours(conn: sqlite3.Connection, since: float, until: float) -> float:
-    """Sum over replicas of (uptime inside the period) x accelerators, in hours.
-
-    A replica that died without a stop record counts up to its last heartbeat."""
-    total = 0.0
-    for start, last, stop, acc in conn.execute(
-            "SELECT start_ts, last_seen_ts, stop_ts, accelerators FROM replicas"):
+def fleet_hours(db: LedgerDB, since: float, until: float,
+                gpu_hour_cost: float) -> tuple[float, float, int]:
+    """(accelerator-hours, their cost, replicas) of every replica's uptime inside the
+    period. A replica that gave ``--hourly-cost`` costs that per hour; the others cost
+    ``gpu_hour_cost`` per accelerator-hour. A replica that died without a stop record
+    counts up to its last heartbeat."""
+    hours = cost = 0.0
+    n = 0
+    for start, last, stop, acc, hourly in db.query(
+            "SELECT start_ts, last_seen_ts, stop_ts, accelerators, hourly_cost "
+            "FROM replicas"):
         end = stop if stop is not None else last
         overlap = min(end, until) - max(start, since)
         if overlap > 0:
-            total += overlap / 3600 * (acc or 1)
-    return total
+            n += 1
+            h = overlap / 3600
+            hours += h * (acc if acc is not None else 1)
+            cost += h * hourly if hourly else h * (acc if acc is not None else 1) * \
+                gpu_hour_cost
+    return hours, cost, n
+
+
+def accelerator_hours(db: LedgerDB, since: float, until: float) -> float:
+    """Sum over replicas of (uptime inside the period) x accelerators, in hours."""
+    return fleet_hours(db, since, until, 0.0)[0]
 
 
 def build_report(ledger: str | Path, since: str | None = None, until: str | None = None,
@@ -70,38 +89,38 @@ def build_report(ledger: str | Path, since: str | None = None, until: str | None
     """Compute the report; ``node_hours`` (x ``gpus_per_node``) overrides replica uptime."""
     if by is not None and by not in GROUPS:
         raise ValueError(f"--by must be one of {', '.join(GROUPS)}")
-    conn = connect(ledger)
+    db = open_db(ledger)
     try:
         lo = parse_time(since) or 0.0
         hi = parse_time(until) or float("inf")
-        (total,) = _token_rows(conn, lo, hi, None) or [_empty()]
+        (total,) = _token_rows(db, lo, hi, None) or [_empty()]
+        replicas = 0
         if node_hours is not None:
             acc_hours = node_hours * gpus_per_node
+            cost = acc_hours * gpu_hour_cost
             basis = f"{node_hours:g} node-hours x {gpus_per_node} GPUs"
         else:
-            (last,) = conn.execute("SELECT MAX(end_ts) FROM usage").fetchone()
-            acc_hours = accelerator_hours(conn, lo, hi if hi != float("inf") else
-                                          max(last or 0, _now()))
-            basis = "replica uptime in the ledger"
-        cost = acc_hours * gpu_hour_cost
+            ((last,),) = db.query("SELECT MAX(end_ts) FROM usage")
+            acc_hours, cost, replicas = fleet_hours(
+                db, lo, hi if hi != float("inf") else max(last or 0, _now()), gpu_hour_cost)
+            basis = f"uptime of {replicas} replicas in the ledger"
         total |= _money(total, cost)
         groups = []
         if by:
-            for row in _token_rows(conn, lo, hi, by):
+            for row in _token_rows(db, lo, hi, by):
                 if by == "hour":
                     row["group"] = datetime.fromtimestamp(row["group"], UTC).strftime(
                         "%Y-%m-%d %H:00")
                     h0 = parse_time(row["group"].replace(" ", "T") + ":00") or 0.0
-                    hour_cost = (accelerator_hours(conn, h0, h0 + 3600) * gpu_hour_cost
+                    hour_cost = (fleet_hours(db, h0, h0 + 3600, gpu_hour_cost)[1]
                                  if node_hours is None else cost / 24)
                     row |= _money(row, hour_cost)
                 groups.append(row)
-        currency = (conn.execute("SELECT currency FROM usage LIMIT 1").fetchone() or
-                    ("USD",))[0]
+        currency = (db.query("SELECT currency FROM usage LIMIT 1") or [("USD",)])[0][0]
     finally:
-        conn.close()
+        db.close()
     return {"period": {"since": since, "until": until}, "currency": currency,
-            "cost_basis": basis, "accelerator_hours": acc_hours,
+            "cost_basis": basis, "accelerator_hours": acc_hours, "replicas": replicas,
             "gpu_hour_cost": gpu_hour_cost, "total": total, "by": by, "groups": groups}
 
 
@@ -151,8 +170,9 @@ def to_markdown(rep: dict[str, Any]) -> str:
         f"| output tokens | {_tok(t['output_tokens'])} |",
         f"| theoretical revenue (list price) | {t['theoretical_revenue']:,.2f} {c} |",
         f"| actual revenue (after discounts) | {t['revenue']:,.2f} {c} |",
-        f"| cost ({rep['accelerator_hours']:,.2f} accelerator-hours x "
-        f"{rep['gpu_hour_cost']:g} {c}; {rep['cost_basis']}) | {t['cost']:,.2f} {c} |",
+        f"| cost ({rep['accelerator_hours']:,.2f} accelerator-hours, {rep['cost_basis']}; "
+        f"{rep['gpu_hour_cost']:g} {c} per accelerator-hour where a replica gave no "
+        f"--hourly-cost) | {t['cost']:,.2f} {c} |",
         f"| profit (actual) | {t['profit']:,.2f} {c} |",
         f"| cost-profit margin (theoretical) | {_pct(t['theoretical_margin'])} |",
         f"| cost-profit margin (actual) | {_pct(t['margin'])} |",

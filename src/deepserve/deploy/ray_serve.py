@@ -6,6 +6,10 @@ requests, and an ingress deployment with the OpenAI routes in front.
     host = "127.0.0.1"
     port = 8000
     default_tier = "lite"
+    ledger = "postgresql://deepserve@db:5432/ledger"  # optional: bill every replica here
+    redis = "redis://127.0.0.1:6379/0"  # optional: budgets and quotas shared by replicas
+    api_keys = "keys.toml"          # optional: keys, budgets, quotas (as for serve)
+    pricing = "pricing.toml"        # optional: prices per model name
 
     [tiers.lite]
     models = ["lite"]               # public model names routed to this tier
@@ -22,6 +26,11 @@ requests, and an ingress deployment with the OpenAI routes in front.
 Each tier replica runs the same FastAPI app as ``deepserve serve`` in-process and
 streams its ASGI response back through a Ray Serve streaming handle, so the protocol,
 errors and SSE are identical; responses carry ``x-deepserve-replica``.
+
+With ``ledger`` (and ``api_keys``, ``pricing``, ``redis``) each replica meters like
+``deepserve serve``: it writes a usage row per request and its uptime into the same
+ledger, tagged with its tier, and with ``redis`` every replica draws on the same key
+budgets and quotas.
 """
 
 from __future__ import annotations
@@ -37,6 +46,10 @@ from typing import Any
 from deepserve.errors import DeepserveError
 
 logger = logging.getLogger(__name__)
+
+
+BILLING_FIELDS = ("ledger", "redis", "api_keys", "pricing", "pricing_clock",
+                  "hourly_cost", "hardware")
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class RayServeConfig:
     port: int = 8000
     default_tier: str | None = None
     address: str | None = None  # an existing Ray cluster ("auto"), else a local one
+    billing: dict[str, Any] = field(default_factory=dict)  # ServerConfig metering fields
 
     @classmethod
     def load(cls, path: str | Path) -> RayServeConfig:
@@ -80,14 +94,20 @@ class RayServeConfig:
         if not tiers:
             raise DeepserveError("ray config defines no [tiers.NAME]", param="config")
         ray = data.get("ray", {})
+        billing = {k: ray[k] for k in BILLING_FIELDS if ray.get(k) is not None}
+        if billing:
+            from deepserve.server.state import ServerConfig
+
+            ServerConfig(**billing)  # bad values fail here, not inside a replica
         return cls(tuple(tiers), ray.get("host", "127.0.0.1"), int(ray.get("port", 8000)),
-                   ray.get("default_tier", tiers[0].name), ray.get("address"))
+                   ray.get("default_tier", tiers[0].name), ray.get("address"), billing)
 
 
 class TierReplica:
     """One engine replica of a tier (the body of the tier's Ray Serve deployment)."""
 
-    def __init__(self, tier: str, served_name: str, engine_args: dict[str, Any]) -> None:
+    def __init__(self, tier: str, served_name: str, engine_args: dict[str, Any],
+                 billing: dict[str, Any] | None = None) -> None:
         from ray import serve
 
         from deepserve.config import EngineConfig
@@ -97,7 +117,7 @@ class TierReplica:
         cfg = EngineConfig.from_kwargs(**{"served_model_name": served_name, **engine_args})
         self.engine = AsyncEngine(cfg, show_progress=False)
         self.engine.start()
-        self.app = create_app(self.engine, ServerConfig())
+        self.app = create_app(self.engine, ServerConfig(tier=tier, **(billing or {})))
         ctx = serve.get_replica_context()
         self.replica = str(getattr(ctx, "replica_tag", None) or ctx.replica_id)
         self.tier = tier
@@ -203,7 +223,7 @@ def build_app(cfg: RayServeConfig) -> Any:
                                 "max_replicas": t.max_replicas,
                                 "target_ongoing_requests": t.target_ongoing_requests},
             max_ongoing_requests=max(16, int(t.target_ongoing_requests * 4)))
-        handles[t.name] = dep.bind(t.name, t.models[0], t.engine)
+        handles[t.name] = dep.bind(t.name, t.models[0], t.engine, cfg.billing)
         for m in t.models:
             aliases[m] = t.name
     ingress = serve.deployment(OpenAIIngress, name="openai-ingress",

@@ -44,7 +44,7 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
 
     @app.on_event("startup")
     async def _start() -> None:
-        await asyncio.gather(*(p.check(gw.client) for p in gw.pools.values()))
+        await gw.refresh()
         gw._health_task = asyncio.create_task(gw.health_loop())
 
     @app.on_event("shutdown")

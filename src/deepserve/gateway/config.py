@@ -6,10 +6,16 @@
     policy = "model"          # default: model | auto | slo | cascade | ab
     balancing = "cache_aware" # within a tier: cache_aware | round_robin | least_loaded
     api_keys = "keys.toml"    # optional: keys, budgets, quotas (billing/keys.py format)
-    ledger = "gateway.db"     # optional: usage ledger of everything routed
+    ledger = "gateway.db"     # optional: usage ledger of everything routed (a SQLite
+                              # path or a postgresql:// URL shared by every gateway)
+    redis = "redis://127.0.0.1:6379/0"  # optional: limits, quotas, budgets shared by
+                              # every replica using this Redis (default: per process)
     pricing = "pricing.toml"  # optional: prices per model name (tier name)
     rate_limit_rpm = 600      # per key, requests per minute (0: off)
     rate_limit_tpm = 0        # per key, tokens per minute (0: off)
+    discovery = "dns"         # a backend named by a DNS name is every address it
+                              # resolves to ("off": use the URL as given)
+    resolve_interval_s = 10   # how often such names are resolved again
 
     [tiers.lite]              # tiers in order of strength: first is the lightest
     models = ["lite", "fast"] # public model names (aliases) that select this tier
@@ -38,6 +44,7 @@ from deepserve.config import read_toml
 from deepserve.errors import DeepserveError
 
 POLICIES = ("model", "auto", "slo", "cascade", "ab")
+DISCOVERY = ("dns", "off")
 BALANCING = ("cache_aware", "round_robin", "least_loaded")
 
 
@@ -61,6 +68,7 @@ class GatewayConfig:
     balancing: str = "cache_aware"
     api_keys: str | None = None
     ledger: str | None = None
+    redis: str | None = None
     pricing: str | None = None
     rate_limit_rpm: int = 0
     rate_limit_tpm: int = 0
@@ -73,6 +81,8 @@ class GatewayConfig:
     health_interval_s: float = 2.0
     max_attempts: int = 3
     affinity_slack: int = 4  # cache_aware: tolerated extra load on the affine replica
+    discovery: str = "dns"
+    resolve_interval_s: float = 10.0
 
     def tier(self, name: str) -> TierConfig:
         for t in self.tiers:
@@ -103,7 +113,7 @@ class GatewayConfig:
         cfg = cls(tiers=tuple(tiers), host=gw.get("host", "127.0.0.1"),
                   port=int(gw.get("port", 9000)), policy=gw.get("policy", "model"),
                   balancing=gw.get("balancing", "cache_aware"), api_keys=gw.get("api_keys"),
-                  ledger=gw.get("ledger"), pricing=gw.get("pricing"),
+                  ledger=gw.get("ledger"), redis=gw.get("redis"), pricing=gw.get("pricing"),
                   rate_limit_rpm=int(gw.get("rate_limit_rpm", 0)),
                   rate_limit_tpm=int(gw.get("rate_limit_tpm", 0)),
                   default_tier=routing.get("default_tier", tiers[0].name),
@@ -114,9 +124,19 @@ class GatewayConfig:
                   ab_weights={k: float(v) for k, v in routing.get("ab_weights", {}).items()},
                   health_interval_s=float(gw.get("health_interval_s", 2.0)),
                   max_attempts=int(gw.get("max_attempts", 3)),
-                  affinity_slack=int(gw.get("affinity_slack", 4)))
+                  affinity_slack=int(gw.get("affinity_slack", 4)),
+                  discovery=gw.get("discovery", "dns"),
+                  resolve_interval_s=float(gw.get("resolve_interval_s", 10.0)))
         if cfg.policy not in POLICIES:
             raise bad(f"policy {cfg.policy!r} is not one of {', '.join(POLICIES)}")
+        if cfg.discovery not in DISCOVERY:
+            raise bad(f"discovery {cfg.discovery!r} is not one of {', '.join(DISCOVERY)}")
+        if cfg.resolve_interval_s <= 0:
+            raise bad("resolve_interval_s must be > 0 seconds")
+        if cfg.redis is not None and not str(cfg.redis).startswith(("redis://", "rediss://",
+                                                                      "unix://")):
+            raise bad(f"redis {cfg.redis!r} is not a redis:// URL (e.g. "
+                      "redis://127.0.0.1:6379/0)")
         if cfg.balancing not in BALANCING:
             raise bad(f"balancing {cfg.balancing!r} is not one of {', '.join(BALANCING)}")
         names = {t.name for t in tiers}

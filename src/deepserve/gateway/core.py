@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from deepserve.billing.meter import Meter, build_meter
+from deepserve.billing.shared import SharedRateLimiter
 from deepserve.gateway.config import GatewayConfig
 from deepserve.gateway.pool import Backend, TierPool, prefix_key
 from deepserve.gateway.ratelimit import RateLimiter
@@ -23,15 +27,37 @@ class NoBackend(Exception):
     """Every replica of a tier failed before sending a byte."""
 
 
+class BackendCollector:
+    """Per-replica gauges, read at each scrape (replicas come and go with discovery)."""
+
+    def __init__(self, pools: dict[str, TierPool]) -> None:
+        self.pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("deepserve_gateway_backend_up",
+                               "1 when a backend is in rotation", labels=["tier", "backend"])
+        out = GaugeMetricFamily("deepserve_gateway_backend_outstanding",
+                                "Requests in flight per backend", labels=["tier", "backend"])
+        for name, pool in self.pools.items():
+            for b in pool.backends:
+                up.add_metric([name, b.url], float(b.available))
+                out.add_metric([name, b.url], float(b.outstanding))
+        yield up
+        yield out
+
+
 class Gateway:
     """Shared state of the gateway process."""
 
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
-        self.pools = {t.name: TierPool(t.name, t.backends, cfg.balancing, cfg.affinity_slack)
+        self.pools = {t.name: TierPool(t.name, t.backends, cfg.balancing, cfg.affinity_slack,
+                                       cfg.discovery == "dns")
                       for t in cfg.tiers}
         self.router = Router(cfg, self.pools)
-        self.limiter = RateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm)
+        self.limiter: RateLimiter | SharedRateLimiter = (
+            SharedRateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm, cfg.redis) if cfg.redis
+            else RateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm))
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=2.0),
                                         limits=httpx.Limits(max_connections=1000,
                                                             max_keepalive_connections=200))
@@ -49,14 +75,7 @@ class Gateway:
                                  "End-to-end latency through the gateway", ["tier"],
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
                                  registry=r)
-        up = Gauge("deepserve_gateway_backend_up", "1 when a backend is in rotation",
-                   ["tier", "backend"], registry=r)
-        outstanding = Gauge("deepserve_gateway_backend_outstanding",
-                            "Requests in flight per backend", ["tier", "backend"], registry=r)
-        for name, pool in self.pools.items():
-            for b in pool.backends:
-                up.labels(name, b.url).set_function(lambda b=b: float(b.available))
-                outstanding.labels(name, b.url).set_function(lambda b=b: b.outstanding)
+        r.register(BackendCollector(self.pools))
         self.meter = self._meter(cfg)
         self._health_task: asyncio.Task | None = None
 
@@ -69,12 +88,21 @@ class Gateway:
             else None
         # The gateway cannot see its backends' batches: utilization pricing uses 0.5.
         return build_meter(self.registry, lambda: 0.5, pricing=cfg.pricing,
-                           api_keys=cfg.api_keys, ledger=ledger)
+                           api_keys=cfg.api_keys, ledger=ledger, redis=cfg.redis)
+
+    async def refresh(self) -> None:
+        """Re-resolve DNS-named backends, then health-check every replica."""
+        await asyncio.gather(*(p.discover() for p in self.pools.values()))
+        await asyncio.gather(*(p.check(self.client) for p in self.pools.values()))
 
     async def health_loop(self) -> None:
+        last_resolve = time.monotonic()
         while True:
-            await asyncio.gather(*(p.check(self.client) for p in self.pools.values()))
             await asyncio.sleep(self.cfg.health_interval_s)
+            if time.monotonic() - last_resolve >= self.cfg.resolve_interval_s:
+                last_resolve = time.monotonic()
+                await asyncio.gather(*(p.discover() for p in self.pools.values()))
+            await asyncio.gather(*(p.check(self.client) for p in self.pools.values()))
 
     # -- forwarding ---------------------------------------------------------------------------
     async def open(self, tier: str, path: str, body: dict[str, Any],
@@ -83,6 +111,9 @@ class Gateway:
         try the next one. Returns the open (streaming) response and its backend."""
         pool = self.pools[tier]
         order = pool.candidates(prefix_key(body))
+        if not order:
+            raise NoBackend(f"tier {tier!r} has no replica (its backends "
+                            f"{', '.join(pool.sources)} resolve to no address yet)")
         last_error = "no replica"
         for attempt in range(max(1, self.cfg.max_attempts)):
             backend = order[attempt % len(order)]

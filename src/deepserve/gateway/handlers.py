@@ -4,10 +4,13 @@ needs from admission to its bill."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deepserve.billing.meter import BillingContext, BillingError, Usage
+from deepserve.billing.shared import SharedLimitsError
 from deepserve.gateway.answers import as_sse, mean_logprob, usage_tokens
 from deepserve.gateway.core import Gateway, NoBackend
 from deepserve.gateway.hold import BudgetHold
@@ -83,7 +87,12 @@ class Handlers:
             except BillingError as exc:
                 return self.refuse(exc)
         who = key_id or key or (request.client.host if request.client else "anon")
-        limited = gw.limiter.check(who)
+        try:
+            limited = gw.limiter.check(who)
+        except SharedLimitsError as exc:
+            gw.errors.labels("-", "503").inc()
+            return error_response(503, f"{exc}; retry shortly", code="limits_unavailable",
+                                  headers={"Retry-After": "1"})
         if limited is not None:
             which, wait = limited
             gw.errors.labels("-", "429").inc()
@@ -108,16 +117,27 @@ class Handlers:
                 call.hold.release()
 
     def bill(self, call: Call, tier: str, usage: dict[str, Any] | None,
-             finish: str | None) -> dict[str, Any]:
+             finish: str | None, request_id: str | None
+             ) -> tuple[dict[str, Any], Future[bool] | None]:
+        """Price and record one answer under the backend's response id (the id the client
+        sees; a replayed write of it is never billed twice): the cost fields, and the
+        ledger write to wait on before the answer is sent."""
         gw = self.gw
         prompt, cached, completion = usage_tokens(usage)
         gw.limiter.add_tokens(call.who, prompt + completion)
         if gw.meter is None:
-            return {}
+            return {}, None
         ctx = BillingContext(call.key_id, gw.meter.policy.quote(tier, gw.meter.clock(), 0.5),
                              time.time())
-        cost, _ = gw.meter.bill(ctx, Usage(f"gw-{time.time_ns()}", prompt, cached,
-                                           completion, finish, tier=tier))
+        return gw.meter.bill(ctx, Usage(request_id or f"gw-{uuid.uuid4().hex}", prompt,
+                                        cached, completion, finish, tier=tier))
+
+    async def settle(self, call: Call, tier: str, usage: dict[str, Any] | None,
+                     finish: str | None, request_id: str | None) -> dict[str, Any]:
+        """Bill and wait until the record is committed."""
+        cost, committed = self.bill(call, tier, usage, finish, request_id)
+        if committed is not None:
+            await asyncio.wrap_future(committed)
         return cost
 
     async def forward(self, call: Call, tier: str,
@@ -147,8 +167,9 @@ class Handlers:
         gw.latency.labels(tier).observe(time.perf_counter() - call.start)
         if resp.status_code == 200:
             data = json.loads(content)
-            cost = self.bill(call, tier, data.get("usage"),
-                             (data.get("choices") or [{}])[0].get("finish_reason"))
+            cost = await self.settle(call, tier, data.get("usage"),
+                                     (data.get("choices") or [{}])[0].get("finish_reason"),
+                                     data.get("id"))
             if cost:
                 data.setdefault("usage", {})["gateway_cost"] = cost["cost"]
             content = json.dumps(data).encode()
@@ -163,17 +184,23 @@ class Handlers:
         wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
         usage = None
         finish = None
-        done = False
+        rid = None
+        done = billed = False
         try:
             async for line in resp.aiter_lines():
                 if line.startswith("data: {"):
                     event = json.loads(line[6:])
+                    rid = rid or event.get("id")
                     if event.get("usage"):
                         usage = event["usage"]
                         if not event.get("choices") and not wants_usage:
                             continue  # the client did not ask for the usage chunk
                     for c in event.get("choices") or []:
                         finish = c.get("finish_reason") or finish
+                if line == SSE_DONE.strip() and not billed:
+                    # The stream's end goes out only once its bill is on the books.
+                    billed = True
+                    await self.settle(call, tier, usage, finish or "abort", rid)
                 done = done or line == SSE_DONE.strip()
                 yield (line + "\n").encode()
         except (httpx.HTTPError, json.JSONDecodeError) as exc:
@@ -192,7 +219,8 @@ class Handlers:
             await resp.aclose()
             gw.release(backend)
             gw.latency.labels(tier).observe(time.perf_counter() - call.start)
-            self.bill(call, tier, usage, finish or "abort")
+            if not billed:
+                self.bill(call, tier, usage, finish or "abort", rid)
             call.hold.release()
 
     async def cascade(self, call: Call) -> Response:
@@ -227,7 +255,8 @@ class Handlers:
             reason = "length"
         elif mean_lp is not None and mean_lp < gw.cfg.cascade_min_logprob:
             reason = "low_confidence"
-        lite_cost = self.bill(call, lite, data.get("usage"), choice.get("finish_reason"))
+        lite_cost = await self.settle(call, lite, data.get("usage"),
+                                      choice.get("finish_reason"), data.get("id"))
         if reason is not None and pro != lite:
             gw.escalations.labels(lite, pro, reason).inc()
             return await self.forward(call, pro, {"x-deepserve-escalated": reason,

@@ -4,15 +4,25 @@ Cache-aware balancing sends requests whose prompts share a prefix to the same re
 (rendezvous hashing on the prefix, over healthy replicas), so that replica's prefix
 cache serves them; when that replica is busier than the least loaded one by more than
 ``slack`` requests, the least loaded one is used instead.
+
+Discovery: a backend URL whose host is a DNS name (a Kubernetes headless Service, say)
+stands for every address the name resolves to. The pool resolves it at start and again
+every ``resolve_interval_s``, adds a replica for each new address (health-checked before
+it gets traffic), and drops the ones the name no longer lists. IP addresses and
+``localhost`` are used as given, and ``discovery = "off"`` uses every URL as given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import ipaddress
 import itertools
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -71,20 +81,83 @@ class Backend:
             self._hist[base] = (total, count)
 
 
+def discoverable(url: str) -> bool:
+    """True when the URL's host is a DNS name that may stand for many replicas."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return False
+    except ValueError:
+        return True
+
+
+def with_address(url: str, address: str) -> str:
+    """``url`` with its host replaced by ``address`` (an IPv4 or IPv6 address)."""
+    parts = urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
+
+
+async def resolve(url: str) -> list[str]:
+    """The replica URLs a DNS-named backend stands for, one per address, in order."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        parts.hostname, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(with_address(url, str(info[4][0])) for info in infos))
+
+
 class TierPool:
     """The replicas of one tier and the balancing policy across them."""
 
-    def __init__(self, name: str, urls: tuple[str, ...], balancing: str, slack: int) -> None:
+    def __init__(self, name: str, urls: tuple[str, ...], balancing: str, slack: int,
+                 discovery: bool = True) -> None:
         self.name = name
-        self.backends = [Backend(u) for u in urls]
+        self.sources = urls
+        self.named = [u for u in urls if discovery and discoverable(u)]
+        # Named backends join once resolved (``discover``); the rest are fixed.
+        self.backends = [Backend(u) for u in urls if u not in self.named]
         self.balancing = balancing
         self.slack = slack
         self._rr = itertools.count()
+        self._resolved: dict[str, list[str]] = {}
+
+    async def discover(self) -> bool:
+        """Re-resolve the DNS-named backends; True when the set of replicas changed."""
+        if not self.named:
+            return False
+        fixed = [u for u in self.sources if u not in self.named]
+        for source in self.named:
+            try:
+                self._resolved[source] = await resolve(source)
+            except OSError as exc:
+                # Keep the last known replicas until the name resolves again.
+                logger.warning("tier %s: cannot resolve %s (%s); keeping %d known replicas",
+                               self.name, source, exc, len(self._resolved.get(source, [])))
+        wanted = list(dict.fromkeys(fixed + [u for s in self.named
+                                             for u in self._resolved.get(s, [])]))
+        have = {b.url: b for b in self.backends}
+        if list(have) == wanted:
+            return False
+        added = [u for u in wanted if u not in have]
+        gone = [u for u in have if u not in wanted]
+        # New replicas wait for their first health check before they get traffic.
+        self.backends = [have.get(u) or Backend(u, healthy=False) for u in wanted]
+        if added or gone:
+            logger.info("tier %s: replicas %s (added %s, removed %s)", self.name,
+                        ", ".join(wanted) or "none", ", ".join(added) or "none",
+                        ", ".join(gone) or "none")
+        return True
 
     def candidates(self, prefix_key: str) -> list[Backend]:
         """Replicas in the order to try them (first choice first)."""
         live = [b for b in self.backends if b.available] or \
             [b for b in self.backends if b.healthy] or list(self.backends)
+        if not live:
+            return []
         if self.balancing == "round_robin":
             start = next(self._rr) % len(live)
             return live[start:] + live[:start]
@@ -106,7 +179,7 @@ class TierPool:
 
     async def check(self, client: httpx.AsyncClient) -> None:
         """Probe /health (and scrape /metrics for latency) of every replica."""
-        for b in self.backends:
+        for b in list(self.backends):
             try:
                 r = await client.get(f"{b.url}/health", timeout=2.0)
                 ok = r.status_code == 200

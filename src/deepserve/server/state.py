@@ -26,7 +26,12 @@ SERVER_HELP = {
     "api_key": "require this bearer key on every path but /health",
     "max_queue": "waiting requests beyond max_num_seqs at which new ones get 429",
     "shutdown_grace": "seconds SIGTERM waits for running requests",
-    "ledger": "SQLite usage ledger to append to",
+    "ledger": "usage ledger to append to: a SQLite file path, or a postgresql:// URL "
+              "shared by a fleet",
+    "ledger_usage": "write a row per request (--no-ledger-usage: only this replica's "
+                    "uptime, for backends behind a gateway that bills)",
+    "redis": "redis:// URL: key budgets and token quotas shared with every other replica "
+             "using it (default: per process)",
     "pricing": "pricing policy TOML (default: DeepSeek-R1 list prices)",
     "api_keys": "TOML key file with per-key budgets and token quotas",
     "pricing_clock": "price every request as if at this ISO time (simulations)",
@@ -55,7 +60,9 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 256
     shutdown_grace: float = 30.0
-    ledger: str | None = None  # SQLite usage ledger path; None: no ledger
+    ledger: str | None = None  # SQLite path or postgresql:// URL; None: no ledger
+    ledger_usage: bool = True  # False: record uptime only (a gateway in front bills)
+    redis: str | None = None  # redis:// URL for budgets and quotas shared across replicas
     pricing: str | None = None  # pricing policy TOML; None: DeepSeek-R1 list prices
     api_keys: str | None = None  # key file with budgets and quotas
     pricing_clock: str | None = None  # fixed ISO time for pricing (tests, simulations)
@@ -86,6 +93,10 @@ class ServerConfig:
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise DeepserveError(f"reasoning_parser={self.reasoning_parser!r} is not one of "
                                  f"{', '.join(REASONING_PARSERS)}", param="reasoning_parser")
+        if self.redis is not None and not self.redis.startswith(("redis://", "rediss://",
+                                                                  "unix://")):
+            raise DeepserveError(f"redis={self.redis!r} is not a redis:// URL (e.g. "
+                                 "redis://127.0.0.1:6379/0)", param="redis")
         if self.max_tokens_default < 1:
             raise DeepserveError("max_tokens_default must be >= 1", param="max_tokens_default")
 
@@ -149,10 +160,11 @@ def _build_meter(engine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics)
 
     ledger = None
     if cfg.ledger:
-        ledger = Ledger(cfg.ledger, engine.model_name, cfg.hardware or _hardware(engine.engine))
+        ledger = Ledger(cfg.ledger, engine.model_name, cfg.hardware or _hardware(engine.engine),
+                        hourly_cost=cfg.hourly_cost, usage=cfg.ledger_usage)
     return build_meter(metrics.registry, lambda: engine.stats.utilization,
                        pricing=cfg.pricing, api_keys=cfg.api_keys, ledger=ledger,
-                       tier=cfg.tier, pricing_clock=cfg.pricing_clock)
+                       tier=cfg.tier, pricing_clock=cfg.pricing_clock, redis=cfg.redis)
 
 
 def _hardware(engine: Any) -> str:
