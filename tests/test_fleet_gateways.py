@@ -71,7 +71,9 @@ def fleet(tmp_path_factory, postgres, redis_server):
     d = tmp_path_factory.mktemp("fleet")
     ledger = postgres.fresh_database(f"fleet_{uuid.uuid4().hex[:8]}")
     port = free_port()
+    # One thread each: two replicas share this machine's cores.
     replicas = [ServerProcess("--served-model-name", "lite", "--max-num-seqs", "16",
+                              "--num-threads", "1",
                               "--ledger", ledger, "--no-ledger-usage", "--hourly-cost", "0.2",
                               log_dir=d, host=host, port=port)
                 for host in ("127.0.0.2", "127.0.0.3")]
