@@ -1,5 +1,6 @@
 """Ray Serve on a local Ray cluster on this machine: two CPU replicas of one tier behind
-the OpenAI ingress, driven by the openai client; both replicas must answer."""
+the OpenAI ingress, driven by the openai client; both replicas must answer, and both
+bill into one PostgreSQL ledger with key quotas shared through Redis."""
 
 from __future__ import annotations
 
@@ -14,21 +15,32 @@ from server_utils import free_port
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'deepserve[ray]')")
 
 
+AUTH = {"Authorization": "Bearer x"}
+LEDGER: dict[str, str] = {}  # the app's ledger URL, set by the fixture
+
+
 @pytest.fixture(scope="module")
-def ray_app():
+def ray_app(postgres, redis_server, tmp_path_factory):
     from ray import serve
 
     from deepserve.deploy.ray_serve import RayServeConfig, run
 
+    keys = tmp_path_factory.mktemp("ray") / "keys.toml"
+    keys.write_text('[[keys]]\nid = "team"\nkey = "x"\n\n'
+                    '[[keys]]\nid = "capped"\nkey = "sk-capped"\ntoken_quota = 150\n')
+    ledger = postgres.fresh_database(f"ray_{free_port()}")
+    redis_server.flush()
     port = free_port()
     cfg = RayServeConfig.from_dict({
-        "ray": {"host": "127.0.0.1", "port": port},
+        "ray": {"host": "127.0.0.1", "port": port, "ledger": ledger, "redis": redis_server.url,
+                "api_keys": str(keys)},
         "tiers": {"lite": {"models": ["lite"], "min_replicas": 2, "max_replicas": 2,
                            "num_cpus": 1, "engine": {"kv_cache_memory": "64MiB",
                                                      "num_threads": 1}}}})
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         run(cfg, blocking=False)
+        LEDGER["url"] = ledger
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -61,7 +73,7 @@ def test_streaming_and_errors_pass_through(ray_app):
     assert "Paris" in text
     bad = httpx.post(f"{ray_app}/v1/chat/completions", json={
         "model": "lite", "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
-        timeout=60)
+        headers=AUTH, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
     unknown = httpx.post(f"{ray_app}/v1/completions", json={"model": "nope", "prompt": "x"})
     assert unknown.status_code == 404
@@ -81,5 +93,40 @@ def test_tools_strictness_and_tokenize_pass_through(ray_app):
     with pytest.raises(openai.BadRequestError, match="Unrecognized request argument"):
         client.completions.create(model="lite", prompt="x", extra_body={"bogus": 1})
     tok = httpx.post(f"{ray_app}/tokenize", json={"model": "lite", "prompt": "Hello world"},
-                     timeout=60)
+                     headers=AUTH, timeout=60)
     assert tok.status_code == 200 and tok.json()["count"] == 2
+
+
+def test_replicas_bill_into_one_ledger_and_share_a_quota(ray_app):
+    from deepserve.billing.ledger_db import open_db
+    from deepserve.billing.report import build_report
+
+    no_key = httpx.post(f"{ray_app}/v1/completions", json={"model": "lite", "prompt": "x"},
+                        timeout=60)
+    assert no_key.status_code == 401
+    client = openai.OpenAI(base_url=f"{ray_app}/v1", api_key="sk-capped", max_retries=0,
+                           timeout=300)
+
+    def one(i: int) -> int:
+        try:
+            client.completions.create(model="lite", prompt=f"Request {i}: hello",
+                                      max_tokens=10, extra_body={"ignore_eos": True})
+            return 200
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(one, range(24)))
+    assert set(codes) == {200, 429}, codes
+    db = open_db(LEDGER["url"])
+    (n, tokens, replicas), = db.query(
+        "SELECT COUNT(*), SUM(prompt_tokens + completion_tokens), COUNT(DISTINCT replica_id) "
+        "FROM usage WHERE key_id = 'capped'")
+    tiers = {t for (t,) in db.query("SELECT DISTINCT tier FROM usage")}
+    team = db.query("SELECT COUNT(*) FROM usage WHERE key_id = 'team'")[0][0]
+    db.close()
+    # Both replicas billed the key, and together they kept to its one quota.
+    assert n == codes.count(200) and tokens <= 150 and replicas == 2
+    assert tiers == {"lite"} and team >= 16
+    rep = build_report(LEDGER["url"])
+    assert rep["replicas"] == 2 and rep["total"]["requests"] == n + team
