@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp bench-peers ray deploy-tools services clean
+.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp bench-peers bench-fleet ray deploy-tools services clean
 
 setup: $(STAMP)
 
@@ -78,6 +78,11 @@ $(LLAMA_SERVER): | setup
 bench-peers: setup $(LLAMA_SERVER)
 	$(BIN)/python benchmarks/serve_vs_peers.py --llama-server $(LLAMA_SERVER) \
 		--systems auto none int8 int4 mixed llama.cpp
+
+# Ledger write rate (SQLite, PostgreSQL) and the gateway's added latency without and
+# with Redis limits (starts its own PostgreSQL and Redis on loopback).
+bench-fleet: setup services
+	$(BIN)/python benchmarks/fleet.py --records 2000 --requests 300
 
 # Ray Serve (the [ray] extra is part of setup): two tiers on a local Ray cluster.
 ray: setup

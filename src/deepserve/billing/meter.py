@@ -121,10 +121,12 @@ class Meter:
         tokens = prompt_tokens + max_output_tokens
         try:
             why = self.keys.reserve(ctx.key_id, money, tokens, ctx.hold_id)
-            k = self.keys.get(ctx.key_id)
+            k = self.keys.get(ctx.key_id) if why else None  # only to say why not
         except SharedLimitsError as exc:
             raise BillingError(503, f"{exc}; retry shortly", "limits_unavailable") from None
-        assert k is not None
+        if why is None or k is None:
+            ctx.reserved_money, ctx.reserved_tokens = money, tokens
+            return
         if why == "budget":
             left = max(0.0, k.budget - k.spent - k.reserved)
             raise BillingError(402, f"API key {k.key_id!r} cannot cover this request: it may "
@@ -139,7 +141,6 @@ class Meter:
                                f"{max_output_tokens} output) and {left} of its "
                                f"{k.token_quota}-token quota are left; lower max_tokens",
                                "token_quota_exceeded")
-        ctx.reserved_money, ctx.reserved_tokens = money, tokens
 
     def release(self, ctx: BillingContext) -> None:
         """Give back the request's hold (after its real cost was charged)."""
