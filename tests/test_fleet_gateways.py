@@ -234,3 +234,33 @@ def test_a_dns_name_reaches_every_replica_and_follows_changes(fleet, tmp_path):
         assert seen == both
     finally:
         gw.stop()
+
+
+def test_two_servers_share_one_rate_limit_through_redis(redis_server, tmp_path):
+    """Servers take --rate-limit-rpm/--redis too: a key's requests per minute hold once
+    across replicas, counted with Retry-After; token use is counted for TPM."""
+    redis_server.flush()
+    (tmp_path / "keys.toml").write_text('[[keys]]\nid = "team"\nkey = "sk-team"\n')
+    servers = [ServerProcess("--num-threads", "1", "--api-keys", str(tmp_path / "keys.toml"),
+                             "--redis", redis_server.url, "--rate-limit-rpm", "5",
+                             "--rate-limit-tpm", "100000", log_dir=tmp_path)
+               for _ in range(2)]
+    try:
+        codes = []
+        for i in range(12):
+            r = httpx.post(f"{servers[i % 2].url}/v1/completions", timeout=60,
+                           headers={"Authorization": "Bearer sk-team"},
+                           json={"prompt": f"Hi {i}", "max_tokens": 2})
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                assert int(r.headers["Retry-After"]) >= 1
+                assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert codes[:5] == [200] * 5 and codes[5:] == [429] * 7, codes
+        import redis
+
+        tpm = redis.Redis.from_url(redis_server.url, decode_responses=True).keys(
+            "deepserve:tpm:*")
+        assert len(tpm) == 1  # the billed tokens of the five answers, under a hashed name
+    finally:
+        for s in servers:
+            s.stop()

@@ -60,6 +60,7 @@ class BillingContext:
     reserved_money: float = 0.0  # held against the key's budget until release()
     reserved_tokens: int = 0
     hold_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    who: str | None = None  # whom per-minute token limits count (a server's limiter)
 
 
 class Meter:
@@ -74,6 +75,7 @@ class Meter:
         self.tier = tier
         self.utilization = utilization
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.limiter: Any = None  # a server's RPM/TPM limiter: billed tokens count there
         if keys is not None and ledger is not None:
             keys.seed(ledger.key_spend())
         self.tokens = Counter("deepserve_billed_tokens", "Billed tokens by class",
@@ -180,6 +182,8 @@ class Meter:
         committed = self._record(ctx, usage, list_cost, cost)
         if self.keys is not None and ctx.key_id is not None:
             self.keys.charge(ctx.key_id, cost, usage.prompt + usage.completion)
+        if self.limiter is not None and ctx.who is not None:
+            self.limiter.add_tokens(ctx.who, usage.prompt + usage.completion)
         self._log(ctx, usage, cost)
         self._count(ctx.quote, usage, list_cost)
         return {"cost": round(cost, 10), "currency": ctx.quote.currency,

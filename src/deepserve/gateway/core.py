@@ -14,10 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from deepserve.billing.meter import Meter, build_meter
-from deepserve.billing.shared import SharedRateLimiter
+from deepserve.billing.ratelimit import make_limiter
 from deepserve.gateway.config import GatewayConfig
 from deepserve.gateway.pool import Backend, TierPool, prefix_key
-from deepserve.gateway.ratelimit import RateLimiter
 from deepserve.gateway.router import Router
 
 logger = logging.getLogger("deepserve.gateway.app")
@@ -55,9 +54,7 @@ class Gateway:
                                        cfg.discovery == "dns")
                       for t in cfg.tiers}
         self.router = Router(cfg, self.pools)
-        self.limiter: RateLimiter | SharedRateLimiter = (
-            SharedRateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm, cfg.redis) if cfg.redis
-            else RateLimiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm))
+        self.limiter = make_limiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm, cfg.redis)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=2.0),
                                         limits=httpx.Limits(max_connections=1000,
                                                             max_keepalive_connections=200))

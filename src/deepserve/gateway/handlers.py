@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deepserve.billing.meter import BillingContext, BillingError, Usage
+from deepserve.billing.ratelimit import retry_after
 from deepserve.billing.shared import SharedLimitsError
 from deepserve.gateway.answers import as_sse, mean_logprob, usage_tokens
 from deepserve.gateway.core import Gateway, NoBackend
@@ -99,7 +100,7 @@ class Handlers:
             return error_response(429, f"rate limit reached: {which} per minute for this "
                                   "key; retry after the Retry-After seconds",
                                   code="rate_limit_exceeded",
-                                  headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+                                  headers={"Retry-After": retry_after(wait)})
         policy = gw.router.policy(headers)
         tier = gw.router.choose(policy, body, headers, str(body.get("user") or who))
         call = Call(path, body, key_id, who, BudgetHold(gw.meter))

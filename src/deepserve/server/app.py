@@ -13,9 +13,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepserve.billing.meter import BillingContext, BillingError
+from deepserve.billing.ratelimit import retry_after
+from deepserve.billing.shared import SharedLimitsError
 from deepserve.engine.async_engine import AsyncEngine, EngineDeadError
 from deepserve.errors import DeepserveError
-from deepserve.protocol.http import BodyLimit, KeyCheck, models_list
+from deepserve.protocol.http import BodyLimit, KeyCheck, bearer_of, models_list
 from deepserve.protocol.models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -127,6 +129,24 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                            code="model_not_found")
         return state.admission.enter(weight)
 
+    def limit(request: Request, key_id: str | None) -> str | None:
+        """Count the request against its key's per-minute limits (429 when over)."""
+        if state.limiter is None:
+            return None
+        who = key_id or bearer_of(request.headers.get("authorization")) or (
+            request.client.host if request.client else "anon")
+        try:
+            over = state.limiter.check(who)
+        except SharedLimitsError as exc:
+            raise APIError(503, f"{exc}; retry shortly", code="limits_unavailable",
+                           headers={"Retry-After": "1"}) from None
+        if over is not None:
+            which, wait = over
+            raise APIError(429, f"rate limit reached: {which} per minute for this key; "
+                           "retry after the Retry-After seconds", code="rate_limit_exceeded",
+                           headers={"Retry-After": retry_after(wait)})
+        return who
+
     @app.get("/health")
     async def health() -> Response:
         if engine.dead is not None:
@@ -156,9 +176,10 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model: "
                            "it has no FIM tokens; remove suffix", param="suffix")
         prompts = [None] if chat else _prompt_list(req.prompt)
+        key_id = getattr(request.state, "key_id", None)
+        who = limit(request, key_id)
         release = admit(req.model, len(prompts))
         handed_off = False
-        key_id = getattr(request.state, "key_id", None)
         bill: BillingContext | None = None
         try:
             ctx = None
@@ -184,6 +205,7 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                 prepared = await state.preparer.run(
                     lambda: [engine.prepare(prompt=p, params=params) for p in prompts])
             bill = state.meter.start(key_id, state.model_name)
+            bill.who = who
             state.meter.reserve(bill, sum(len(ids) for _, ids in prepared),
                                 (params.max_tokens or 0) * params.n * len(prepared))
             headers = _price_headers(bill)

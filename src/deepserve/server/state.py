@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Gauge
 
 from deepserve.billing.meter import BillingError, Meter, build_meter
+from deepserve.billing.ratelimit import make_limiter
 from deepserve.engine.async_engine import AsyncEngine
 from deepserve.errors import DeepserveError
 from deepserve.protocol.http import error_body, same_key
@@ -30,8 +31,11 @@ SERVER_HELP = {
               "shared by a fleet",
     "ledger_usage": "write a row per request (--no-ledger-usage: only this replica's "
                     "uptime, for backends behind a gateway that bills)",
-    "redis": "redis:// URL: key budgets and token quotas shared with every other replica "
-             "using it (default: per process)",
+    "redis": "redis:// URL: key budgets, token quotas and rate limits shared with every "
+             "other replica using it (default: per process)",
+    "rate_limit_rpm": "requests per minute per API key (or client address without keys); "
+                      "over it: 429 with Retry-After (0: off)",
+    "rate_limit_tpm": "prompt + completion tokens per minute per API key (0: off)",
     "pricing": "pricing policy TOML (default: DeepSeek-R1 list prices)",
     "api_keys": "TOML key file with per-key budgets and token quotas",
     "pricing_clock": "price every request as if at this ISO time (simulations)",
@@ -63,6 +67,8 @@ class ServerConfig:
     ledger: str | None = None  # SQLite path or postgresql:// URL; None: no ledger
     ledger_usage: bool = True  # False: record uptime only (a gateway in front bills)
     redis: str | None = None  # redis:// URL for budgets and quotas shared across replicas
+    rate_limit_rpm: int = 0  # requests per minute per key (0: off)
+    rate_limit_tpm: int = 0  # tokens per minute per key (0: off)
     pricing: str | None = None  # pricing policy TOML; None: DeepSeek-R1 list prices
     api_keys: str | None = None  # key file with budgets and quotas
     pricing_clock: str | None = None  # fixed ISO time for pricing (tests, simulations)
@@ -97,6 +103,8 @@ class ServerConfig:
                                                                   "unix://")):
             raise DeepserveError(f"redis={self.redis!r} is not a redis:// URL (e.g. "
                                  "redis://127.0.0.1:6379/0)", param="redis")
+        if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
+            raise DeepserveError("rate limits must be >= 0 (0: off)", param="rate_limit_rpm")
         if self.max_tokens_default < 1:
             raise DeepserveError("max_tokens_default must be >= 1", param="max_tokens_default")
 
@@ -117,6 +125,9 @@ class ServerState:
         self.model_name = engine.model_name
         self.metrics = ServerMetrics(engine, self.model_name)
         self.meter = _build_meter(engine, cfg, self.metrics)
+        self.limiter = make_limiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm, cfg.redis) \
+            if cfg.rate_limit_rpm or cfg.rate_limit_tpm else None
+        self.meter.limiter = self.limiter
         cost = Gauge("deepserve_replica_cost_per_hour", "What this replica costs per hour "
                      "(--hourly-cost), in the pricing currency", ["model", "hardware"],
                      registry=self.metrics.registry)

@@ -1,9 +1,12 @@
-"""Per-key request and token rate limits over a sliding 60-second window."""
+"""Per-key request and token rate limits over a sliding 60-second window, in the
+process (``RateLimiter``) or shared by every replica through Redis
+(``billing/shared.SharedRateLimiter``, same interface); ``make_limiter`` picks."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Any
 
 
 class RateLimiter:
@@ -40,3 +43,17 @@ class RateLimiter:
     def add_tokens(self, key: str, n: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._tokens.setdefault(key, deque()).append((now, n))
+
+
+def make_limiter(rpm: int, tpm: int, redis: str | None = None) -> Any:
+    """The limiter for these settings: shared through ``redis`` when given."""
+    if redis:
+        from deepserve.billing.shared import SharedRateLimiter
+
+        return SharedRateLimiter(rpm, tpm, redis)
+    return RateLimiter(rpm, tpm)
+
+
+def retry_after(wait: float) -> str:
+    """A Retry-After header value (whole seconds, at least 1)."""
+    return str(max(1, int(wait + 0.999)))
