@@ -130,6 +130,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise DeepserveError(str(exc), param="by") from exc
     render = {"md": report.to_markdown, "json": report.to_json, "csv": report.to_csv}
+    if args.tco:
+        from deepserve.billing import tco
+
+        inputs = tco.TCOInputs.load(args.tco)
+        costs = tco.build_tco(rep, inputs)
+        if args.format == "json":
+            rep["tco"] = costs
+        else:
+            print(tco.to_markdown(costs) + "\n")
+        if args.tco_plot:
+            tco.plot(costs, inputs, args.tco_plot)
+            print(f"wrote {args.tco_plot}", file=sys.stderr)
     print(render[args.format](rep))
     if args.plot:
         report.plot_hourly(args.ledger, args.plot, args.gpu_hour_cost, args.since, args.until)
@@ -238,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--gpus-per-node", type=int, default=8)
     rep.add_argument("--format", default="md", choices=["md", "json", "csv"])
     rep.add_argument("--plot", default=None, help="write a per-hour PNG here")
+    rep.add_argument("--tco", default=None,
+                     help="TOML of cloud and on-premises costs: adds the total cost of "
+                          "ownership for this traffic (format: deepserve/billing/tco.py)")
+    rep.add_argument("--tco-plot", default=None, help="with --tco: cost against daily "
+                                                      "volume, as a PNG")
     rep.set_defaults(func=cmd_report)
 
     kern = sub.add_parser("kernels", help="build deepserve's C++ CPU kernels now and report")

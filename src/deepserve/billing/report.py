@@ -117,9 +117,14 @@ def build_report(ledger: str | Path, since: str | None = None, until: str | None
                     row |= _money(row, hour_cost)
                 groups.append(row)
         currency = (db.query("SELECT currency FROM usage LIMIT 1") or [("USD",)])[0][0]
+        ((first, last_end),) = db.query("SELECT MIN(start_ts), MAX(end_ts) FROM usage "
+                                        "WHERE start_ts >= ? AND start_ts < ?", (lo, hi))
+        period_s = ((hi if hi != float("inf") else (last_end or 0)) -
+                    (lo if since is not None else (first or 0)))
     finally:
         db.close()
-    return {"period": {"since": since, "until": until}, "currency": currency,
+    return {"period": {"since": since, "until": until}, "period_seconds": max(0.0, period_s),
+            "currency": currency,
             "cost_basis": basis, "accelerator_hours": acc_hours, "replicas": replicas,
             "gpu_hour_cost": gpu_hour_cost, "total": total, "by": by, "groups": groups}
 

@@ -105,6 +105,20 @@ class BlockManager:
         seq.block_table.extend(self._take() for _ in range(extra))
         return True
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block that no sequence holds (they become plain free
+        blocks); blocks in use keep their entries."""
+        for block in list(self.evictable):
+            old = self.block_hash[block]
+            if old is not None and self.cached.get(old) == block:
+                del self.cached[old]
+            self.block_hash[block] = None
+            self.block_tokens[block] = None
+            self.block_parent[block] = None
+            self.block_cid[block] = 0
+            self.free_blocks.append(block)
+        self.evictable.clear()
+
     def free(self, seq: Sequence) -> None:
         """Release a sequence's blocks; cached ones stay findable, the tail evicted first."""
         for block in reversed(seq.block_table):

@@ -36,6 +36,8 @@ SERVER_HELP = {
     "rate_limit_rpm": "requests per minute per API key (or client address without keys); "
                       "over it: 429 with Retry-After (0: off)",
     "rate_limit_tpm": "prompt + completion tokens per minute per API key (0: off)",
+    "warmup": "run representative batch shapes before reporting ready, so the first "
+              "request is as fast as the rest (--no-warmup: ready sooner)",
     "pricing": "pricing policy TOML (default: DeepSeek-R1 list prices)",
     "api_keys": "TOML key file with per-key budgets and token quotas",
     "pricing_clock": "price every request as if at this ISO time (simulations)",
@@ -69,6 +71,7 @@ class ServerConfig:
     redis: str | None = None  # redis:// URL for budgets and quotas shared across replicas
     rate_limit_rpm: int = 0  # requests per minute per key (0: off)
     rate_limit_tpm: int = 0  # tokens per minute per key (0: off)
+    warmup: bool = True  # run representative shapes before /health reports ready
     pricing: str | None = None  # pricing policy TOML; None: DeepSeek-R1 list prices
     api_keys: str | None = None  # key file with budgets and quotas
     pricing_clock: str | None = None  # fixed ISO time for pricing (tests, simulations)

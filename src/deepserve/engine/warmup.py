@@ -1,0 +1,52 @@
+"""Warm-up: run the shapes a server will see before it reports ready, so the first
+request does not pay for first-call costs (allocator growth, oneDNN primitive
+creation, kernel dispatch caches, the dense copies used for large batches).
+
+The shapes: one long prefill (a full token budget's chunk, up to 512 tokens), then
+decode steps at batch sizes 1, 8 and 32 (capped at ``max_num_seqs``), each with a few
+generated tokens. Prompts are token ids that no chat request produces; afterwards the
+warm-up's prefix-cache entries are dropped and the counters that ``/metrics`` reads
+are reset, so the server starts as if nothing had run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from deepserve.engine.llm_engine import LLMEngine
+from deepserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+BATCHES = (1, 8, 32)
+
+
+def warm_up(engine: LLMEngine) -> float:
+    """Run the warm-up shapes on the engine (in the engine's own thread, before it
+    serves); returns the seconds it took."""
+    start = time.perf_counter()
+    cfg = engine.config
+    vocab = engine.model_config.vocab_size
+    limit = max(16, min(512, cfg.max_num_batched_tokens, engine.max_model_len - 8))
+    params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
+
+    def ids(n: int, seed: int) -> list[int]:
+        return [(1000 + seed * 7919 + i * 31) % (vocab - 1) + 1 for i in range(n)]
+
+    shapes = [(1, limit)] + [(b, 24) for b in BATCHES if b <= cfg.max_num_seqs]
+    for n, (batch, length) in enumerate(shapes):
+        for i in range(batch):
+            engine.add_request(f"warmup-{n}-{i}", None, params,
+                               prompt_ids=ids(length, n * 100 + i))
+        while engine.has_unfinished():
+            engine.step()
+    bm = engine.block_manager
+    bm.reset_prefix_cache()
+    bm.queried_tokens = bm.hit_tokens = 0
+    engine.num_steps = 0
+    engine.publish_stats()
+    took = time.perf_counter() - start
+    logger.info("warm-up: %s in %.1f s", ", ".join(
+        f"{b} x {n} tokens" for b, n in shapes), took)
+    return took
