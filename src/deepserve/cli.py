@@ -108,8 +108,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         ServerConfig,
     )
 
+    group = parser.add_argument_group("server")
+    group.add_argument("--plugin", dest="plugins", action="append", default=[],
+                       metavar="MODULE:ATTR",
+                       help="load a plugin (repeatable), e.g. "
+                            "deepserve.compliance:ComplianceFilter")
     add_dataclass_args(
-        parser.add_argument_group("server"), ServerConfig, SERVER_HELP,
+        group, ServerConfig, SERVER_HELP, skip=("plugins",),
         choices={"prefix_cache_scope": list(PREFIX_CACHE_SCOPES),
                  "reasoning_parser": list(REASONING_PARSERS)},
         types={"max_request_bytes": lambda v: parse_bytes(v, "max_request_bytes")})
@@ -155,7 +160,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     cfg = GatewayConfig.load(args.config)
     # Flags override the file (Kubernetes passes Secrets this way).
-    overrides = {k: getattr(args, k) for k in ("host", "port", "ledger", "redis", "api_keys")
+    overrides = {k: getattr(args, k) for k in ("host", "port", "ledger", "redis", "api_keys",
+                                               "plugins", "plugin_config")
                  if getattr(args, k)}
     if overrides:
         cfg = GatewayConfig.from_dict(_with_gateway(args.config, overrides), args.config)
@@ -230,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="redis:// URL: rate limits, quotas and budgets shared by every "
                          "gateway and server using it")
     gw.add_argument("--api-keys", default=None, help="TOML key file (overrides the config)")
+    gw.add_argument("--plugin", dest="plugins", action="append", default=[],
+                    metavar="MODULE:ATTR", help="load a plugin (repeatable)")
+    gw.add_argument("--plugin-config", default=None,
+                    help="TOML with one [NAME] table of settings per plugin")
     gw.set_defaults(func=cmd_gateway)
 
     rs = sub.add_parser("ray-serve", help="serve tiers on a Ray cluster with Ray Serve")

@@ -73,7 +73,7 @@ class Ledger:
             "last_seen_ts, hourly_cost) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (self.replica_id, model, hardware, accelerators, now, now, hourly_cost or None))
         self._db.commit()
-        self._queue: queue.SimpleQueue[tuple[UsageRecord, Future[bool]] | None] = \
+        self._queue: queue.SimpleQueue[tuple[UsageRecord | Refusal, Future[bool]] | None] = \
             queue.SimpleQueue()
         self.written = 0
         self.duplicates = 0
@@ -92,18 +92,18 @@ class Ledger:
         finally:
             with_db.close()
 
-    def record(self, rec: UsageRecord) -> Future[bool]:
+    def record(self, rec: UsageRecord | Refusal) -> Future[bool]:
         """Queue a record; returns at once with a future that resolves once committed
         (True: written now; False: that request id was already on the books)."""
         rec.replica_id = self.replica_id
         done: Future[bool] = Future()
-        if not self.usage:
+        if not self.usage and isinstance(rec, UsageRecord):
             done.set_result(False)
             return done
         self._queue.put((rec, done))
         return done
 
-    def _write(self, rec: UsageRecord) -> bool:
+    def _write(self, rec: UsageRecord | Refusal) -> bool:
         """Insert and commit; retried with a fresh connection while the database is
         unreachable (the insert skips an id already written, so a retry never doubles)."""
         deadline = time.monotonic() + self.RETRY_S
@@ -187,12 +187,29 @@ class Ledger:
         self._db.close()
 
 
-def insert(db: LedgerDB, rec: UsageRecord) -> bool:
-    """Append one record unless its request id is already there (the caller commits);
-    True when a row was added."""
+@dataclass
+class Refusal:
+    """A request a plugin refused (nothing was generated or billed), and why."""
+
+    request_id: str
+    ts: float
+    key_id: str | None
+    path: str | None
+    front: str | None
+    plugin: str
+    reason: str
+    replica_id: str | None = None
+
+
+def insert(db: LedgerDB, rec: UsageRecord | Refusal) -> bool:
+    """Append one usage record unless its request id is already there, or a refusal
+    (the caller commits); True when a row was added."""
     row = asdict(rec)
     cols = ", ".join(row)
     marks = ", ".join("?" for _ in row)
+    if isinstance(rec, Refusal):
+        db.execute(f"INSERT INTO refusals ({cols}) VALUES ({marks})", tuple(row.values()))
+        return True
     cur = db.execute(f"INSERT INTO usage ({cols}) VALUES ({marks}) "
                      "ON CONFLICT (request_id) DO NOTHING", tuple(row.values()))
     return cur.rowcount == 1

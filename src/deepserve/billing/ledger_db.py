@@ -7,6 +7,7 @@ Schema versions (the ``schema_version`` table; a ledger without it is version 1)
 1. ``usage`` (one row per billed request) and ``replicas`` (uptime per replica).
 2. ``usage.request_id`` is unique, so a retried or replayed write never bills twice;
    ``replicas.hourly_cost`` records what each replica costs per hour.
+3. ``refusals``: requests a plugin refused (the compliance filter), with the reason.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from deepserve.errors import DeepserveError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PG_SCHEMES = ("postgresql://", "postgres://")
 
 _TABLES = """
@@ -58,7 +59,18 @@ CREATE TABLE IF NOT EXISTS replicas (
     last_seen_ts DOUBLE PRECISION NOT NULL,
     stop_ts DOUBLE PRECISION
 );
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS refusals (
+    id {id},
+    request_id TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    key_id TEXT,
+    path TEXT,
+    front TEXT,
+    plugin TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    replica_id TEXT
+)
 """
 
 

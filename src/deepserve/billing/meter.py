@@ -76,6 +76,7 @@ class Meter:
         self.utilization = utilization
         self.clock = clock or (lambda: datetime.now(UTC))
         self.limiter: Any = None  # a server's RPM/TPM limiter: billed tokens count there
+        self.usage_hooks: list[Callable[[UsageRecord], None]] = []  # plugins' on_usage
         if keys is not None and ledger is not None:
             keys.seed(ledger.key_spend())
         self.tokens = Counter("deepserve_billed_tokens", "Billed tokens by class",
@@ -166,7 +167,7 @@ class Meter:
         return cost
 
     def finish(self, ctx: BillingContext, request_id: str, out: RequestOutput,
-               finish_reason: str | None) -> tuple[dict[str, Any], Future[None] | None]:
+               finish_reason: str | None) -> tuple[dict[str, Any], Future[bool] | None]:
         """Bill a finished (or aborted) request: the cost fields for `usage`, and the
         ledger write's future (None without a ledger)."""
         return self.bill(ctx, Usage(request_id, out.num_prompt_tokens, out.num_cached_tokens,
@@ -174,7 +175,7 @@ class Meter:
                                     out.first_token_time))
 
     def bill(self, ctx: BillingContext, usage: Usage) -> tuple[dict[str, Any],
-                                                               Future[None] | None]:
+                                                               Future[bool] | None]:
         """Bill token counts (the gateway bills from its backends' `usage`): price them,
         record them, charge the key, log the request and count the revenue."""
         list_cost = ctx.quote.list_cost(usage.hit, usage.miss, usage.completion)
@@ -190,11 +191,11 @@ class Meter:
                 "price_multiplier": ctx.quote.multiplier}, committed
 
     def _record(self, ctx: BillingContext, u: Usage, list_cost: float,
-                cost: float) -> Future[None] | None:
-        if self.ledger is None:
+                cost: float) -> Future[bool] | None:
+        if self.ledger is None and not self.usage_hooks:
             return None
         q, p = ctx.quote, ctx.quote.list_prices
-        return self.ledger.record(UsageRecord(
+        rec = UsageRecord(
             request_id=u.request_id, key_id=ctx.key_id, model=q.model,
             tier=u.tier or self.tier, prompt_tokens=u.prompt, cache_hit_tokens=u.hit,
             cache_miss_tokens=u.miss, completion_tokens=u.completion, start_ts=ctx.start,
@@ -202,7 +203,10 @@ class Meter:
             finish_reason=u.finish_reason, price_cache_hit=p.cache_hit_input,
             price_cache_miss=p.cache_miss_input, price_output=p.output,
             multiplier=q.multiplier, rules=",".join(q.rules), currency=q.currency,
-            list_cost=list_cost, cost=cost))
+            list_cost=list_cost, cost=cost)
+        for hook in self.usage_hooks:
+            hook(rec)
+        return self.ledger.record(rec) if self.ledger is not None else None
 
     def _log(self, ctx: BillingContext, u: Usage, cost: float) -> None:
         request_log.info("request finished", extra={"fields": {

@@ -11,11 +11,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from deepserve.billing.keys import KeyStore
 from deepserve.errors import DeepserveError
 from deepserve.gateway.config import GatewayConfig
 from deepserve.gateway.core import Gateway, NoBackend
 from deepserve.gateway.handlers import Handlers, error_response
-from deepserve.protocol.http import KeyCheck, models_list
+from deepserve.plugins import PluginHooks, attach, load_plugins
+from deepserve.protocol.http import KeyCheck, bearer, models_list
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,16 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
     handlers = Handlers(gw)
     app = FastAPI(title="deepserve gateway", version="0.1.0")
     app.state.gateway = gw
+    plugins = load_plugins(cfg.plugins, cfg.plugin_config, "gateway")
+    if plugins:
+        attach(plugins, gw.meter)
+        keys = gw.meter.keys if gw.meter is not None else None
+
+        def key_of(scope: dict[str, Any]) -> str | None:
+            k = KeyStore.lookup(keys, bearer(scope) or "") if keys is not None else None
+            return k.key_id if k is not None else None
+
+        app.add_middleware(PluginHooks, plugins=plugins, key_of=key_of)
     if gw.meter is not None and gw.meter.keys is not None:
         keys = gw.meter.keys
 

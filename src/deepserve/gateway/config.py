@@ -13,6 +13,8 @@
     pricing = "pricing.toml"  # optional: prices per model name (tier name)
     rate_limit_rpm = 600      # per key, requests per minute (0: off)
     rate_limit_tpm = 0        # per key, tokens per minute (0: off)
+    plugins = ["deepserve.compliance:ComplianceFilter"]  # optional (see deepserve.plugins)
+    plugin_config = "plugins.toml"  # optional: [NAME] settings per plugin
     discovery = "dns"         # a backend named by a DNS name is every address it
                               # resolves to ("off": use the URL as given)
     resolve_interval_s = 10   # how often such names are resolved again
@@ -83,6 +85,8 @@ class GatewayConfig:
     affinity_slack: int = 4  # cache_aware: tolerated extra load on the affine replica
     discovery: str = "dns"
     resolve_interval_s: float = 10.0
+    plugins: tuple[str, ...] = ()
+    plugin_config: str | None = None
 
     def tier(self, name: str) -> TierConfig:
         for t in self.tiers:
@@ -126,7 +130,9 @@ class GatewayConfig:
                   max_attempts=int(gw.get("max_attempts", 3)),
                   affinity_slack=int(gw.get("affinity_slack", 4)),
                   discovery=gw.get("discovery", "dns"),
-                  resolve_interval_s=float(gw.get("resolve_interval_s", 10.0)))
+                  resolve_interval_s=float(gw.get("resolve_interval_s", 10.0)),
+                  plugins=tuple(gw.get("plugins", ())),
+                  plugin_config=gw.get("plugin_config"))
         if cfg.policy not in POLICIES:
             raise bad(f"policy {cfg.policy!r} is not one of {', '.join(POLICIES)}")
         if cfg.discovery not in DISCOVERY:

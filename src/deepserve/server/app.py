@@ -17,6 +17,7 @@ from deepserve.billing.ratelimit import retry_after
 from deepserve.billing.shared import SharedLimitsError
 from deepserve.engine.async_engine import AsyncEngine, EngineDeadError
 from deepserve.errors import DeepserveError
+from deepserve.plugins import PluginHooks, attach, load_plugins
 from deepserve.protocol.http import BodyLimit, KeyCheck, bearer_of, models_list
 from deepserve.protocol.models import (
     ChatCompletionRequest,
@@ -115,6 +116,10 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                               "on serving, retry, and report it if it repeats",
                               code="internal_error")
 
+    plugins = load_plugins(cfg.plugins, cfg.plugin_config, "server")
+    if plugins:  # inside the key check: hooks see the key id
+        attach(plugins, state.meter)
+        app.add_middleware(PluginHooks, plugins=plugins)
     if state.meter.keys is not None or cfg.api_key:
         app.add_middleware(KeyCheck, check=state.check_key, on_refuse=count_error)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)

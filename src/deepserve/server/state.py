@@ -36,6 +36,7 @@ SERVER_HELP = {
     "rate_limit_rpm": "requests per minute per API key (or client address without keys); "
                       "over it: 429 with Retry-After (0: off)",
     "rate_limit_tpm": "prompt + completion tokens per minute per API key (0: off)",
+    "plugin_config": "TOML with one [NAME] table of settings per plugin (--plugin)",
     "warmup": "run representative batch shapes before reporting ready, so the first "
               "request is as fast as the rest (--no-warmup: ready sooner)",
     "pricing": "pricing policy TOML (default: DeepSeek-R1 list prices)",
@@ -72,6 +73,8 @@ class ServerConfig:
     rate_limit_rpm: int = 0  # requests per minute per key (0: off)
     rate_limit_tpm: int = 0  # tokens per minute per key (0: off)
     warmup: bool = True  # run representative shapes before /health reports ready
+    plugins: tuple[str, ...] = ()  # --plugin module:attr (entry points load too)
+    plugin_config: str | None = None  # TOML: [NAME] settings per plugin
     pricing: str | None = None  # pricing policy TOML; None: DeepSeek-R1 list prices
     api_keys: str | None = None  # key file with budgets and quotas
     pricing_clock: str | None = None  # fixed ISO time for pricing (tests, simulations)
@@ -102,6 +105,7 @@ class ServerConfig:
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise DeepserveError(f"reasoning_parser={self.reasoning_parser!r} is not one of "
                                  f"{', '.join(REASONING_PARSERS)}", param="reasoning_parser")
+        object.__setattr__(self, "plugins", tuple(self.plugins or ()))
         if self.redis is not None and not self.redis.startswith(("redis://", "rediss://",
                                                                   "unix://")):
             raise DeepserveError(f"redis={self.redis!r} is not a redis:// URL (e.g. "
