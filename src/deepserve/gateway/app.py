@@ -7,7 +7,7 @@ import asyncio
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -18,6 +18,8 @@ from deepserve.gateway.core import Gateway, NoBackend
 from deepserve.gateway.handlers import Handlers, error_response
 from deepserve.plugins import PluginHooks, attach, load_plugins
 from deepserve.protocol.http import KeyCheck, bearer, models_list
+from deepserve.protocol.websocket import PATH as WS_PATH
+from deepserve.protocol.websocket import serve_chat_socket
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,10 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         return await handlers.relay(request, "/detokenize")
+
+    @app.websocket(WS_PATH)
+    async def chat_socket(ws: WebSocket) -> None:
+        await serve_chat_socket(ws)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -155,6 +155,9 @@ class KeyCheck:
             status, message, code = result
             if self.on_refuse is not None:
                 self.on_refuse(status)
+            if scope["type"] == "websocket":  # refused at the handshake (HTTP 403)
+                return await send({"type": "websocket.close", "code": 1008,
+                                   "reason": message[:120]})
             return await send_error(send, status, message, code)
         scope.setdefault("state", {})["key_id"] = result
         await self.app(scope, receive, send)

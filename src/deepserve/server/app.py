@@ -6,7 +6,7 @@ import logging
 import re
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,6 +25,8 @@ from deepserve.protocol.models import (
     ErrorResponse,
     bad_text_path,
 )
+from deepserve.protocol.websocket import PATH as WS_PATH
+from deepserve.protocol.websocket import serve_chat_socket
 from deepserve.server.chat_output import ChatContext
 from deepserve.server.params import sampling_params
 from deepserve.server.pipeline import (
@@ -241,6 +243,10 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                 release()
 
     add_tokenize_routes(app, state, ERROR_RESPONSES)
+
+    @app.websocket(WS_PATH)
+    async def chat_socket(ws: WebSocket) -> None:
+        await serve_chat_socket(ws)
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
