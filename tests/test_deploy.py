@@ -144,9 +144,12 @@ def live(tmp_path_factory):
     srv = ServerProcess("--ledger", str(d / "l.db"), "--hourly-cost", "0.1",
                         "--served-model-name", "lite", log_dir=d)
     port = free_port()
-    (d / "gw.toml").write_text(f'[gateway]\nport = {port}\npricing = ""\n'
-                               f'[tiers.lite]\nmodels = ["lite"]\nbackends = ["{srv.url}"]\n'
-                               .replace('pricing = ""\n', ""))
+    # Pricing by utilization at the gateway: 30% off below 0.5 (the replicas' own
+    # measured utilization; the old fixed 0.5 never matched "below 0.5").
+    (d / "pricing.toml").write_text("[[utilization]]\nbelow = 0.5\nmultiplier = 0.7\n")
+    (d / "gw.toml").write_text(f'[gateway]\nport = {port}\nledger = "{d / "gw.db"}"\n'
+                               f'pricing = "{d / "pricing.toml"}"\nhealth_interval_s = 0.5\n'
+                               f'[tiers.lite]\nmodels = ["lite"]\nbackends = ["{srv.url}"]\n')
     gw = subprocess.Popen([sys.executable, "-m", "deepserve.cli", "gateway", "--config",
                            str(d / "gw.toml")], stdout=open(d / "gw.log", "w"),
                           stderr=subprocess.STDOUT)
@@ -245,3 +248,37 @@ def test_structured_json_logs_one_line_per_request(tmp_path):
     finished = [x for x in lines if x.get("event") == "request_finished"]
     assert [x["request_id"].rsplit("-", 1)[0] for x in finished] == ids
     assert all(x["completion_tokens"] == 3 and x["prompt_tokens"] > 0 for x in finished)
+
+
+def test_utilization_is_measured_published_and_priced(live, tmp_path):
+    srv, gw_url = live
+    for i in range(3):
+        r = httpx.post(f"{srv.url}/v1/completions", timeout=60, json={
+            "model": "lite", "prompt": f"Count {i}:", "max_tokens": 16, "ignore_eos": True})
+        assert r.status_code == 200
+    values = {s.name: s.value for f in text_string_to_metric_families(
+        httpx.get(f"{srv.url}/metrics", timeout=30).text) for s in f.samples}
+    mfu = values["deepserve_model_flops_utilization"]
+    bw = values["deepserve_memory_bandwidth_utilization"]
+    assert 0 < mfu < 1 and 0 < bw < 1
+    assert values["deepserve_peak_flops"] > 1e9
+    assert values["deepserve_peak_memory_bandwidth_bytes"] > 1e8
+    assert values["deepserve_pricing_utilization"] >= max(mfu, bw)
+    # The gateway prices with what its replica reports, not a fixed 0.5.
+    time.sleep(1.5)  # a health round reads the replica's /metrics
+    r = httpx.post(f"{gw_url}/v1/completions", json={"model": "lite", "prompt": "Hi",
+                                                      "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+    from deepserve.billing.ledger_db import open_db
+
+    db = open_db(Path(srv.log_path).parent / "gw.db")
+    rows = db.query("SELECT multiplier, rules FROM usage ORDER BY id DESC LIMIT 1")
+    db.close()
+    assert rows == [(0.7, "utilization[0]")]
+
+
+def test_flops_are_counted_from_the_model_shape(llm_bf16):
+    u = llm_bf16.engine.runner.utilization
+    # SmolLM2-135M: 134.5M weights, of which 49152 x 576 in the tied embedding.
+    assert u.linear_params == pytest.approx(134.5e6 - 49152 * 576, rel=0.01)
+    assert 0.6 * 134.5e6 < u.weight_bytes < 1.2 * 134.5e6  # Q4_1 / Q8_0 blocks

@@ -384,7 +384,7 @@ class LLMEngine:
             prefix_cache_queried_tokens=bm.queried_tokens,
             prefix_cache_hit_tokens=bm.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
-            max_num_seqs=self.config.max_num_seqs)
+            max_num_seqs=self.config.max_num_seqs, **self.runner.utilization.snapshot())
         return self.latest_stats
 
     def stats(self) -> dict[str, float]:

@@ -9,6 +9,7 @@ import torch
 
 from deepserve.engine.sampler import Sampler
 from deepserve.engine.sequence import Logprob, Sequence
+from deepserve.engine.utilization import Utilization
 from deepserve.layers.attention import AttentionMetadata, PrefillChunk
 from deepserve.layers.kv_cache import LayerKV
 from deepserve.models.llama import LlamaForCausalLM
@@ -32,6 +33,10 @@ class ModelRunner:
                                   device) for _ in range(cfg.num_layers)]
         self._offsets = torch.arange(block_size, device=device)
         self.use_kernels = use_kernels
+        per_token = sum(t.element_size() * t.shape[0] * t.shape[2] for kv in self.kv_caches
+                        for t in (kv.k, kv.v, getattr(kv, "k_scale", None),
+                                  getattr(kv, "v_scale", None)) if t is not None)
+        self.utilization = Utilization(model, per_token)
         # Seconds spent per phase since start; the benchmark reports the shares.
         self.timings = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0,
                         "postprocess": 0.0}
@@ -131,6 +136,7 @@ class ModelRunner:
         self.timings["prepare"] += t1 - t0
         self.timings["forward"] += t2 - t1
         self.timings["sample"] += t3 - t2
+        self.utilization.record(items, len(rows))
         return dict(zip(which, tokens, strict=True))
 
     def _prompt_logprobs(self, items: list[tuple[Sequence, int]], meta: AttentionMetadata,

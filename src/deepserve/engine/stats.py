@@ -25,6 +25,13 @@ class EngineStats:
     num_preemptions: int = 0
     num_steps: int = 0
     max_num_seqs: int = 1
+    # Actual against theoretical throughput over the last seconds (engine/utilization).
+    mfu: float = 0.0
+    bandwidth_utilization: float = 0.0
+    flops_total: float = 0.0
+    bytes_total: float = 0.0
+    peak_flops: float = 0.0
+    peak_bytes_per_s: float = 0.0
     time: float = field(default_factory=time.time)
 
     @property
@@ -38,5 +45,7 @@ class EngineStats:
 
     @property
     def utilization(self) -> float:
-        """The busier of KV-cache use and batch occupancy (what pricing rules read)."""
-        return max(self.kv_cache_usage, self.num_running / self.max_num_seqs)
+        """What pricing rules read: the busiest of KV-cache use, batch occupancy, model
+        FLOPs utilization and memory-bandwidth utilization."""
+        return max(self.kv_cache_usage, self.num_running / self.max_num_seqs, self.mfu,
+                   self.bandwidth_utilization)

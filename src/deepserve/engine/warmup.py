@@ -22,6 +22,14 @@ logger = logging.getLogger(__name__)
 BATCHES = (1, 8, 32)
 
 
+def measure(engine: LLMEngine) -> None:
+    """Give the engine's utilization tracker this machine's peak (measured once per
+    machine, then read from the cache)."""
+    from deepserve.engine.utilization import measure_peak
+
+    engine.runner.utilization.set_peak(*measure_peak(engine.dtype, engine.device))
+
+
 def warm_up(engine: LLMEngine) -> float:
     """Run the warm-up shapes on the engine (in the engine's own thread, before it
     serves); returns the seconds it took."""
@@ -43,6 +51,9 @@ def warm_up(engine: LLMEngine) -> float:
             engine.step()
     bm = engine.block_manager
     bm.reset_prefix_cache()
+    u = engine.runner.utilization
+    u.flops_total = u.bytes_total = 0.0
+    u._window.clear()
     bm.queried_tokens = bm.hit_tokens = 0
     engine.num_steps = 0
     engine.publish_stats()

@@ -83,9 +83,16 @@ class Gateway:
 
         ledger = Ledger(cfg.ledger, "gateway", "gateway", accelerators=0) if cfg.ledger \
             else None
-        # The gateway cannot see its backends' batches: utilization pricing uses 0.5.
-        return build_meter(self.registry, lambda: 0.5, pricing=cfg.pricing,
+        return build_meter(self.registry, self.utilization, pricing=cfg.pricing,
                            api_keys=cfg.api_keys, ledger=ledger, redis=cfg.redis)
+
+    def utilization(self, tier: str | None = None) -> float:
+        """The utilization pricing reads: what the tier's replicas report on /metrics
+        (deepserve_pricing_utilization, mean over available replicas); every tier's when
+        no tier is named; 0.5 until a replica has reported."""
+        pools = [self.pools[tier]] if tier in self.pools else list(self.pools.values())
+        seen = [u for p in pools if (u := p.utilization()) is not None]
+        return sum(seen) / len(seen) if seen else 0.5
 
     async def refresh(self) -> None:
         """Re-resolve DNS-named backends, then health-check every replica."""

@@ -103,7 +103,7 @@ class Handlers:
                                   headers={"Retry-After": retry_after(wait)})
         policy = gw.router.policy(headers)
         tier = gw.router.choose(policy, body, headers, str(body.get("user") or who))
-        call = Call(path, body, key_id, who, BudgetHold(gw.meter))
+        call = Call(path, body, key_id, who, BudgetHold(gw.meter, gw.utilization))
         tiers = [gw.router.order[0], gw.router.order[-1]] if policy == "cascade" else [tier]
         try:
             call.hold.reserve(key_id, tiers, body, call.chat)
@@ -128,8 +128,8 @@ class Handlers:
         gw.limiter.add_tokens(call.who, prompt + completion)
         if gw.meter is None:
             return {}, None
-        ctx = BillingContext(call.key_id, gw.meter.policy.quote(tier, gw.meter.clock(), 0.5),
-                             time.time())
+        ctx = BillingContext(call.key_id, gw.meter.policy.quote(
+            tier, gw.meter.clock(), gw.utilization(tier)), time.time())
         return gw.meter.bill(ctx, Usage(request_id or f"gw-{uuid.uuid4().hex}", prompt,
                                         cached, completion, finish, tier=tier))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from deepserve.billing.meter import BillingContext, BillingError, Meter
@@ -14,8 +15,10 @@ class BudgetHold:
     """A request's budget hold at the gateway: its largest possible cost on each tier it
     may be billed on (both, for a cascade), held until its bill is written."""
 
-    def __init__(self, meter: Meter | None) -> None:
+    def __init__(self, meter: Meter | None,
+                 utilization: Callable[[str], float] = lambda tier: 0.5) -> None:
         self.meter = meter
+        self.utilization = utilization  # the tier's, as its replicas report it
         self.contexts: list[BillingContext] = []
         self.streaming = False
 
@@ -35,7 +38,7 @@ class BudgetHold:
         try:
             for tier in dict.fromkeys(tiers):
                 ctx = BillingContext(key_id, self.meter.policy.quote(
-                    tier, self.meter.clock(), 0.5), time.time())
+                    tier, self.meter.clock(), self.utilization(tier)), time.time())
                 self.meter.reserve(ctx, prompt_bound, out * n)
                 self.contexts.append(ctx)
         except BillingError:

@@ -44,6 +44,7 @@ class Backend:
     model: str | None = None  # the name the backend serves (from its /v1/models)
     ttft_s: float | None = None  # recent mean, from the backend's own /metrics
     tpot_s: float | None = None
+    utilization: float | None = None  # its deepserve_pricing_utilization (0-1)
     _hist: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
@@ -64,6 +65,9 @@ class Backend:
         """Mean TTFT/TPOT over the interval since the last scrape (sum and count deltas)."""
         sums: dict[str, float] = {}
         for fam in text_string_to_metric_families(metrics_text):
+            if fam.name == "deepserve_pricing_utilization" and fam.samples:
+                self.utilization = max(s.value for s in fam.samples)
+                continue
             if fam.name not in ("deepserve_time_to_first_token_seconds",
                                 "deepserve_time_per_output_token_seconds"):
                 continue
@@ -169,6 +173,12 @@ class TierPool:
         if affine.outstanding > by_load[0].outstanding + self.slack:
             return by_load
         return [affine] + [b for b in by_load if b is not affine]
+
+    def utilization(self) -> float | None:
+        """Mean utilization its available replicas report (None: none reported yet)."""
+        seen = [b.utilization for b in self.backends if b.available and
+                b.utilization is not None]
+        return sum(seen) / len(seen) if seen else None
 
     def latency(self) -> tuple[float | None, float | None]:
         """Best recent TTFT and TPOT among available replicas."""

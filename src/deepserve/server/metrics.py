@@ -28,6 +28,18 @@ class ServerMetrics:
               lambda: engine.stats.num_running)
         gauge("deepserve_num_requests_waiting", "Sequences waiting to be scheduled",
               lambda: engine.stats.num_waiting)
+        gauge("deepserve_model_flops_utilization", "Model FLOPs per second over the last "
+              "10 s against this machine's measured peak (0-1)", lambda: engine.stats.mfu)
+        gauge("deepserve_memory_bandwidth_utilization", "Bytes moved (weights, KV cache) per "
+              "second over the last 10 s against this machine's measured peak (0-1)",
+              lambda: engine.stats.bandwidth_utilization)
+        gauge("deepserve_peak_flops", "This machine's measured peak FLOP/s (compute dtype)",
+              lambda: engine.stats.peak_flops)
+        gauge("deepserve_peak_memory_bandwidth_bytes", "This machine's measured peak "
+              "read bandwidth, bytes/s", lambda: engine.stats.peak_bytes_per_s)
+        gauge("deepserve_pricing_utilization", "The utilization pricing rules read: the "
+              "busiest of KV-cache use, batch occupancy, MFU and bandwidth (0-1)",
+              lambda: engine.stats.utilization)
         gauge("deepserve_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0-1)",
               lambda: engine.stats.kv_cache_usage)
         gauge("deepserve_kv_cache_blocks_total", "KV-cache blocks in the pool",

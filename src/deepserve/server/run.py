@@ -52,9 +52,10 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
     def on_signal(sig: int, frame: Any) -> None:
         server.handle_exit(sig, frame)
 
-    if cfg.warmup:
-        from deepserve.engine.warmup import warm_up
+    from deepserve.engine.warmup import measure, warm_up
 
+    measure(engine.engine)  # the machine's peak, for utilization (cached per machine)
+    if cfg.warmup:
         warm_up(engine.engine)  # before HTTP starts: /health answers only once warm
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
