@@ -41,6 +41,8 @@ class EngineConfig:
     quantization: str = "auto"  # auto | none | int8 | int4 | mixed (FFN int4, attention int8)
     kv_cache_dtype: str = "auto"  # auto (= compute dtype) | int8 | fp8
     cpu_kernels: bool = True  # deepserve's C++ kernels on CPU (built on first use)
+    slo_ttft_ms: float | None = None  # targets: the scheduler adapts each step's budget
+    slo_tpot_ms: float | None = None  # and batch size to them (engine/slo.py)
 
     def __post_init__(self) -> None:
         """Checks that need no model (those that do run when the engine loads)."""
@@ -58,6 +60,11 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, "give a positive integer")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or
+                                      not isinstance(value, int | float) or value <= 0):
+                raise bad(name, "give a target in milliseconds > 0")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise bad("kv_cache_memory_fraction", "give a share in (0, 1]")
 

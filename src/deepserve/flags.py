@@ -21,7 +21,12 @@ ENGINE_HELP = {
     "device": "auto | cpu | cuda",
     "max_model_len": "context length (default: the model's)",
     "max_num_seqs": "most sequences in one batch",
-    "max_num_batched_tokens": "token budget of one engine step",
+    "max_num_batched_tokens": "token budget of one engine step (with --slo-*: its ceiling)",
+    "slo_ttft_ms": "time-to-first-token target: with it (or --slo-tpot-ms) the scheduler "
+                   "picks each step's token budget and batch size from the queue and "
+                   "measured step times",
+    "slo_tpot_ms": "time-per-output-token target: steps are kept under it while sequences "
+                   "decode (prefill chunks shrink to fit)",
     "block_size": "tokens per KV-cache block",
     "kv_cache_memory": "KV-cache pool size, e.g. 512MiB or 2GB",
     "kv_cache_memory_fraction": "share of free memory for the KV cache when no size is given",

@@ -107,13 +107,15 @@ def _serve_once(args: argparse.Namespace, reqs: list[workloads.BenchRequest], to
                      api_key=args.api_key, concurrency=None if rate else args.concurrency,
                      request_rate=rate, max_concurrency=args.max_concurrency,
                      duration_s=args.duration, warmup=args.warmup,
+                     burstiness=args.burstiness,
                      temperature=args.temperature, ignore_eos=args.ignore_eos)
     results, wall, model = asyncio.run(run_load(cfg, reqs))
     summary = summarize_run(results, wall, args.slo_ttft_ms, args.slo_tpot_ms)
     summary["token_count_check"] = check_token_counts(results, tok)
     return {"meta": {"label": args.label or model, "model": model, "base_url": cfg.base_url,
                      "workload": args.workload, "concurrency": cfg.concurrency,
-                     "request_rate": rate, "input_len": args.input_len,
+                     "request_rate": rate, "burstiness": args.burstiness,
+                     "input_len": args.input_len,
                      "output_len": args.output_len, "machine": _machine(),
                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
             "summary": summary, "requests": results_to_json(results)}
@@ -139,6 +141,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _print_summary(run)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _positive(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return x
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -221,6 +230,8 @@ def add_bench_parser(sub: Any) -> None:
         p.add_argument("--temperature", type=float, default=0.0)
         p.add_argument("--ignore-eos", action="store_true",
                        help="ask the server to ignore EOS (vLLM/deepserve extension)")
+        p.add_argument("--burstiness", type=_positive, default=1.0,
+                       help="with a request rate: 1 = Poisson; < 1 burstier (gamma gaps)")
         p.add_argument("--slo-ttft-ms", type=float, default=None)
         p.add_argument("--slo-tpot-ms", type=float, default=None)
         p.add_argument("--out", default="results")

@@ -48,6 +48,9 @@ class LoadConfig:
     api_key: str | None = None
     concurrency: int | None = 8
     request_rate: float | None = None  # requests/s, Poisson arrivals; None: closed loop
+    # Arrival burstiness at that rate: 1 is Poisson; below 1, gamma-distributed gaps
+    # cluster requests into bursts (as vLLM's benchmark does); above 1, steadier.
+    burstiness: float = 1.0
     max_concurrency: int | None = None  # cap on in-flight requests in rate mode
     duration_s: float | None = None  # stop launching after this long
     warmup: int = 1
@@ -154,7 +157,8 @@ async def run_load(cfg: LoadConfig, requests: list[BenchRequest]
                 break
             if cfg.request_rate is not None:
                 tasks.append(asyncio.create_task(run(req)))
-                await asyncio.sleep(rng.expovariate(cfg.request_rate))
+                shape = cfg.burstiness
+                await asyncio.sleep(rng.gammavariate(shape, 1.0 / (cfg.request_rate * shape)))
             else:
                 tasks.append(asyncio.create_task(run(req)))
         await asyncio.gather(*tasks)

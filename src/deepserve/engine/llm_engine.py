@@ -95,8 +95,8 @@ class LLMEngine:
         self.failures: dict[str, BaseException] = {}
         self.consecutive_failures = 0
         self.max_consecutive_failures = 3
-        self.latest_stats = EngineStats()
-        self.publish_stats()
+        setup.attach_slo(self)  # --slo-ttft-ms / --slo-tpot-ms: adaptive batching
+        self.latest_stats = self.publish_stats()
         setup.log_loaded(self, time.perf_counter() - started)
 
     # -- sizing -----------------------------------------------------------------------
@@ -384,7 +384,8 @@ class LLMEngine:
             prefix_cache_queried_tokens=bm.queried_tokens,
             prefix_cache_hit_tokens=bm.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
-            max_num_seqs=self.config.max_num_seqs, **self.runner.utilization.snapshot())
+            max_num_seqs=self.config.max_num_seqs, **self.runner.utilization.snapshot(),
+            **self.scheduler.limits())
         return self.latest_stats
 
     def stats(self) -> dict[str, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +38,7 @@ class ModelRunner:
                         for t in (kv.k, kv.v, getattr(kv, "k_scale", None),
                                   getattr(kv, "v_scale", None)) if t is not None)
         self.utilization = Utilization(model, per_token)
+        self.step_observers: list[Callable[..., None]] = []  # (items, started, ended)
         # Seconds spent per phase since start; the benchmark reports the shares.
         self.timings = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0,
                         "postprocess": 0.0}
@@ -137,6 +139,8 @@ class ModelRunner:
         self.timings["forward"] += t2 - t1
         self.timings["sample"] += t3 - t2
         self.utilization.record(items, len(rows))
+        for observe in self.step_observers:
+            observe(items, t0, t3)
         return dict(zip(which, tokens, strict=True))
 
     def _prompt_logprobs(self, items: list[tuple[Sequence, int]], meta: AttentionMetadata,

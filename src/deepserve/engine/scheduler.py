@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from deepserve.engine.block_manager import BlockManager
 from deepserve.engine.sequence import Sequence, SequenceStatus
@@ -45,6 +46,14 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.slo: Any = None  # an SLOController (engine/slo.py) picks budget and cap
+
+    def limits(self) -> dict[str, int]:
+        """The last step's token budget and batch cap (the SLO controller's choice)."""
+        if self.slo is not None:
+            return {"token_budget": self.slo.budget, "batch_limit": self.slo.batch_limit}
+        return {"token_budget": self.max_num_batched_tokens,
+                "batch_limit": self.max_num_seqs}
 
     def add(self, seq: Sequence) -> None:
         # Lower priority values go first (0 before 5), FCFS among equals.
@@ -71,7 +80,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def schedule(self) -> ScheduledBatch:
-        budget = self.max_num_batched_tokens
+        budget, max_seqs = self.max_num_batched_tokens, self.max_num_seqs
+        if self.slo is not None:
+            budget, max_seqs = self.slo.plan(self.running, self.waiting)
         items: list[tuple[Sequence, int]] = []
         preempted = 0
         stuck: list[Sequence] = []
@@ -99,7 +110,7 @@ class Scheduler:
             index += 1
 
         while (not preempted and not stuck and self.waiting and budget > 0
-               and len(self.running) < self.max_num_seqs):
+               and len(self.running) < max_seqs):
             seq = self.waiting[0]
             if not seq.block_table:
                 hit = 0 if seq.params.prompt_logprobs is not None else \

@@ -207,3 +207,20 @@ def resident() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def attach_slo(engine: Any) -> None:
+    """With SLO targets, the scheduler asks an SLOController for each step's budget and
+    batch cap, and the controller learns step times from the model runner."""
+    cfg = engine.config
+    if cfg.slo_ttft_ms is None and cfg.slo_tpot_ms is None:
+        return
+    from deepserve.engine.slo import SLOController
+
+    ctrl = SLOController(cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.max_num_batched_tokens,
+                         cfg.max_num_seqs)
+    engine.scheduler.slo = ctrl
+    engine.runner.step_observers.append(ctrl.observe)
+    logger.info("adaptive batching for TTFT %s ms, TPOT %s ms (budget up to %d tokens, "
+                "up to %d sequences)", cfg.slo_ttft_ms, cfg.slo_tpot_ms,
+                cfg.max_num_batched_tokens, cfg.max_num_seqs)

@@ -32,6 +32,8 @@ class EngineStats:
     bytes_total: float = 0.0
     peak_flops: float = 0.0
     peak_bytes_per_s: float = 0.0
+    token_budget: int = 0  # the scheduler's last step budget and batch cap
+    batch_limit: int = 0
     time: float = field(default_factory=time.time)
 
     @property

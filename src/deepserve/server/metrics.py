@@ -37,6 +37,11 @@ class ServerMetrics:
               lambda: engine.stats.peak_flops)
         gauge("deepserve_peak_memory_bandwidth_bytes", "This machine's measured peak "
               "read bandwidth, bytes/s", lambda: engine.stats.peak_bytes_per_s)
+        gauge("deepserve_scheduler_token_budget", "Token budget the scheduler chose for its "
+              "last step (adaptive with --slo-ttft-ms/--slo-tpot-ms)",
+              lambda: engine.stats.token_budget)
+        gauge("deepserve_scheduler_batch_limit", "Batch cap the scheduler chose for its last "
+              "step", lambda: engine.stats.batch_limit)
         gauge("deepserve_pricing_utilization", "The utilization pricing rules read: the "
               "busiest of KV-cache use, batch occupancy, MFU and bandwidth (0-1)",
               lambda: engine.stats.utilization)
