@@ -75,7 +75,7 @@ class SLOController:
         fit = self.model.coefficients()
         if self.tpot_s is not None and fit is not None:
             a, b = fit
-            fits = int((self.tpot_s - a) / b) if self.tpot_s > a else 0
+            fits = int((self.tpot_s - a) / b + 1e-6) if self.tpot_s > a else 0
             cap = max(1, min(self.max_seqs, fits))
             if decodes:
                 budget = max(decodes + MIN_CHUNK, min(self.max_tokens, fits))
