@@ -50,7 +50,28 @@ def test_a_request_near_its_ttft_target_gets_the_whole_budget():
     running = [seq(100, 120) for _ in range(10)]
     assert c.plan(running, [seq(400, 0, arrival=time.time())])[0] == 30
     late = seq(400, 0, arrival=time.time() - 0.15)  # 150 ms of its 200 ms gone
-    assert c.plan(running, [late])[0] == 2048
+    assert c.plan(running, [late])[0] == 10 + 400  # the decodes and its whole prompt
+    c.decode_step_s = 0.020  # decodes already over their 13 ms: no slack, it waits
+    assert c.plan(running, [late])[0] == 30
+
+
+def test_measured_decode_steps_correct_the_batch_cap():
+    c = trained(tpot_ms=40)
+    running = [seq(100, 120) for _ in range(20)]
+    assert c.plan(running, [])[1] == 64
+    decode = [(s, 1) for s in running]
+    t = 0.0
+    # Slower than the model says: over 40 ms (a step is judged when the next starts).
+    for took in (0.050, 0.050, 0.050, 0.010):
+        c.observe(decode, t, t + took)
+        t += took
+        c.plan(running, [])
+    low = c.plan(running, [])[1]
+    assert low < 64 * 0.9
+    for _ in range(5):  # fast steps let it grow again, one at a time
+        c.observe(decode, t, t + 0.010)
+        t += 0.010
+    assert c.plan(running, [])[1] == low + 5
 
 
 def test_without_a_fit_the_configured_limits_hold():
