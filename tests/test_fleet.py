@@ -183,3 +183,16 @@ def test_shared_rate_limits_count_every_replica(redis_server):
     tpm[0].add_tokens("key-c", 60)
     tpm[1].add_tokens("key-c", 50)
     assert tpm[1].check("key-c")[0] == "tokens"
+
+
+def test_settings_that_would_be_ignored_are_refused():
+    from deepserve.gateway.config import GatewayConfig
+    from deepserve.server.state import ServerConfig
+
+    with pytest.raises(DeepserveError, match="--no-ledger-usage records"):
+        ServerConfig(ledger_usage=False)
+    with pytest.raises(DeepserveError, match="--redis shares key budgets"):
+        ServerConfig(redis="redis://127.0.0.1:6379/0")
+    with pytest.raises(DeepserveError, match="redis shares key budgets"):
+        GatewayConfig.from_dict({"gateway": {"redis": "redis://127.0.0.1:6379/0"},
+                                 "tiers": {"lite": {"backends": ["http://127.0.0.1:1"]}}})

@@ -165,6 +165,11 @@ def load_plugins(specs: list[str] | tuple[str, ...] | None, config: str | None,
         except Exception as exc:
             raise DeepserveError(f"--plugin {spec!r} failed to start: {exc}",
                                  param="plugin") from exc
+    unknown = sorted(set(settings) - {p.name for p in loaded})
+    if config and unknown:  # one file may serve a fleet whose processes load others
+        logger.warning("--plugin-config %s has settings for %s, which no loaded plugin "
+                       "uses (loaded: %s)", config, unknown,
+                       ", ".join(p.name for p in loaded) or "none")
     if loaded:
         logger.info("plugins: %s", ", ".join(p.name for p in loaded))
     return Plugins(loaded, front)

@@ -139,6 +139,9 @@ class GatewayConfig:
             raise bad(f"discovery {cfg.discovery!r} is not one of {', '.join(DISCOVERY)}")
         if cfg.resolve_interval_s <= 0:
             raise bad("resolve_interval_s must be > 0 seconds")
+        if cfg.redis and not (cfg.api_keys or cfg.rate_limit_rpm or cfg.rate_limit_tpm):
+            raise bad("redis shares key budgets, quotas and rate limits, and none is set: "
+                      "add api_keys or rate_limit_rpm/tpm, or drop redis")
         if cfg.redis is not None and not str(cfg.redis).startswith(("redis://", "rediss://",
                                                                       "unix://")):
             raise bad(f"redis {cfg.redis!r} is not a redis:// URL (e.g. "

@@ -110,6 +110,13 @@ class ServerConfig:
                                                                   "unix://")):
             raise DeepserveError(f"redis={self.redis!r} is not a redis:// URL (e.g. "
                                  "redis://127.0.0.1:6379/0)", param="redis")
+        if not self.ledger_usage and not self.ledger:
+            raise DeepserveError("--no-ledger-usage records this replica's uptime in a "
+                                 "ledger: give --ledger too", param="ledger_usage")
+        if self.redis and not (self.api_keys or self.rate_limit_rpm or self.rate_limit_tpm):
+            raise DeepserveError("--redis shares key budgets, quotas and rate limits, and "
+                                 "none is set: add --api-keys or --rate-limit-rpm/tpm, or "
+                                 "drop --redis", param="redis")
         if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
             raise DeepserveError("rate limits must be >= 0 (0: off)", param="rate_limit_rpm")
         if self.max_tokens_default < 1:
