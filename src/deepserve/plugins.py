@@ -35,7 +35,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from deepserve.errors import DeepserveError
-from deepserve.protocol.http import error_body
+from deepserve.protocol.http import body_once, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class PluginHooks:
         except (ValueError, UnicodeDecodeError):
             body = None
         if not isinstance(body, dict):  # the route answers malformed bodies itself
-            return await self.app(scope, _replay(raw, receive), send)
+            return await self.app(scope, body_once(raw, receive), send)
         key_id = (scope.get("state") or {}).get("key_id")
         if key_id is None and self.key_of is not None:
             key_id = self.key_of(scope)
@@ -254,7 +254,7 @@ class PluginHooks:
                 out.append(message.get("body", b""))
             await send(message)
 
-        await self.app(scope, _replay(raw, receive), watched)
+        await self.app(scope, body_once(raw, receive), watched)
         answer = None
         if not stream:
             try:
@@ -262,18 +262,3 @@ class PluginHooks:
             except (ValueError, UnicodeDecodeError):
                 answer = None
         self.plugins.after_response(req, status, answer)
-
-
-def _replay(raw: bytes, receive: Any) -> Callable[[], Any]:
-    """The (possibly rewritten) body once, then the client's own messages (a
-    disconnect still reaches the app)."""
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
-
-    return replay

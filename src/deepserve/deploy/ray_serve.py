@@ -130,15 +130,10 @@ class TierReplica:
                  "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
                  "query_string": query, "root_path": "", "headers": headers,
                  "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 80)}
-        sent = False
+        from deepserve.protocol.http import body_once, disconnect_on
 
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Event().wait()  # nothing more: wait until cancelled
-            return {"type": "http.disconnect"}
+        # Nothing follows the body: the request waits until it ends or is cancelled.
+        receive = body_once(body, disconnect_on(asyncio.Event()))
 
         out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         task = asyncio.create_task(self.app(scope, receive, out.put))

@@ -85,15 +85,19 @@ class BlockManager:
             block = self.free_blocks.popleft()
         else:
             block, _ = self.evictable.popitem(last=False)
-            old = self.block_hash[block]
-            if old is not None and self.cached.get(old) == block:
-                del self.cached[old]
-            self.block_hash[block] = None
-            self.block_tokens[block] = None
-            self.block_parent[block] = None
-            self.block_cid[block] = 0
+            self._forget(block)
         self.ref_count[block] = 1
         return block
+
+    def _forget(self, block: int) -> None:
+        """Drop a cached block's prefix-cache entry and what it held."""
+        old = self.block_hash[block]
+        if old is not None and self.cached.get(old) == block:
+            del self.cached[old]
+        self.block_hash[block] = None
+        self.block_tokens[block] = None
+        self.block_parent[block] = None
+        self.block_cid[block] = 0
 
     def ensure(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow ``seq``'s block table to hold ``num_tokens``; False (no change) if full."""
@@ -109,13 +113,7 @@ class BlockManager:
         """Forget every cached block that no sequence holds (they become plain free
         blocks); blocks in use keep their entries."""
         for block in list(self.evictable):
-            old = self.block_hash[block]
-            if old is not None and self.cached.get(old) == block:
-                del self.cached[old]
-            self.block_hash[block] = None
-            self.block_tokens[block] = None
-            self.block_parent[block] = None
-            self.block_cid[block] = 0
+            self._forget(block)
             self.free_blocks.append(block)
         self.evictable.clear()
 

@@ -9,6 +9,7 @@ Only ``/health`` stays open, for load balancers and probes.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -174,3 +175,30 @@ def sse(event: dict[str, Any]) -> str:
 def sse_error(status: int, message: str, code: str | None = None) -> str:
     """An error inside an event stream, after the 200 status has gone out."""
     return sse(error_body(status, message, code=code))
+
+
+def body_once(body: bytes, then: Callable[[], Awaitable[dict[str, Any]]]
+              ) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An ASGI ``receive`` for a request run in-process: the whole body once, then
+    whatever ``then`` returns (the client's own messages, or a disconnect when the
+    caller says so)."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive
+
+
+def disconnect_on(event: asyncio.Event) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """For ``body_once``: an ``http.disconnect`` once ``event`` is set."""
+
+    async def wait() -> dict[str, Any]:
+        await event.wait()
+        return {"type": "http.disconnect"}
+
+    return wait

@@ -25,7 +25,7 @@ from typing import Any
 
 from fastapi import WebSocket, WebSocketDisconnect
 
-from deepserve.protocol.http import error_body
+from deepserve.protocol.http import body_once, disconnect_on, error_body
 
 PATH = "/v1/chat/completions/ws"
 DONE = "[DONE]"
@@ -71,15 +71,7 @@ async def _run(ws: WebSocket, body: dict[str, Any]) -> None:
              "headers": headers, "client": ws.scope.get("client"),
              "server": ws.scope.get("server"), "app": app}
     stop = asyncio.Event()
-    sent_body = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await stop.wait()
-        return {"type": "http.disconnect"}
+    receive = body_once(raw, disconnect_on(stop))
 
     status = 0
     pending = b""
