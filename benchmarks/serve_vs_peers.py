@@ -1,5 +1,6 @@
 """Serving throughput, load time and resident memory: deepserve (each weight format)
-against llama.cpp's own ``llama-server`` with parallel slots, one system at a time.
+against llama.cpp's own ``llama-server`` with parallel slots and vLLM's CPU build, one
+system at a time.
 
 For every system: start the server, time it from launch to ``/health`` answering 200
 ("load"), run ``deepserve bench serve`` (random 128-token prompts, 128 output tokens,
@@ -11,6 +12,12 @@ llama.cpp's threads spin.
     .venv/bin/python benchmarks/serve_vs_peers.py \\
         --llama-server /path/to/llama-server --systems auto none int8 int4 mixed llama.cpp
     DEEPSERVE_ISA=avx2 .venv/bin/python benchmarks/serve_vs_peers.py ...   # the AVX2 path
+    .venv/bin/python benchmarks/serve_vs_peers.py --systems vllm \
+        --vllm-python build/vllm-venv/bin/python --vllm-model build/smollm2-hf   # make bench-vllm
+
+vLLM 0.32 reads no GGUF, so it serves the same weights exported by
+``benchmarks/export_hf.py`` (the GGUF dequantized to a safetensors checkpoint) in
+bfloat16, with ``VLLM_CPU_KVCACHE_SPACE`` sized to the same KV tokens.
 """
 
 from __future__ import annotations
@@ -55,8 +62,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", nargs="+", default=["auto", "llama.cpp"],
-                    help="deepserve --quantization values, and/or llama.cpp")
+                    help="deepserve --quantization values, and/or llama.cpp, vllm")
     ap.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server")
+    ap.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu")
+    ap.add_argument("--vllm-model", default=None, help="HF directory from export_hf.py")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-tokens", type=int, default=16384)
@@ -75,6 +84,14 @@ def main() -> None:
                    str(max(args.concurrency)), "-c", str(args.kv_tokens), "--port", str(port),
                    "--host", "127.0.0.1", "--no-webui"]
             label = f"llama.cpp llama-server -np {max(args.concurrency)}"
+        elif system == "vllm":
+            if not (args.vllm_python and args.vllm_model):
+                sys.exit("--vllm-python and --vllm-model are needed for the vllm system")
+            cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                   args.vllm_model, "--served-model-name", "smollm2", "--port", str(port),
+                   "--host", "127.0.0.1", "--dtype", "bfloat16", "--max-model-len", "2048",
+                   "--max-num-seqs", str(max(args.concurrency))]
+            label = f"vLLM CPU {_vllm_version(args.vllm_python)} (bfloat16)"
         else:
             # KV bytes for kv_tokens tokens in the compute dtype the server will pick
             cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--port", str(port),
@@ -83,7 +100,12 @@ def main() -> None:
                    "--kv-cache-memory", str(args.kv_tokens * _kv_bytes_per_token())]
             label = f"deepserve --quantization {system}"
         log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        env = dict(os.environ)
+        if system == "vllm":  # GiB of KV cache: the same tokens as the others, in bf16
+            kv_gib = args.kv_tokens * 30 * 2 * 3 * 64 * 2 / 2**30
+            env.update(VLLM_CPU_KVCACHE_SPACE=str(max(1, round(kv_gib + 0.49))),
+                       OMP_NUM_THREADS=str(args.threads))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             load = wait_ready(url, proc)
             row = {"system": label, "load_s": round(load, 2), "by_concurrency": {}}
@@ -124,6 +146,12 @@ def main() -> None:
         b = r["by_concurrency"]
         print(f"| {r['system']} | " + " | ".join(f"{b[c]['output_tok_s']}" for c in cs) +
               f" | {b[cs[0]]['tpot_p50_ms']} ms | {r['load_s']} s | {r['peak_rss_mib']} MiB |")
+
+
+def _vllm_version(python: str) -> str:
+    out = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or "?"
 
 
 def _kv_bytes_per_token() -> int:

@@ -48,15 +48,18 @@ def test_torch_quantize_writes_blocks_the_gguf_package_reads(name):
 
 @pytest.mark.parametrize("name", list(TYPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_gguf_matches_float64_on_each_isa(name, dtype, each_isa):
+# in_features of 3, 18 and 48 blocks: none, some and no blocks left after groups of 8
+@pytest.mark.parametrize("k", [96, 576, 1536])
+def test_linear_gguf_matches_float64_on_each_isa(name, dtype, k, each_isa):
     torch.manual_seed(1)
-    n, k = 203, 576
+    n = 203
     w = torch.randn(n, k)
     blocks = gguf_blocks(w, name)
     deq = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT[name])).double()
     bias = torch.randn(n)
-    # 1-5: the decode tiles; 70: past one 64-row tile, with a 2-row remainder
-    for rows in (1, 2, 3, 4, 5, 70):
+    # 1-13: the row counts of one weight-row pass (4 or 8 rows) and their remainders;
+    # 70: several L1-sized tiles of input rows, with a remainder
+    for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 70):
         x = torch.randn(rows, k).to(dtype)
         ref = x.double() @ deq.t() + bias.double()
         got = kernels.linear_gguf(x, blocks, TYPES[name], bias)

@@ -13,8 +13,10 @@
 //   sum_i w_i x_i = d_w d_x sum_i q_i c_i + m_w (d_x sum_i c_i)
 // (Q4_0 is Q4_1 with m = -8 d). The integer dots use AVX512-VNNI (vpdpbusd), AVX2
 // (vpmaddubsw + vpmaddwd), or plain loops, chosen by how this file was compiled (see
-// kernels.py: one build per instruction set, picked at run time). Every weight block
-// is unpacked once and used for up to four input rows.
+// kernels.py: one build per instruction set, picked at run time). Blocks go eight at a
+// time, so their scales are applied with vector multiplies, and every weight block is
+// unpacked once for up to eight input rows (AVX-512; four on AVX2, which has half the
+// registers).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -156,61 +158,87 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Integer dot of 32 weight codes with 32 activation codes, as 8 int32 partial sums.
-// Q4: codes are unsigned 0..15. Q8_0: signed; `wneg` holds -128 * (partial code sums)
-// for the VNNI form, which needs an unsigned operand and so shifts x by 128.
-template <int64_t T>
-inline __m256i dot32(__m256i w, __m256i x, __m256i wneg) {
+// Integer dot of 32 unsigned 4-bit weight codes with 32 signed activation codes, as 8
+// int32 partial sums: AVX512-VNNI's vpdpbusd, or AVX2's vpmaddubsw + vpmaddwd.
+inline __m256i dot32(__m256i w, __m256i x) {
 #if DSQ_ISA == 2
-  if (T == kQ8_0) {
-    const __m256i xu = _mm256_xor_si256(x, _mm256_set1_epi8(static_cast<char>(0x80)));
-    return _mm256_dpbusd_epi32(wneg, xu, w);
-  }
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
 #else
-  (void)wneg;
-  const __m256i ones = _mm256_set1_epi16(1);
-  if (T == kQ8_0) {
-    const __m256i aw = _mm256_sign_epi8(w, w);
-    const __m256i sx = _mm256_sign_epi8(x, w);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-  }
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
 #endif
+}
+
+// The eight partial-sum vectors of eight blocks reduced to one vector of eight block sums,
+// [sum p0, ..., sum p7]: three rounds of pairwise adds instead of eight horizontal sums, so
+// the blocks' scales can then be applied with vector multiplies.
+inline __m256i block_sums8(const __m256i* p) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]),
+                                      _mm256_hadd_epi32(p[2], p[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]),
+                                      _mm256_hadd_epi32(p[6], p[7]));
+  // a = [p0..p3 low halves | p0..p3 high halves], b likewise for p4..p7
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
+                          _mm256_permute2x128_si256(a, b, 0x31));
 }
 #endif
 
-// out[r] = dot(weight row, input row r) for R rows, from their blocks.
+#if DSQ_ISA >= 1
+// Blocks b0 .. b0 + 7 of a weight row against R input rows, added to acc. The eight
+// integer dots of an input row become one vector of block sums, multiplied by the eight
+// weight scales times the row's eight scales, plus the eight offsets times the row's
+// eight scaled code sums (xs).
+template <int64_t T, int R>
+inline void group8(const uint8_t* wrow, int64_t b0, const int8_t* xq, const float* xd,
+                   const float* xs, int64_t nb, __m256* acc) {
+  const int64_t bb = block_bytes(T);
+  __m256i w[8], p[8];
+  for (int j = 0; j < 8; ++j) w[j] = unpack_nibbles(block_codes<T>(wrow + (b0 + j) * bb));
+  // the eight blocks' fp16 d (and m) in one gather of their first four bytes
+  const __m256i head = _mm256_i32gather_epi32(
+      reinterpret_cast<const int*>(wrow + b0 * bb),
+      _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                         _mm256_set1_epi32(static_cast<int>(bb))), 1);
+  const __m256i lo = _mm256_and_si256(head, _mm256_set1_epi32(0xffff));
+  const __m256i hi = _mm256_srli_epi32(head, 16);
+  // per 128-bit lane [lo0-3, hi0-3 | lo4-7, hi4-7] -> [lo0-7 | hi0-7]
+  const __m256i halves = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
+  const __m256 vd = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+  const __m256 vm = T == kQ4_1 ? _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1))
+                               : _mm256_mul_ps(vd, _mm256_set1_ps(-8.f));
+  for (int r = 0; r < R; ++r) {
+    const int64_t xi = r * nb + b0;
+    const int8_t* x = xq + xi * QK;
+    for (int j = 0; j < 8; ++j)
+      p[j] = dot32(w[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j * QK)));
+    const __m256 sums = _mm256_cvtepi32_ps(block_sums8(p));
+    acc[r] = _mm256_fmadd_ps(sums, _mm256_mul_ps(vd, _mm256_loadu_ps(xd + xi)), acc[r]);
+    acc[r] = _mm256_fmadd_ps(vm, _mm256_loadu_ps(xs + xi), acc[r]);
+  }
+}
+#endif
+
+// out[r] = dot(weight row, input row r) for R rows of 8-bit codes, from Q4_0 / Q4_1 blocks.
 template <int64_t T, int R>
 inline void row_dot(const uint8_t* wrow, const int8_t* xq, const float* xd, const float* xs,
                     int64_t K, float* out, int64_t out_stride) {
   const int64_t nb = K / QK, bb = block_bytes(T);
 #if DSQ_ISA >= 1
   __m256 acc[R];
-  float corr[R];
-  for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); corr[r] = 0.f; }
-  for (int64_t b = 0; b < nb; ++b) {
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  float corr[R] = {};
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) group8<T, R>(wrow, b, xq, xd, xs, nb, acc);
+  for (; b < nb; ++b) {  // the last nb % 8 blocks, one at a time
     const uint8_t* blk = wrow + b * bb;
     float d, m;
     block_scales<T>(blk, d, m);
-    const uint8_t* qs = block_codes<T>(blk);
-    __m256i w, wneg = _mm256_setzero_si256();
-    if (T == kQ8_0) {
-      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
-#if DSQ_ISA == 2
-      wneg = _mm256_dpbusd_epi32(_mm256_setzero_si256(),
-                                 _mm256_set1_epi8(static_cast<char>(0x80)), w);
-      wneg = _mm256_sub_epi32(_mm256_setzero_si256(), wneg);
-#endif
-    } else {
-      w = unpack_nibbles(qs);
-    }
+    const __m256i w = unpack_nibbles(block_codes<T>(blk));
     for (int r = 0; r < R; ++r) {
       const int64_t xi = r * nb + b;
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + xi * QK));
-      const __m256 p = _mm256_cvtepi32_ps(dot32<T>(w, x, wneg));
-      acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * xd[xi]), acc[r]);
-      if (T != kQ8_0) corr[r] += m * xs[xi];
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(w, x)), _mm256_set1_ps(d * xd[xi]),
+                               acc[r]);
+      corr[r] += m * xs[xi];
     }
   }
   for (int r = 0; r < R; ++r) out[r * out_stride] = hsum8(acc[r]) + corr[r];
@@ -223,13 +251,9 @@ inline void row_dot(const uint8_t* wrow, const int8_t* xq, const float* xd, cons
     block_scales<T>(blk, d, m);
     const uint8_t* qs = block_codes<T>(blk);
     int8_t wq[QK];
-    if (T == kQ8_0) {
-      std::memcpy(wq, qs, QK);
-    } else {
-      for (int j = 0; j < 16; ++j) {
-        wq[j] = static_cast<int8_t>(qs[j] & 0x0f);
-        wq[j + 16] = static_cast<int8_t>(qs[j] >> 4);
-      }
+    for (int j = 0; j < 16; ++j) {
+      wq[j] = static_cast<int8_t>(qs[j] & 0x0f);
+      wq[j + 16] = static_cast<int8_t>(qs[j] >> 4);
     }
     for (int r = 0; r < R; ++r) {
       const int64_t xi = r * nb + b;
@@ -246,12 +270,31 @@ inline void row_dot(const uint8_t* wrow, const int8_t* xq, const float* xd, cons
 
 // Q8_0 against float rows: each block's 32 codes become floats in registers, so the
 // only rounding is float32's (greedy decoding matches a float32 matmul over the same
-// dequantized weights; 8-bit activations did not, on 3 of 7 test prompts).
+// dequantized weights; 8-bit activations did not, on 3 of 7 test prompts). A block's
+// codes times x are summed first and scaled by its d once.
 template <int R>
 inline void row_dot_q8f(const uint8_t* wrow, const float* x, int64_t K, float* out,
                         int64_t out_stride) {
   const int64_t nb = K / QK, bb = block_bytes(kQ8_0);
-#if DSQ_ISA >= 1
+#if DSQ_ISA == 2
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * bb;
+    const __m512 d = _mm512_set1_ps(half_to_float(load_u16(blk)));
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
+    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * K + b * QK;
+      const __m512 p = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16),
+                                       _mm512_mul_ps(w0, _mm512_loadu_ps(xb)));
+      acc[r] = _mm512_fmadd_ps(p, d, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * out_stride] = _mm512_reduce_add_ps(acc[r]);
+#elif DSQ_ISA == 1
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
@@ -259,12 +302,13 @@ inline void row_dot_q8f(const uint8_t* wrow, const float* x, int64_t K, float* o
     const __m256 d = _mm256_set1_ps(half_to_float(load_u16(blk)));
     __m256 w[4];
     for (int j = 0; j < 4; ++j)
-      w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(
-                                      blk + 2 + 8 * j)))));
+      w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * j))));
     for (int r = 0; r < R; ++r) {
       const float* xb = x + r * K + b * QK;
-      for (int j = 0; j < 4; ++j) acc[r] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), acc[r]);
+      __m256 p = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+      for (int j = 1; j < 4; ++j) p = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), p);
+      acc[r] = _mm256_fmadd_ps(p, d, acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r * out_stride] = hsum8(acc[r]);
@@ -289,13 +333,18 @@ inline void row_dot_q8f(const uint8_t* wrow, const float* x, int64_t K, float* o
 #endif
 }
 
-// The loop both formats share: input rows in tiles of 64 (they stay in L2 while every
-// weight row passes), weight rows split over threads with enough rows per task to pay
-// for it and several tasks per thread, and `dot(n, m, rows)` for up to four input rows
-// at a time against weight row n.
+// The loop both formats share: input rows in tiles that stay in L1 while every weight
+// row passes, weight rows split over threads with enough rows per task to pay for it and
+// several tasks per thread, and `dot(n, m, rows)` for up to kRows input rows at a time
+// against weight row n. (Float rows for Q8_0 take four times the bytes of 8-bit codes:
+// with 64-row tiles they spilled to L2 and halved the speed at 32 rows and more.)
+constexpr int64_t kRows = DSQ_ISA == 2 ? 8 : 4;
+
 template <typename Dot>
-void for_row_tiles(int64_t M, int64_t N, Dot dot) {
-  constexpr int64_t kTile = 64;
+void for_row_tiles(int64_t M, int64_t N, int64_t x_row_bytes, Dot dot) {
+  // as many input rows as keep about 24 KB of them in L1 while weight rows stream by
+  const int64_t kTile =
+      std::max(kRows, std::min<int64_t>(64, 24576 / x_row_bytes / kRows * kRows));
   for (int64_t t0 = 0; t0 < M; t0 += kTile) {
     const int64_t t1 = std::min(M, t0 + kTile);
     const int64_t per_thread = N / (4 * at::get_num_threads()) + 1;
@@ -303,7 +352,7 @@ void for_row_tiles(int64_t M, int64_t N, Dot dot) {
         std::min(per_thread, std::max<int64_t>(8, 1024 / std::max<int64_t>(1, t1 - t0)));
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = t0; m < t1; m += 4) dot(n, m, std::min<int64_t>(4, t1 - m));
+        for (int64_t m = t0; m < t1; m += kRows) dot(n, m, std::min<int64_t>(kRows, t1 - m));
     });
   }
 }
@@ -311,7 +360,7 @@ void for_row_tiles(int64_t M, int64_t N, Dot dot) {
 void linear_q8f(const float* x, const uint8_t* w, int64_t M, int64_t K, int64_t N,
                 float* out) {
   const int64_t row_bytes = K / QK * block_bytes(kQ8_0);
-  for_row_tiles(M, N, [&](int64_t n, int64_t m, int64_t rows) {
+  for_row_tiles(M, N, K * 4, [&](int64_t n, int64_t m, int64_t rows) {
     const uint8_t* wrow = w + n * row_bytes;
     const float* xm = x + m * K;
     float* o = out + m * N + n;
@@ -319,7 +368,13 @@ void linear_q8f(const float* x, const uint8_t* w, int64_t M, int64_t K, int64_t 
       case 1: row_dot_q8f<1>(wrow, xm, K, o, N); break;
       case 2: row_dot_q8f<2>(wrow, xm, K, o, N); break;
       case 3: row_dot_q8f<3>(wrow, xm, K, o, N); break;
-      default: row_dot_q8f<4>(wrow, xm, K, o, N); break;
+      case 4: row_dot_q8f<4>(wrow, xm, K, o, N); break;
+#if DSQ_ISA == 2
+      case 5: row_dot_q8f<5>(wrow, xm, K, o, N); break;
+      case 6: row_dot_q8f<6>(wrow, xm, K, o, N); break;
+      case 7: row_dot_q8f<7>(wrow, xm, K, o, N); break;
+      default: row_dot_q8f<8>(wrow, xm, K, o, N); break;
+#endif
     }
   });
 }
@@ -328,7 +383,7 @@ template <int64_t T>
 void linear_blocks(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t N,
                    float* out) {
   const int64_t nb = K / QK, row_bytes = nb * block_bytes(T);
-  for_row_tiles(M, N, [&](int64_t n, int64_t m, int64_t rows) {
+  for_row_tiles(M, N, K + nb * 8, [&](int64_t n, int64_t m, int64_t rows) {
     const uint8_t* wrow = w + n * row_bytes;
     const int8_t* q = xq.q.data() + m * K;
     const float* d = xq.d.data() + m * nb;
@@ -338,7 +393,13 @@ void linear_blocks(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int6
       case 1: row_dot<T, 1>(wrow, q, d, s, K, o, N); break;
       case 2: row_dot<T, 2>(wrow, q, d, s, K, o, N); break;
       case 3: row_dot<T, 3>(wrow, q, d, s, K, o, N); break;
-      default: row_dot<T, 4>(wrow, q, d, s, K, o, N); break;
+      case 4: row_dot<T, 4>(wrow, q, d, s, K, o, N); break;
+#if DSQ_ISA == 2
+      case 5: row_dot<T, 5>(wrow, q, d, s, K, o, N); break;
+      case 6: row_dot<T, 6>(wrow, q, d, s, K, o, N); break;
+      case 7: row_dot<T, 7>(wrow, q, d, s, K, o, N); break;
+      default: row_dot<T, 8>(wrow, q, d, s, K, o, N); break;
+#endif
     }
   });
 }

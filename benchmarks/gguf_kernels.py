@@ -1,0 +1,75 @@
+"""Speed of the GGUF block kernels alone: ``linear_gguf`` on random weights in each
+format, at the default model's projection shapes, for every instruction-set build this
+CPU runs, against torch's float32 (and bfloat16) matmul over the same dequantized weights.
+
+    .venv/bin/python benchmarks/gguf_kernels.py --rows 1 8 32 128 512
+
+Prints GFLOP/s (2 x rows x in x out per call) per shape; nothing else should run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from deepserve import kernels
+from deepserve.layers.gguf_linear import quantize as quantize_blocks
+
+# (name, in_features, out_features) of the default model's projections, and its head
+SHAPES = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576),
+          ("lm_head", 576, 49152)]
+TYPES = {"Q4_1": 3, "Q8_0": 8}
+
+
+def timed(fn, *args, min_s: float = 0.3) -> float:
+    """Seconds per call of fn(*args), over at least min_s after one warm call."""
+    fn(*args)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_s:
+        fn(*args)
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128, 512])
+    ap.add_argument("--types", nargs="+", default=["Q4_1", "Q8_0"], choices=list(TYPES))
+    ap.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    isas = kernels.supported_isas()
+    for isa in isas:
+        kernels.load(isa)
+    torch.manual_seed(0)
+    print(f"ISA builds: {', '.join(isas)}; threads {args.threads}")
+    header = ["shape", "type", "rows", *isas, "torch fp32", "torch bf16"]
+    print("| " + " | ".join(header) + " |")
+    print("|---|---|" + "---:|" * (len(header) - 2))
+    for name, k, n in SHAPES:
+        if name not in args.shapes:
+            continue
+        w = torch.randn(n, k) * 0.05
+        wb = w.to(torch.bfloat16)
+        for tname in args.types:
+            blocks = quantize_blocks(w, TYPES[tname])
+            for m in args.rows:
+                x = torch.randn(m, k)
+                xb = x.to(torch.bfloat16)
+                flop = 2 * m * k * n
+                cells = []
+                for isa in isas:
+                    op = kernels.ops(isa).linear_gguf
+                    cells.append(flop / timed(op, x, blocks, TYPES[tname], None) / 1e9)
+                cells.append(flop / timed(torch.matmul, x, w.T) / 1e9)
+                cells.append(flop / timed(torch.matmul, xb, wb.T) / 1e9)
+                print(f"| {name} {k}x{n} | {tname} | {m} | " +
+                      " | ".join(f"{c:.0f}" for c in cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
