@@ -51,11 +51,18 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> float:
 
 
 def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak resident memory (VmHWM) of the server and every process it started (vLLM
+    runs its engine in a child), summed: an upper bound when their peaks differ in time."""
+    import psutil
+
+    total = 0
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            pass
+    return total / 1024 if total else float("nan")
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,17 +65,17 @@ class LLMEngine:
         ckpt = open_checkpoint(path, kind)
         self.model_config = mcfg = ckpt.model_config()
         self.max_model_len = setup.context_length(config, mcfg)
-        self.tokenizer = setup.tokenizer_for(config, path, kind)
-        # Requests without a seed draw from the global generator: seeded here, a fresh
-        # engine repeats the same draws for the same requests (as vLLM's --seed).
-        torch.manual_seed(config.seed)
+        with ThreadPoolExecutor(1) as pool:  # the tokenizer loads while the weights do
+            tokenizer = pool.submit(setup.tokenizer_for, config, path, kind)
+            # unseeded requests draw from this generator: repeatable, as vLLM's --seed
+            torch.manual_seed(config.seed)
+            # The one decision on deepserve's CPU kernels, for layers, metadata, sampler.
+            self.use_kernels = setup.use_cpu_kernels(config, self.device)
+            self.model = setup.build_model(ckpt, mcfg, config, self.max_model_len, self.dtype,
+                                           self.device, self.use_kernels, show_progress)
+            self.tokenizer = tokenizer.result()
         self.eos_token_ids = eos_token_ids(self.tokenizer, path, kind)
         self.max_token_chars = setup.max_token_chars(self.tokenizer)
-        # The one decision on deepserve's CPU kernels: every layer, the attention
-        # metadata and the sampler get it from here.
-        self.use_kernels = setup.use_cpu_kernels(config, self.device)
-        self.model = setup.build_model(ckpt, mcfg, config, self.max_model_len, self.dtype,
-                                       self.device, self.use_kernels, show_progress)
         self.weight_bytes = weight_bytes(self.model)
         self.num_blocks = setup.kv_blocks(config, self.kv_bytes_per_token, self.max_model_len,
                                           self.device)
@@ -99,7 +100,6 @@ class LLMEngine:
         self.latest_stats = self.publish_stats()
         setup.log_loaded(self, time.perf_counter() - started)
 
-    # -- sizing -----------------------------------------------------------------------
     @property
     def kv_bytes_per_token(self) -> int:
         m = self.model_config

@@ -1,12 +1,14 @@
-"""Warm-up: run the shapes a server will see before it reports ready, so the first
-request does not pay for first-call costs (allocator growth, oneDNN primitive
-creation, kernel dispatch caches, the dense copies used for large batches).
+"""Warm-up: run the shapes a server will see before it reports ready, so the first request
+does not pay for first-call costs (allocator growth, oneDNN primitive creation, kernel
+dispatch caches, the dense copies used for large batches).
 
-The shapes: one long prefill (a full token budget's chunk, up to 512 tokens), then
-decode steps at batch sizes 1, 8 and 32 (capped at ``max_num_seqs``), each with a few
-generated tokens. Prompts are token ids that no chat request produces; afterwards the
-warm-up's prefix-cache entries are dropped and the counters that ``/metrics`` reads
-are reset, so the server starts as if nothing had run.
+The shapes: one long prefill (a full token budget's chunk, up to 256 tokens), then
+decode steps at batch sizes 1, 8 and 32 (capped at ``max_num_seqs``) over 4-token
+prompts, two generated tokens each: what the first requests meet, at the least cost to
+load time (the longer 512 / 24-token version took 2.3 s on an AVX2 path). Prompts are
+token ids that no chat request produces; afterwards the warm-up's prefix-cache entries
+are dropped and the counters that ``/metrics`` reads are reset, so the server starts as
+if nothing had run.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ def warm_up(engine: LLMEngine) -> float:
     start = time.perf_counter()
     cfg = engine.config
     vocab = engine.model_config.vocab_size
-    limit = max(16, min(512, cfg.max_num_batched_tokens, engine.max_model_len - 8))
-    params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
+    limit = max(16, min(256, cfg.max_num_batched_tokens, engine.max_model_len - 8))
+    params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0)
 
     def ids(n: int, seed: int) -> list[int]:
         return [(1000 + seed * 7919 + i * 31) % (vocab - 1) + 1 for i in range(n)]
 
-    shapes = [(1, limit)] + [(b, 24) for b in BATCHES if b <= cfg.max_num_seqs]
+    shapes = [(1, limit)] + [(b, 4) for b in BATCHES if b <= cfg.max_num_seqs]
     for n, (batch, length) in enumerate(shapes):
         for i in range(batch):
             engine.add_request(f"warmup-{n}-{i}", None, params,
