@@ -90,16 +90,19 @@ def test_linear_gguf_names_a_bad_shape_or_type(each_isa):
         kernels.linear_gguf(torch.randn(1, 64), blocks, 12)
 
 
-def test_sample_rows_draws_by_the_cumulative_softmax_on_each_isa(each_isa):
+# 1003: a vocabulary that leaves lanes after the last full vector (AVX2: 8, AVX-512: 16)
+@pytest.mark.parametrize("vocab", [1000, 1003])
+def test_sample_rows_draws_by_the_cumulative_softmax_on_each_isa(vocab, each_isa):
     torch.manual_seed(3)
-    logits = torch.randn(6, 1000) * 3
+    logits = torch.randn(6, vocab) * 3
     logits[2, 500:] = -float("inf")
+    logits[4, ::3] = -float("inf")  # masked tokens inside every vector, and in the tail
     cdf = torch.softmax(logits.double(), -1).cumsum(-1)
     u = torch.tensor([0.01, 0.3, 0.5, 0.77, 0.9, 0.999])
     got = kernels.sample_rows(logits, u.float())
     want = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(1)).squeeze(1)
     assert torch.equal(got, want)
-    assert got[2] < 500
+    assert got[2] < 500 and got[4] % 3 != 0
 
 
 def test_gguf_linear_layer_without_kernels_dequantizes_in_torch():

@@ -33,6 +33,14 @@
 #else
 #define DS_AVX512 0
 #endif
+// The AVX2 build (x86-64-v3) gets hand-written exp for the softmaxes of decode attention
+// and sampling; its other loops are vectorized by the compiler.
+#if !DS_AVX512 && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DS_AVX2 1
+#else
+#define DS_AVX2 0
+#endif
 
 namespace {
 
@@ -481,9 +489,49 @@ constexpr bool kVectorCache =
     std::is_same_v<C, float> || std::is_same_v<C, at::BFloat16> || std::is_same_v<C, int8_t>;
 #endif
 
+#if DS_AVX2
+// exp(x) for x <= 0, eight lanes: exp_nonpos's polynomial, with 2^n built from exponent
+// bits (AVX2 has no scalef). The clamp keeps n >= -126, a normal float.
+inline __m256 exp_nonpos8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950409f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+inline float hsum8f(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 inline float exp_sub_sum_scalar(float* x, int64_t n, float mx) {
   float sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if DS_AVX2
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(x + i), m));
+    _mm256_storeu_ps(x + i, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  sum = hsum8f(vsum);
+#endif
+  for (; i < n; ++i) {
     x[i] = std::exp(x[i] - mx);
     sum += x[i];
   }
@@ -1160,6 +1208,48 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniform) {
           run += e[j];
           if (run > target) { found = true; break; }
         }
+      }
+      pick = last_live;  // rounding can leave the target just past the end: last token
+#elif DS_AVX2
+      const __m256 m = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
+      auto block_exp = [&](int64_t i) {  // eight lanes, zero where the logit is -inf
+        const __m256 v = _mm256_loadu_ps(x + i);
+        return _mm256_and_ps(_mm256_cmp_ps(v, ninf, _CMP_NEQ_OQ),
+                             exp_nonpos8(_mm256_sub_ps(v, m)));
+      };
+      auto tail_exp = [&](int64_t i) {
+        return x[i] == -INFINITY ? 0.0 : static_cast<double>(std::exp(x[i] - mx));
+      };
+      const int64_t V8 = V / 8 * 8;
+      double total = 0.0;
+      for (int64_t i = 0; i < V8; i += 8) total += hsum8f(block_exp(i));
+      for (int64_t i = V8; i < V; ++i) total += tail_exp(i);
+      const double target = static_cast<double>(up[r]) * total;
+      double run = 0.0;
+      int64_t last_live = -1;
+      bool found = false;
+      for (int64_t i = 0; i < V8 && !found; i += 8) {
+        alignas(32) float e[8];
+        _mm256_store_ps(e, block_exp(i));
+        const double block = std::accumulate(e, e + 8, 0.0);
+        if (run + block <= target) {
+          run += block;
+          for (int j = 7; j >= 0; --j)
+            if (e[j] > 0.f) { last_live = i + j; break; }
+          continue;
+        }
+        for (int j = 0; j < 8; ++j) {
+          if (e[j] <= 0.f) continue;
+          last_live = i + j;
+          run += e[j];
+          if (run > target) { found = true; break; }
+        }
+      }
+      for (int64_t i = V8; i < V && !found; ++i) {
+        if (x[i] == -INFINITY) continue;
+        last_live = i;
+        run += tail_exp(i);
+        found = run > target;
       }
       pick = last_live;  // rounding can leave the target just past the end: last token
 #else
