@@ -33,8 +33,8 @@
 #else
 #define DS_AVX512 0
 #endif
-// The AVX2 build (x86-64-v3) gets hand-written exp for the softmaxes of decode attention
-// and sampling; its other loops are vectorized by the compiler.
+// The AVX2 build (x86-64-v3) gets a hand-written exp for the softmaxes of decode attention
+// and sampling and for SwiGLU; its other loops are vectorized by the compiler.
 #if !DS_AVX512 && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define DS_AVX2 1
@@ -490,10 +490,10 @@ constexpr bool kVectorCache =
 #endif
 
 #if DS_AVX2
-// exp(x) for x <= 0, eight lanes: exp_nonpos's polynomial, with 2^n built from exponent
-// bits (AVX2 has no scalef). The clamp keeps n >= -126, a normal float.
-inline __m256 exp_nonpos8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+// exp(x), eight lanes: exp_nonpos's polynomial, with 2^n built from exponent bits (AVX2
+// has no scalef). The clamp to [-87, 88] keeps n in -126..127, a normal float.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950409f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
@@ -525,7 +525,7 @@ inline float exp_sub_sum_scalar(float* x, int64_t n, float mx) {
   const __m256 m = _mm256_set1_ps(mx);
   __m256 vsum = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(x + i), m));
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), m));
     _mm256_storeu_ps(x + i, e);
     vsum = _mm256_add_ps(vsum, e);
   }
@@ -1121,6 +1121,16 @@ void silu_mul_impl(const T* gu, T* out, int64_t rows, int64_t inter) {
           }
         }
       }
+#elif DS_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        const __m256 one = _mm256_set1_ps(1.0f);
+        for (; i + 8 <= inter; i += 8) {
+          const __m256 gv = _mm256_loadu_ps(g + i);
+          const __m256 act = _mm256_div_ps(
+              gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+          _mm256_storeu_ps(o + i, _mm256_mul_ps(act, _mm256_loadu_ps(u + i)));
+        }
+      }
 #endif
       for (; i < inter; ++i) {
         const float gv = static_cast<float>(g[i]);
@@ -1215,7 +1225,7 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniform) {
       auto block_exp = [&](int64_t i) {  // eight lanes, zero where the logit is -inf
         const __m256 v = _mm256_loadu_ps(x + i);
         return _mm256_and_ps(_mm256_cmp_ps(v, ninf, _CMP_NEQ_OQ),
-                             exp_nonpos8(_mm256_sub_ps(v, m)));
+                             exp8(_mm256_sub_ps(v, m)));
       };
       auto tail_exp = [&](int64_t i) {
         return x[i] == -INFINITY ? 0.0 : static_cast<double>(std::exp(x[i] - mx));
