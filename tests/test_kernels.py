@@ -47,10 +47,10 @@ def test_linear_small_matches_float_reference(wdtype, k, each_isa):
         assert torch.allclose(got16.float(), ref16, rtol=1e-2, atol=1e-2), rows
 
 
-def _decode_case(kind, dtype, head_dim, seed=0):
+def _decode_case(kind, dtype, head_dim, seed=0, heads=6):
     """A layer cache filled with random K/V, 5 sequences with scattered block tables."""
     torch.manual_seed(seed)
-    heads, kv_heads, bs, blocks = 6, 2, 4, 64
+    kv_heads, bs, blocks = 2, 4, 64
     cache = LayerKV(kv_heads, blocks * bs, head_dim, dtype, kind, torch.device("cpu"))
     slots = torch.arange(blocks * bs)
     cache.write(torch.randn(len(slots), kv_heads, head_dim).to(dtype),
@@ -65,9 +65,10 @@ def _decode_case(kind, dtype, head_dim, seed=0):
 @needs_kernels
 @pytest.mark.parametrize("kind", ["auto", "int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("head_dim", [64, 24])  # 24: the portable (non-AVX) loop
-def test_paged_decode_attention_matches_gather_path(kind, dtype, head_dim, each_isa):
-    q, cache, table, ctx, bs = _decode_case(kind, dtype, head_dim)
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: AVX-512 takes the portable loop
+@pytest.mark.parametrize("heads", [6, 14])  # 3 and 7 query heads per KV head
+def test_paged_decode_attention_matches_gather_path(kind, dtype, head_dim, heads, each_isa):
+    q, cache, table, ctx, bs = _decode_case(kind, dtype, head_dim, heads=heads)
     scale = head_dim ** -0.5
     valid = torch.arange(table.shape[1] * bs).unsqueeze(0) < ctx.unsqueeze(1)
     bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))

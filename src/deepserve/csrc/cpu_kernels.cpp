@@ -725,6 +725,9 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
 #endif
 #if DS_AVX512
   const bool vec = kVectorCache<C> && D % 16 == 0;
+#elif DS_AVX2
+  // AVX2: a float32 cache (what --dtype auto picks there) read in place, 8 lanes
+  const bool vec8 = std::is_same_v<C, float> && D % 8 == 0;
 #endif
   at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qf(G * D), acc(G * D), row(D), scores, denom(G);
@@ -752,6 +755,25 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
             for (int64_t d = 0; d < D; d += 16)
               a = _mm512_fmadd_ps(load16<C>(krow, d, all), _mm512_loadu_ps(qg + d), a);
             scores[g * ctx + t] = _mm512_reduce_add_ps(a) * ks;
+          }
+        }
+      } else
+#elif DS_AVX2
+      if (vec8) {
+        for (int64_t t = 0; t < ctx; ++t) {
+          const int64_t idx = index(t);
+          const float* krow = reinterpret_cast<const float*>(kp) + idx * D;
+          const float ks = k_scale(idx);
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf.data() + g * D;
+            __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();  // two FMA chains
+            int64_t d = 0;
+            for (; d + 16 <= D; d += 16) {
+              a = _mm256_fmadd_ps(_mm256_loadu_ps(krow + d), _mm256_loadu_ps(qg + d), a);
+              b = _mm256_fmadd_ps(_mm256_loadu_ps(krow + d + 8), _mm256_loadu_ps(qg + d + 8), b);
+            }
+            if (d < D) a = _mm256_fmadd_ps(_mm256_loadu_ps(krow + d), _mm256_loadu_ps(qg + d), a);
+            scores[g * ctx + t] = hsum8f(_mm256_add_ps(a, b)) * ks;
           }
         }
       } else
@@ -796,6 +818,50 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
               const __m512 p = _mm512_set1_ps(scores[g * ctx + t] * vs);
               _mm512_storeu_ps(ag, _mm512_fmadd_ps(p, v, _mm512_loadu_ps(ag)));
             }
+          }
+        }
+      } else
+#elif DS_AVX2
+      if (vec8) {
+        // Each 8-wide slice of the output in registers for up to four query heads while
+        // the context streams by (the V rows stay in cache between slices).
+        std::vector<int64_t> rows_at(ctx);
+        for (int64_t t = 0; t < ctx; ++t) {
+          rows_at[t] = index(t);
+          const float vs = v_scale(rows_at[t]);
+          for (int64_t g = 0; g < G; ++g) scores[g * ctx + t] *= vs;
+        }
+        const float* vbase = reinterpret_cast<const float*>(vp);
+        // GN query heads at once (a compile-time count, so the accumulators stay in
+        // registers), two sets of them (even and odd tokens): 2 x GN FMA chains in flight
+        auto heads_pv = [&](auto gn, int64_t g0) {
+          constexpr int GN = decltype(gn)::value;
+          const float* p0 = scores.data() + g0 * ctx;
+          for (int64_t d = 0; d < D; d += 8) {
+            __m256 a[2][GN];
+            for (auto& set : a)
+              for (auto& r : set) r = _mm256_setzero_ps();
+            auto step = [&](int k, int64_t t) {
+              const __m256 v = _mm256_loadu_ps(vbase + rows_at[t] * D + d);
+              for (int i = 0; i < GN; ++i)
+                a[k][i] = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + i * ctx + t), v, a[k][i]);
+            };
+            int64_t t = 0;
+            for (; t + 2 <= ctx; t += 2) {
+              step(0, t);
+              step(1, t + 1);
+            }
+            if (t < ctx) step(0, t);
+            for (int i = 0; i < GN; ++i)
+              _mm256_storeu_ps(acc.data() + (g0 + i) * D + d, _mm256_add_ps(a[0][i], a[1][i]));
+          }
+        };
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {
+          switch (std::min<int64_t>(4, G - g0)) {
+            case 1: heads_pv(std::integral_constant<int, 1>{}, g0); break;
+            case 2: heads_pv(std::integral_constant<int, 2>{}, g0); break;
+            case 3: heads_pv(std::integral_constant<int, 3>{}, g0); break;
+            default: heads_pv(std::integral_constant<int, 4>{}, g0); break;
           }
         }
       } else
