@@ -448,21 +448,22 @@ Scales scales_of(const c10::optional<at::Tensor>& t) {
   return s;
 }
 
+// e^x as x = n ln2 + r, e^r by a degree-6 polynomial (relative error about 1e-7 for
+// |r| <= ln2/2), times 2^n: the constants both vector widths use. ln2 is split in two
+// so n ln2 is exact; kExpPoly runs from the highest power down.
+constexpr float kLog2e = 1.4426950409f, kLn2Hi = 0.693145751953125f,
+                kLn2Lo = 1.428606765330187e-06f;
+constexpr float kExpPoly[7] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+
 #if DS_AVX512
-// e^x for x <= 0 (max-subtracted scores): x = n ln2 + r, e^r by a degree-6 polynomial
-// (relative error about 1e-7 for |r| <= ln2/2), times 2^n.
+// e^x for x <= 0 (max-subtracted scores), 16 lanes; 2^n by scalef.
 inline __m512 exp_nonpos_unclamped(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950409f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -494,17 +495,12 @@ constexpr bool kVectorCache =
 // has no scalef). The clamp to [-87, 88] keeps n in -126..127, a normal float.
 inline __m256 exp8(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950409f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   const __m256i bits = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
@@ -731,6 +727,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
 #endif
   at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qf(G * D), acc(G * D), row(D), scores, denom(G);
+    std::vector<int64_t> rows_at;  // the AVX2 path's cache rows, one per token
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / KVH, h = task % KVH;
       const int64_t ctx = ctx_lens[b];
@@ -825,7 +822,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
       if (vec8) {
         // Each 8-wide slice of the output in registers for up to four query heads while
         // the context streams by (the V rows stay in cache between slices).
-        std::vector<int64_t> rows_at(ctx);
+        rows_at.resize(ctx);
         for (int64_t t = 0; t < ctx; ++t) {
           rows_at[t] = index(t);
           const float vs = v_scale(rows_at[t]);
