@@ -15,12 +15,13 @@ import time
 import torch
 
 from deepserve import kernels
+from deepserve.layers.gguf_linear import X8, interleave
 from deepserve.layers.gguf_linear import quantize as quantize_blocks
 
 # (name, in_features, out_features) of the default model's projections, and its head
 SHAPES = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576),
           ("lm_head", 576, 49152)]
-TYPES = {"Q4_1": 3, "Q8_0": 8}
+TYPES = {"Q4_1": 3, "Q8_0": 8, "Q4_1x8": 3 + X8}  # x8: interleaved eight rows at a time
 
 
 def timed(fn, *args, min_s: float = 0.3) -> float:
@@ -37,7 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128, 512])
-    ap.add_argument("--types", nargs="+", default=["Q4_1", "Q8_0"], choices=list(TYPES))
+    ap.add_argument("--types", nargs="+", default=["Q4_1", "Q4_1x8", "Q8_0"],
+                    choices=list(TYPES))
     ap.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -56,7 +58,9 @@ def main() -> None:
         w = torch.randn(n, k) * 0.05
         wb = w.to(torch.bfloat16)
         for tname in args.types:
-            blocks = quantize_blocks(w, TYPES[tname])
+            blocks = quantize_blocks(w, TYPES[tname] % X8)
+            if TYPES[tname] > X8:
+                blocks = interleave(blocks, TYPES[tname] - X8, k)
             for m in args.rows:
                 x = torch.randn(m, k)
                 xb = x.to(torch.bfloat16)

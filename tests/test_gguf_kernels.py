@@ -46,23 +46,49 @@ def test_torch_quantize_writes_blocks_the_gguf_package_reads(name):
     assert torch.equal(gl.dequantize(blocks, TYPES[name], 128), back)
 
 
-@pytest.mark.parametrize("name", list(TYPES))
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+def test_interleave_is_the_documented_reordering_and_reverses(name):
+    torch.manual_seed(5)
+    k = 96
+    blocks = gguf_blocks(torch.randn(16, k), name)
+    qt, bb = TYPES[name], gl.BLOCK_BYTES[TYPES[name]]
+    packed = gl.interleave(blocks, qt, k)
+    assert packed.shape == blocks.shape
+    assert torch.equal(gl.deinterleave(packed, qt, k), blocks)
+    hb = bb - 16
+    for g, b, r in [(0, 0, 0), (1, 2, 5), (1, 1, 7)]:
+        chunk = packed.reshape(2, 3, 8 * bb)[g, b]
+        blk = blocks[8 * g + r].reshape(3, bb)[b]
+        for h in range(hb // 2):  # fp16 d (and m) of row r at slot r of their group of 8
+            assert torch.equal(chunk[16 * h + 2 * r:16 * h + 2 * r + 2], blk[2 * h:2 * h + 2])
+        for t in range(4):  # word r of code vector t: the row's code bytes 4t .. 4t + 3
+            start = 8 * hb + 32 * t + 4 * r
+            assert torch.equal(chunk[start:start + 4], blk[hb + 4 * t:hb + 4 * t + 4])
+
+
+# Q4_0x8 / Q4_1x8: the same blocks interleaved eight rows at a time (gl.interleave)
+@pytest.mark.parametrize("name", [*TYPES, "Q4_0x8", "Q4_1x8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # in_features of 3, 18 and 48 blocks: none, some and no blocks left after groups of 8
 @pytest.mark.parametrize("k", [96, 576, 1536])
 def test_linear_gguf_matches_float64_on_each_isa(name, dtype, k, each_isa):
     torch.manual_seed(1)
-    n = 203
+    x8 = name.endswith("x8")
+    name = name.removesuffix("x8")
+    n = 200 if x8 else 203
     w = torch.randn(n, k)
     blocks = gguf_blocks(w, name)
     deq = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT[name])).double()
+    qtype = TYPES[name]
+    if x8:
+        blocks, qtype = gl.interleave(blocks, qtype, k), qtype + gl.X8
     bias = torch.randn(n)
     # 1-13: the row counts of one weight-row pass (4 or 8 rows) and their remainders;
     # 70: several L1-sized tiles of input rows, with a remainder
     for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 70):
         x = torch.randn(rows, k).to(dtype)
         ref = x.double() @ deq.t() + bias.double()
-        got = kernels.linear_gguf(x, blocks, TYPES[name], bias)
+        got = kernels.linear_gguf(x, blocks, qtype, bias)
         assert got.dtype == dtype and got.shape == (rows, n)
         # 8-bit activations per block of 32 (as llama.cpp): about 0.5% of the output
         # scale; a wrong nibble order, scale or offset gives errors of 30% and more.
@@ -88,6 +114,9 @@ def test_linear_gguf_names_a_bad_shape_or_type(each_isa):
         kernels.linear_gguf(torch.randn(1, 96), blocks, gl.Q8_0)
     with pytest.raises(RuntimeError, match="GGUF type 12"):
         kernels.linear_gguf(torch.randn(1, 64), blocks, 12)
+    q4 = gl.interleave(gguf_blocks(torch.randn(8, 64), "Q4_1"), gl.Q4_1, 64)
+    with pytest.raises(RuntimeError, match="multiple of 8 rows, not 4"):
+        kernels.linear_gguf(torch.randn(1, 64), q4[:4], gl.Q4_1 + gl.X8)
 
 
 # 1003: a vocabulary that leaves lanes after the last full vector (AVX2: 8, AVX-512: 16)
@@ -112,6 +141,8 @@ def test_gguf_linear_layer_without_kernels_dequantizes_in_torch():
     layer.use_kernel = False
     x = torch.randn(3, 64)
     ref = x @ layer.dequantized().t() + layer.bias
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+    assert layer.interleave_blocks()  # the same weights in the kernels' order
     assert torch.allclose(layer(x), ref, atol=1e-5)
 
 
@@ -139,6 +170,11 @@ def test_default_gguf_keeps_its_blocks_and_says_so(caplog):
     assert llm.engine.model.lm_head.blocks.data_ptr() == \
         llm.engine.model.embed_tokens.blocks.data_ptr()
     assert "weights auto: Q4_1 x 120 + Q8_0 x 1" in caplog.text
+    # the SIMD builds run the 4-bit layers interleaved; the tied head keeps the table's order
+    x8 = kernels.available() and kernels.isa() != "portable"
+    assert {m.kernel_qtype for m in layers if m.qtype == gl.Q4_1} == \
+        {gl.Q4_1 + gl.X8 if x8 else gl.Q4_1}
+    assert llm.engine.model.lm_head.kernel_qtype == gl.Q8_0
     out = llm.chat([{"role": "user", "content": "Name the capital city of France."}],
                    SamplingParams(temperature=0, max_tokens=12))[0]
     assert "Paris" in out.text

@@ -407,13 +407,134 @@ void linear_blocks(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int6
   });
 }
 
+// ---- 4-bit blocks interleaved eight weight rows at a time ("x8" layouts) --------------
+//
+// The same Q4_0 / Q4_1 blocks, only reordered at load (no requantization): weight rows
+// 8g .. 8g + 7 keep block b together as one chunk of 8 x block_bytes bytes,
+//   8 fp16 d, then (Q4_1) 8 fp16 m, then four 32-byte code vectors, where 4-byte word r of
+//   vector t is row r's code bytes 4t .. 4t + 3.
+// Low nibbles of vector t are codes 4t .. 4t + 3 of each row, high nibbles codes
+// 16 + 4t .. 19 + 4t. One input row's four codes, broadcast, meet eight weight rows' four
+// codes in one multiply-add, so the eight dot products come out as the eight lanes of a
+// vector: no horizontal sums, and one scale multiply serves eight blocks. On AVX2 the 16
+// products of a row's eight steps add up in int16 lanes (at most 16 * 15 * 127 = 30480).
+constexpr int64_t kQ4_0x8 = 102, kQ4_1x8 = 103;
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Output columns 8g .. 8g + 7 for R input rows; wg is group g's first chunk.
+template <int64_t T, int R>
+inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const float* xs,
+                     int64_t nb, float* out, int64_t out_stride) {
+  const int64_t cb = 8 * block_bytes(T), hb = T == kQ4_1 ? 32 : 16;
+#if DSQ_ISA >= 1
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* c = wg + b * cb;
+    const __m256 vd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    const __m256 vm = T == kQ4_1
+        ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
+        : _mm256_mul_ps(vd, _mm256_set1_ps(-8.f));
+    __m256i s[R];
+    for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
+    for (int t = 0; t < 4; ++t) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + hb + 32 * t));
+      const __m256i lo = _mm256_and_si256(v, low);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* x = xq + (r * nb + b) * QK + 4 * t;
+        const __m256i x0 = _mm256_set1_epi32(load_i32(x));
+        const __m256i x1 = _mm256_set1_epi32(load_i32(x + 16));
+#if DSQ_ISA == 2
+        s[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(s[r], lo, x0), hi, x1);
+#else
+        s[r] = _mm256_add_epi16(s[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0),
+                                                       _mm256_maddubs_epi16(hi, x1)));
+#endif
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t xi = r * nb + b;
+#if DSQ_ISA == 2
+      const __m256 sum = _mm256_cvtepi32_ps(s[r]);
+#else
+      const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], _mm256_set1_epi16(1)));
+#endif
+      acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(vd, _mm256_set1_ps(xd[xi])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(vm, _mm256_set1_ps(xs[xi]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * out_stride, acc[r]);
+#else
+  float acc[R][8] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* c = wg + b * cb;
+    float d[8], m[8];
+    for (int l = 0; l < 8; ++l) {
+      d[l] = half_to_float(load_u16(c + 2 * l));
+      m[l] = T == kQ4_1 ? half_to_float(load_u16(c + 16 + 2 * l)) : -8.f * d[l];
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t xi = r * nb + b;
+      const int8_t* x = xq + xi * QK;
+      for (int l = 0; l < 8; ++l) {
+        int32_t s = 0;
+        for (int t = 0; t < 4; ++t)
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t byte = c[hb + 32 * t + 4 * l + j];
+            s += (byte & 0x0f) * x[4 * t + j] + (byte >> 4) * x[16 + 4 * t + j];
+          }
+        acc[r][l] += d[l] * xd[xi] * static_cast<float>(s) + m[l] * xs[xi];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < 8; ++l) out[r * out_stride + l] = acc[r][l];
+#endif
+}
+
+template <int64_t T>
+void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t N,
+               float* out) {
+  const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(T);
+  for_row_tiles(M, N / 8, K + nb * 8, [&](int64_t g, int64_t m, int64_t rows) {
+    const uint8_t* wg = w + g * chunk;
+    const int8_t* q = xq.q.data() + m * K;
+    const float* d = xq.d.data() + m * nb;
+    const float* s = xq.s.data() + m * nb;
+    float* o = out + m * N + 8 * g;
+    switch (rows) {
+      case 1: group_x8<T, 1>(wg, q, d, s, nb, o, N); break;
+      case 2: group_x8<T, 2>(wg, q, d, s, nb, o, N); break;
+      case 3: group_x8<T, 3>(wg, q, d, s, nb, o, N); break;
+      case 4: group_x8<T, 4>(wg, q, d, s, nb, o, N); break;
+#if DSQ_ISA == 2
+      case 5: group_x8<T, 5>(wg, q, d, s, nb, o, N); break;
+      case 6: group_x8<T, 6>(wg, q, d, s, nb, o, N); break;
+      case 7: group_x8<T, 7>(wg, q, d, s, nb, o, N); break;
+      default: group_x8<T, 8>(wg, q, d, s, nb, o, N); break;
+#endif
+    }
+  });
+}
+
 at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype,
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "linear_gguf: x [M,K] and weight [N,bytes]");
   TORCH_CHECK(weight.scalar_type() == at::kByte, "linear_gguf: weight must be uint8 blocks");
-  const int64_t bb = block_bytes(qtype);
-  TORCH_CHECK(bb > 0, "linear_gguf: GGUF type ", qtype, " is not Q4_0 (2), Q4_1 (3) or Q8_0 (8)");
+  const bool x8 = qtype == kQ4_0x8 || qtype == kQ4_1x8;
+  const int64_t base = x8 ? qtype - 100 : qtype, bb = block_bytes(base);
+  TORCH_CHECK(bb > 0, "linear_gguf: GGUF type ", qtype,
+              " is not Q4_0 (2), Q4_1 (3), Q8_0 (8) or an interleaved Q4_0 / Q4_1 (102, 103)");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(!x8 || N % 8 == 0, "linear_gguf: interleaved blocks need a multiple of 8 rows, "
+              "not ", N);
   TORCH_CHECK(K % QK == 0 && weight.size(1) == K / QK * bb,
               "linear_gguf: in_features ", K, " does not match weight rows of ", weight.size(1),
               " bytes");
@@ -438,6 +559,8 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
   float* op = out.data_ptr<float>();
   switch (qtype) {
     case kQ4_0: linear_blocks<kQ4_0>(q, wp, M, K, N, op); break;
+    case kQ4_0x8: linear_x8<kQ4_0>(q, wp, M, K, N, op); break;
+    case kQ4_1x8: linear_x8<kQ4_1>(q, wp, M, K, N, op); break;
     default: linear_blocks<kQ4_1>(q, wp, M, K, N, op); break;
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));

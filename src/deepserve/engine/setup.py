@@ -132,6 +132,8 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
     enable_kernels(model, use_kernels)
     if use_kernels and dtype == torch.bfloat16 and dense_for_batches():
         keep_dense_copies(model, dtype)
+    if use_kernels and kernels.isa() != "portable":
+        interleave_blocks(model)
     if config.cpu_kernels:
         pack_weights(model)
     return model
@@ -156,6 +158,19 @@ def keep_dense_copies(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if isinstance(module, GGUFLinear):
             module.keep_dense(dtype)
+
+
+def interleave_blocks(model: torch.nn.Module) -> None:
+    """Reorder every 4-bit GGUF-block layer's blocks eight rows at a time, the layout the
+    SIMD kernels run fastest (``gguf_linear.interleave``); blocks an embedding shares
+    (tied weights) stay as they are. The portable build keeps the file's order, which
+    its plain loops handle better."""
+    from deepserve.layers.gguf_linear import GGUFEmbedding, GGUFLinear
+
+    shared = {m.blocks.data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
+    for module in model.modules():
+        if isinstance(module, GGUFLinear) and module.blocks.data_ptr() not in shared:
+            module.interleave_blocks()
 
 
 def kv_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int,

@@ -24,6 +24,9 @@ Q4_0, Q4_1, Q8_0 = 2, 3, 8
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0"}
 QK = 32
+# The kernels' code for a 4-bit type's blocks interleaved eight rows at a time (see
+# ``interleave``): the GGUF type plus this.
+X8 = 100
 # Rows above which a layer with a dense bf16 copy uses it. Measured on a 2-core AVX-512
 # BF16 CPU over a whole decode step (benchmarks/decode_step.py, Q4_1 model): the
 # 8-bit dot kernel wins at 1-8 rows, oneDNN's bf16 GEMM from about 16 up.
@@ -42,6 +45,31 @@ def dequantize(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     q = torch.cat([codes & 0x0F, codes >> 4], dim=-1).float()
     m = b[..., 2:4].contiguous().view(torch.float16).float() if qtype == Q4_1 else -8.0 * d
     return (q * d + m).reshape(n, k)
+
+
+def interleave(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """Q4_0 / Q4_1 blocks ``[N, bytes]`` (N a multiple of 8) reordered for the kernels:
+    rows 8g .. 8g + 7 keep block b together, their 8 fp16 d (and 8 m) first, then four
+    32-byte vectors whose 4-byte word r holds row r's code bytes 4t .. 4t + 3. The same
+    bytes, so the same weights; the shape is unchanged."""
+    n, nb, bb = blocks.shape[0], k // QK, BLOCK_BYTES[qtype]
+    hb, g = bb - QK // 2, n // 8
+    b = blocks.reshape(g, 8, nb, bb)
+    heads = b[..., :hb].reshape(g, 8, nb, hb // 2, 2).permute(0, 2, 3, 1, 4)
+    codes = b[..., hb:].reshape(g, 8, nb, 4, 4).permute(0, 2, 3, 1, 4)
+    out = torch.cat([heads.reshape(g, nb, 8 * hb), codes.reshape(g, nb, 128)], dim=-1)
+    return out.reshape(n, nb * bb)
+
+
+def deinterleave(packed: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """The inverse of ``interleave``: the file's own block order."""
+    n, nb, bb = packed.shape[0], k // QK, BLOCK_BYTES[qtype]
+    hb, g = bb - QK // 2, n // 8
+    p = packed.reshape(g, nb, 8 * bb)
+    heads = p[..., :8 * hb].reshape(g, nb, hb // 2, 8, 2).permute(0, 3, 1, 2, 4)
+    codes = p[..., 8 * hb:].reshape(g, nb, 4, 8, 4).permute(0, 3, 1, 2, 4)
+    out = torch.cat([heads.reshape(g, 8, nb, hb), codes.reshape(g, 8, nb, QK // 2)], dim=-1)
+    return out.reshape(n, nb * bb)
 
 
 def quantize(w: torch.Tensor, qtype: int) -> torch.Tensor:
@@ -81,11 +109,28 @@ class GGUFLinear(KernelLayer, nn.Module):
                              f"{NAMES[qtype]} weights")
         self.register_buffer("blocks", blocks.contiguous(), persistent=False)
         self.qtype = qtype
+        self.kernel_qtype = qtype  # qtype + X8 once interleave_blocks() has run
         self.in_features = in_features
         self.out_features = blocks.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.register_buffer("dense", None, persistent=False)  # oneDNN copy, large batches
         self.dense_bias: torch.Tensor | None = None
+
+    def interleave_blocks(self) -> bool:
+        """Reorder 4-bit blocks eight rows at a time for the kernels (``interleave``);
+        False where the layout does not apply (Q8_0, rows not a multiple of 8)."""
+        if (self.qtype not in (Q4_0, Q4_1) or self.out_features % 8
+                or self.kernel_qtype != self.qtype):
+            return False
+        self.blocks = interleave(self.blocks, self.qtype, self.in_features)
+        self.kernel_qtype = self.qtype + X8
+        return True
+
+    def file_blocks(self) -> torch.Tensor:
+        """The blocks in the file's own order."""
+        if self.kernel_qtype == self.qtype:
+            return self.blocks
+        return deinterleave(self.blocks, self.qtype, self.in_features)
 
     def keep_dense(self, dtype: torch.dtype) -> None:
         """Keep a oneDNN-packed ``dtype`` copy of the dequantized weight: batches above
@@ -94,7 +139,8 @@ class GGUFLinear(KernelLayer, nn.Module):
         with torch.no_grad():
             if self.use_kernel:
                 rows = torch.arange(self.out_features)
-                w = kernels.gguf_rows(self.blocks, rows, self.qtype, self.in_features).to(dtype)
+                w = kernels.gguf_rows(self.file_blocks(), rows, self.qtype,
+                                      self.in_features).to(dtype)
             else:
                 w = self.dequantized().to(dtype)
             self.dense = torch.ops.mkldnn._reorder_linear_weight(w)
@@ -104,7 +150,7 @@ class GGUFLinear(KernelLayer, nn.Module):
         return f"{self.in_features} -> {self.out_features}, {NAMES[self.qtype]}"
 
     def dequantized(self) -> torch.Tensor:
-        return dequantize(self.blocks, self.qtype, self.in_features)
+        return dequantize(self.file_blocks(), self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -113,7 +159,7 @@ class GGUFLinear(KernelLayer, nn.Module):
             y = torch.ops.mkldnn._linear_pointwise(x2, self.dense, self.dense_bias, "none",
                                                    [], "")
         elif self.use_kernel:
-            y = kernels.linear_gguf(x2, self.blocks, self.qtype, self.bias)
+            y = kernels.linear_gguf(x2, self.blocks, self.kernel_qtype, self.bias)
         else:
             y = F.linear(x2.float(), self.dequantized(), self.bias).to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
