@@ -44,13 +44,19 @@
 namespace dsq {
 
 constexpr int QK = 32;
-enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
+// Q4_K and Q6_K name the layouts deepserve rewrites those K-quants into at load, exactly
+// (layers/kquants.py), per 32 weights:
+//   Q4_K  fp32 d, fp32 m, 16 bytes of nibbles  w = d * q + m   24 bytes (run interleaved)
+//   Q6_K  two halves of fp32 s, 16 int8 codes   w = s * q       40 bytes
+enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
 
 inline int64_t block_bytes(int64_t t) {
   switch (t) {
     case kQ4_0: return 18;
     case kQ4_1: return 20;
     case kQ8_0: return 34;
+    case kQ4_K: return 24;
+    case kQ6_K: return 40;
     default: return 0;
   }
 }
@@ -275,6 +281,76 @@ inline void row_dot(const uint8_t* wrow, const int8_t* xq, const float* xd, cons
 // only rounding is float32's (greedy decoding matches a float32 matmul over the same
 // dequantized weights; 8-bit activations did not, on 3 of 7 test prompts). A block's
 // codes times x are summed first and scaled by its d once.
+inline float load_f32(const uint8_t* p) {
+  float v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Q6_K as deepserve keeps it: 32 weights as two halves of (fp32 scale, 16 int8 codes),
+// each block turned into scaled floats once, then multiplied into R float rows.
+template <int R>
+inline void row_dot_q6f(const uint8_t* wrow, const float* x, int64_t K, float* out,
+                        int64_t out_stride) {
+  const int64_t nb = K / QK, bb = block_bytes(kQ6_K);
+#if DSQ_ISA == 2
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * bb;
+    __m512 w[2];
+    for (int h = 0; h < 2; ++h)
+      w[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                               reinterpret_cast<const __m128i*>(blk + 20 * h + 4)))),
+                           _mm512_set1_ps(load_f32(blk + 20 * h)));
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * K + b * QK;
+      acc[r] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xb), acc[r]);
+      acc[r] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xb + 16), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * out_stride] = _mm512_reduce_add_ps(acc[r]);
+#elif DSQ_ISA == 1
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * bb;
+    __m256 w[4];
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* half = blk + 20 * (j / 2);
+      w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                               reinterpret_cast<const __m128i*>(half + 4 + 8 * (j % 2))))),
+                           _mm256_set1_ps(load_f32(half)));
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * K + b * QK;
+      for (int j = 0; j < 4; ++j) acc[r] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * out_stride] = hsum8(acc[r]);
+#else
+  float acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * bb;
+    float w[QK];
+    for (int h = 0; h < 2; ++h) {
+      const float sc = load_f32(blk + 20 * h);
+      const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 20 * h + 4);
+      for (int j = 0; j < 16; ++j) w[16 * h + j] = sc * qs[j];
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * K + b * QK;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int j = 0; j < QK; ++j) s += w[j] * xb[j];
+      acc[r] += s;
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * out_stride] = acc[r];
+#endif
+}
+
 template <int R>
 inline void row_dot_q8f(const uint8_t* wrow, const float* x, int64_t K, float* out,
                         int64_t out_stride) {
@@ -360,23 +436,32 @@ void for_row_tiles(int64_t M, int64_t N, int64_t x_row_bytes, Dot dot) {
   }
 }
 
+// Weights against float rows: Q8_0 blocks, or Q6_K as deepserve keeps it.
+template <int64_t T, int R>
+inline void row_dot_f(const uint8_t* wrow, const float* x, int64_t K, float* out,
+                      int64_t out_stride) {
+  if constexpr (T == kQ6_K) row_dot_q6f<R>(wrow, x, K, out, out_stride);
+  else row_dot_q8f<R>(wrow, x, K, out, out_stride);
+}
+
+template <int64_t T>
 void linear_q8f(const float* x, const uint8_t* w, int64_t M, int64_t K, int64_t N,
                 float* out) {
-  const int64_t row_bytes = K / QK * block_bytes(kQ8_0);
+  const int64_t row_bytes = K / QK * block_bytes(T);
   for_row_tiles(M, N, K * 4, [&](int64_t n, int64_t m, int64_t rows) {
     const uint8_t* wrow = w + n * row_bytes;
     const float* xm = x + m * K;
     float* o = out + m * N + n;
     switch (rows) {
-      case 1: row_dot_q8f<1>(wrow, xm, K, o, N); break;
-      case 2: row_dot_q8f<2>(wrow, xm, K, o, N); break;
-      case 3: row_dot_q8f<3>(wrow, xm, K, o, N); break;
-      case 4: row_dot_q8f<4>(wrow, xm, K, o, N); break;
+      case 1: row_dot_f<T, 1>(wrow, xm, K, o, N); break;
+      case 2: row_dot_f<T, 2>(wrow, xm, K, o, N); break;
+      case 3: row_dot_f<T, 3>(wrow, xm, K, o, N); break;
+      case 4: row_dot_f<T, 4>(wrow, xm, K, o, N); break;
 #if DSQ_ISA == 2
-      case 5: row_dot_q8f<5>(wrow, xm, K, o, N); break;
-      case 6: row_dot_q8f<6>(wrow, xm, K, o, N); break;
-      case 7: row_dot_q8f<7>(wrow, xm, K, o, N); break;
-      default: row_dot_q8f<8>(wrow, xm, K, o, N); break;
+      case 5: row_dot_f<T, 5>(wrow, xm, K, o, N); break;
+      case 6: row_dot_f<T, 6>(wrow, xm, K, o, N); break;
+      case 7: row_dot_f<T, 7>(wrow, xm, K, o, N); break;
+      default: row_dot_f<T, 8>(wrow, xm, K, o, N); break;
 #endif
     }
   });
@@ -418,7 +503,7 @@ void linear_blocks(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int6
 // codes in one multiply-add, so the eight dot products come out as the eight lanes of a
 // vector: no horizontal sums, and one scale multiply serves eight blocks. On AVX2 the 16
 // products of a row's eight steps add up in int16 lanes (at most 16 * 15 * 127 = 30480).
-constexpr int64_t kQ4_0x8 = 102, kQ4_1x8 = 103;
+constexpr int64_t kQ4_0x8 = 102, kQ4_1x8 = 103, kQ4_Kx8 = 112;
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -430,17 +515,22 @@ inline int32_t load_i32(const int8_t* p) {
 template <int64_t T, int R>
 inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const float* xs,
                      int64_t nb, float* out, int64_t out_stride) {
-  const int64_t cb = 8 * block_bytes(T), hb = T == kQ4_1 ? 32 : 16;
+  const int64_t cb = 8 * block_bytes(T), hb = T == kQ4_K ? 64 : T == kQ4_1 ? 32 : 16;
 #if DSQ_ISA >= 1
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0f);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* c = wg + b * cb;
-    const __m256 vd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-    const __m256 vm = T == kQ4_1
-        ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
-        : _mm256_mul_ps(vd, _mm256_set1_ps(-8.f));
+    __m256 vd, vm;
+    if (T == kQ4_K) {  // fp32 scales and offsets
+      vd = _mm256_loadu_ps(reinterpret_cast<const float*>(c));
+      vm = _mm256_loadu_ps(reinterpret_cast<const float*>(c + 32));
+    } else {
+      vd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+      vm = T == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
+                      : _mm256_mul_ps(vd, _mm256_set1_ps(-8.f));
+    }
     __m256i s[R];
     for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
     for (int t = 0; t < 4; ++t) {
@@ -477,8 +567,13 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
     const uint8_t* c = wg + b * cb;
     float d[8], m[8];
     for (int l = 0; l < 8; ++l) {
-      d[l] = half_to_float(load_u16(c + 2 * l));
-      m[l] = T == kQ4_1 ? half_to_float(load_u16(c + 16 + 2 * l)) : -8.f * d[l];
+      if (T == kQ4_K) {
+        std::memcpy(&d[l], c + 4 * l, 4);
+        std::memcpy(&m[l], c + 32 + 4 * l, 4);
+      } else {
+        d[l] = half_to_float(load_u16(c + 2 * l));
+        m[l] = T == kQ4_1 ? half_to_float(load_u16(c + 16 + 2 * l)) : -8.f * d[l];
+      }
     }
     for (int r = 0; r < R; ++r) {
       const int64_t xi = r * nb + b;
@@ -528,10 +623,12 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "linear_gguf: x [M,K] and weight [N,bytes]");
   TORCH_CHECK(weight.scalar_type() == at::kByte, "linear_gguf: weight must be uint8 blocks");
-  const bool x8 = qtype == kQ4_0x8 || qtype == kQ4_1x8;
-  const int64_t base = x8 ? qtype - 100 : qtype, bb = block_bytes(base);
+  const bool x8 = qtype == kQ4_0x8 || qtype == kQ4_1x8 || qtype == kQ4_Kx8;
+  const int64_t base = x8 ? qtype - 100 : qtype;
+  const int64_t bb = base == kQ4_K && !x8 ? 0 : block_bytes(base);
   TORCH_CHECK(bb > 0, "linear_gguf: GGUF type ", qtype,
-              " is not Q4_0 (2), Q4_1 (3), Q8_0 (8) or an interleaved Q4_0 / Q4_1 (102, 103)");
+              " is not Q4_0 (2), Q4_1 (3), Q8_0 (8), Q6_K as kept (14), or an interleaved Q4_0 / "
+              "Q4_1 / Q4_K (102, 103, 112)");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(!x8 || N % 8 == 0, "linear_gguf: interleaved blocks need a multiple of 8 rows, "
               "not ", N);
@@ -540,10 +637,13 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
               " bytes");
   at::Tensor xc = x.contiguous();
   at::Tensor wc = weight.contiguous();
-  if (qtype == kQ8_0) {
+  if (qtype == kQ8_0 || qtype == kQ6_K) {
     at::Tensor xf = xc.to(at::kFloat).contiguous();
     at::Tensor out = at::empty({M, N}, xf.options());
-    linear_q8f(xf.data_ptr<float>(), wc.data_ptr<uint8_t>(), M, K, N, out.data_ptr<float>());
+    if (qtype == kQ8_0)
+      linear_q8f<kQ8_0>(xf.data_ptr<float>(), wc.data_ptr<uint8_t>(), M, K, N, out.data_ptr<float>());
+    else
+      linear_q8f<kQ6_K>(xf.data_ptr<float>(), wc.data_ptr<uint8_t>(), M, K, N, out.data_ptr<float>());
     if (bias.has_value()) out.add_(bias->to(at::kFloat));
     return xc.scalar_type() == at::kFloat ? out : out.to(xc.scalar_type());
   }
@@ -561,6 +661,7 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
     case kQ4_0: linear_blocks<kQ4_0>(q, wp, M, K, N, op); break;
     case kQ4_0x8: linear_x8<kQ4_0>(q, wp, M, K, N, op); break;
     case kQ4_1x8: linear_x8<kQ4_1>(q, wp, M, K, N, op); break;
+    case kQ4_Kx8: linear_x8<kQ4_K>(q, wp, M, K, N, op); break;
     default: linear_blocks<kQ4_1>(q, wp, M, K, N, op); break;
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
@@ -569,9 +670,10 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
 
 // Rows `ids` of a block matrix as floats (an embedding lookup in a GGUF table).
 at::Tensor gguf_rows(const at::Tensor& weight, const at::Tensor& ids, int64_t qtype, int64_t K) {
-  const int64_t bb = block_bytes(qtype);
+  const int64_t bb = qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 ? block_bytes(qtype) : 0;
   TORCH_CHECK(bb > 0 && K % QK == 0 && weight.size(1) == K / QK * bb,
-              "gguf_rows: weight rows do not hold ", K, " values of GGUF type ", qtype);
+              "gguf_rows: weight rows do not hold ", K, " values of GGUF type ", qtype,
+              " (Q4_0, Q4_1 or Q8_0)");
   at::Tensor wc = weight.contiguous(), ic = ids.to(at::kLong).contiguous();
   const int64_t n = ic.numel(), nb = K / QK, rows = wc.size(0);
   at::Tensor out = at::empty({n, K}, at::kFloat);

@@ -18,11 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepserve import kernels
+from deepserve.layers import kquants
+from deepserve.layers.kquants import Q4_K, Q6_K
 from deepserve.layers.linear import KernelLayer
 
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
-NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0"}
+# Bytes per 32 weights as a layer keeps them (K-quants as rewritten by layers/kquants.py).
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 24, Q6_K: 40}
+NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q6_K: "Q6_K"}
+# (count, bytes) of the scales that open a 4-bit block: fp16 d; fp16 d and m; fp32 d and m
+HEADS = {Q4_0: (1, 2), Q4_1: (2, 2), Q4_K: (2, 4)}
 QK = 32
 # The kernels' code for a 4-bit type's blocks interleaved eight rows at a time (see
 # ``interleave``): the GGUF type plus this.
@@ -35,6 +40,8 @@ DENSE_ROWS = 8
 
 def dequantize(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """[N, bytes] uint8 blocks -> [N, k] float32 (torch ops only)."""
+    if qtype in (Q4_K, Q6_K):
+        return kquants.dequantize_kept(blocks, qtype, k)
     n, nb = blocks.shape[0], k // QK
     b = blocks.reshape(n, nb, BLOCK_BYTES[qtype])
     d = b[..., 0:2].contiguous().view(torch.float16).float()  # [n, nb, 1]
@@ -48,14 +55,15 @@ def dequantize(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
 
 
 def interleave(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
-    """Q4_0 / Q4_1 blocks ``[N, bytes]`` (N a multiple of 8) reordered for the kernels:
-    rows 8g .. 8g + 7 keep block b together, their 8 fp16 d (and 8 m) first, then four
-    32-byte vectors whose 4-byte word r holds row r's code bytes 4t .. 4t + 3. The same
-    bytes, so the same weights; the shape is unchanged."""
+    """Q4_0 / Q4_1 / kept Q4_K blocks ``[N, bytes]`` (N a multiple of 8) reordered for
+    the kernels: rows 8g .. 8g + 7 keep block b together, their 8 d (and 8 m) first, then
+    four 32-byte vectors whose 4-byte word r holds row r's code bytes 4t .. 4t + 3. The
+    same bytes, so the same weights; the shape is unchanged."""
     n, nb, bb = blocks.shape[0], k // QK, BLOCK_BYTES[qtype]
-    hb, g = bb - QK // 2, n // 8
+    (cnt, size), g = HEADS[qtype], n // 8
+    hb = cnt * size
     b = blocks.reshape(g, 8, nb, bb)
-    heads = b[..., :hb].reshape(g, 8, nb, hb // 2, 2).permute(0, 2, 3, 1, 4)
+    heads = b[..., :hb].reshape(g, 8, nb, cnt, size).permute(0, 2, 3, 1, 4)
     codes = b[..., hb:].reshape(g, 8, nb, 4, 4).permute(0, 2, 3, 1, 4)
     out = torch.cat([heads.reshape(g, nb, 8 * hb), codes.reshape(g, nb, 128)], dim=-1)
     return out.reshape(n, nb * bb)
@@ -64,9 +72,10 @@ def interleave(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
 def deinterleave(packed: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """The inverse of ``interleave``: the file's own block order."""
     n, nb, bb = packed.shape[0], k // QK, BLOCK_BYTES[qtype]
-    hb, g = bb - QK // 2, n // 8
+    (cnt, size), g = HEADS[qtype], n // 8
+    hb = cnt * size
     p = packed.reshape(g, nb, 8 * bb)
-    heads = p[..., :8 * hb].reshape(g, nb, hb // 2, 8, 2).permute(0, 3, 1, 2, 4)
+    heads = p[..., :8 * hb].reshape(g, nb, cnt, 8, size).permute(0, 3, 1, 2, 4)
     codes = p[..., 8 * hb:].reshape(g, nb, 4, 8, 4).permute(0, 3, 1, 2, 4)
     out = torch.cat([heads.reshape(g, 8, nb, hb), codes.reshape(g, 8, nb, QK // 2)], dim=-1)
     return out.reshape(n, nb * bb)
@@ -97,13 +106,15 @@ def quantize(w: torch.Tensor, qtype: int) -> torch.Tensor:
 
 
 class GGUFLinear(KernelLayer, nn.Module):
-    """y = x W^T (+ b), W as GGUF blocks ``[out_features, in_features / 32 * bytes]``."""
+    """y = x W^T (+ b), W as GGUF blocks ``[out_features, in_features / 32 * bytes]``
+    (K-quants in the layout ``kquants.keep`` writes; kept Q4_K is interleaved at once,
+    as its kernel reads only that order)."""
 
     def __init__(self, blocks: torch.Tensor, qtype: int, in_features: int,
                  bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if qtype not in BLOCK_BYTES:
-            raise ValueError(f"GGUF type {qtype} is not one of Q4_0, Q4_1, Q8_0")
+            raise ValueError(f"GGUF type {qtype} is not one of {', '.join(NAMES.values())}")
         if blocks.dtype != torch.uint8 or blocks.shape[1] != in_features // QK * BLOCK_BYTES[qtype]:
             raise ValueError(f"blocks {tuple(blocks.shape)} do not hold rows of {in_features} "
                              f"{NAMES[qtype]} weights")
@@ -115,11 +126,16 @@ class GGUFLinear(KernelLayer, nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.register_buffer("dense", None, persistent=False)  # oneDNN copy, large batches
         self.dense_bias: torch.Tensor | None = None
+        if qtype == Q4_K:
+            if self.out_features % 8:
+                raise ValueError(f"Q4_K blocks need a multiple of 8 rows, not "
+                                 f"{self.out_features}")
+            self.interleave_blocks()
 
     def interleave_blocks(self) -> bool:
         """Reorder 4-bit blocks eight rows at a time for the kernels (``interleave``);
         False where the layout does not apply (Q8_0, rows not a multiple of 8)."""
-        if (self.qtype not in (Q4_0, Q4_1) or self.out_features % 8
+        if (self.qtype not in HEADS or self.out_features % 8
                 or self.kernel_qtype != self.qtype):
             return False
         self.blocks = interleave(self.blocks, self.qtype, self.in_features)
@@ -137,7 +153,7 @@ class GGUFLinear(KernelLayer, nn.Module):
         ``DENSE_ROWS`` rows use it (where bf16 GEMMs run natively they beat the 8-bit
         dot kernel there; see ``DENSE_ROWS``)."""
         with torch.no_grad():
-            if self.use_kernel:
+            if self.use_kernel and self.qtype in (Q4_0, Q4_1, Q8_0):
                 rows = torch.arange(self.out_features)
                 w = kernels.gguf_rows(self.file_blocks(), rows, self.qtype,
                                       self.in_features).to(dtype)
@@ -163,6 +179,23 @@ class GGUFLinear(KernelLayer, nn.Module):
         else:
             y = F.linear(x2.float(), self.dequantized(), self.bias).to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+class GGUFParts(nn.Module):
+    """A fused projection whose parts the file stores in different block types (Q4_K_M
+    files keep q and k in Q4_K and v in Q6_K): one ``GGUFLinear`` per part, outputs side
+    by side, then the fused bias."""
+
+    def __init__(self, parts: list[GGUFLinear], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([p(x) for p in self.parts], dim=-1)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class GGUFEmbedding(KernelLayer, nn.Module):

@@ -35,8 +35,11 @@ _GLOBAL_NAMES = {
 }
 
 
-# GGUF types deepserve computes with directly (layers/gguf_linear.py): Q4_0, Q4_1, Q8_0.
+# GGUF types deepserve computes with directly (layers/gguf_linear.py): Q4_0, Q4_1, Q8_0,
+# and for projections also the K-quants Q4_K and Q6_K, rewritten exactly at load
+# (layers/kquants.py).
 BLOCK_TYPES = (2, 3, 8)
+K_TYPES = (12, 14)
 
 
 class GGUFCheckpoint:
@@ -106,10 +109,12 @@ class GGUFCheckpoint:
     def __len__(self) -> int:
         return len(self._tensors)
 
-    def block_plan(self, config: ModelConfig) -> dict[str, tuple[int, list[str]]]:
+    def block_plan(self, config: ModelConfig) -> dict[str, tuple[int | None, list[str]]]:
         """Modules that can keep the file's own blocks: module path -> (GGUF type, the
-        GGUF tensors it is made of, in row order). A fused projection qualifies when all
-        its parts share one of Q4_0, Q4_1, Q8_0."""
+        GGUF tensors it is made of, in row order). A projection qualifies when each of its
+        parts is one of Q4_0, Q4_1, Q8_0, Q4_K (rows a multiple of 8) or Q6_K; the type is
+        None when a fused projection's parts differ (as Q4_K_M files mix Q4_K and Q6_K
+        in q / k / v). The embedding table qualifies in one of the first three."""
         groups = {"embed_tokens": ["token_embd.weight"],
                   "lm_head": ["output.weight" if "output.weight" in self._tensors
                               else "token_embd.weight"]}
@@ -124,10 +129,22 @@ class GGUFCheckpoint:
         for module, names in groups.items():
             if not all(n in self._tensors for n in names):
                 continue
-            types = {int(self._tensors[n].tensor_type) for n in names}
-            if len(types) == 1 and next(iter(types)) in BLOCK_TYPES:
-                plan[module] = (types.pop(), names)
+            types = [self.tensor_type(n) for n in names]
+            if module == "embed_tokens":
+                if types[0] in BLOCK_TYPES:
+                    plan[module] = (types[0], names)
+            elif all(t in BLOCK_TYPES or (t in K_TYPES and not (t == 12 and self.rows(n) % 8))
+                     for t, n in zip(types, names, strict=True)):
+                plan[module] = (types[0] if len(set(types)) == 1 else None, names)
         return plan
+
+    def rows(self, name: str) -> int:
+        """A tensor's rows (its output features, for a projection)."""
+        return int(self._tensors[name].data.shape[0])
+
+    def tensor_type(self, name: str) -> int:
+        """A tensor's GGUF type id (2 for Q4_0, 12 for Q4_K, ...)."""
+        return int(self._tensors[name].tensor_type)
 
     def blocks(self, name: str, config: ModelConfig) -> torch.Tensor:
         """One tensor's rows as the file stores them: [rows, bytes per row] uint8 (llama's

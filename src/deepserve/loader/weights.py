@@ -10,9 +10,10 @@ from torch import nn
 from tqdm import tqdm
 
 from deepserve.errors import ModelLoadError
-from deepserve.layers.gguf_linear import GGUFEmbedding, GGUFLinear
+from deepserve.layers import kquants
+from deepserve.layers.gguf_linear import GGUFEmbedding, GGUFLinear, GGUFParts
 from deepserve.layers.rotary import RotaryEmbedding
-from deepserve.loader.gguf_loader import GGUFCheckpoint
+from deepserve.loader.gguf_loader import K_TYPES, GGUFCheckpoint
 from deepserve.loader.hf_loader import HFCheckpoint
 from deepserve.models.config import ModelConfig
 from deepserve.models.llama import LlamaForCausalLM
@@ -44,8 +45,9 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                show_progress: bool = True, keep_blocks: bool = False) -> LlamaForCausalLM:
     """Create the module on ``device`` in ``dtype`` and copy every checkpoint tensor in.
 
-    ``keep_blocks``: a GGUF's Q4_0 / Q4_1 / Q8_0 projections and embeddings keep the
-    file's blocks (``GGUFLinear``), and are never materialized in ``dtype``."""
+    ``keep_blocks``: a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K projections (and an
+    embedding table in one of the first three) keep the file's blocks (``GGUFLinear``;
+    K-quants rewritten exactly), and are never materialized in ``dtype``."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions, dtype)
     plan = ckpt.block_plan(cfg) if keep_blocks and isinstance(ckpt, GGUFCheckpoint) else {}
@@ -127,29 +129,38 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelConfig,
-                    plan: dict[str, tuple[int, list[str]]], dtype: torch.dtype
+                    plan: dict[str, tuple[int | None, list[str]]], dtype: torch.dtype
                     ) -> frozenset[str]:
     """Put GGUF-block layers where ``plan`` says; returns the GGUF tensors they took."""
     shared: dict[str, torch.Tensor] = {}
+
+    def kept(name: str, qtype: int, k: int) -> torch.Tensor:
+        raw = ckpt.blocks(name, cfg)  # K-quants rewritten exactly into blocks of 32
+        return kquants.keep(raw, qtype, k) if qtype in K_TYPES else raw
+
     for path, (qtype, names) in plan.items():
-        if names == ["token_embd.weight"] and "token_embd.weight" in shared:
-            blocks = shared["token_embd.weight"]
+        k = cfg.hidden_size
+        if path.endswith("o_proj"):
+            k = cfg.num_heads * cfg.head_dim
+        elif path.endswith("down_proj"):
+            k = cfg.intermediate_size
+        bias = (torch.zeros(sum(ckpt.rows(n) for n in names)) if path.endswith("qkv_proj")
+                and cfg.attention_bias else None)
+        if qtype is None:  # parts of different types: one block layer each
+            layer: nn.Module = GGUFParts(
+                [GGUFLinear(kept(n, ckpt.tensor_type(n), k), ckpt.tensor_type(n), k)
+                 for n in names], bias)
+        elif names == ["token_embd.weight"] and "token_embd.weight" in shared:
+            layer = GGUFLinear(shared["token_embd.weight"], qtype, k, bias)
         else:
-            parts = [ckpt.blocks(n, cfg) for n in names]
+            parts = [kept(n, qtype, k) for n in names]
             blocks = parts[0] if len(parts) == 1 else torch.cat(parts)
             if names == ["token_embd.weight"]:
                 shared["token_embd.weight"] = blocks
-        if path == "embed_tokens":
-            layer: nn.Module = GGUFEmbedding(blocks, qtype, cfg.hidden_size, dtype)
-        else:
-            k = cfg.hidden_size
-            if path.endswith("o_proj"):
-                k = cfg.num_heads * cfg.head_dim
-            elif path.endswith("down_proj"):
-                k = cfg.intermediate_size
-            bias = (torch.zeros(blocks.shape[0]) if path.endswith("qkv_proj")
-                    and cfg.attention_bias else None)
-            layer = GGUFLinear(blocks, qtype, k, bias)
+            if path == "embed_tokens":
+                layer = GGUFEmbedding(blocks, qtype, cfg.hidden_size, dtype)
+            else:
+                layer = GGUFLinear(blocks, qtype, k, bias)
         _set_module(model, path, layer)
     return frozenset(n for _, names in plan.values() for n in names)
 

@@ -1,0 +1,78 @@
+"""GGUF K-quants (Q4_K, Q6_K) kept as blocks: rewritten once at load, exactly, into
+layouts of 32 weights that the block kernels run.
+
+A K-quant super-block holds 256 weights with one fp16 scale (and min) and small integer
+scales per 32 (Q4_K) or 16 (Q6_K) weights. Their products are exact in float32 (an fp16
+times a 6- or 8-bit integer), so each sub-block gets float32 scales of its own and its
+codes move, unchanged, into the block order the kernels read:
+
+* Q4_K -> per 32 weights: fp32 d, fp32 m, 16 bytes of nibbles (weight i in the low half
+  of byte i, weight i + 16 in the high half); w = d * q + m. 24 bytes; 6 bits per weight
+  against the file's 4.5. Run through the 8-bit dot kernel, interleaved eight rows at a
+  time (``gguf_linear.interleave``), like Q4_0 / Q4_1.
+* Q6_K -> per 32 weights: two halves of (fp32 s, 16 int8 codes q - 32); w = s * code.
+  40 bytes; 10 bits per weight against 6.56. Run against float activations, like Q8_0.
+
+``dequantize_kept`` turns both back into floats; the tests check it equals the gguf
+package's own dequantization bit for bit, so the rewrite loses nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Q4_K, Q6_K = 12, 14
+QK_K = 256
+FILE_BYTES = {Q4_K: 144, Q6_K: 210}   # per 256 weights in the file
+KEPT_BYTES = {Q4_K: 24, Q6_K: 40}     # per 32 weights as kept
+
+
+def _f32_bytes(v: torch.Tensor) -> torch.Tensor:
+    """[..., n] float32 -> [..., n, 4] uint8, the values' own bytes."""
+    return v.float().unsqueeze(-1).contiguous().view(torch.uint8)
+
+
+def keep(raw: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """A tensor's file rows ``[n, k / 256 * bytes]`` -> the kept layout ``[n, k / 32 *
+    KEPT_BYTES]``."""
+    n, s = raw.shape[0], k // QK_K
+    b = raw.reshape(n, s, FILE_BYTES[qtype])
+    if qtype == Q4_K:
+        d = b[..., 0:2].contiguous().view(torch.float16).float()        # [n, s, 1]
+        dmin = b[..., 2:4].contiguous().view(torch.float16).float()
+        sc = b[..., 4:16].reshape(n, s, 3, 4).to(torch.int32)
+        lo, mn, hi = sc[..., 0, :], sc[..., 1, :], sc[..., 2, :]
+        scale = torch.cat([lo & 63, (hi & 15) | ((lo >> 2) & 48)], dim=-1)   # [n, s, 8]
+        mins = torch.cat([mn & 63, (hi >> 4) | ((mn >> 2) & 48)], dim=-1)
+        qs = b[..., 16:].reshape(n, s, 4, 1, 32)
+        q = torch.cat([qs & 15, qs >> 4], dim=3).reshape(n, s, 8, 32)  # sub-block 2j + half
+        codes = q[..., :16] | (q[..., 16:] << 4)
+        out = torch.cat([_f32_bytes(d * scale.float()), _f32_bytes(-(dmin * mins.float())),
+                         codes], dim=-1)
+    elif qtype == Q6_K:
+        ql = b[..., :128].reshape(n, s, 2, 1, 64)
+        ql = torch.cat([ql & 15, ql >> 4], dim=3).reshape(n, s, 256)
+        qh = b[..., 128:192].reshape(n, s, 2, 1, 32)
+        qh = torch.cat([(qh >> sh) & 3 for sh in (0, 2, 4, 6)], dim=3).reshape(n, s, 256)
+        q = ((ql | (qh << 4)).to(torch.int16) - 32).to(torch.int8).reshape(n, s, 16, 16)
+        scales = b[..., 192:208].contiguous().view(torch.int8).float()   # [n, s, 16]
+        d = b[..., 208:210].contiguous().view(torch.float16).float()
+        out = torch.cat([_f32_bytes(d * scales), q.view(torch.uint8)], dim=-1)
+    else:
+        raise ValueError(f"GGUF type {qtype} is not Q4_K or Q6_K")
+    return out.reshape(n, k // 32 * KEPT_BYTES[qtype])
+
+
+def dequantize_kept(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """The kept layout (file row order) -> [n, k] float32."""
+    n = blocks.shape[0]
+    if qtype == Q4_K:
+        b = blocks.reshape(n, k // 32, 24)
+        d = b[..., 0:4].contiguous().view(torch.float32)
+        m = b[..., 4:8].contiguous().view(torch.float32)
+        codes = b[..., 8:]
+        q = torch.cat([codes & 15, codes >> 4], dim=-1).float()
+        return (d * q + m).reshape(n, k)
+    b = blocks.reshape(n, k // 16, 20)
+    s = b[..., 0:4].contiguous().view(torch.float32)
+    return (s * b[..., 4:].contiguous().view(torch.int8).float()).reshape(n, k)

@@ -1,0 +1,133 @@
+"""GGUF K-quants kept as blocks: Q4_K and Q6_K rewritten at load into the kernels' blocks
+of 32 lose nothing (the gguf package's dequantization, bit for bit), the kernels on every
+instruction-set build this CPU runs match float64, and a GGUF whose projections are
+K-quants loads them as blocks and answers like the original."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GT
+from kquant_files import quantize_q4_k, quantize_q6_k, write_copy
+
+from deepserve import LLM, SamplingParams, kernels
+from deepserve.layers import gguf_linear as gl
+from deepserve.layers import kquants
+from deepserve.loader.resolve import default_model_path
+
+NAMES = {"Q4_K": kquants.Q4_K, "Q6_K": kquants.Q6_K}
+QUANT = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+
+
+def random_blocks(name: str, n: int, k: int, seed: int) -> torch.Tensor:
+    """Any bytes are a valid K-quant block once its fp16 scales are finite: random codes
+    and sub-scales, and sane super-block scales (every bit pattern the layout has)."""
+    g = torch.Generator().manual_seed(seed)
+    size, s = kquants.FILE_BYTES[NAMES[name]], k // 256
+    raw = torch.randint(0, 256, (n, s, size), generator=g, dtype=torch.uint8)
+    d16 = (torch.rand(n, s, 2, generator=g) * 0.01 + 1e-4).half()
+    if name == "Q4_K":
+        raw[..., 0:4] = d16.view(torch.uint8)            # d and dmin
+    else:
+        raw[..., 208:210] = d16[..., :1].contiguous().view(torch.uint8)  # d, at the end
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_kept_layout_dequantizes_bit_for_bit_like_the_gguf_package(name):
+    raw = random_blocks(name, 24, 512, seed=0)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), GT[name]))
+    kept = kquants.keep(raw, NAMES[name], 512)
+    assert kept.shape == (24, 512 // 32 * kquants.KEPT_BYTES[NAMES[name]])
+    assert torch.equal(gl.dequantize(kept, NAMES[name], 512), ref)
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_test_quantizers_write_blocks_the_gguf_package_reads(name):
+    torch.manual_seed(1)
+    w = torch.randn(16, 512)
+    back = torch.from_numpy(gguf.quants.dequantize(QUANT[name](w).numpy(), GT[name]))
+    # 4 and 6 bits: about 1/15 and 1/31 of a sub-block's range, within rounding
+    assert (back - w).abs().max() < (0.6 if name == "Q4_K" else 0.25)
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_on_kept_k_quants_matches_float64_on_each_isa(name, dtype, each_isa):
+    n, k = 64, 768
+    raw = random_blocks(name, n, k, seed=2)
+    deq = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), GT[name])).double()
+    layer = gl.GGUFLinear(kquants.keep(raw, NAMES[name], k), NAMES[name], k, torch.randn(n))
+    assert layer.kernel_qtype == (NAMES[name] + gl.X8 if name == "Q4_K" else NAMES[name])
+    layer.use_kernel = True
+    torch.manual_seed(3)
+    for rows in (1, 2, 3, 4, 5, 8, 9, 13, 70):
+        x = torch.randn(rows, k).to(dtype)
+        ref = x.double() @ deq.t() + layer.bias.double()
+        got = layer(x)
+        assert got.dtype == dtype and got.shape == (rows, n)
+        err = (got.double() - ref).abs().max() / ref.abs().max()
+        # Q4_K: 8-bit activations (as for Q4_0 / Q4_1); Q6_K: float activations
+        bound = 0.02 if name == "Q4_K" else (1e-5 if dtype == torch.float32 else 0.01)
+        assert err < bound, (rows, err.item())
+    layer.use_kernel = False  # torch's path over the same kept blocks
+    x = torch.randn(3, k)
+    assert torch.allclose(layer(x).double(), x.double() @ deq.t() + layer.bias.double(),
+                          rtol=1e-4, atol=1e-3)
+
+
+def test_q4_k_rows_must_come_in_eights():
+    raw = random_blocks("Q4_K", 12, 256, seed=4)
+    with pytest.raises(ValueError, match="multiple of 8 rows, not 12"):
+        gl.GGUFLinear(kquants.keep(raw, kquants.Q4_K, 256), kquants.Q4_K, 256)
+
+
+def test_a_k_quant_gguf_keeps_its_blocks_and_answers(tmp_path, caplog):
+    """The default model with its down projections (in 1536 = 6 x 256) rewritten as
+    Q4_K and Q6_K, alternating by layer, and the v projection of every third layer as
+    Q8_0 (a fused q / k / v of mixed types, as Q4_K_M files have): all load as blocks,
+    never dense, and greedy decoding still names Paris."""
+    src = str(default_model_path())
+    dst = str(tmp_path / "smollm2-kquants.gguf")
+    types = {f"blk.{i}.ffn_down.weight": (12 if i % 2 else 14) for i in range(30)}
+    types.update({f"blk.{i}.attn_v.weight": 8 for i in range(0, 30, 3)})
+    write_copy(src, dst, types)
+    caplog.set_level("INFO", logger="deepserve.engine.llm_engine")
+    llm = LLM(model=dst, show_progress=False, kv_cache_memory="64MiB")
+    model = llm.engine.model
+    layers = [m for m in model.modules() if isinstance(m, gl.GGUFLinear)]
+    counts = {name: sum(gl.NAMES[m.qtype] == name for m in layers) for name in gl.NAMES.values()}
+    # Q4_1: o and gate_up in 30 layers, fused q/k/v in 20, q and k as parts in 10;
+    # Q8_0: the tied head and the 10 v parts
+    assert counts == {"Q4_0": 0, "Q4_1": 60 + 20 + 20, "Q8_0": 1 + 10,
+                      "Q4_K": 15, "Q6_K": 15}, counts
+    assert "Q4_K x 15" in caplog.text and "Q6_K x 15" in caplog.text
+    mixed = [m for m in model.modules() if isinstance(m, gl.GGUFParts)]
+    assert len(mixed) == 10 and [p.out_features for p in mixed[0].parts] == [576, 192, 192]
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    out = llm.chat([{"role": "user", "content": "Name the capital city of France."}],
+                   SamplingParams(temperature=0, max_tokens=12))[0]
+    assert "Paris" in out.text
+    if kernels.available():
+        assert all(m.use_kernel for m in layers)
+
+
+def test_parts_of_different_types_side_by_side_with_the_fused_bias():
+    k = 512
+    a, b = random_blocks("Q4_K", 16, k, seed=5), random_blocks("Q6_K", 8, k, seed=6)
+    deq = torch.cat([torch.from_numpy(gguf.quants.dequantize(a.numpy(), GT.Q4_K)),
+                     torch.from_numpy(gguf.quants.dequantize(b.numpy(), GT.Q6_K))]).double()
+    bias = torch.randn(24)
+    parts = gl.GGUFParts([gl.GGUFLinear(kquants.keep(a, kquants.Q4_K, k), kquants.Q4_K, k),
+                          gl.GGUFLinear(kquants.keep(b, kquants.Q6_K, k), kquants.Q6_K, k)],
+                         bias)
+    assert parts.out_features == 24
+    x = torch.randn(2, 3, k)
+    ref = x.double() @ deq.t() + bias.double()
+    for on in (False, True) if kernels.available() else (False,):
+        for p in parts.parts:
+            p.use_kernel = on
+        got = parts(x)
+        assert got.shape == (2, 3, 24)
+        assert ((got.double() - ref).abs().max() / ref.abs().max()) < 0.02
