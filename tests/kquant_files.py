@@ -56,7 +56,7 @@ def quantize_q6_k(w: torch.Tensor) -> torch.Tensor:
 
 def write_copy(src: str, dst: str, types: dict[str, int]) -> None:
     """Copy the GGUF at ``src`` to ``dst`` with the tensors named in ``types`` (GGUF name
-    -> 8 for Q8_0, 12 for Q4_K or 14 for Q6_K) requantized from their dequantized
+    -> 6 Q5_0, 7 Q5_1, 8 Q8_0, 12 Q4_K or 14 Q6_K) requantized from their dequantized
     values."""
     import gguf
     from gguf import GGMLQuantizationType as GT
@@ -70,8 +70,11 @@ def write_copy(src: str, dst: str, types: dict[str, int]) -> None:
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-    quant = {12: quantize_q4_k, 14: quantize_q6_k,
-             8: lambda w: torch.from_numpy(gguf.quants.quantize(w.numpy(), GT.Q8_0))}
+    def packaged(qtype: int):  # the gguf package's own quantizer
+        return lambda w: torch.from_numpy(gguf.quants.quantize(w.numpy(), GT(qtype)))
+
+    quant = {12: quantize_q4_k, 14: quantize_q6_k, 6: packaged(6), 7: packaged(7),
+             8: packaged(8)}
     for t in reader.tensors:
         shape = [int(x) for x in reversed(t.shape.tolist())]   # rows first
         if t.name in types:

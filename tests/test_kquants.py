@@ -1,7 +1,8 @@
-"""GGUF K-quants kept as blocks: Q4_K and Q6_K rewritten at load into the kernels' blocks
-of 32 lose nothing (the gguf package's dequantization, bit for bit), the kernels on every
-instruction-set build this CPU runs match float64, and a GGUF whose projections are
-K-quants loads them as blocks and answers like the original."""
+"""GGUF types kept as blocks after a rewrite: Q5_0, Q5_1, Q4_K and Q6_K rewritten at load
+into the kernels' blocks of 32 lose nothing (the gguf package's dequantization, bit for
+bit), the kernels on every instruction-set build this CPU runs match float64, and a GGUF
+whose projections come in these types loads them as blocks and answers like the
+original."""
 
 from __future__ import annotations
 
@@ -16,21 +17,23 @@ from deepserve.layers import gguf_linear as gl
 from deepserve.layers import kquants
 from deepserve.loader.resolve import default_model_path
 
-NAMES = {"Q4_K": kquants.Q4_K, "Q6_K": kquants.Q6_K}
+NAMES = {"Q5_0": kquants.Q5_0, "Q5_1": kquants.Q5_1, "Q4_K": kquants.Q4_K,
+         "Q6_K": kquants.Q6_K}
 QUANT = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+# where each block keeps its fp16 scales
+SCALES = {"Q5_0": (0, 2), "Q5_1": (0, 4), "Q4_K": (0, 4), "Q6_K": (208, 210)}
 
 
 def random_blocks(name: str, n: int, k: int, seed: int) -> torch.Tensor:
-    """Any bytes are a valid K-quant block once its fp16 scales are finite: random codes
-    and sub-scales, and sane super-block scales (every bit pattern the layout has)."""
+    """Any bytes are a valid block once its fp16 scales are finite: random codes, high
+    bits and sub-scales, and sane fp16 scales (every bit pattern the layout has)."""
     g = torch.Generator().manual_seed(seed)
-    size, s = kquants.FILE_BYTES[NAMES[name]], k // 256
+    qt = NAMES[name]
+    size, s = kquants.FILE_BYTES[qt], k // kquants.FILE_BLOCK[qt]
     raw = torch.randint(0, 256, (n, s, size), generator=g, dtype=torch.uint8)
-    d16 = (torch.rand(n, s, 2, generator=g) * 0.01 + 1e-4).half()
-    if name == "Q4_K":
-        raw[..., 0:4] = d16.view(torch.uint8)            # d and dmin
-    else:
-        raw[..., 208:210] = d16[..., :1].contiguous().view(torch.uint8)  # d, at the end
+    a, b = SCALES[name]
+    d16 = (torch.rand(n, s, (b - a) // 2, generator=g) * 0.01 + 1e-4).half()
+    raw[..., a:b] = d16.view(torch.uint8)
     return raw.reshape(n, -1)
 
 
@@ -43,7 +46,7 @@ def test_kept_layout_dequantizes_bit_for_bit_like_the_gguf_package(name):
     assert torch.equal(gl.dequantize(kept, NAMES[name], 512), ref)
 
 
-@pytest.mark.parametrize("name", list(NAMES))
+@pytest.mark.parametrize("name", list(QUANT))
 def test_test_quantizers_write_blocks_the_gguf_package_reads(name):
     torch.manual_seed(1)
     w = torch.randn(16, 512)
@@ -59,7 +62,7 @@ def test_linear_on_kept_k_quants_matches_float64_on_each_isa(name, dtype, each_i
     raw = random_blocks(name, n, k, seed=2)
     deq = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), GT[name])).double()
     layer = gl.GGUFLinear(kquants.keep(raw, NAMES[name], k), NAMES[name], k, torch.randn(n))
-    assert layer.kernel_qtype == (NAMES[name] + gl.X8 if name == "Q4_K" else NAMES[name])
+    assert layer.kernel_qtype == (NAMES[name] if name == "Q6_K" else NAMES[name] + gl.X8)
     layer.use_kernel = True
     torch.manual_seed(3)
     for rows in (1, 2, 3, 4, 5, 8, 9, 13, 70):
@@ -68,8 +71,8 @@ def test_linear_on_kept_k_quants_matches_float64_on_each_isa(name, dtype, each_i
         got = layer(x)
         assert got.dtype == dtype and got.shape == (rows, n)
         err = (got.double() - ref).abs().max() / ref.abs().max()
-        # Q4_K: 8-bit activations (as for Q4_0 / Q4_1); Q6_K: float activations
-        bound = 0.02 if name == "Q4_K" else (1e-5 if dtype == torch.float32 else 0.01)
+        # Q5_x, Q4_K: 8-bit activations (as for Q4_0 / Q4_1); Q6_K: float activations
+        bound = 0.02 if name != "Q6_K" else (1e-5 if dtype == torch.float32 else 0.01)
         assert err < bound, (rows, err.item())
     layer.use_kernel = False  # torch's path over the same kept blocks
     x = torch.randn(3, k)
@@ -77,31 +80,37 @@ def test_linear_on_kept_k_quants_matches_float64_on_each_isa(name, dtype, each_i
                           rtol=1e-4, atol=1e-3)
 
 
-def test_q4_k_rows_must_come_in_eights():
-    raw = random_blocks("Q4_K", 12, 256, seed=4)
-    with pytest.raises(ValueError, match="multiple of 8 rows, not 12"):
-        gl.GGUFLinear(kquants.keep(raw, kquants.Q4_K, 256), kquants.Q4_K, 256)
+@pytest.mark.parametrize("name", ["Q5_0", "Q4_K"])
+def test_interleaved_only_types_need_rows_in_eights(name):
+    raw = random_blocks(name, 12, 256, seed=4)
+    with pytest.raises(ValueError, match=f"{name} blocks need a multiple of 8 rows, not 12"):
+        gl.GGUFLinear(kquants.keep(raw, NAMES[name], 256), NAMES[name], 256)
 
 
 def test_a_k_quant_gguf_keeps_its_blocks_and_answers(tmp_path, caplog):
     """The default model with its down projections (in 1536 = 6 x 256) rewritten as
-    Q4_K and Q6_K, alternating by layer, and the v projection of every third layer as
-    Q8_0 (a fused q / k / v of mixed types, as Q4_K_M files have): all load as blocks,
-    never dense, and greedy decoding still names Paris."""
+    Q4_K and Q6_K, alternating by layer, gate and up as Q5_0 or Q5_1 in every fourth
+    layer or the one after, and the v projection of every third layer as Q8_0 (a fused
+    q / k / v of mixed types, as Q4_K_M files have): all load as blocks, never dense,
+    and greedy decoding still names Paris."""
     src = str(default_model_path())
     dst = str(tmp_path / "smollm2-kquants.gguf")
     types = {f"blk.{i}.ffn_down.weight": (12 if i % 2 else 14) for i in range(30)}
     types.update({f"blk.{i}.attn_v.weight": 8 for i in range(0, 30, 3)})
+    for i in range(30):
+        if i % 4 < 2:
+            types.update({f"blk.{i}.ffn_gate.weight": 6 + i % 4,
+                          f"blk.{i}.ffn_up.weight": 6 + i % 4})
     write_copy(src, dst, types)
     caplog.set_level("INFO", logger="deepserve.engine.llm_engine")
     llm = LLM(model=dst, show_progress=False, kv_cache_memory="64MiB")
     model = llm.engine.model
     layers = [m for m in model.modules() if isinstance(m, gl.GGUFLinear)]
     counts = {name: sum(gl.NAMES[m.qtype] == name for m in layers) for name in gl.NAMES.values()}
-    # Q4_1: o and gate_up in 30 layers, fused q/k/v in 20, q and k as parts in 10;
+    # Q4_1: o in 30 layers, gate_up in 14, fused q/k/v in 20, q and k as parts in 10;
     # Q8_0: the tied head and the 10 v parts
-    assert counts == {"Q4_0": 0, "Q4_1": 60 + 20 + 20, "Q8_0": 1 + 10,
-                      "Q4_K": 15, "Q6_K": 15}, counts
+    assert counts == {"Q4_0": 0, "Q4_1": 30 + 14 + 20 + 20, "Q5_0": 8, "Q5_1": 8,
+                      "Q8_0": 1 + 10, "Q4_K": 15, "Q6_K": 15}, counts
     assert "Q4_K x 15" in caplog.text and "Q6_K x 15" in caplog.text
     mixed = [m for m in model.modules() if isinstance(m, gl.GGUFParts)]
     assert len(mixed) == 10 and [p.out_features for p in mixed[0].parts] == [576, 192, 192]

@@ -44,11 +44,14 @@
 namespace dsq {
 
 constexpr int QK = 32;
-// Q4_K and Q6_K name the layouts deepserve rewrites those K-quants into at load, exactly
-// (layers/kquants.py), per 32 weights:
-//   Q4_K  fp32 d, fp32 m, 16 bytes of nibbles  w = d * q + m   24 bytes (run interleaved)
-//   Q6_K  two halves of fp32 s, 16 int8 codes   w = s * q       40 bytes
-enum QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
+// Q5_0, Q5_1, Q4_K and Q6_K name the layouts deepserve rewrites those types into at load,
+// exactly (layers/kquants.py), per 32 weights:
+//   Q5_0/1  fp32 d, fp32 m, 32 code bytes 0..31   w = d * q + m   40 bytes (run interleaved)
+//   Q4_K    fp32 d, fp32 m, 16 bytes of nibbles   w = d * q + m   24 bytes (run interleaved)
+//   Q6_K    two halves of fp32 s, 16 int8 codes   w = s * q       40 bytes
+enum QType : int64_t {
+  kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14
+};
 
 inline int64_t block_bytes(int64_t t) {
   switch (t) {
@@ -56,7 +59,7 @@ inline int64_t block_bytes(int64_t t) {
     case kQ4_1: return 20;
     case kQ8_0: return 34;
     case kQ4_K: return 24;
-    case kQ6_K: return 40;
+    case kQ5_0: case kQ5_1: case kQ6_K: return 40;
     default: return 0;
   }
 }
@@ -503,7 +506,7 @@ void linear_blocks(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int6
 // codes in one multiply-add, so the eight dot products come out as the eight lanes of a
 // vector: no horizontal sums, and one scale multiply serves eight blocks. On AVX2 the 16
 // products of a row's eight steps add up in int16 lanes (at most 16 * 15 * 127 = 30480).
-constexpr int64_t kQ4_0x8 = 102, kQ4_1x8 = 103, kQ4_Kx8 = 112;
+constexpr int64_t kQ4_0x8 = 102, kQ4_1x8 = 103, kQ5_0x8 = 106, kQ5_1x8 = 107, kQ4_Kx8 = 112;
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -594,6 +597,79 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
 #endif
 }
 
+// Kept Q5_0 / Q5_1, interleaved the same way with whole code bytes (0..31): chunk = 8 fp32
+// d, 8 fp32 m, then eight 32-byte vectors, word r of vector t holding row r's codes
+// 4t .. 4t + 3. On AVX2, four steps' products fit int16 lanes (4 * 2 * 31 * 127 = 31496).
+template <int R>
+inline void group_x8_u8(const uint8_t* wg, const int8_t* xq, const float* xd, const float* xs,
+                        int64_t nb, float* out, int64_t out_stride) {
+  const int64_t cb = 8 * block_bytes(kQ5_0), hb = 64;
+#if DSQ_ISA >= 1
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* c = wg + b * cb;
+    const __m256 vd = _mm256_loadu_ps(reinterpret_cast<const float*>(c));
+    const __m256 vm = _mm256_loadu_ps(reinterpret_cast<const float*>(c + 32));
+    __m256i s[R];
+    for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
+    for (int h = 0; h < 2; ++h) {
+#if DSQ_ISA == 1
+      __m256i s16[R];
+      for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+#endif
+      for (int t = 4 * h; t < 4 * h + 4; ++t) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + hb + 32 * t));
+        for (int r = 0; r < R; ++r) {
+          const __m256i x = _mm256_set1_epi32(load_i32(xq + (r * nb + b) * QK + 4 * t));
+#if DSQ_ISA == 2
+          s[r] = _mm256_dpbusd_epi32(s[r], v, x);
+#else
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(v, x));
+#endif
+        }
+      }
+#if DSQ_ISA == 1
+      for (int r = 0; r < R; ++r)
+        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(s16[r], _mm256_set1_epi16(1)));
+#endif
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t xi = r * nb + b;
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(vd, _mm256_set1_ps(xd[xi])),
+                               acc[r]);
+      acc[r] = _mm256_fmadd_ps(vm, _mm256_set1_ps(xs[xi]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * out_stride, acc[r]);
+#else
+  float acc[R][8] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* c = wg + b * cb;
+    for (int r = 0; r < R; ++r) {
+      const int64_t xi = r * nb + b;
+      const int8_t* x = xq + xi * QK;
+      for (int l = 0; l < 8; ++l) {
+        int32_t sum = 0;
+        for (int t = 0; t < 8; ++t)
+          for (int j = 0; j < 4; ++j) sum += c[hb + 32 * t + 4 * l + j] * x[4 * t + j];
+        acc[r][l] += load_f32(c + 4 * l) * xd[xi] * static_cast<float>(sum) +
+                     load_f32(c + 32 + 4 * l) * xs[xi];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < 8; ++l) out[r * out_stride + l] = acc[r][l];
+#endif
+}
+
+template <int64_t T, int R>
+inline void group_x8_any(const uint8_t* wg, const int8_t* xq, const float* xd, const float* xs,
+                         int64_t nb, float* out, int64_t out_stride) {
+  if constexpr (T == kQ5_0) group_x8_u8<R>(wg, xq, xd, xs, nb, out, out_stride);
+  else group_x8<T, R>(wg, xq, xd, xs, nb, out, out_stride);
+}
+
 template <int64_t T>
 void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t N,
                float* out) {
@@ -605,15 +681,15 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
     const float* s = xq.s.data() + m * nb;
     float* o = out + m * N + 8 * g;
     switch (rows) {
-      case 1: group_x8<T, 1>(wg, q, d, s, nb, o, N); break;
-      case 2: group_x8<T, 2>(wg, q, d, s, nb, o, N); break;
-      case 3: group_x8<T, 3>(wg, q, d, s, nb, o, N); break;
-      case 4: group_x8<T, 4>(wg, q, d, s, nb, o, N); break;
+      case 1: group_x8_any<T, 1>(wg, q, d, s, nb, o, N); break;
+      case 2: group_x8_any<T, 2>(wg, q, d, s, nb, o, N); break;
+      case 3: group_x8_any<T, 3>(wg, q, d, s, nb, o, N); break;
+      case 4: group_x8_any<T, 4>(wg, q, d, s, nb, o, N); break;
 #if DSQ_ISA == 2
-      case 5: group_x8<T, 5>(wg, q, d, s, nb, o, N); break;
-      case 6: group_x8<T, 6>(wg, q, d, s, nb, o, N); break;
-      case 7: group_x8<T, 7>(wg, q, d, s, nb, o, N); break;
-      default: group_x8<T, 8>(wg, q, d, s, nb, o, N); break;
+      case 5: group_x8_any<T, 5>(wg, q, d, s, nb, o, N); break;
+      case 6: group_x8_any<T, 6>(wg, q, d, s, nb, o, N); break;
+      case 7: group_x8_any<T, 7>(wg, q, d, s, nb, o, N); break;
+      default: group_x8_any<T, 8>(wg, q, d, s, nb, o, N); break;
 #endif
     }
   });
@@ -623,12 +699,14 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "linear_gguf: x [M,K] and weight [N,bytes]");
   TORCH_CHECK(weight.scalar_type() == at::kByte, "linear_gguf: weight must be uint8 blocks");
-  const bool x8 = qtype == kQ4_0x8 || qtype == kQ4_1x8 || qtype == kQ4_Kx8;
+  const bool x8 = qtype == kQ4_0x8 || qtype == kQ4_1x8 || qtype == kQ5_0x8 ||
+                  qtype == kQ5_1x8 || qtype == kQ4_Kx8;
   const int64_t base = x8 ? qtype - 100 : qtype;
-  const int64_t bb = base == kQ4_K && !x8 ? 0 : block_bytes(base);
+  const bool x8_only = base == kQ5_0 || base == kQ5_1 || base == kQ4_K;
+  const int64_t bb = x8_only && !x8 ? 0 : block_bytes(base);
   TORCH_CHECK(bb > 0, "linear_gguf: GGUF type ", qtype,
               " is not Q4_0 (2), Q4_1 (3), Q8_0 (8), Q6_K as kept (14), or an interleaved Q4_0 / "
-              "Q4_1 / Q4_K (102, 103, 112)");
+              "Q4_1 / Q5_0 / Q5_1 / Q4_K (102, 103, 106, 107, 112)");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(!x8 || N % 8 == 0, "linear_gguf: interleaved blocks need a multiple of 8 rows, "
               "not ", N);
@@ -662,6 +740,7 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
     case kQ4_0x8: linear_x8<kQ4_0>(q, wp, M, K, N, op); break;
     case kQ4_1x8: linear_x8<kQ4_1>(q, wp, M, K, N, op); break;
     case kQ4_Kx8: linear_x8<kQ4_K>(q, wp, M, K, N, op); break;
+    case kQ5_0x8: case kQ5_1x8: linear_x8<kQ5_0>(q, wp, M, K, N, op); break;
     default: linear_blocks<kQ4_1>(q, wp, M, K, N, op); break;
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));

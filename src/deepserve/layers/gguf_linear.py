@@ -19,15 +19,20 @@ from torch import nn
 
 from deepserve import kernels
 from deepserve.layers import kquants
-from deepserve.layers.kquants import Q4_K, Q6_K
+from deepserve.layers.kquants import Q4_K, Q5_0, Q5_1, Q6_K
 from deepserve.layers.linear import KernelLayer
 
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
-# Bytes per 32 weights as a layer keeps them (K-quants as rewritten by layers/kquants.py).
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 24, Q6_K: 40}
-NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q6_K: "Q6_K"}
-# (count, bytes) of the scales that open a 4-bit block: fp16 d; fp16 d and m; fp32 d and m
-HEADS = {Q4_0: (1, 2), Q4_1: (2, 2), Q4_K: (2, 4)}
+# Bytes per 32 weights as a layer keeps them (Q5_x and K-quants as rewritten by
+# layers/kquants.py).
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 40, Q5_1: 40, Q8_0: 34, Q4_K: 24, Q6_K: 40}
+NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K",
+         Q6_K: "Q6_K"}
+# (count, bytes) of the scales that open a block the 8-bit dot kernel runs interleaved:
+# fp16 d; fp16 d and m; fp32 d and m. The codes follow (16 bytes of nibbles, or 32 bytes).
+HEADS = {Q4_0: (1, 2), Q4_1: (2, 2), Q4_K: (2, 4), Q5_0: (2, 4), Q5_1: (2, 4)}
+# types whose kernel reads only the interleaved order
+X8_ONLY = (Q4_K, Q5_0, Q5_1)
 QK = 32
 # The kernels' code for a 4-bit type's blocks interleaved eight rows at a time (see
 # ``interleave``): the GGUF type plus this.
@@ -40,7 +45,7 @@ DENSE_ROWS = 8
 
 def dequantize(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """[N, bytes] uint8 blocks -> [N, k] float32 (torch ops only)."""
-    if qtype in (Q4_K, Q6_K):
+    if qtype in kquants.REWRITTEN:
         return kquants.dequantize_kept(blocks, qtype, k)
     n, nb = blocks.shape[0], k // QK
     b = blocks.reshape(n, nb, BLOCK_BYTES[qtype])
@@ -55,17 +60,19 @@ def dequantize(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
 
 
 def interleave(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
-    """Q4_0 / Q4_1 / kept Q4_K blocks ``[N, bytes]`` (N a multiple of 8) reordered for
-    the kernels: rows 8g .. 8g + 7 keep block b together, their 8 d (and 8 m) first, then
-    four 32-byte vectors whose 4-byte word r holds row r's code bytes 4t .. 4t + 3. The
-    same bytes, so the same weights; the shape is unchanged."""
+    """Blocks of a type in ``HEADS`` ``[N, bytes]`` (N a multiple of 8) reordered for the
+    kernels: rows 8g .. 8g + 7 keep block b together, their 8 d (and 8 m) first, then
+    32-byte vectors (four for nibbles, eight for code bytes) whose 4-byte word r holds
+    row r's code bytes 4t .. 4t + 3. The same bytes, so the same weights; the shape is
+    unchanged."""
     n, nb, bb = blocks.shape[0], k // QK, BLOCK_BYTES[qtype]
     (cnt, size), g = HEADS[qtype], n // 8
     hb = cnt * size
+    words = (bb - hb) // 4
     b = blocks.reshape(g, 8, nb, bb)
     heads = b[..., :hb].reshape(g, 8, nb, cnt, size).permute(0, 2, 3, 1, 4)
-    codes = b[..., hb:].reshape(g, 8, nb, 4, 4).permute(0, 2, 3, 1, 4)
-    out = torch.cat([heads.reshape(g, nb, 8 * hb), codes.reshape(g, nb, 128)], dim=-1)
+    codes = b[..., hb:].reshape(g, 8, nb, words, 4).permute(0, 2, 3, 1, 4)
+    out = torch.cat([heads.reshape(g, nb, 8 * hb), codes.reshape(g, nb, 32 * words)], dim=-1)
     return out.reshape(n, nb * bb)
 
 
@@ -74,10 +81,11 @@ def deinterleave(packed: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     n, nb, bb = packed.shape[0], k // QK, BLOCK_BYTES[qtype]
     (cnt, size), g = HEADS[qtype], n // 8
     hb = cnt * size
+    words = (bb - hb) // 4
     p = packed.reshape(g, nb, 8 * bb)
     heads = p[..., :8 * hb].reshape(g, nb, cnt, 8, size).permute(0, 3, 1, 2, 4)
-    codes = p[..., 8 * hb:].reshape(g, nb, 4, 8, 4).permute(0, 3, 1, 2, 4)
-    out = torch.cat([heads.reshape(g, 8, nb, hb), codes.reshape(g, 8, nb, QK // 2)], dim=-1)
+    codes = p[..., 8 * hb:].reshape(g, nb, words, 8, 4).permute(0, 3, 1, 2, 4)
+    out = torch.cat([heads.reshape(g, 8, nb, hb), codes.reshape(g, 8, nb, 4 * words)], dim=-1)
     return out.reshape(n, nb * bb)
 
 
@@ -107,8 +115,8 @@ def quantize(w: torch.Tensor, qtype: int) -> torch.Tensor:
 
 class GGUFLinear(KernelLayer, nn.Module):
     """y = x W^T (+ b), W as GGUF blocks ``[out_features, in_features / 32 * bytes]``
-    (K-quants in the layout ``kquants.keep`` writes; kept Q4_K is interleaved at once,
-    as its kernel reads only that order)."""
+    (Q5_x and K-quants in the layout ``kquants.keep`` writes; kept Q4_K and Q5_x are
+    interleaved at once, as their kernel reads only that order)."""
 
     def __init__(self, blocks: torch.Tensor, qtype: int, in_features: int,
                  bias: torch.Tensor | None = None) -> None:
@@ -126,9 +134,9 @@ class GGUFLinear(KernelLayer, nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.register_buffer("dense", None, persistent=False)  # oneDNN copy, large batches
         self.dense_bias: torch.Tensor | None = None
-        if qtype == Q4_K:
+        if qtype in X8_ONLY:
             if self.out_features % 8:
-                raise ValueError(f"Q4_K blocks need a multiple of 8 rows, not "
+                raise ValueError(f"{NAMES[qtype]} blocks need a multiple of 8 rows, not "
                                  f"{self.out_features}")
             self.interleave_blocks()
 

@@ -1,5 +1,7 @@
-"""GGUF K-quants (Q4_K, Q6_K) kept as blocks: rewritten once at load, exactly, into
-layouts of 32 weights that the block kernels run.
+"""GGUF types kept as blocks after a rewrite at load: the K-quants Q4_K and Q6_K, and
+Q5_0 / Q5_1 (which Q4_K_M files of small models fall back to where a row is not a
+multiple of 256). Each is rewritten once, exactly, into a layout of 32 weights that the
+block kernels run.
 
 A K-quant super-block holds 256 weights with one fp16 scale (and min) and small integer
 scales per 32 (Q4_K) or 16 (Q6_K) weights. Their products are exact in float32 (an fp16
@@ -12,6 +14,9 @@ codes move, unchanged, into the block order the kernels read:
   time (``gguf_linear.interleave``), like Q4_0 / Q4_1.
 * Q6_K -> per 32 weights: two halves of (fp32 s, 16 int8 codes q - 32); w = s * code.
   40 bytes; 10 bits per weight against 6.56. Run against float activations, like Q8_0.
+* Q5_0 / Q5_1 -> per 32 weights: fp32 d, fp32 m (Q5_0: -16 d), 32 code bytes 0..31 (the
+  fifth bit joined to its nibble); w = d * q + m. 40 bytes; 10 bits against 5.5 / 6.
+  Run through the 8-bit dot kernel, interleaved eight rows at a time.
 
 ``dequantize_kept`` turns both back into floats; the tests check it equals the gguf
 package's own dequantization bit for bit, so the rewrite loses nothing.
@@ -21,10 +26,12 @@ from __future__ import annotations
 
 import torch
 
-Q4_K, Q6_K = 12, 14
+Q5_0, Q5_1, Q4_K, Q6_K = 6, 7, 12, 14
+REWRITTEN = (Q5_0, Q5_1, Q4_K, Q6_K)
 QK_K = 256
-FILE_BYTES = {Q4_K: 144, Q6_K: 210}   # per 256 weights in the file
-KEPT_BYTES = {Q4_K: 24, Q6_K: 40}     # per 32 weights as kept
+FILE_BLOCK = {Q5_0: 32, Q5_1: 32, Q4_K: QK_K, Q6_K: QK_K}     # weights per file block
+FILE_BYTES = {Q5_0: 22, Q5_1: 24, Q4_K: 144, Q6_K: 210}      # bytes per file block
+KEPT_BYTES = {Q5_0: 40, Q5_1: 40, Q4_K: 24, Q6_K: 40}        # per 32 weights as kept
 
 
 def _f32_bytes(v: torch.Tensor) -> torch.Tensor:
@@ -33,11 +40,23 @@ def _f32_bytes(v: torch.Tensor) -> torch.Tensor:
 
 
 def keep(raw: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
-    """A tensor's file rows ``[n, k / 256 * bytes]`` -> the kept layout ``[n, k / 32 *
-    KEPT_BYTES]``."""
-    n, s = raw.shape[0], k // QK_K
+    """A tensor's file rows ``[n, k / FILE_BLOCK * FILE_BYTES]`` -> the kept layout
+    ``[n, k / 32 * KEPT_BYTES]``."""
+    n, s = raw.shape[0], k // FILE_BLOCK[qtype]
     b = raw.reshape(n, s, FILE_BYTES[qtype])
-    if qtype == Q4_K:
+    if qtype in (Q5_0, Q5_1):
+        d = b[..., 0:2].contiguous().view(torch.float16).float()
+        m = (b[..., 2:4].contiguous().view(torch.float16).float() if qtype == Q5_1
+             else -16.0 * d)
+        at = 4 if qtype == Q5_1 else 2
+        qh = b[..., at:at + 4].contiguous().view(torch.int32)             # bit j: weight j
+        high = (qh >> torch.arange(32, dtype=torch.int32)) & 1            # [n, s, 32]
+        qs = b[..., at + 4:at + 20]
+        low = torch.cat([qs & 15, qs >> 4], dim=-1)
+        codes = (low.to(torch.int32) | (high << 4)).to(torch.uint8)
+        out = torch.cat([_f32_bytes(d.squeeze(-1)).unsqueeze(-2),
+                         _f32_bytes(m.squeeze(-1)).unsqueeze(-2), codes.unsqueeze(-2)], dim=-1)
+    elif qtype == Q4_K:
         d = b[..., 0:2].contiguous().view(torch.float16).float()        # [n, s, 1]
         dmin = b[..., 2:4].contiguous().view(torch.float16).float()
         sc = b[..., 4:16].reshape(n, s, 3, 4).to(torch.int32)
@@ -59,13 +78,18 @@ def keep(raw: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
         d = b[..., 208:210].contiguous().view(torch.float16).float()
         out = torch.cat([_f32_bytes(d * scales), q.view(torch.uint8)], dim=-1)
     else:
-        raise ValueError(f"GGUF type {qtype} is not Q4_K or Q6_K")
+        raise ValueError(f"GGUF type {qtype} is not Q5_0, Q5_1, Q4_K or Q6_K")
     return out.reshape(n, k // 32 * KEPT_BYTES[qtype])
 
 
 def dequantize_kept(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """The kept layout (file row order) -> [n, k] float32."""
     n = blocks.shape[0]
+    if qtype in (Q5_0, Q5_1):
+        b = blocks.reshape(n, k // 32, 40)
+        d = b[..., 0:4].contiguous().view(torch.float32)
+        m = b[..., 4:8].contiguous().view(torch.float32)
+        return (d * b[..., 8:].float() + m).reshape(n, k)
     if qtype == Q4_K:
         b = blocks.reshape(n, k // 32, 24)
         d = b[..., 0:4].contiguous().view(torch.float32)

@@ -63,10 +63,15 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def weight_formats(model: nn.Module) -> str:
-    """What the projections compute with, e.g. ``Q4_1 x 120 + Q8_0 x 1`` or ``dense``."""
+    """What the projections compute with, e.g. ``Q4_1 x 120 + Q8_0 x 1``, ``Q4_K x 60 +
+    dense x 30`` (a file's tensors of other types, dequantized), or ``dense``."""
     from collections import Counter
 
     from deepserve.layers.gguf_linear import NAMES
 
     count = Counter(NAMES[m.qtype] for m in model.modules() if isinstance(m, GGUFLinear))
-    return " + ".join(f"{k} x {v}" for k, v in sorted(count.items())) or "dense"
+    dense = sum(isinstance(m, nn.Linear) for m in model.modules())
+    if not count:
+        return "dense"
+    return " + ".join([f"{k} x {v}" for k, v in sorted(count.items())]
+                      + ([f"dense x {dense}"] if dense else []))

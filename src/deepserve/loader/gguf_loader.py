@@ -36,10 +36,11 @@ _GLOBAL_NAMES = {
 
 
 # GGUF types deepserve computes with directly (layers/gguf_linear.py): Q4_0, Q4_1, Q8_0,
-# and for projections also the K-quants Q4_K and Q6_K, rewritten exactly at load
-# (layers/kquants.py).
+# and for projections also Q5_0, Q5_1, Q4_K and Q6_K, rewritten exactly at load
+# (layers/kquants.py); all but Q6_K need rows in eights.
 BLOCK_TYPES = (2, 3, 8)
-K_TYPES = (12, 14)
+K_TYPES = (6, 7, 12, 14)
+_EIGHTS = (6, 7, 12)
 
 
 class GGUFCheckpoint:
@@ -112,7 +113,8 @@ class GGUFCheckpoint:
     def block_plan(self, config: ModelConfig) -> dict[str, tuple[int | None, list[str]]]:
         """Modules that can keep the file's own blocks: module path -> (GGUF type, the
         GGUF tensors it is made of, in row order). A projection qualifies when each of its
-        parts is one of Q4_0, Q4_1, Q8_0, Q4_K (rows a multiple of 8) or Q6_K; the type is
+        parts is one of Q4_0, Q4_1, Q8_0, Q6_K, or Q5_0 / Q5_1 / Q4_K with rows a multiple
+        of 8; the type is
         None when a fused projection's parts differ (as Q4_K_M files mix Q4_K and Q6_K
         in q / k / v). The embedding table qualifies in one of the first three."""
         groups = {"embed_tokens": ["token_embd.weight"],
@@ -133,7 +135,7 @@ class GGUFCheckpoint:
             if module == "embed_tokens":
                 if types[0] in BLOCK_TYPES:
                     plan[module] = (types[0], names)
-            elif all(t in BLOCK_TYPES or (t in K_TYPES and not (t == 12 and self.rows(n) % 8))
+            elif all(t in BLOCK_TYPES or (t in K_TYPES and not (t in _EIGHTS and self.rows(n) % 8))
                      for t, n in zip(types, names, strict=True)):
                 plan[module] = (types[0] if len(set(types)) == 1 else None, names)
         return plan
