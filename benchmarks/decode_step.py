@@ -58,10 +58,12 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--model", default=None, help="a local model (default: the packaged one)")
     args = ap.parse_args()
+    extra = {"model": args.model} if args.model else {}
     for b in args.batch:
         measure(b, args.steps, args.profile, quantization=args.quantization,
-                kv_cache_dtype=args.kv_cache_dtype, cpu_kernels=args.cpu_kernels)
+                kv_cache_dtype=args.kv_cache_dtype, cpu_kernels=args.cpu_kernels, **extra)
 
 
 if __name__ == "__main__":

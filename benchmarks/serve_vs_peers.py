@@ -78,8 +78,10 @@ def main() -> None:
     ap.add_argument("--kv-tokens", type=int, default=16384)
     ap.add_argument("--rounds", type=int, default=2, help="requests = concurrency x rounds")
     ap.add_argument("--out", default="results/serve_vs_peers.json")
+    ap.add_argument("--model", default=None,
+                    help="a GGUF for deepserve and llama-server (default: the packaged model)")
     args = ap.parse_args()
-    gguf = str(resolve_model(None)[0])
+    gguf = str(resolve_model(args.model)[0])
     port = 8931
     url = f"http://127.0.0.1:{port}"
     rows = []
@@ -102,7 +104,7 @@ def main() -> None:
         else:
             # KV bytes for kv_tokens tokens in the compute dtype the server will pick
             cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--port", str(port),
-                   "--quantization", system, "--num-threads", str(args.threads),
+                   "--model", gguf, "--quantization", system, "--num-threads", str(args.threads),
                    "--max-num-seqs", str(max(args.concurrency)),
                    "--kv-cache-memory", str(args.kv_tokens * _kv_bytes_per_token())]
             label = f"deepserve --quantization {system}"
