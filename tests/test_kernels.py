@@ -161,3 +161,18 @@ def test_fused_layer_ops_match_the_torch_layer_code(dtype, each_isa):
     gu = torch.randn(t, 2 * inter).to(dtype) * 4
     gate, up = gu.split(inter, dim=-1)
     assert close(kernels.silu_mul(gu), torch.nn.functional.silu(gate) * up)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
+    """torch's build lock has no owner: one left by a killed build made every later start
+    wait forever. An old one goes (with a warning); a fresh one is kept, and the wait is
+    explained."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    kernels.clear_stale_lock(tmp_path)
+    assert lock.exists() and "waiting for another kernel build" in caplog.text
+    old = lock.stat().st_mtime - kernels.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    kernels.clear_stale_lock(tmp_path)
+    assert not lock.exists() and "did not finish" in caplog.text
+    kernels.clear_stale_lock(tmp_path)  # no lock: nothing to do

@@ -132,6 +132,7 @@ def load(which: str) -> bool:
 
         directory = build_dir(which)
         directory.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(directory)
         flags = _FLAGS[which] if _x86() else []
         t0 = time.perf_counter()
         try:
@@ -154,6 +155,28 @@ def load(which: str) -> bool:
         logger.info("deepserve CPU kernels (%s) ready (%.1f s)", which, time.perf_counter() - t0)
         _state[key] = True
         return True
+
+
+# A build takes well under this; torch's build lock has no owner to ask, so a lock file
+# this old was left by a build that was killed, and would make every start wait forever.
+STALE_LOCK_S = 600
+
+
+def clear_stale_lock(directory: Path) -> None:
+    """Remove a build lock left behind by a killed build (older than STALE_LOCK_S); say
+    what a start is waiting for when a younger one is there."""
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        logger.warning("removing %s, left %.0f s ago by a kernel build that did not finish",
+                       lock, age)
+        lock.unlink(missing_ok=True)
+    else:
+        logger.warning("waiting for another kernel build to finish (lock %s, %.0f s old; if "
+                       "no build is running, delete it)", lock, age)
 
 
 def ops(which: str | None = None):

@@ -70,9 +70,12 @@ def interleave(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     hb = cnt * size
     words = (bb - hb) // 4
     b = blocks.reshape(g, 8, nb, bb)
-    heads = b[..., :hb].reshape(g, 8, nb, cnt, size).permute(0, 2, 3, 1, 4)
-    codes = b[..., hb:].reshape(g, 8, nb, words, 4).permute(0, 2, 3, 1, 4)
-    out = torch.cat([heads.reshape(g, nb, 8 * hb), codes.reshape(g, nb, 32 * words)], dim=-1)
+    out = torch.empty(g, nb, 8 * bb, dtype=torch.uint8)
+    # two strided copies straight into place (a cat of permuted copies took 3 ms a layer)
+    out[..., :8 * hb].unflatten(-1, (cnt, 8, size)).copy_(
+        b[..., :hb].unflatten(-1, (cnt, size)).permute(0, 2, 3, 1, 4))
+    out[..., 8 * hb:].unflatten(-1, (words, 8, 4)).copy_(
+        b[..., hb:].unflatten(-1, (words, 4)).permute(0, 2, 3, 1, 4))
     return out.reshape(n, nb * bb)
 
 
