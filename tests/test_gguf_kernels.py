@@ -213,3 +213,20 @@ def test_dense_copy_for_large_batches_gives_the_same_tokens(monkeypatch):
     lean = LLM(dtype="bfloat16", show_progress=False, kv_cache_memory="64MiB")
     assert lean.engine.model.layers[0].down_proj.dense is None
     assert lean.engine.weight_bytes < llm.engine.weight_bytes
+
+
+def test_bf16_copies_for_large_batches_only_within_their_memory_budget(caplog):
+    """An 8B model's bf16 copies would be 16 GB: the copies are made only when all of
+    them fit a quarter of free memory (and 2 GiB); else the blocks serve every batch."""
+    from deepserve.engine.setup import keep_dense_copies
+
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(*[gl.GGUFLinear(gl.quantize(torch.randn(64, 128), gl.Q4_1),
+                                                gl.Q4_1, 128) for _ in range(3)])
+    caplog.set_level("INFO", logger="deepserve.engine.llm_engine")
+    assert not keep_dense_copies(model, torch.bfloat16, free=4 * 3 * 64 * 128 * 2 - 4)
+    assert all(m.dense is None for m in model) and "over the" in caplog.text
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # (oneDNN packs bf16 copies only where this CPU has bf16)
+        assert keep_dense_copies(model, torch.bfloat16, free=4 * 3 * 64 * 128 * 2)
+        assert all(m.dense is not None for m in model)

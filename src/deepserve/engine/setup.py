@@ -152,12 +152,31 @@ def dense_for_batches() -> bool:
         torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def keep_dense_copies(model: torch.nn.Module, dtype: torch.dtype) -> None:
+# The most memory the large-batch bf16 copies may take: a quarter of what is free, and at
+# most this. The block kernels run every batch size, so without the copies a large model
+# loses a little large-batch speed instead of running out of memory (an 8B model's copies
+# would be 16 GB).
+DENSE_COPY_MAX = 2 * 2**30
+
+
+def keep_dense_copies(model: torch.nn.Module, dtype: torch.dtype,
+                      free: int | None = None) -> bool:
+    """Give every GGUF-block layer its bf16 copy when they all fit the budget above;
+    False (and a log line saying why) when they do not."""
     from deepserve.layers.gguf_linear import GGUFLinear
 
-    for module in model.modules():
-        if isinstance(module, GGUFLinear):
-            module.keep_dense(dtype)
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    need = sum(m.in_features * m.out_features for m in layers) * 2
+    budget = min(DENSE_COPY_MAX, (available_memory(torch.device("cpu")) if free is None
+                                  else free) // 4)
+    if need > budget:
+        logger.info("GGUF-block layers run every batch on the block kernels: their bf16 "
+                    "copies for large batches would take %.1f GiB, over the %.1f GiB allowed",
+                    need / 2**30, budget / 2**30)
+        return False
+    for module in layers:
+        module.keep_dense(dtype)
+    return True
 
 
 def interleave_blocks(model: torch.nn.Module) -> None:

@@ -56,7 +56,11 @@ class GrammarCompiler:
             except (TypeError, ValueError) as exc:
                 raise DeepserveError(f"the JSON schema is not valid JSON: {exc}",
                                      param=param) from None
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(text)
+            # compact JSON: with flexible whitespace a small model sampled at temperature
+            # 0.9 could spend its max_tokens on spaces and newlines (4 of 15 seeds cut
+            # short); a schema's own "x-guidance" still overrides this default
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                text, defaults={"whitespace_flexible": False})
         elif kind == "regex":
             grammar = llguidance.LLMatcher.grammar_from_regex(str(spec))
         elif kind == "choice":
