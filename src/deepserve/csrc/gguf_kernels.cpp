@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -422,6 +423,27 @@ inline void row_dot_q8f(const uint8_t* wrow, const float* x, int64_t K, float* o
 // with 64-row tiles they spilled to L2 and halved the speed at 32 rows and more.)
 constexpr int64_t kRows = DSQ_ISA == 2 ? 8 : 4;
 
+// f(std::integral_constant<int, R>{}) for R = rows, 1 .. kRows: the microkernels take their
+// row count as a template parameter.
+template <typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+#if DSQ_ISA == 2
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+#else
+    default: f(std::integral_constant<int, 4>{}); break;
+#endif
+  }
+}
+
+
 template <typename Dot>
 void for_row_tiles(int64_t M, int64_t N, int64_t x_row_bytes, Dot dot) {
   // as many input rows as keep about 24 KB of them in L1 while weight rows stream by
@@ -455,18 +477,7 @@ void linear_q8f(const float* x, const uint8_t* w, int64_t M, int64_t K, int64_t 
     const uint8_t* wrow = w + n * row_bytes;
     const float* xm = x + m * K;
     float* o = out + m * N + n;
-    switch (rows) {
-      case 1: row_dot_f<T, 1>(wrow, xm, K, o, N); break;
-      case 2: row_dot_f<T, 2>(wrow, xm, K, o, N); break;
-      case 3: row_dot_f<T, 3>(wrow, xm, K, o, N); break;
-      case 4: row_dot_f<T, 4>(wrow, xm, K, o, N); break;
-#if DSQ_ISA == 2
-      case 5: row_dot_f<T, 5>(wrow, xm, K, o, N); break;
-      case 6: row_dot_f<T, 6>(wrow, xm, K, o, N); break;
-      case 7: row_dot_f<T, 7>(wrow, xm, K, o, N); break;
-      default: row_dot_f<T, 8>(wrow, xm, K, o, N); break;
-#endif
-    }
+    with_rows(rows, [&](auto r) { row_dot_f<T, decltype(r)::value>(wrow, xm, K, o, N); });
   });
 }
 
@@ -480,18 +491,7 @@ void linear_blocks(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int6
     const float* d = xq.d.data() + m * nb;
     const float* s = xq.s.data() + m * nb;
     float* o = out + m * N + n;
-    switch (rows) {
-      case 1: row_dot<T, 1>(wrow, q, d, s, K, o, N); break;
-      case 2: row_dot<T, 2>(wrow, q, d, s, K, o, N); break;
-      case 3: row_dot<T, 3>(wrow, q, d, s, K, o, N); break;
-      case 4: row_dot<T, 4>(wrow, q, d, s, K, o, N); break;
-#if DSQ_ISA == 2
-      case 5: row_dot<T, 5>(wrow, q, d, s, K, o, N); break;
-      case 6: row_dot<T, 6>(wrow, q, d, s, K, o, N); break;
-      case 7: row_dot<T, 7>(wrow, q, d, s, K, o, N); break;
-      default: row_dot<T, 8>(wrow, q, d, s, K, o, N); break;
-#endif
-    }
+    with_rows(rows, [&](auto r) { row_dot<T, decltype(r)::value>(wrow, q, d, s, K, o, N); });
   });
 }
 
@@ -680,18 +680,8 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
     const float* d = xq.d.data() + m * nb;
     const float* s = xq.s.data() + m * nb;
     float* o = out + m * N + 8 * g;
-    switch (rows) {
-      case 1: group_x8_any<T, 1>(wg, q, d, s, nb, o, N); break;
-      case 2: group_x8_any<T, 2>(wg, q, d, s, nb, o, N); break;
-      case 3: group_x8_any<T, 3>(wg, q, d, s, nb, o, N); break;
-      case 4: group_x8_any<T, 4>(wg, q, d, s, nb, o, N); break;
-#if DSQ_ISA == 2
-      case 5: group_x8_any<T, 5>(wg, q, d, s, nb, o, N); break;
-      case 6: group_x8_any<T, 6>(wg, q, d, s, nb, o, N); break;
-      case 7: group_x8_any<T, 7>(wg, q, d, s, nb, o, N); break;
-      default: group_x8_any<T, 8>(wg, q, d, s, nb, o, N); break;
-#endif
-    }
+    with_rows(rows,
+              [&](auto r) { group_x8_any<T, decltype(r)::value>(wg, q, d, s, nb, o, N); });
   });
 }
 
