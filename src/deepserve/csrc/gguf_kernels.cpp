@@ -281,15 +281,25 @@ inline void row_dot(const uint8_t* wrow, const int8_t* xq, const float* xd, cons
 #endif
 }
 
-// Q8_0 against float rows: each block's 32 codes become floats in registers, so the
-// only rounding is float32's (greedy decoding matches a float32 matmul over the same
-// dequantized weights; 8-bit activations did not, on 3 of 7 test prompts). A block's
-// codes times x are summed first and scaled by its d once.
 inline float load_f32(const uint8_t* p) {
   float v;
   std::memcpy(&v, p, 4);
   return v;
 }
+
+#if DSQ_ISA == 0
+// Portable: one block's 32 weights, already as floats, against R float rows.
+template <int R>
+inline void block_rows_f(const float* w, const float* x, int64_t K, int64_t b, float* acc) {
+  for (int r = 0; r < R; ++r) {
+    const float* xb = x + r * K + b * QK;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int j = 0; j < QK; ++j) s += w[j] * xb[j];
+    acc[r] += s;
+  }
+}
+#endif
 
 // Q6_K as deepserve keeps it: 32 weights as two halves of (fp32 scale, 16 int8 codes),
 // each block turned into scaled floats once, then multiplied into R float rows.
@@ -328,7 +338,8 @@ inline void row_dot_q6f(const uint8_t* wrow, const float* x, int64_t K, float* o
     }
     for (int r = 0; r < R; ++r) {
       const float* xb = x + r * K + b * QK;
-      for (int j = 0; j < 4; ++j) acc[r] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), acc[r]);
+      for (int j = 0; j < 4; ++j)
+        acc[r] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r * out_stride] = hsum8(acc[r]);
@@ -343,18 +354,16 @@ inline void row_dot_q6f(const uint8_t* wrow, const float* x, int64_t K, float* o
       const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 20 * h + 4);
       for (int j = 0; j < 16; ++j) w[16 * h + j] = sc * qs[j];
     }
-    for (int r = 0; r < R; ++r) {
-      const float* xb = x + r * K + b * QK;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int j = 0; j < QK; ++j) s += w[j] * xb[j];
-      acc[r] += s;
-    }
+    block_rows_f<R>(w, x, K, b, acc);
   }
   for (int r = 0; r < R; ++r) out[r * out_stride] = acc[r];
 #endif
 }
 
+// Q8_0 against float rows: each block's 32 codes become floats in registers, so the
+// only rounding is float32's (greedy decoding matches a float32 matmul over the same
+// dequantized weights; 8-bit activations did not, on 3 of 7 test prompts). A block's
+// codes times x are summed first and scaled by its d once.
 template <int R>
 inline void row_dot_q8f(const uint8_t* wrow, const float* x, int64_t K, float* out,
                         int64_t out_stride) {
@@ -404,13 +413,7 @@ inline void row_dot_q8f(const uint8_t* wrow, const float* x, int64_t K, float* o
     const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2);
     float w[QK];
     for (int j = 0; j < QK; ++j) w[j] = d * qs[j];
-    for (int r = 0; r < R; ++r) {
-      const float* xb = x + r * K + b * QK;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int j = 0; j < QK; ++j) s += w[j] * xb[j];
-      acc[r] += s;
-    }
+    block_rows_f<R>(w, x, K, b, acc);
   }
   for (int r = 0; r < R; ++r) out[r * out_stride] = acc[r];
 #endif
