@@ -30,11 +30,17 @@ class GrammarCompiler:
 
     def _tokenizer_info(self) -> Any:
         if self._info is None:
-            import llguidance.hf
+            eos = self.eos[0] if self.eos else None
+            if hasattr(type(self.tokenizer), "tokenizer_json"):  # FastTokenizer: no transformers
+                import llguidance
 
-            self._info = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
-                                                      eos_token=self.eos[0] if self.eos
-                                                      else None)
+                self._info = llguidance.LLTokenizer(self.tokenizer.tokenizer_json(),
+                                                    n_vocab=self.vocab_size, eos_token=eos)
+            else:
+                import llguidance.hf
+
+                self._info = llguidance.hf.from_tokenizer(self.tokenizer,
+                                                          n_vocab=self.vocab_size, eos_token=eos)
         return self._info
 
     def grammar(self, schema: dict[str, Any] | str, param: str = "response_format") -> str:

@@ -11,52 +11,74 @@ from pathlib import Path
 from typing import Any
 
 from deepserve.errors import DeepserveError, ModelLoadError
+from deepserve.loader.fast_tokenizer import FastTokenizer
 
 logger = logging.getLogger(__name__)
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "none"
 
 
 def _cache_dir(path: Path) -> Path | None:
     """Where the tokenizer rebuilt from a GGUF is kept: keyed by the file (path, size,
     mtime) and the transformers version. Rebuilding takes about 4 s; reading it back 0.1 s."""
-    import transformers
-
     try:
         st = path.stat()
     except OSError:
         return None
     key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|"
-                       f"{transformers.__version__}".encode()).hexdigest()[:16]
+                       f"{_transformers_version()}".encode()).hexdigest()[:16]
     root = os.environ.get("DEEPSERVE_CACHE_DIR") or Path.home() / ".cache" / "deepserve"
     return Path(root) / "tokenizers" / key
 
 
-def load_tokenizer(path: Path, kind: str) -> Any:
-    """transformers' fast tokenizer; for GGUF it is rebuilt from the file's metadata once
-    and then read from deepserve's cache."""
+def _hf_tokenizer(folder: Path, **kwargs: Any) -> Any:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from transformers import AutoTokenizer
+    return transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
 
+
+def _fast_or_hf(folder: Path, hf: Any = None) -> Any:
+    """The ``tokenizers``-backed tokenizer where it reproduces transformers' exactly,
+    otherwise transformers' own (``DEEPSERVE_TOKENIZER=transformers`` forces that)."""
+    if os.environ.get("DEEPSERVE_TOKENIZER", "auto") != "transformers":
+        fast = FastTokenizer.open(folder, hf)
+        if fast is not None:
+            return fast
+    return hf if hf is not None else _hf_tokenizer(folder)
+
+
+def load_tokenizer(path: Path, kind: str) -> Any:
+    """The checkpoint's tokenizer. A GGUF's is rebuilt by transformers from the file's
+    metadata once, saved in deepserve's cache, and read back from there with the
+    ``tokenizers`` library (``FastTokenizer``) on every later start."""
     try:
         if kind == "gguf":
             cached = _cache_dir(path)
             if cached is not None and (cached / "tokenizer_config.json").is_file():
                 try:
-                    return AutoTokenizer.from_pretrained(str(cached))
+                    return _fast_or_hf(cached)
                 except Exception as exc:  # a damaged cache: rebuild it
                     logger.warning("tokenizer cache %s unreadable (%s); rebuilding", cached, exc)
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tok = _hf_tokenizer(path.parent, gguf_file=path.name)
             if cached is not None:
                 try:
                     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
                     tok.save_pretrained(str(tmp))
                     shutil.rmtree(cached, ignore_errors=True)
                     os.replace(tmp, cached)
+                    return _fast_or_hf(cached, tok)
                 except OSError as exc:
                     logger.info("tokenizer not cached (%s)", exc)
             return tok
-        return AutoTokenizer.from_pretrained(str(path))
+        return _fast_or_hf(path)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{path}: cannot build a tokenizer from it ({exc}); a HF folder "
                              "needs tokenizer.json or tokenizer.model with its config") from exc

@@ -1,0 +1,176 @@
+"""The served tokenizer (tokenizers + jinja2, no transformers at start) against
+transformers' own tokenizer for the same saved folder: token ids, text, special tokens,
+vocabulary and rendered chat templates must be identical."""
+
+import subprocess
+import sys
+
+import pytest
+
+from deepserve.loader.fast_tokenizer import FastTokenizer
+
+TEXTS = ["Hello world", " leading space", "<|im_start|>user\nhi<|im_end|>", "trailing  ",
+         "émoji 🎉 and 中文 and عربى", "a\n\n\tb\r\n", "", "<|endoftext|><|endoftext|>",
+         "def f(x):\n    return x ** 2  # comment", "1234567890 3.14159"]
+
+# Written for these tests: each construct chat templates use (namespace, loop controls,
+# tojson with options, raise_exception, strftime_now, tools, documents, reasoning,
+# caller variables, special tokens).
+RICH_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(sys=none, n=0) %}"
+    "{% if messages[0].role == 'system' %}{% set ns.sys = messages[0].content %}{% endif %}"
+    "<|im_start|>system\n{{ ns.sys or 'Default system.' }} Year {{ strftime_now('%Y')|length }}"
+    "{% if tools %}\nTools:{% for t in tools %}\n{{ t | tojson(indent=2) }}{% endfor %}{% endif %}"
+    "{% if documents %}{% for d in documents %}\n[{{ loop.index }}] {{ d.title }}: {{ d.text }}"
+    "{% endfor %}{% endif %}{% if enable_thinking is defined and not enable_thinking %}"
+    "\n/no_think{% endif %}<|im_end|>\n"
+    "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+    "{% set ns.n = ns.n + 1 %}{% if m.role not in ['user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown role ' + m.role) }}{% endif %}"
+    "<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>{{ m.reasoning_content }}"
+    "</think>{% endif %}{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}"
+    "{% endfor %}{% else %}{{ m.content }}{% endif %}{% if m.name is defined %}"
+    " ({{ m.name }}){% endif %}<|im_end|>\n{% if ns.n > 20 %}{% break %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ça va? 🎉"},
+     {"role": "assistant", "content": "Oui.", "reasoning": "french"},
+     {"role": "user", "content": "<tag> & \"quotes\"", "name": "ann"}],
+    [{"role": "user", "content": "1+2?"},
+     {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+      "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]},
+     {"role": "tool", "content": "3", "tool_call_id": "c1"}],
+]
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Adds é",
+          "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]
+
+
+def outcome(fn, *args, **kwargs):
+    """The rendered text, or the error's type and message: a template that fails must
+    fail the same way in both."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # compared, not handled
+        return type(exc).__name__, str(exc)
+
+
+@pytest.fixture(scope="module")
+def pair(default_gguf):
+    from deepserve.loader.tokenizer import load_tokenizer
+
+    fast = load_tokenizer(default_gguf, "gguf")
+    assert isinstance(fast, FastTokenizer)
+    return fast, fast.hf
+
+
+def test_ids_text_and_special_tokens_match_transformers(pair):
+    fast, hf = pair
+    for text in TEXTS:
+        for special in (True, False):
+            ids = hf.encode(text, add_special_tokens=special)
+            assert fast.encode(text, add_special_tokens=special) == ids, text
+            for skip in (True, False):
+                assert fast.decode(ids, skip_special_tokens=skip) == \
+                    hf.decode(ids, skip_special_tokens=skip)
+            assert fast.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
+    assert fast.decode(2) == hf.decode(2) == "<|im_end|>"
+    assert fast.get_vocab() == hf.get_vocab() and len(fast) == len(hf)
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id", "eos_token",
+                 "special_tokens_map"):
+        assert getattr(fast, attr) == getattr(hf, attr), attr
+    assert sorted(fast.all_special_ids) == sorted(hf.all_special_ids)
+    assert fast.chat_template == hf.chat_template
+    assert fast.padding_side == hf.padding_side  # anything else comes from transformers
+
+
+@pytest.mark.parametrize("template", [None, RICH_TEMPLATE], ids=["model", "rich"])
+@pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
+def test_chat_templates_render_as_transformers_does(pair, template, conversation):
+    fast, hf = pair
+    messages = CONVERSATIONS[conversation]
+    saved = fast.chat_template
+    try:
+        if template is not None:
+            fast.chat_template = template
+        kwargs_sets = [{}, {"enable_thinking": False, "bos_token": "<override>"}]
+        rendered = 0
+        for gen in (True, False):
+            for tools in (None, TOOLS):
+                for extra in kwargs_sets:
+                    docs = [{"title": "T", "text": "body"}] if extra else None
+                    ours = outcome(fast.apply_chat_template, messages, tools=tools,
+                                   documents=docs, add_generation_prompt=gen, tokenize=False,
+                                   **extra)
+                    theirs = outcome(hf.apply_chat_template, messages, tools=tools,
+                                     documents=docs, add_generation_prompt=gen, tokenize=False,
+                                     chat_template=fast.chat_template, **extra)
+                    assert ours == theirs
+                    rendered += isinstance(ours, str)
+        # the model's own template reads every message's content, which a call lacks
+        assert rendered >= 4 or (template is None and conversation == 2)
+    finally:
+        fast.chat_template = saved
+
+
+def test_template_errors_and_transformers_only_options(pair):
+    import jinja2
+
+    fast, hf = pair
+    saved = fast.chat_template
+    try:
+        fast.chat_template = RICH_TEMPLATE
+        with pytest.raises(jinja2.TemplateError, match="unknown role robot"):
+            fast.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
+        with pytest.raises(jinja2.exceptions.SecurityError):
+            fast.chat_template = "{% set ns = namespace() %}{% set ns._x = 1 %}"
+            fast.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    finally:
+        fast.chat_template = saved
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Par"}]
+    # continue_final_message and tokenize=True are rendered by transformers itself
+    assert fast.apply_chat_template(messages, continue_final_message=True, tokenize=False) == \
+        hf.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    assert fast.apply_chat_template(messages, add_generation_prompt=True) == \
+        hf.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def test_llguidance_tokenizer_from_the_fast_one(pair):
+    from deepserve.engine.structured import GrammarCompiler
+
+    fast, _ = pair
+    compiler = GrammarCompiler(fast, 49152, {fast.eos_token_id})
+    grammar = compiler.compile("choice", ["Paris", "London"])
+    matcher = compiler.matcher(grammar)
+    assert matcher is not None
+
+
+def test_a_start_does_not_import_transformers(default_gguf, pair):
+    """The point of the class: the cached tokenizer loads without transformers."""
+    code = ("import sys; from deepserve.loader.tokenizer import load_tokenizer; "
+            f"t = load_tokenizer(__import__('pathlib').Path({str(default_gguf)!r}), 'gguf'); "
+            "print(type(t).__name__, 'transformers' in sys.modules, t.encode('hi'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[:2] == ["FastTokenizer", "False"]
+
+
+def test_folders_it_cannot_reproduce_go_to_transformers(pair, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from deepserve.loader.tokenizer import load_tokenizer
+
+    fast, _ = pair
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(fast.folder / name, tmp_path / name)
+    assert isinstance(load_tokenizer(tmp_path, "hf"), FastTokenizer)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        config | {"tokenizer_class": "LlamaTokenizerFast"}))
+    assert FastTokenizer.open(tmp_path) is None
+    assert not isinstance(load_tokenizer(tmp_path, "hf"), FastTokenizer)
+    monkeypatch.setenv("DEEPSERVE_TOKENIZER", "transformers")
+    assert not isinstance(load_tokenizer(fast.folder, "hf"), FastTokenizer)
