@@ -47,7 +47,8 @@ namespace dsq {
 constexpr int QK = 32;
 // Q5_0, Q5_1, Q4_K and Q6_K name the layouts deepserve rewrites those types into at load,
 // exactly (layers/kquants.py), per 32 weights:
-//   Q5_0/1  fp32 d, fp32 m, 32 code bytes 0..31   w = d * q + m   40 bytes (run interleaved)
+//   Q5_0/1  fp16 d, fp16 m, 16 bytes of nibbles, 4 bytes of fifth bits    w = d * q + m
+//           (byte j's bit 2t + h: weight 16h + 4t + j)          24 bytes (run interleaved)
 //   Q4_K    fp32 d, fp32 m, 16 bytes of nibbles   w = d * q + m   24 bytes (run interleaved)
 //   Q6_K    two halves of fp32 s, 16 int8 codes   w = s * q       40 bytes
 enum QType : int64_t {
@@ -59,8 +60,8 @@ inline int64_t block_bytes(int64_t t) {
     case kQ4_0: return 18;
     case kQ4_1: return 20;
     case kQ8_0: return 34;
-    case kQ4_K: return 24;
-    case kQ5_0: case kQ5_1: case kQ6_K: return 40;
+    case kQ4_K: case kQ5_0: case kQ5_1: return 24;
+    case kQ6_K: return 40;
     default: return 0;
   }
 }
@@ -517,11 +518,26 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
-// Output columns 8g .. 8g + 7 for R input rows; wg is group g's first chunk.
+// Kept Q5_0 / Q5_1 chunks are Q4_1's (8 fp16 d, 8 fp16 m, four nibble vectors) followed by
+// one 32-byte vector of fifth bits: byte 4r + j holds, in bit 2t + h, the fifth bit of row
+// r's weight 16h + 4t + j, i.e. of the code in the low (h = 0) or high (h = 1) nibble of
+// byte j of that row's word in vector t. A shift and a mask put it on bit 4 of the code.
+#if DSQ_ISA >= 1
+inline __m256i fifth_bits(__m256i h, __m256i h4, int k) {
+  // bit k of every byte moved to bit 4 (h4 = h << 4 within 16-bit lanes, for k < 4; what
+  // spills into a neighbouring byte never lands on its bit 4)
+  const __m256i v = k < 4 ? _mm256_srli_epi16(h4, k) : _mm256_srli_epi16(h, k - 4);
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+#endif
+
+// Output columns 8g .. 8g + 7 for R input rows; wg is group g's first chunk. T is kQ4_0,
+// kQ4_1, kQ4_K or kQ5_0 (the kept Q5_0 / Q5_1 layout, whose codes run 0..31).
 template <int64_t T, int R>
 inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const float* xs,
                      int64_t nb, float* out, int64_t out_stride) {
-  const int64_t cb = 8 * block_bytes(T), hb = T == kQ4_K ? 64 : T == kQ4_1 ? 32 : 16;
+  constexpr bool q5 = T == kQ5_0, f16m = T == kQ4_1 || q5;
+  const int64_t cb = 8 * block_bytes(T), hb = T == kQ4_K ? 64 : f16m ? 32 : 16;
 #if DSQ_ISA >= 1
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -534,15 +550,30 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
       vm = _mm256_loadu_ps(reinterpret_cast<const float*>(c + 32));
     } else {
       vd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-      vm = T == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
-                      : _mm256_mul_ps(vd, _mm256_set1_ps(-8.f));
+      vm = f16m ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
+                : _mm256_mul_ps(vd, _mm256_set1_ps(-8.f));
+    }
+    __m256i h = _mm256_setzero_si256(), h4 = h;
+    if (q5) {
+      h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + hb + 128));
+      h4 = _mm256_slli_epi16(h, 4);
     }
     __m256i s[R];
     for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
+#if DSQ_ISA == 1
+    // int16 partial sums: 4-bit codes fill at most 16 * 15 * 127 = 30480 over a block,
+    // 5-bit codes 8 * 31 * 127 = 31496 over half of one
+    __m256i s16[R];
+    for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+#endif
     for (int t = 0; t < 4; ++t) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + hb + 32 * t));
-      const __m256i lo = _mm256_and_si256(v, low);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      __m256i lo = _mm256_and_si256(v, low);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      if (q5) {
+        lo = _mm256_or_si256(lo, fifth_bits(h, h4, 2 * t));
+        hi = _mm256_or_si256(hi, fifth_bits(h, h4, 2 * t + 1));
+      }
       for (int r = 0; r < R; ++r) {
         const int8_t* x = xq + (r * nb + b) * QK + 4 * t;
         const __m256i x0 = _mm256_set1_epi32(load_i32(x));
@@ -550,18 +581,22 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
 #if DSQ_ISA == 2
         s[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(s[r], lo, x0), hi, x1);
 #else
-        s[r] = _mm256_add_epi16(s[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0),
-                                                       _mm256_maddubs_epi16(hi, x1)));
+        s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0),
+                                                           _mm256_maddubs_epi16(hi, x1)));
 #endif
       }
+#if DSQ_ISA == 1
+      if (t == 3 || (q5 && t == 1)) {
+        for (int r = 0; r < R; ++r) {
+          s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(s16[r], _mm256_set1_epi16(1)));
+          s16[r] = _mm256_setzero_si256();
+        }
+      }
+#endif
     }
     for (int r = 0; r < R; ++r) {
       const int64_t xi = r * nb + b;
-#if DSQ_ISA == 2
       const __m256 sum = _mm256_cvtepi32_ps(s[r]);
-#else
-      const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], _mm256_set1_epi16(1)));
-#endif
       acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(vd, _mm256_set1_ps(xd[xi])), acc[r]);
       acc[r] = _mm256_fmadd_ps(vm, _mm256_set1_ps(xs[xi]), acc[r]);
     }
@@ -578,7 +613,7 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
         std::memcpy(&m[l], c + 32 + 4 * l, 4);
       } else {
         d[l] = half_to_float(load_u16(c + 2 * l));
-        m[l] = T == kQ4_1 ? half_to_float(load_u16(c + 16 + 2 * l)) : -8.f * d[l];
+        m[l] = f16m ? half_to_float(load_u16(c + 16 + 2 * l)) : -8.f * d[l];
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -589,7 +624,9 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
         for (int t = 0; t < 4; ++t)
           for (int j = 0; j < 4; ++j) {
             const uint8_t byte = c[hb + 32 * t + 4 * l + j];
-            s += (byte & 0x0f) * x[4 * t + j] + (byte >> 4) * x[16 + 4 * t + j];
+            const int fifth = q5 ? c[hb + 128 + 4 * l + j] >> (2 * t) : 0;
+            s += ((byte & 0x0f) | (fifth & 1) << 4) * x[4 * t + j] +
+                 ((byte >> 4) | (fifth & 2) << 3) * x[16 + 4 * t + j];
           }
         acc[r][l] += d[l] * xd[xi] * static_cast<float>(s) + m[l] * xs[xi];
       }
@@ -598,79 +635,6 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
   for (int r = 0; r < R; ++r)
     for (int l = 0; l < 8; ++l) out[r * out_stride + l] = acc[r][l];
 #endif
-}
-
-// Kept Q5_0 / Q5_1, interleaved the same way with whole code bytes (0..31): chunk = 8 fp32
-// d, 8 fp32 m, then eight 32-byte vectors, word r of vector t holding row r's codes
-// 4t .. 4t + 3. On AVX2, four steps' products fit int16 lanes (4 * 2 * 31 * 127 = 31496).
-template <int R>
-inline void group_x8_u8(const uint8_t* wg, const int8_t* xq, const float* xd, const float* xs,
-                        int64_t nb, float* out, int64_t out_stride) {
-  const int64_t cb = 8 * block_bytes(kQ5_0), hb = 64;
-#if DSQ_ISA >= 1
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* c = wg + b * cb;
-    const __m256 vd = _mm256_loadu_ps(reinterpret_cast<const float*>(c));
-    const __m256 vm = _mm256_loadu_ps(reinterpret_cast<const float*>(c + 32));
-    __m256i s[R];
-    for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
-    for (int h = 0; h < 2; ++h) {
-#if DSQ_ISA == 1
-      __m256i s16[R];
-      for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
-#endif
-      for (int t = 4 * h; t < 4 * h + 4; ++t) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + hb + 32 * t));
-        for (int r = 0; r < R; ++r) {
-          const __m256i x = _mm256_set1_epi32(load_i32(xq + (r * nb + b) * QK + 4 * t));
-#if DSQ_ISA == 2
-          s[r] = _mm256_dpbusd_epi32(s[r], v, x);
-#else
-          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(v, x));
-#endif
-        }
-      }
-#if DSQ_ISA == 1
-      for (int r = 0; r < R; ++r)
-        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(s16[r], _mm256_set1_epi16(1)));
-#endif
-    }
-    for (int r = 0; r < R; ++r) {
-      const int64_t xi = r * nb + b;
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(vd, _mm256_set1_ps(xd[xi])),
-                               acc[r]);
-      acc[r] = _mm256_fmadd_ps(vm, _mm256_set1_ps(xs[xi]), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * out_stride, acc[r]);
-#else
-  float acc[R][8] = {};
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* c = wg + b * cb;
-    for (int r = 0; r < R; ++r) {
-      const int64_t xi = r * nb + b;
-      const int8_t* x = xq + xi * QK;
-      for (int l = 0; l < 8; ++l) {
-        int32_t sum = 0;
-        for (int t = 0; t < 8; ++t)
-          for (int j = 0; j < 4; ++j) sum += c[hb + 32 * t + 4 * l + j] * x[4 * t + j];
-        acc[r][l] += load_f32(c + 4 * l) * xd[xi] * static_cast<float>(sum) +
-                     load_f32(c + 32 + 4 * l) * xs[xi];
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int l = 0; l < 8; ++l) out[r * out_stride + l] = acc[r][l];
-#endif
-}
-
-template <int64_t T, int R>
-inline void group_x8_any(const uint8_t* wg, const int8_t* xq, const float* xd, const float* xs,
-                         int64_t nb, float* out, int64_t out_stride) {
-  if constexpr (T == kQ5_0) group_x8_u8<R>(wg, xq, xd, xs, nb, out, out_stride);
-  else group_x8<T, R>(wg, xq, xd, xs, nb, out, out_stride);
 }
 
 template <int64_t T>
@@ -683,8 +647,7 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
     const float* d = xq.d.data() + m * nb;
     const float* s = xq.s.data() + m * nb;
     float* o = out + m * N + 8 * g;
-    with_rows(rows,
-              [&](auto r) { group_x8_any<T, decltype(r)::value>(wg, q, d, s, nb, o, N); });
+    with_rows(rows, [&](auto r) { group_x8<T, decltype(r)::value>(wg, q, d, s, nb, o, N); });
   });
 }
 

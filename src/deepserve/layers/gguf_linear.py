@@ -25,12 +25,13 @@ from deepserve.layers.linear import KernelLayer
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
 # Bytes per 32 weights as a layer keeps them (Q5_x and K-quants as rewritten by
 # layers/kquants.py).
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 40, Q5_1: 40, Q8_0: 34, Q4_K: 24, Q6_K: 40}
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 24, Q5_1: 24, Q8_0: 34, Q4_K: 24, Q6_K: 40}
 NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K",
          Q6_K: "Q6_K"}
 # (count, bytes) of the scales that open a block the 8-bit dot kernel runs interleaved:
-# fp16 d; fp16 d and m; fp32 d and m. The codes follow (16 bytes of nibbles, or 32 bytes).
-HEADS = {Q4_0: (1, 2), Q4_1: (2, 2), Q4_K: (2, 4), Q5_0: (2, 4), Q5_1: (2, 4)}
+# fp16 d; fp16 d and m; fp32 d and m. The codes follow (16 bytes of nibbles, and for Q5_x
+# 4 bytes of fifth bits).
+HEADS = {Q4_0: (1, 2), Q4_1: (2, 2), Q4_K: (2, 4), Q5_0: (2, 2), Q5_1: (2, 2)}
 # types whose kernel reads only the interleaved order
 X8_ONLY = (Q4_K, Q5_0, Q5_1)
 QK = 32
@@ -62,8 +63,8 @@ def dequantize(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
 def interleave(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """Blocks of a type in ``HEADS`` ``[N, bytes]`` (N a multiple of 8) reordered for the
     kernels: rows 8g .. 8g + 7 keep block b together, their 8 d (and 8 m) first, then
-    32-byte vectors (four for nibbles, eight for code bytes) whose 4-byte word r holds
-    row r's code bytes 4t .. 4t + 3. The same bytes, so the same weights; the shape is
+    32-byte vectors (four of nibbles, and for Q5_x one of fifth bits) whose 4-byte word r
+    holds row r's bytes 4t .. 4t + 3. The same bytes, so the same weights; the shape is
     unchanged."""
     n, nb, bb = blocks.shape[0], k // QK, BLOCK_BYTES[qtype]
     (cnt, size), g = HEADS[qtype], n // 8

@@ -14,9 +14,11 @@ codes move, unchanged, into the block order the kernels read:
   time (``gguf_linear.interleave``), like Q4_0 / Q4_1.
 * Q6_K -> per 32 weights: two halves of (fp32 s, 16 int8 codes q - 32); w = s * code.
   40 bytes; 10 bits per weight against 6.56. Run against float activations, like Q8_0.
-* Q5_0 / Q5_1 -> per 32 weights: fp32 d, fp32 m (Q5_0: -16 d), 32 code bytes 0..31 (the
-  fifth bit joined to its nibble); w = d * q + m. 40 bytes; 10 bits against 5.5 / 6.
-  Run through the 8-bit dot kernel, interleaved eight rows at a time.
+* Q5_0 / Q5_1 -> per 32 weights: fp16 d, fp16 m (Q5_0: -16 d, exact), the file's 16
+  bytes of nibbles, and its 32 fifth bits reordered so that bit 2t + h of byte j belongs
+  to weight 16h + 4t + j (the code in nibble h of byte 4t + j); w = d * q + m. 24 bytes; 6
+  bits per weight against 5.5 / 6. Run through the 8-bit dot kernel, interleaved eight
+  rows at a time like Q4_1, with the fifth bits shifted onto the codes in registers.
 
 ``dequantize_kept`` turns both back into floats; the tests check it equals the gguf
 package's own dequantization bit for bit, so the rewrite loses nothing.
@@ -31,7 +33,7 @@ REWRITTEN = (Q5_0, Q5_1, Q4_K, Q6_K)
 QK_K = 256
 FILE_BLOCK = {Q5_0: 32, Q5_1: 32, Q4_K: QK_K, Q6_K: QK_K}     # weights per file block
 FILE_BYTES = {Q5_0: 22, Q5_1: 24, Q4_K: 144, Q6_K: 210}      # bytes per file block
-KEPT_BYTES = {Q5_0: 40, Q5_1: 40, Q4_K: 24, Q6_K: 40}        # per 32 weights as kept
+KEPT_BYTES = {Q5_0: 24, Q5_1: 24, Q4_K: 24, Q6_K: 40}        # per 32 weights as kept
 
 
 def _f32_bytes(v: torch.Tensor) -> torch.Tensor:
@@ -45,17 +47,18 @@ def keep(raw: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     n, s = raw.shape[0], k // FILE_BLOCK[qtype]
     b = raw.reshape(n, s, FILE_BYTES[qtype])
     if qtype in (Q5_0, Q5_1):
-        d = b[..., 0:2].contiguous().view(torch.float16).float()
-        m = (b[..., 2:4].contiguous().view(torch.float16).float() if qtype == Q5_1
-             else -16.0 * d)
+        d = b[..., 0:2].contiguous().view(torch.float16)                   # [n, s, 1]
+        m = b[..., 2:4].contiguous().view(torch.float16) if qtype == Q5_1 else -16 * d
+        if not torch.isfinite(m).all():  # -16 d is exact in fp16 up to |d| = 4094
+            raise ValueError("a Q5_0 block's scale is too large to keep (|d| > 4094)")
         at = 4 if qtype == Q5_1 else 2
-        qh = b[..., at:at + 4].contiguous().view(torch.int32)             # bit j: weight j
-        high = (qh >> torch.arange(32, dtype=torch.int32)) & 1            # [n, s, 32]
-        qs = b[..., at + 4:at + 20]
-        low = torch.cat([qs & 15, qs >> 4], dim=-1)
-        codes = (low.to(torch.int32) | (high << 4)).to(torch.uint8)
-        out = torch.cat([_f32_bytes(d.squeeze(-1)).unsqueeze(-2),
-                         _f32_bytes(m.squeeze(-1)).unsqueeze(-2), codes.unsqueeze(-2)], dim=-1)
+        qh = b[..., at:at + 4].contiguous().view(torch.int32)             # bit i: weight i
+        bits = (qh >> torch.arange(32, dtype=torch.int32)) & 1            # [n, s, 32]
+        # weight 16h + 4t + j -> bit 2t + h of byte j
+        spread = bits.reshape(n, s, 2, 4, 4).permute(0, 1, 4, 3, 2).reshape(n, s, 4, 8)
+        fifth = (spread << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+        out = torch.cat([d.view(torch.uint8), m.view(torch.uint8), b[..., at + 4:at + 20],
+                         fifth], dim=-1)
     elif qtype == Q4_K:
         d = b[..., 0:2].contiguous().view(torch.float16).float()        # [n, s, 1]
         dmin = b[..., 2:4].contiguous().view(torch.float16).float()
@@ -86,10 +89,14 @@ def dequantize_kept(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """The kept layout (file row order) -> [n, k] float32."""
     n = blocks.shape[0]
     if qtype in (Q5_0, Q5_1):
-        b = blocks.reshape(n, k // 32, 40)
-        d = b[..., 0:4].contiguous().view(torch.float32)
-        m = b[..., 4:8].contiguous().view(torch.float32)
-        return (d * b[..., 8:].float() + m).reshape(n, k)
+        b = blocks.reshape(n, k // 32, 24)
+        d = b[..., 0:2].contiguous().view(torch.float16).float()
+        m = b[..., 2:4].contiguous().view(torch.float16).float()
+        codes = b[..., 4:20]
+        bits = (b[..., 20:24].to(torch.int32).unsqueeze(-1) >> torch.arange(8)) & 1
+        fifth = bits.reshape(n, k // 32, 4, 4, 2).permute(0, 1, 4, 3, 2).reshape(n, -1, 32)
+        q = torch.cat([codes & 15, codes >> 4], dim=-1).to(torch.int32) | (fifth << 4)
+        return (d * q.float() + m).reshape(n, k)
     if qtype == Q4_K:
         b = blocks.reshape(n, k // 32, 24)
         d = b[..., 0:4].contiguous().view(torch.float32)
