@@ -15,13 +15,23 @@ import time
 import torch
 
 from deepserve import kernels
+from deepserve.layers import kquants
 from deepserve.layers.gguf_linear import X8, interleave
 from deepserve.layers.gguf_linear import quantize as quantize_blocks
 
 # (name, in_features, out_features) of the default model's projections, and its head
 SHAPES = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576),
           ("lm_head", 576, 49152)]
-TYPES = {"Q4_1": 3, "Q8_0": 8, "Q4_1x8": 3 + X8}  # x8: interleaved eight rows at a time
+TYPES = {"Q4_1": 3, "Q8_0": 8, "Q4_1x8": 3 + X8,  # x8: interleaved eight rows at a time
+         "Q5_0x8": kquants.Q5_0 + X8, "Q4_Kx8": kquants.Q4_K + X8}
+
+
+def kept_blocks(qtype: int, n: int, k: int) -> torch.Tensor:
+    """Random file blocks of a rewritten type (random codes, sane fp16 scales), as kept."""
+    size, per = kquants.FILE_BYTES[qtype], kquants.FILE_BLOCK[qtype]
+    raw = torch.randint(0, 256, (n, k // per, size), dtype=torch.uint8)
+    raw[..., 0:4] = (torch.rand(n, k // per, 2) * 0.01 + 1e-4).half().view(torch.uint8)
+    return kquants.keep(raw.reshape(n, -1), qtype, k)
 
 
 def timed(fn, *args, min_s: float = 0.3) -> float:
@@ -58,7 +68,13 @@ def main() -> None:
         w = torch.randn(n, k) * 0.05
         wb = w.to(torch.bfloat16)
         for tname in args.types:
-            blocks = quantize_blocks(w, TYPES[tname] % X8)
+            qtype = TYPES[tname] % X8
+            if qtype in kquants.REWRITTEN:
+                if k % kquants.FILE_BLOCK[qtype]:
+                    continue  # rows of this shape are not whole blocks of the type
+                blocks = kept_blocks(qtype, n, k)
+            else:
+                blocks = quantize_blocks(w, qtype)
             if TYPES[tname] > X8:
                 blocks = interleave(blocks, TYPES[tname] - X8, k)
             for m in args.rows:

@@ -49,7 +49,8 @@ constexpr int QK = 32;
 // exactly (layers/kquants.py), per 32 weights:
 //   Q5_0/1  fp16 d, fp16 m, 16 bytes of nibbles, 4 bytes of fifth bits    w = d * q + m
 //           (byte j's bit 2t + h: weight 16h + 4t + j)          24 bytes (run interleaved)
-//   Q4_K    fp32 d, fp32 m, 16 bytes of nibbles   w = d * q + m   24 bytes (run interleaved)
+//   Q4_K    per 256: fp32 d, fp32 -dmin, 8 byte scales sc_j, 8 byte mins m_j, 128 bytes of
+//           nibbles; w = (d sc_j) q - dmin m_j          152 bytes (run interleaved)
 //   Q6_K    two halves of fp32 s, 16 int8 codes   w = s * q       40 bytes
 enum QType : int64_t {
   kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14
@@ -60,7 +61,8 @@ inline int64_t block_bytes(int64_t t) {
     case kQ4_0: return 18;
     case kQ4_1: return 20;
     case kQ8_0: return 34;
-    case kQ4_K: case kQ5_0: case kQ5_1: return 24;
+    case kQ4_K: return 19;  // per 32 weights: 152 per super-block of 256
+    case kQ5_0: case kQ5_1: return 24;
     case kQ6_K: return 40;
     default: return 0;
   }
@@ -522,7 +524,17 @@ inline int32_t load_i32(const int8_t* p) {
 // one 32-byte vector of fifth bits: byte 4r + j holds, in bit 2t + h, the fifth bit of row
 // r's weight 16h + 4t + j, i.e. of the code in the low (h = 0) or high (h = 1) nibble of
 // byte j of that row's word in vector t. A shift and a mask put it on bit 4 of the code.
+// Kept Q4_K interleaves by super-block: 8 fp32 d, 8 fp32 -dmin, then for each of the 8
+// sub-blocks the 8 rows' byte scales, then their byte mins (64 + 64 bytes), then each
+// sub-block's four nibble vectors. Sub-block j's scales are d * sc_j and -dmin * m_j.
+constexpr int64_t kQ4KChunk = 8 * 152;
+
 #if DSQ_ISA >= 1
+inline __m256 bytes_ps(const uint8_t* p) {  // 8 unsigned bytes -> 8 floats
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+}
+
 inline __m256i fifth_bits(__m256i h, __m256i h4, int k) {
   // bit k of every byte moved to bit 4 (h4 = h << 4 within 16-bit lanes, for k < 4; what
   // spills into a neighbouring byte never lands on its bit 4)
@@ -537,25 +549,32 @@ template <int64_t T, int R>
 inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const float* xs,
                      int64_t nb, float* out, int64_t out_stride) {
   constexpr bool q5 = T == kQ5_0, f16m = T == kQ4_1 || q5;
-  const int64_t cb = 8 * block_bytes(T), hb = T == kQ4_K ? 64 : f16m ? 32 : 16;
+  const int64_t cb = 8 * block_bytes(T), hb = f16m ? 32 : 16;
 #if DSQ_ISA >= 1
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0f);
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* c = wg + b * cb;
+    const uint8_t* c;  // the block's code vectors
     __m256 vd, vm;
-    if (T == kQ4_K) {  // fp32 scales and offsets
-      vd = _mm256_loadu_ps(reinterpret_cast<const float*>(c));
-      vm = _mm256_loadu_ps(reinterpret_cast<const float*>(c + 32));
+    if (T == kQ4_K) {  // sub-block b % 8 of a super-block chunk: fp32 d and -dmin times
+      const uint8_t* u = wg + (b >> 3) * kQ4KChunk;  // its byte scale and min
+      const int64_t j = b & 7;
+      vd = _mm256_mul_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u)),
+                         bytes_ps(u + 64 + 8 * j));
+      vm = _mm256_mul_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u + 32)),
+                         bytes_ps(u + 128 + 8 * j));
+      c = u + 192 + 128 * j;
     } else {
-      vd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-      vm = f16m ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
+      const uint8_t* u = wg + b * cb;
+      vd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
+      vm = f16m ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16)))
                 : _mm256_mul_ps(vd, _mm256_set1_ps(-8.f));
+      c = u + hb;
     }
     __m256i h = _mm256_setzero_si256(), h4 = h;
     if (q5) {
-      h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + hb + 128));
+      h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 128));
       h4 = _mm256_slli_epi16(h, 4);
     }
     __m256i s[R];
@@ -567,7 +586,7 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
     for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
 #endif
     for (int t = 0; t < 4; ++t) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + hb + 32 * t));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * t));
       __m256i lo = _mm256_and_si256(v, low);
       __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
       if (q5) {
@@ -605,15 +624,17 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
 #else
   float acc[R][8] = {};
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* c = wg + b * cb;
+    const uint8_t* u = wg + (T == kQ4_K ? (b >> 3) * kQ4KChunk : b * cb);
+    const int64_t j = b & 7;
+    const uint8_t* c = T == kQ4_K ? u + 192 + 128 * j : u + hb;
     float d[8], m[8];
     for (int l = 0; l < 8; ++l) {
       if (T == kQ4_K) {
-        std::memcpy(&d[l], c + 4 * l, 4);
-        std::memcpy(&m[l], c + 32 + 4 * l, 4);
+        d[l] = load_f32(u + 4 * l) * u[64 + 8 * j + l];
+        m[l] = load_f32(u + 32 + 4 * l) * u[128 + 8 * j + l];
       } else {
-        d[l] = half_to_float(load_u16(c + 2 * l));
-        m[l] = f16m ? half_to_float(load_u16(c + 16 + 2 * l)) : -8.f * d[l];
+        d[l] = half_to_float(load_u16(u + 2 * l));
+        m[l] = f16m ? half_to_float(load_u16(u + 16 + 2 * l)) : -8.f * d[l];
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -622,11 +643,11 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
       for (int l = 0; l < 8; ++l) {
         int32_t s = 0;
         for (int t = 0; t < 4; ++t)
-          for (int j = 0; j < 4; ++j) {
-            const uint8_t byte = c[hb + 32 * t + 4 * l + j];
-            const int fifth = q5 ? c[hb + 128 + 4 * l + j] >> (2 * t) : 0;
-            s += ((byte & 0x0f) | (fifth & 1) << 4) * x[4 * t + j] +
-                 ((byte >> 4) | (fifth & 2) << 3) * x[16 + 4 * t + j];
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t byte = c[32 * t + 4 * l + i];
+            const int fifth = q5 ? c[128 + 4 * l + i] >> (2 * t) : 0;
+            s += ((byte & 0x0f) | (fifth & 1) << 4) * x[4 * t + i] +
+                 ((byte >> 4) | (fifth & 2) << 3) * x[16 + 4 * t + i];
           }
         acc[r][l] += d[l] * xd[xi] * static_cast<float>(s) + m[l] * xs[xi];
       }
@@ -666,6 +687,8 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(!x8 || N % 8 == 0, "linear_gguf: interleaved blocks need a multiple of 8 rows, "
               "not ", N);
+  TORCH_CHECK(base != kQ4_K || K % 256 == 0, "linear_gguf: Q4_K rows are whole super-blocks "
+              "of 256, not ", K);
   TORCH_CHECK(K % QK == 0 && weight.size(1) == K / QK * bb,
               "linear_gguf: in_features ", K, " does not match weight rows of ", weight.size(1),
               " bytes");

@@ -25,13 +25,16 @@ from deepserve.layers.linear import KernelLayer
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
 # Bytes per 32 weights as a layer keeps them (Q5_x and K-quants as rewritten by
 # layers/kquants.py).
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 24, Q5_1: 24, Q8_0: 34, Q4_K: 24, Q6_K: 40}
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 24, Q5_1: 24, Q8_0: 34, Q4_K: 19, Q6_K: 40}
 NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K",
          Q6_K: "Q6_K"}
-# (count, bytes) of the scales that open a block the 8-bit dot kernel runs interleaved:
-# fp16 d; fp16 d and m; fp32 d and m. The codes follow (16 bytes of nibbles, and for Q5_x
-# 4 bytes of fifth bits).
-HEADS = {Q4_0: (1, 2), Q4_1: (2, 2), Q4_K: (2, 4), Q5_0: (2, 2), Q5_1: (2, 2)}
+# The fields, as (count, bytes), that open a unit (a block; for Q4_K a super-block of 256)
+# of a type the 8-bit dot kernel runs interleaved: fp16 d; fp16 d and m; Q4_K's fp32 d
+# and -dmin, then 8 sub-block scales and 8 mins. The codes follow as 4-byte words (16
+# bytes of nibbles per 32 weights, and for Q5_x 4 bytes of fifth bits).
+HEADS = {Q4_0: ((1, 2),), Q4_1: ((2, 2),), Q4_K: ((2, 4), (8, 1), (8, 1)),
+         Q5_0: ((2, 2),), Q5_1: ((2, 2),)}
+UNIT = {Q4_K: 256}  # weights per interleaved unit where not QK
 # types whose kernel reads only the interleaved order
 X8_ONLY = (Q4_K, Q5_0, Q5_1)
 QK = 32
@@ -60,37 +63,46 @@ def dequantize(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     return (q * d + m).reshape(n, k)
 
 
+def _units(qtype: int, k: int) -> tuple[int, int, int]:
+    """(units per row, bytes per unit, header bytes) of an interleaved type."""
+    unit = UNIT.get(qtype, QK)
+    return k // unit, unit // QK * BLOCK_BYTES[qtype], sum(c * s for c, s in HEADS[qtype])
+
+
 def interleave(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """Blocks of a type in ``HEADS`` ``[N, bytes]`` (N a multiple of 8) reordered for the
-    kernels: rows 8g .. 8g + 7 keep block b together, their 8 d (and 8 m) first, then
-    32-byte vectors (four of nibbles, and for Q5_x one of fifth bits) whose 4-byte word r
-    holds row r's bytes 4t .. 4t + 3. The same bytes, so the same weights; the shape is
-    unchanged."""
-    n, nb, bb = blocks.shape[0], k // QK, BLOCK_BYTES[qtype]
-    (cnt, size), g = HEADS[qtype], n // 8
-    hb = cnt * size
-    words = (bb - hb) // 4
-    b = blocks.reshape(g, 8, nb, bb)
-    out = torch.empty(g, nb, 8 * bb, dtype=torch.uint8)
-    # two strided copies straight into place (a cat of permuted copies took 3 ms a layer)
-    out[..., :8 * hb].unflatten(-1, (cnt, 8, size)).copy_(
-        b[..., :hb].unflatten(-1, (cnt, size)).permute(0, 2, 3, 1, 4))
-    out[..., 8 * hb:].unflatten(-1, (words, 8, 4)).copy_(
-        b[..., hb:].unflatten(-1, (words, 4)).permute(0, 2, 3, 1, 4))
-    return out.reshape(n, nb * bb)
+    kernels: rows 8g .. 8g + 7 keep unit u together, each header field for the 8 rows
+    first (field i of rows 0..7, then field i + 1), then 32-byte vectors (four of
+    nibbles per 32 weights, and for Q5_x one of fifth bits) whose 4-byte word r holds row
+    r's bytes 4t .. 4t + 3. The same bytes, so the same weights; the shape is unchanged."""
+    n, g = blocks.shape[0], blocks.shape[0] // 8
+    nu, ub, hb = _units(qtype, k)
+    b = blocks.reshape(g, 8, nu, ub)
+    out = torch.empty(g, nu, 8 * ub, dtype=torch.uint8)
+    # strided copies straight into place (a cat of permuted copies took 3 ms a layer)
+    at = 0
+    for cnt, size in HEADS[qtype]:
+        out[..., 8 * at:8 * (at + cnt * size)].unflatten(-1, (cnt, 8, size)).copy_(
+            b[..., at:at + cnt * size].unflatten(-1, (cnt, size)).permute(0, 2, 3, 1, 4))
+        at += cnt * size
+    out[..., 8 * hb:].unflatten(-1, ((ub - hb) // 4, 8, 4)).copy_(
+        b[..., hb:].unflatten(-1, ((ub - hb) // 4, 4)).permute(0, 2, 3, 1, 4))
+    return out.reshape(n, nu * ub)
 
 
 def deinterleave(packed: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """The inverse of ``interleave``: the file's own block order."""
-    n, nb, bb = packed.shape[0], k // QK, BLOCK_BYTES[qtype]
-    (cnt, size), g = HEADS[qtype], n // 8
-    hb = cnt * size
-    words = (bb - hb) // 4
-    p = packed.reshape(g, nb, 8 * bb)
-    heads = p[..., :8 * hb].reshape(g, nb, cnt, 8, size).permute(0, 3, 1, 2, 4)
-    codes = p[..., 8 * hb:].reshape(g, nb, words, 8, 4).permute(0, 3, 1, 2, 4)
-    out = torch.cat([heads.reshape(g, 8, nb, hb), codes.reshape(g, 8, nb, 4 * words)], dim=-1)
-    return out.reshape(n, nb * bb)
+    n, g = packed.shape[0], packed.shape[0] // 8
+    nu, ub, hb = _units(qtype, k)
+    p = packed.reshape(g, nu, 8 * ub)
+    parts, at = [], 0
+    for cnt, size in HEADS[qtype]:
+        field = p[..., 8 * at:8 * (at + cnt * size)].reshape(g, nu, cnt, 8, size)
+        parts.append(field.permute(0, 3, 1, 2, 4).reshape(g, 8, nu, cnt * size))
+        at += cnt * size
+    codes = p[..., 8 * hb:].reshape(g, nu, (ub - hb) // 4, 8, 4).permute(0, 3, 1, 2, 4)
+    parts.append(codes.reshape(g, 8, nu, ub - hb))
+    return torch.cat(parts, dim=-1).reshape(n, nu * ub)
 
 
 def quantize(w: torch.Tensor, qtype: int) -> torch.Tensor:

@@ -8,10 +8,12 @@ scales per 32 (Q4_K) or 16 (Q6_K) weights. Their products are exact in float32 (
 times a 6- or 8-bit integer), so each sub-block gets float32 scales of its own and its
 codes move, unchanged, into the block order the kernels read:
 
-* Q4_K -> per 32 weights: fp32 d, fp32 m, 16 bytes of nibbles (weight i in the low half
-  of byte i, weight i + 16 in the high half); w = d * q + m. 24 bytes; 6 bits per weight
-  against the file's 4.5. Run through the 8-bit dot kernel, interleaved eight rows at a
-  time (``gguf_linear.interleave``), like Q4_0 / Q4_1.
+* Q4_K -> per super-block of 256: fp32 d, fp32 -dmin, the 8 sub-block scales and 8 mins
+  as bytes, then 8 x 16 bytes of nibbles (sub-block j's weight i in the low half of byte
+  16j + i, weight i + 16 in the high half); w = (d sc_j) q - dmin m_j, each product
+  exact in float32. 152 bytes; 4.75 bits per weight against the file's 4.5. Run through
+  the 8-bit dot kernel, interleaved eight rows at a time (``gguf_linear.interleave``),
+  like Q4_0 / Q4_1, with each sub-block's scales made in registers.
 * Q6_K -> per 32 weights: two halves of (fp32 s, 16 int8 codes q - 32); w = s * code.
   40 bytes; 10 bits per weight against 6.56. Run against float activations, like Q8_0.
 * Q5_0 / Q5_1 -> per 32 weights: fp16 d, fp16 m (Q5_0: -16 d, exact), the file's 16
@@ -33,7 +35,7 @@ REWRITTEN = (Q5_0, Q5_1, Q4_K, Q6_K)
 QK_K = 256
 FILE_BLOCK = {Q5_0: 32, Q5_1: 32, Q4_K: QK_K, Q6_K: QK_K}     # weights per file block
 FILE_BYTES = {Q5_0: 22, Q5_1: 24, Q4_K: 144, Q6_K: 210}      # bytes per file block
-KEPT_BYTES = {Q5_0: 24, Q5_1: 24, Q4_K: 24, Q6_K: 40}        # per 32 weights as kept
+KEPT_BYTES = {Q5_0: 24, Q5_1: 24, Q4_K: 19, Q6_K: 40}        # per 32 weights as kept
 
 
 def _f32_bytes(v: torch.Tensor) -> torch.Tensor:
@@ -62,15 +64,15 @@ def keep(raw: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     elif qtype == Q4_K:
         d = b[..., 0:2].contiguous().view(torch.float16).float()        # [n, s, 1]
         dmin = b[..., 2:4].contiguous().view(torch.float16).float()
-        sc = b[..., 4:16].reshape(n, s, 3, 4).to(torch.int32)
+        sc = b[..., 4:16].reshape(n, s, 3, 4)
         lo, mn, hi = sc[..., 0, :], sc[..., 1, :], sc[..., 2, :]
         scale = torch.cat([lo & 63, (hi & 15) | ((lo >> 2) & 48)], dim=-1)   # [n, s, 8]
         mins = torch.cat([mn & 63, (hi >> 4) | ((mn >> 2) & 48)], dim=-1)
         qs = b[..., 16:].reshape(n, s, 4, 1, 32)
         q = torch.cat([qs & 15, qs >> 4], dim=3).reshape(n, s, 8, 32)  # sub-block 2j + half
-        codes = q[..., :16] | (q[..., 16:] << 4)
-        out = torch.cat([_f32_bytes(d * scale.float()), _f32_bytes(-(dmin * mins.float())),
-                         codes], dim=-1)
+        codes = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, s, 128)
+        out = torch.cat([_f32_bytes(d).reshape(n, s, 4), _f32_bytes(-dmin).reshape(n, s, 4),
+                         scale, mins, codes], dim=-1)
     elif qtype == Q6_K:
         ql = b[..., :128].reshape(n, s, 2, 1, 64)
         ql = torch.cat([ql & 15, ql >> 4], dim=3).reshape(n, s, 256)
@@ -98,12 +100,14 @@ def dequantize_kept(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
         q = torch.cat([codes & 15, codes >> 4], dim=-1).to(torch.int32) | (fifth << 4)
         return (d * q.float() + m).reshape(n, k)
     if qtype == Q4_K:
-        b = blocks.reshape(n, k // 32, 24)
-        d = b[..., 0:4].contiguous().view(torch.float32)
-        m = b[..., 4:8].contiguous().view(torch.float32)
-        codes = b[..., 8:]
-        q = torch.cat([codes & 15, codes >> 4], dim=-1).float()
-        return (d * q + m).reshape(n, k)
+        b = blocks.reshape(n, k // QK_K, 152)
+        d = b[..., 0:4].contiguous().view(torch.float32)                 # [n, s, 1]
+        m = b[..., 4:8].contiguous().view(torch.float32)                 # -dmin
+        codes = b[..., 24:].reshape(n, k // QK_K, 8, 16)
+        q = torch.cat([codes & 15, codes >> 4], dim=-1).float()         # [n, s, 8, 32]
+        scale = (d * b[..., 8:16].float()).unsqueeze(-1)
+        low = (m * b[..., 16:24].float()).unsqueeze(-1)
+        return (scale * q + low).reshape(n, k)
     b = blocks.reshape(n, k // 16, 20)
     s = b[..., 0:4].contiguous().view(torch.float32)
     return (s * b[..., 4:].contiguous().view(torch.int8).float()).reshape(n, k)
