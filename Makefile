@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp bench-peers bench-vllm bench-fleet ray deploy-tools services clean
+.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp bench-llamacpp-offline bench-peers bench-vllm bench-fleet ray deploy-tools services clean
 
 setup: $(STAMP)
 
@@ -47,16 +47,15 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/offline_vs_transformers.py
 
-# llama.cpp baseline for `deepserve bench compare` (compiles llama.cpp: minutes on 2 cores).
+# llama.cpp's C API through llama-cpp-python, for the offline comparison below (compiles
+# llama.cpp: minutes on 2 cores).
 bench-deps: setup
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
 		$(BIN)/pip install "llama-cpp-python[server]==0.3.36"
 
-bench-compare: bench-deps
-	$(BIN)/deepserve bench compare --concurrency 1 8 32 --num-requests 16 --out results
-
-# Prefill, single-stream decode and batched generation against llama.cpp, one run.
-bench-llamacpp: bench-deps
+# Offline: prefill, single-stream decode and batched generation against llama.cpp's own
+# engine (its C API, one sequence id per request, as llama-batched-bench), one run.
+bench-llamacpp-offline: bench-deps
 	$(BIN)/python benchmarks/vs_llamacpp.py --batch 32 64 --quantization none int8 int4 mixed
 
 # llama.cpp's own llama-server (parallel slots), built from the llama.cpp sources that
@@ -95,6 +94,21 @@ build/smollm2-hf/config.json: | setup
 bench-vllm: setup $(VLLM_VENV)/.installed build/smollm2-hf/config.json
 	$(BIN)/python benchmarks/serve_vs_peers.py --systems vllm \
 		--vllm-python $(VLLM_VENV)/bin/python --vllm-model build/smollm2-hf
+
+# `deepserve bench compare` against what users run: llama.cpp's own llama-server with one
+# parallel slot per concurrent request, and transformers; vLLM's CPU build joins once
+# `make bench-vllm` has made its venv. One table, one system at a time.
+VLLM_ARGS = $(if $(wildcard $(VLLM_VENV)/.installed build/smollm2-hf/config.json),--vllm-python \
+	$(VLLM_VENV)/bin/python --vllm-model build/smollm2-hf --systems deepserve llamacpp vllm \
+	transformers)
+bench-compare: setup $(LLAMA_SERVER)
+	$(BIN)/deepserve bench compare --llama-server $(LLAMA_SERVER) --concurrency 1 8 32 64 \
+		--num-requests 16 --out results $(VLLM_ARGS)
+
+# deepserve against llama-server -np 64 alone, through the same load generator.
+bench-llamacpp: setup $(LLAMA_SERVER)
+	$(BIN)/deepserve bench compare --systems deepserve llamacpp --llama-server $(LLAMA_SERVER) \
+		--concurrency 1 8 32 64 --num-requests 16 --out results
 
 # Ledger write rate (SQLite, PostgreSQL) and the gateway's added latency without and
 # with Redis limits (starts its own PostgreSQL and Redis on loopback).

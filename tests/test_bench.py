@@ -83,3 +83,37 @@ def test_offline_bench_reports_throughput_and_overhead(tmp_path):
     assert 0 <= result["overhead_share"] < 1
     assert abs(sum(result["step_time_shares"].values()) - 1) < 1e-6
     assert result["peak_rss_mib"] > 0
+
+
+def test_compare_runs_deepserve_and_finds_llama_servers_slots(tmp_path):
+    """bench compare end to end on deepserve (llama-server and vLLM CPU are not built in
+    CI: their commands are checked, and a missing one is a clear error before any run)."""
+    from pathlib import Path
+
+    from deepserve.bench.compare import llama_server_cmd, vllm_cmd
+
+    cmd = llama_server_cmd(Path("/opt/llama-server"), Path("m.gguf"), 2, 64, 9000)
+    assert cmd[cmd.index("-np") + 1] == "64" and cmd[cmd.index("-c") + 1] == str(64 * 1024)
+    assert cmd[cmd.index("--alias") + 1] == "bench" and cmd[cmd.index("-t") + 1] == "2"
+    cmd = vllm_cmd("/venv/bin/python", "hf-folder", 32, 9001)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--max-num-seqs") + 1] == "32"
+
+    missing = _bench("compare", "--systems", "deepserve", "llamacpp", "--llama-server",
+                     str(tmp_path / "nope"), "--out", str(tmp_path))
+    assert missing.returncode != 0 and "make bench-peers" in missing.stderr
+    assert not list(tmp_path.glob("compare-*.json"))  # nothing ran
+    no_vllm = _bench("compare", "--systems", "vllm", "--out", str(tmp_path))
+    assert no_vllm.returncode != 0 and "--vllm-python" in no_vllm.stderr
+
+    proc = _bench("compare", "--systems", "deepserve", "--concurrency", "1", "2",
+                  "--num-requests", "3", "--input-len", "16", "--output-len", "8",
+                  "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    (run_file,) = tmp_path.glob("compare-*.json")
+    runs = json.loads(run_file.read_text())
+    assert [r["meta"]["concurrency"] for r in runs] == [1, 2]
+    for run in runs:
+        jsonschema.validate(run, RUN_SCHEMA)
+        assert run["summary"]["completed"] == run["summary"]["requests"] >= 3
+        assert run["meta"]["label"].startswith("deepserve")

