@@ -172,5 +172,8 @@ def test_folders_it_cannot_reproduce_go_to_transformers(pair, tmp_path, monkeypa
         config | {"tokenizer_class": "LlamaTokenizerFast"}))
     assert FastTokenizer.open(tmp_path) is None
     assert not isinstance(load_tokenizer(tmp_path, "hf"), FastTokenizer)
+    for key in ("add_bos_token", "add_eos_token", "add_prefix_space"):  # transformers acts
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {key: True}))
+        assert FastTokenizer.open(tmp_path) is None, key
     monkeypatch.setenv("DEEPSERVE_TOKENIZER", "transformers")
     assert not isinstance(load_tokenizer(fast.folder, "hf"), FastTokenizer)

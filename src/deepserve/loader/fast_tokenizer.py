@@ -167,7 +167,10 @@ class FastTokenizer:
         if template is None and jinja.is_file():
             template = jinja.read_text()
         extra = [config.get("extra_special_tokens"), config.get("additional_special_tokens")]
-        if (config.get("tokenizer_class") not in GENERIC_CLASSES or any(extra)
+        # transformers rebuilds the post-processor (BOS / EOS) or the pre-tokenizer from these
+        rebuilt = [k for k in ("add_bos_token", "add_eos_token", "add_prefix_space")
+                   if k in config]
+        if (config.get("tokenizer_class") not in GENERIC_CLASSES or any(extra) or rebuilt
                 or (folder / "chat_template.json").exists()
                 or not (template is None or isinstance(template, str))):
             return None
@@ -181,6 +184,8 @@ class FastTokenizer:
         cleanup = config.get("clean_up_tokenization_spaces", False)
         if cleanup and type(backend.model).__name__ != "BPE":
             return None  # transformers post-edits such tokenizers' text in Python
+        if backend.post_processor is None:
+            return None  # transformers adds one
         return cls(folder, backend, config, template, hf)
 
     # -- transformers, for what is not here --------------------------------------------
