@@ -35,6 +35,7 @@ REWRITTEN = (Q5_0, Q5_1, Q4_K, Q6_K)
 QK_K = 256
 FILE_BLOCK = {Q5_0: 32, Q5_1: 32, Q4_K: QK_K, Q6_K: QK_K}     # weights per file block
 FILE_BYTES = {Q5_0: 22, Q5_1: 24, Q4_K: 144, Q6_K: 210}      # bytes per file block
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
 KEPT_BYTES = {Q5_0: 24, Q5_1: 24, Q4_K: 19, Q6_K: 40}        # per 32 weights as kept
 
 
@@ -54,11 +55,11 @@ def keep(raw: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
         if not torch.isfinite(m).all():  # -16 d is exact in fp16 up to |d| = 4094
             raise ValueError("a Q5_0 block's scale is too large to keep (|d| > 4094)")
         at = 4 if qtype == Q5_1 else 2
-        qh = b[..., at:at + 4].contiguous().view(torch.int32)             # bit i: weight i
-        bits = (qh >> torch.arange(32, dtype=torch.int32)) & 1            # [n, s, 32]
+        # bit i of the file's 4 bytes is weight i's (byte i // 8, bit i % 8)
+        bits = (b[..., at:at + 4].unsqueeze(-1) >> _SHIFTS) & 1             # [n, s, 4, 8]
         # weight 16h + 4t + j -> bit 2t + h of byte j
         spread = bits.reshape(n, s, 2, 4, 4).permute(0, 1, 4, 3, 2).reshape(n, s, 4, 8)
-        fifth = (spread << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+        fifth = (spread << _SHIFTS).sum(-1, dtype=torch.uint8)
         out = torch.cat([d.view(torch.uint8), m.view(torch.uint8), b[..., at + 4:at + 20],
                          fifth], dim=-1)
     elif qtype == Q4_K:
@@ -95,9 +96,9 @@ def dequantize_kept(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
         d = b[..., 0:2].contiguous().view(torch.float16).float()
         m = b[..., 2:4].contiguous().view(torch.float16).float()
         codes = b[..., 4:20]
-        bits = (b[..., 20:24].to(torch.int32).unsqueeze(-1) >> torch.arange(8)) & 1
+        bits = (b[..., 20:24].unsqueeze(-1) >> _SHIFTS) & 1                  # [n, s, j, 2t+h]
         fifth = bits.reshape(n, k // 32, 4, 4, 2).permute(0, 1, 4, 3, 2).reshape(n, -1, 32)
-        q = torch.cat([codes & 15, codes >> 4], dim=-1).to(torch.int32) | (fifth << 4)
+        q = torch.cat([codes & 15, codes >> 4], dim=-1) | (fifth << 4)
         return (d * q.float() + m).reshape(n, k)
     if qtype == Q4_K:
         b = blocks.reshape(n, k // QK_K, 152)
