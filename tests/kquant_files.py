@@ -88,3 +88,51 @@ def write_copy(src: str, dst: str, types: dict[str, int]) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_tiny_tied_q6_k(src: str, dst: str, seed: int = 0) -> None:
+    """A small random Llama GGUF whose rows are whole K-quant super-blocks (hidden 256, 2
+    layers, 4 heads / 2 KV heads) with the default model's tokenizer and a tied token
+    table in Q6_K, as llama.cpp's quantizer writes tied models' tables in K-quant files.
+    Every other tensor is F32."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    hidden, inter, layers, heads, kv_heads = 256, 512, 2, 4, 2
+    sizes = {"llama.embedding_length": hidden, "llama.feed_forward_length": inter,
+             "llama.block_count": layers, "llama.attention.head_count": heads,
+             "llama.attention.head_count_kv": kv_heads,
+             "llama.rope.dimension_count": hidden // heads}
+    writer = gguf.GGUFWriter(dst, "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        value = sizes.get(field.name, field.contents())
+        writer.add_key_value(field.name, value, vtype, sub_type=sub)
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())
+    head_dim = hidden // heads
+
+    def rand(*shape: int, scale: float = 0.08) -> np.ndarray:
+        return (torch.randn(*shape, generator=g) * scale).numpy()
+
+    table = quantize_q6_k(torch.from_numpy(rand(vocab, hidden, scale=0.5)))
+    writer.add_tensor("token_embd.weight", table.numpy(), raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    writer.add_tensor("output_norm.weight", 1 + rand(hidden, scale=0.1))
+    for i in range(layers):
+        p = f"blk.{i}."
+        writer.add_tensor(p + "attn_norm.weight", 1 + rand(hidden, scale=0.1))
+        writer.add_tensor(p + "ffn_norm.weight", 1 + rand(hidden, scale=0.1))
+        writer.add_tensor(p + "attn_q.weight", rand(heads * head_dim, hidden))
+        writer.add_tensor(p + "attn_k.weight", rand(kv_heads * head_dim, hidden))
+        writer.add_tensor(p + "attn_v.weight", rand(kv_heads * head_dim, hidden))
+        writer.add_tensor(p + "attn_output.weight", rand(hidden, heads * head_dim))
+        writer.add_tensor(p + "ffn_gate.weight", rand(inter, hidden))
+        writer.add_tensor(p + "ffn_up.weight", rand(inter, hidden))
+        writer.add_tensor(p + "ffn_down.weight", rand(hidden, inter))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

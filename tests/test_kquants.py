@@ -7,10 +7,11 @@ original."""
 from __future__ import annotations
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as GT
-from kquant_files import quantize_q4_k, quantize_q6_k, write_copy
+from kquant_files import quantize_q4_k, quantize_q6_k, write_copy, write_tiny_tied_q6_k
 
 from deepserve import LLM, SamplingParams, kernels
 from deepserve.layers import gguf_linear as gl
@@ -140,3 +141,33 @@ def test_parts_of_different_types_side_by_side_with_the_fused_bias():
         got = parts(x)
         assert got.shape == (2, 3, 24)
         assert ((got.double() - ref).abs().max() / ref.abs().max()) < 0.02
+
+
+def test_a_tied_q6_k_table_stays_in_blocks_for_embedding_and_head(tmp_path):
+    """K-quant files of tied models (Qwen2.5, Llama 3.2) store the token table in Q6_K:
+    the embedding looks rows up in the kept blocks and the head shares them, instead of a
+    dense float copy of the table; greedy tokens equal transformers' float32 reading of
+    the same file."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "tiny-tied-q6k.gguf"
+    write_tiny_tied_q6_k(str(default_model_path()), str(path))
+    llm = LLM(model=str(path), dtype="float32", show_progress=False, kv_cache_memory="16MiB")
+    model = llm.engine.model
+    embed, head = model.embed_tokens, model.lm_head
+    assert isinstance(embed, gl.GGUFEmbedding) and embed.qtype == kquants.Q6_K
+    assert isinstance(head, gl.GGUFLinear) and head.blocks.data_ptr() == embed.blocks.data_ptr()
+    raw = torch.from_numpy(np.array(gguf.GGUFReader(str(path)).get_tensor(0).data))
+    ids = torch.tensor([[0, 5, 49151], [7, 7, 1234]])
+    ref = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), GT.Q6_K))
+    assert torch.equal(embed(ids), ref[ids])
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
+                                              dtype=torch.float32).eval()
+    prompt = [1, 504, 3458, 314, 4771, 28, 253, 5248]
+    with torch.inference_mode():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8,
+                                                ignore_eos=True))[0].outputs[0].token_ids
+    assert got == want

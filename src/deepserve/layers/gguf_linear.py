@@ -223,7 +223,8 @@ class GGUFParts(nn.Module):
 
 
 class GGUFEmbedding(KernelLayer, nn.Module):
-    """Token embeddings looked up in a GGUF block table (rows dequantized on demand)."""
+    """Token embeddings looked up in a GGUF block table (rows dequantized on demand: by
+    the kernel for Q4_0 / Q4_1 / Q8_0, in torch for kept Q6_K)."""
 
     def __init__(self, blocks: torch.Tensor, qtype: int, dim: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -233,7 +234,7 @@ class GGUFEmbedding(KernelLayer, nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        if self.use_kernel:
+        if self.use_kernel and self.qtype in (Q4_0, Q4_1, Q8_0):
             rows = kernels.gguf_rows(self.blocks, flat, self.qtype, self.dim)
         else:
             rows = dequantize(self.blocks[flat], self.qtype, self.dim)

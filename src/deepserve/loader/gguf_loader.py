@@ -116,7 +116,8 @@ class GGUFCheckpoint:
         parts is one of Q4_0, Q4_1, Q8_0, Q6_K, or Q5_0 / Q5_1 / Q4_K with rows a multiple
         of 8; the type is
         None when a fused projection's parts differ (as Q4_K_M files mix Q4_K and Q6_K
-        in q / k / v). The embedding table qualifies in one of the first three."""
+        in q / k / v). The embedding table qualifies in Q4_0, Q4_1, Q8_0 or Q6_K (the
+        type of a tied table in K-quant files; the head then shares its blocks)."""
         groups = {"embed_tokens": ["token_embd.weight"],
                   "lm_head": ["output.weight" if "output.weight" in self._tensors
                               else "token_embd.weight"]}
@@ -133,7 +134,8 @@ class GGUFCheckpoint:
                 continue
             types = [self.tensor_type(n) for n in names]
             if module == "embed_tokens":
-                if types[0] in BLOCK_TYPES:
+                # Q6_K too: K-quant files of tied models keep their table (and head) in it
+                if types[0] in BLOCK_TYPES or types[0] == 14:
                     plan[module] = (types[0], names)
             elif all(t in BLOCK_TYPES or (t in K_TYPES and not (t in _EIGHTS and self.rows(n) % 8))
                      for t, n in zip(types, names, strict=True)):
