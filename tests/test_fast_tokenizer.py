@@ -135,6 +135,13 @@ def test_template_errors_and_transformers_only_options(pair):
         hf.apply_chat_template(messages, continue_final_message=True, tokenize=False)
     assert fast.apply_chat_template(messages, add_generation_prompt=True) == \
         hf.apply_chat_template(messages, add_generation_prompt=True)
+    saved = fast.chat_template
+    try:  # a template set after load reaches transformers too
+        fast.chat_template = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+        assert fast.apply_chat_template(messages, continue_final_message=True,
+                                        tokenize=False) == "[hi][Par"
+    finally:
+        fast.chat_template = saved
 
 
 def test_llguidance_tokenizer_from_the_fast_one(pair):

@@ -253,6 +253,7 @@ class FastTokenizer:
                 or any(kwargs.get(k) for k in HF_ONLY)
                 or any(not isinstance(t, dict) for t in tools or [])
                 or (conversation and isinstance(conversation[0], (list, tuple)))):
+            kwargs.setdefault("chat_template", template)  # this one's, if it was set later
             return self.hf.apply_chat_template(conversation, tools=tools, documents=documents,
                                                add_generation_prompt=add_generation_prompt,
                                                tokenize=tokenize, **kwargs)
