@@ -63,7 +63,7 @@ def _decode_case(kind, dtype, head_dim, seed=0, heads=6):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["auto", "int8", "fp8"])
+@pytest.mark.parametrize("kind", ["auto", "fp16", "int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 24])  # 24: AVX-512 takes the portable loop
 @pytest.mark.parametrize("heads", [6, 14])  # 3 and 7 query heads per KV head
@@ -157,6 +157,12 @@ def test_fused_layer_ops_match_the_torch_layer_code(dtype, each_isa):
     assert close(q, q_ref) and close(k, k_ref)
     assert torch.equal(cache.k[:, slots].transpose(0, 1), k)
     assert torch.equal(cache.v[:, slots].transpose(0, 1), v_ref.view(t, kv_heads, d))
+    # a float16 cache (--kv-cache-dtype fp16): the same q and k, K/V rounded as written
+    half = LayerKV(kv_heads, 64, d, dtype, "fp16", torch.device("cpu"))
+    q16, k16 = kernels.rope_write_kv(qkv, cos, sin, half.k, half.v, slots, heads, kv_heads)
+    assert torch.equal(q16, q) and torch.equal(k16, k)
+    assert torch.equal(half.k[:, slots].transpose(0, 1), k.half())
+    assert torch.equal(half.v[:, slots].transpose(0, 1), v_ref.view(t, kv_heads, d).half())
     # SwiGLU (an odd width exercises the scalar tail)
     gu = torch.randn(t, 2 * inter).to(dtype) * 4
     gate, up = gu.split(inter, dim=-1)

@@ -12,7 +12,7 @@ from deepserve import LLM, DeepserveError, SamplingParams
 from deepserve.layers.kv_cache import LayerKV
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("kind", ["fp16", "int8", "fp8"])
 def test_quantized_kv_round_trip(kind):
     torch.manual_seed(0)
     cache = LayerKV(3, 64, 16, torch.bfloat16, kind, torch.device("cpu"))
@@ -21,11 +21,13 @@ def test_quantized_kv_round_trip(kind):
     slots = torch.tensor([0, 1, 2, 17, 40])
     cache.write(k, v, slots)
     gk, gv = cache.gather_slots(slots)
-    rel = 0.02 if kind == "int8" else 0.08
+    rel = {"fp16": 0.0, "int8": 0.02, "fp8": 0.08}[kind]  # fp16 holds every bf16 here
     assert torch.allclose(gk.transpose(0, 1).float(), k.float(), atol=rel * 4)
     assert torch.allclose(gv.transpose(0, 1).float(), v.float(), atol=rel * 4)
-    assert LayerKV.bytes_per_token_per_layer(3, 16, torch.bfloat16, kind) < \
-        LayerKV.bytes_per_token_per_layer(3, 16, torch.bfloat16, "auto")
+    # fp16 halves a float32 cache (the AVX2 default); int8 and fp8 beat a bf16 one too
+    base = torch.float32 if kind == "fp16" else torch.bfloat16
+    assert LayerKV.bytes_per_token_per_layer(3, 16, base, kind) < \
+        LayerKV.bytes_per_token_per_layer(3, 16, base, "auto")
 
 
 # Mean KL (nats) of next-token distributions against float32 over the test prompts,
@@ -37,7 +39,7 @@ def test_quantized_kv_round_trip(kind):
 # rounding noise from another CPU's kernels passes.
 KL_BOUNDS = {("none", "auto"): 0.0035, ("auto", "auto"): 0.004, ("int8", "auto"): 0.012,
              ("int4", "auto"): 0.006, ("mixed", "auto"): 0.008, ("none", "int8"): 0.004,
-             ("none", "fp8"): 0.016}
+             ("none", "fp8"): 0.016, ("none", "fp16"): 0.0035}
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +72,21 @@ def test_bad_format_names_are_errors():
         LLM(quantization="int3", show_progress=False)
     with pytest.raises(DeepserveError, match="kv_cache_dtype='int2'"):
         LLM(kv_cache_dtype="int2", show_progress=False)
+
+
+def test_float32_compute_with_a_float16_cache_stays_near_float32(reference):
+    """--kv-cache-dtype fp16 with float32 compute (what an AVX2 CPU runs by default): the
+    fused write rounds K/V to float16 and decode attention reads them in place."""
+    llm = LLM(dtype="float32", quantization="none", kv_cache_dtype="fp16", show_progress=False,
+              kv_cache_memory="64MiB")
+    assert llm.engine.runner.kv_caches[0].k.dtype == torch.float16
+    contexts, ref_logp = reference
+    kls = []
+    for c, lp_ref in zip(contexts, ref_logp, strict=True):
+        lp = torch.log_softmax(llm.engine.prompt_logits(c, 16).float(), -1)
+        kls.append((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean().item())
+    kl = sum(kls) / len(kls)
+    print(f"float32 / fp16 KV: mean KL {kl:.7f}")
+    # measured: below 1e-6 (float16 keeps 11 bits of K/V); a wrong conversion or a
+    # kernel reading the cache as float32 gives 0.1 and up
+    assert kl < 5e-4, kl

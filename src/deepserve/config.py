@@ -10,7 +10,7 @@ from typing import Any
 # layers/kv_cache.py); named here so the configuration is checked without torch.
 # auto: a GGUF's own Q4_0/Q4_1/Q8_0 blocks as stored, else none; mixed: MLP int4, attention int8
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "mixed")
-KV_DTYPES = ("auto", "int8", "fp8")
+KV_DTYPES = ("auto", "fp16", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None
     quantization: str = "auto"  # auto | none | int8 | int4 | mixed (FFN int4, attention int8)
-    kv_cache_dtype: str = "auto"  # auto (= compute dtype) | int8 | fp8
+    kv_cache_dtype: str = "auto"  # auto (= compute dtype) | fp16 | int8 | fp8
     cpu_kernels: bool = True  # deepserve's C++ kernels on CPU (built on first use)
     slo_ttft_ms: float | None = None  # targets: the scheduler adapts each step's budget
     slo_tpot_ms: float | None = None  # and batch size to them (engine/slo.py)

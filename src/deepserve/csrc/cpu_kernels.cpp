@@ -722,8 +722,16 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
 #if DS_AVX512
   const bool vec = kVectorCache<C> && D % 16 == 0;
 #elif DS_AVX2
-  // AVX2: a float32 cache (what --dtype auto picks there) read in place, 8 lanes
-  const bool vec8 = std::is_same_v<C, float> && D % 8 == 0;
+  // AVX2: a float32 cache (what --dtype auto picks there) or a float16 one (--kv-cache-dtype
+  // fp16, converted by F16C as it is read) in place, 8 lanes
+  constexpr bool kLanes8 = std::is_same_v<C, float> || std::is_same_v<C, at::Half>;
+  const bool vec8 = kLanes8 && D % 8 == 0;
+  auto load8 = [](const C* p) {
+    if constexpr (std::is_same_v<C, at::Half>)
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    else
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  };
 #endif
   at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qf(G * D), acc(G * D), row(D), scores, denom(G);
@@ -759,17 +767,17 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
       if (vec8) {
         for (int64_t t = 0; t < ctx; ++t) {
           const int64_t idx = index(t);
-          const float* krow = reinterpret_cast<const float*>(kp) + idx * D;
+          const C* krow = kp + idx * D;
           const float ks = k_scale(idx);
           for (int64_t g = 0; g < G; ++g) {
             const float* qg = qf.data() + g * D;
             __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();  // two FMA chains
             int64_t d = 0;
             for (; d + 16 <= D; d += 16) {
-              a = _mm256_fmadd_ps(_mm256_loadu_ps(krow + d), _mm256_loadu_ps(qg + d), a);
-              b = _mm256_fmadd_ps(_mm256_loadu_ps(krow + d + 8), _mm256_loadu_ps(qg + d + 8), b);
+              a = _mm256_fmadd_ps(load8(krow + d), _mm256_loadu_ps(qg + d), a);
+              b = _mm256_fmadd_ps(load8(krow + d + 8), _mm256_loadu_ps(qg + d + 8), b);
             }
-            if (d < D) a = _mm256_fmadd_ps(_mm256_loadu_ps(krow + d), _mm256_loadu_ps(qg + d), a);
+            if (d < D) a = _mm256_fmadd_ps(load8(krow + d), _mm256_loadu_ps(qg + d), a);
             scores[g * ctx + t] = hsum8f(_mm256_add_ps(a, b)) * ks;
           }
         }
@@ -828,7 +836,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
           const float vs = v_scale(rows_at[t]);
           for (int64_t g = 0; g < G; ++g) scores[g * ctx + t] *= vs;
         }
-        const float* vbase = reinterpret_cast<const float*>(vp);
+        const C* vbase = vp;
         // GN query heads at once (a compile-time count, so the accumulators stay in
         // registers), two sets of them (even and odd tokens): 2 x GN FMA chains in flight
         auto heads_pv = [&](auto gn, int64_t g0) {
@@ -839,7 +847,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
             for (auto& set : a)
               for (auto& r : set) r = _mm256_setzero_ps();
             auto step = [&](int k, int64_t t) {
-              const __m256 v = _mm256_loadu_ps(vbase + rows_at[t] * D + d);
+              const __m256 v = load8(vbase + rows_at[t] * D + d);
               for (int i = 0; i < GN; ++i)
                 a[k][i] = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + i * ctx + t), v, a[k][i]);
             };
@@ -1090,9 +1098,20 @@ std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Te
 
 // Rotary embedding (half-rotation layout) on the q and k parts of a fused qkv row, with
 // k and v written to the layer's KV cache at their slots. Returns rotated q and k.
-template <typename T>
+// The cache row: the compute dtype's bytes, or (a float16 cache, --kv-cache-dtype fp16)
+// each value rounded to float16.
+template <typename T, typename C>
+inline void store_cache_row(C* dst, const T* src, int64_t dim) {
+  if constexpr (std::is_same_v<T, C>) {
+    std::memcpy(dst, src, dim * sizeof(T));
+  } else {
+    for (int64_t i = 0; i < dim; ++i) dst[i] = static_cast<C>(static_cast<float>(src[i]));
+  }
+}
+
+template <typename T, typename C>
 void rope_write_impl(const T* qkv, const T* cos, const T* sin, const int64_t* slots,
-                     T* kc, T* vc, T* q_out, T* k_out, int64_t rows, int64_t heads,
+                     C* kc, C* vc, T* q_out, T* k_out, int64_t rows, int64_t heads,
                      int64_t kv_heads, int64_t dim, int64_t num_slots) {
   const int64_t width = (heads + 2 * kv_heads) * dim, half = dim / 2;
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
@@ -1114,9 +1133,9 @@ void rope_write_impl(const T* qkv, const T* cos, const T* sin, const int64_t* sl
       for (int64_t h = 0; h < kv_heads; ++h) {
         T* kd = k_out + (r * kv_heads + h) * dim;
         rotate(row + (heads + h) * dim, kd);
-        std::memcpy(kc + (h * num_slots + slot) * dim, kd, dim * sizeof(T));
-        std::memcpy(vc + (h * num_slots + slot) * dim, row + (heads + kv_heads + h) * dim,
-                    dim * sizeof(T));
+        store_cache_row(kc + (h * num_slots + slot) * dim, kd, dim);
+        store_cache_row(vc + (h * num_slots + slot) * dim, row + (heads + kv_heads + h) * dim,
+                        dim);
       }
     }
   });
@@ -1131,25 +1150,31 @@ std::vector<at::Tensor> rope_write_kv(const at::Tensor& qkv, const at::Tensor& c
                 dim = k_cache.size(2);
   TORCH_CHECK(kvh == kv_heads && qkv.size(1) == (heads + 2 * kv_heads) * dim,
               "rope_write_kv: qkv width does not match heads and the cache");
-  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() && k_cache.is_contiguous() &&
+  const bool half_cache = k_cache.scalar_type() == at::kHalf && qkv.scalar_type() != at::kHalf;
+  TORCH_CHECK((k_cache.scalar_type() == qkv.scalar_type() || half_cache) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous(),
-              "rope_write_kv: caches must be contiguous and in the compute dtype");
+              "rope_write_kv: caches must be contiguous, in the compute dtype or float16");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == rows,
               "rope_write_kv: one int64 slot per row");
   at::Tensor c = cos.reshape({rows, dim}).contiguous(), s = sin.reshape({rows, dim}).contiguous();
   at::Tensor sl = slots.contiguous();
   at::Tensor q = at::empty({rows, heads, dim}, qkv.options());
   at::Tensor k = at::empty({rows, kv_heads, dim}, qkv.options());
+  auto run = [&](auto t_tag, auto c_tag) {
+    using T = decltype(t_tag);
+    using C = decltype(c_tag);
+    rope_write_impl<T, C>(qkv.data_ptr<T>(), c.data_ptr<T>(), s.data_ptr<T>(),
+                          sl.data_ptr<int64_t>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
+                          q.data_ptr<T>(), k.data_ptr<T>(), rows, heads, kv_heads, dim,
+                          num_slots);
+  };
   if (qkv.scalar_type() == at::kBFloat16) {
-    using T = at::BFloat16;
-    rope_write_impl<T>(qkv.data_ptr<T>(), c.data_ptr<T>(), s.data_ptr<T>(),
-                       sl.data_ptr<int64_t>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
-                       q.data_ptr<T>(), k.data_ptr<T>(), rows, heads, kv_heads, dim, num_slots);
+    if (half_cache) run(at::BFloat16{}, at::Half{});
+    else run(at::BFloat16{}, at::BFloat16{});
   } else if (qkv.scalar_type() == at::kFloat) {
-    rope_write_impl<float>(qkv.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(),
-                           sl.data_ptr<int64_t>(), k_cache.data_ptr<float>(),
-                           v_cache.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(),
-                           rows, heads, kv_heads, dim, num_slots);
+    if (half_cache) run(float{}, at::Half{});
+    else run(float{}, float{});
   } else {
     TORCH_CHECK(false, "rope_write_kv: dtype ", qkv.scalar_type(), " is not supported");
   }

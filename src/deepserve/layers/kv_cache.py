@@ -40,7 +40,8 @@ class LayerKV:
         self.dtype = dtype
         # Zeroed, not empty: masked-out keys still pass through softmax(..) @ V, and
         # uninitialised memory could hold NaN, which survives multiplication by zero.
-        store = {"auto": dtype, "int8": torch.int8, "fp8": torch.uint8}[kind]
+        store = {"auto": dtype, "fp16": torch.float16, "int8": torch.int8,
+                 "fp8": torch.uint8}[kind]
         self.k = zeros((kv_heads, slots, head_dim), store, device)
         self.v = zeros((kv_heads, slots, head_dim), store, device)
         if kind == "int8":
@@ -54,6 +55,8 @@ class LayerKV:
             return 2 * kv_heads * head_dim * dtype.itemsize
         if kind == "fp8":
             return 2 * kv_heads * head_dim
+        if kind == "fp16":
+            return 2 * kv_heads * head_dim * 2
         return 2 * kv_heads * (head_dim + dtype.itemsize)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -61,6 +64,8 @@ class LayerKV:
             return x, None
         if self.kind == "fp8":
             return x.to(torch.float8_e4m3fn).view(torch.uint8), None
+        if self.kind == "fp16":
+            return x.to(torch.float16), None
         scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127.0).clamp(min=1e-8)
         q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
         return q, scale.to(self.dtype)
@@ -70,6 +75,8 @@ class LayerKV:
             return q
         if self.kind == "fp8":
             return q.view(torch.float8_e4m3fn).to(self.dtype)
+        if self.kind == "fp16":
+            return q.to(self.dtype)
         return q.to(self.dtype) * scale
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

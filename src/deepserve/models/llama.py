@@ -82,7 +82,7 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         h = kernels.rms_norm(x, None, self.input_layernorm.weight, self.input_layernorm.eps)[0]
         qkv = self.qkv_proj(h)
-        if cache.kind == "auto":
+        if cache.kind in ("auto", "fp16"):  # fp16: the kernel rounds K/V as it writes
             q, k = kernels.rope_write_kv(qkv, cos, sin, cache.k, cache.v, meta.slot_mapping,
                                          self.num_heads, self.num_kv_heads)
             v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
