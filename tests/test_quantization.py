@@ -50,6 +50,16 @@ def reference(llm_fp32):
     return ctx, [torch.log_softmax(llm_fp32.engine.prompt_logits(c, 16), -1) for c in ctx]
 
 
+def mean_kl(llm: LLM, reference) -> float:
+    """Mean KL (nats) of ``llm``'s next-token distributions against the float32 ones."""
+    contexts, ref_logp = reference
+    kls = []
+    for c, lp_ref in zip(contexts, ref_logp, strict=True):
+        lp = torch.log_softmax(llm.engine.prompt_logits(c, 16).float(), -1)
+        kls.append((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean().item())
+    return sum(kls) / len(kls)
+
+
 @pytest.mark.parametrize("quant, kv", list(KL_BOUNDS))
 def test_format_loads_generates_and_stays_within_kl_bound(quant, kv, reference):
     llm = LLM(dtype="bfloat16", quantization=quant, kv_cache_dtype=kv, show_progress=False,
@@ -57,12 +67,7 @@ def test_format_loads_generates_and_stays_within_kl_bound(quant, kv, reference):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=12))[0]
     assert out.token_ids and out.finish_reason in ("stop", "length")
-    contexts, ref_logp = reference
-    kls = []
-    for c, lp_ref in zip(contexts, ref_logp, strict=True):
-        lp = torch.log_softmax(llm.engine.prompt_logits(c, 16).float(), -1)
-        kls.append((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean().item())
-    kl = sum(kls) / len(kls)
+    kl = mean_kl(llm, reference)
     print(f"{quant}/{kv}: mean KL {kl:.5f}")
     assert kl < KL_BOUNDS[(quant, kv)], f"{quant}/{kv}: mean KL {kl:.4f}"
 
@@ -80,12 +85,7 @@ def test_float32_compute_with_a_float16_cache_stays_near_float32(reference):
     llm = LLM(dtype="float32", quantization="none", kv_cache_dtype="fp16", show_progress=False,
               kv_cache_memory="64MiB")
     assert llm.engine.runner.kv_caches[0].k.dtype == torch.float16
-    contexts, ref_logp = reference
-    kls = []
-    for c, lp_ref in zip(contexts, ref_logp, strict=True):
-        lp = torch.log_softmax(llm.engine.prompt_logits(c, 16).float(), -1)
-        kls.append((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean().item())
-    kl = sum(kls) / len(kls)
+    kl = mean_kl(llm, reference)
     print(f"float32 / fp16 KV: mean KL {kl:.7f}")
     # measured: below 1e-6 (float16 keeps 11 bits of K/V); a wrong conversion or a
     # kernel reading the cache as float32 gives 0.1 and up
