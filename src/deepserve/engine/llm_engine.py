@@ -22,7 +22,7 @@ from deepserve.engine.sequence import CompletionOutput, RequestOutput, Sequence,
 from deepserve.engine.stats import EngineStats
 from deepserve.engine.structured import GrammarCompiler
 from deepserve.errors import DeepserveError
-from deepserve.layers.kv_cache import LayerKV
+from deepserve.layers.kv_cache import bytes_per_token as kv_bytes_per_token
 from deepserve.layers.quantized import weight_bytes
 from deepserve.loader.resolve import resolve_model
 from deepserve.loader.tokenizer import apply_chat_template, eos_token_ids
@@ -102,9 +102,7 @@ class LLMEngine:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        m = self.model_config
-        return m.num_layers * LayerKV.bytes_per_token_per_layer(
-            m.num_kv_heads, m.head_dim, self.dtype, self.config.kv_cache_dtype)
+        return kv_bytes_per_token(self.model_config, self.dtype, self.config.kv_cache_dtype)
 
     # -- requests -----------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int] | None = None,

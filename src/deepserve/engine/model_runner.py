@@ -12,7 +12,7 @@ from deepserve.engine.sampler import Sampler
 from deepserve.engine.sequence import Logprob, Sequence
 from deepserve.engine.utilization import Utilization
 from deepserve.layers.attention import AttentionMetadata, PrefillChunk
-from deepserve.layers.kv_cache import LayerKV
+from deepserve.layers.kv_cache import cache_for
 from deepserve.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -30,13 +30,14 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
         slots = num_blocks * block_size
-        self.kv_caches = [LayerKV(cfg.num_kv_heads, slots, cfg.head_dim, kv_dtype, kv_kind,
-                                  device) for _ in range(cfg.num_layers)]
+        self.kv_caches = [cache_for(cfg, slots, kv_dtype, kv_kind, device)
+                          for _ in range(cfg.num_layers)]
         self._offsets = torch.arange(block_size, device=device)
         self.use_kernels = use_kernels
         per_token = sum(t.element_size() * t.shape[0] * t.shape[2] for kv in self.kv_caches
-                        for t in (kv.k, kv.v, getattr(kv, "k_scale", None),
-                                  getattr(kv, "v_scale", None)) if t is not None)
+                        for t in {id(t): t for t in (kv.k, kv.v, getattr(kv, "k_scale", None),
+                                                     getattr(kv, "v_scale", None))
+                                  if t is not None}.values())
         self.utilization = Utilization(model, per_token)
         self.step_observers: list[Callable[..., None]] = []  # (items, started, ended)
         # Seconds spent per phase since start; the benchmark reports the shares.

@@ -110,3 +110,48 @@ class LayerKV:
             s = None if scales is None else scales.index_select(1, slots)
             out.append(self._decode(store.index_select(1, slots), s))
         return out[0], out[1]
+
+
+class LatentKV(LayerKV):
+    """An MLA layer's cache (``models/deepseek.py``): one latent vector a token, ``[1,
+    slots, kv_lora_rank + qk_rope_head_dim]``, that serves as both key and value (``v``
+    is the same tensor as ``k``), so a token costs one vector, not K and V per head."""
+
+    def __init__(self, slots: int, dim: int, dtype: torch.dtype, kind: str,
+                 device: torch.device) -> None:
+        self.kind = kind
+        self.dtype = dtype
+        store = {"auto": dtype, "fp16": torch.float16, "int8": torch.int8,
+                 "fp8": torch.uint8}[kind]
+        self.k = zeros((1, slots, dim), store, device)
+        self.v = self.k
+        if kind == "int8":
+            self.k_scale = zeros((1, slots, 1), dtype, device)
+            self.v_scale = self.k_scale
+
+    @staticmethod
+    def bytes_per_token_per_layer(kv_heads: int, head_dim: int, dtype: torch.dtype,
+                                  kind: str) -> int:
+        return LayerKV.bytes_per_token_per_layer(kv_heads, head_dim, dtype, kind) // 2
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """k (= v): [T, 1, dim] -> the cache at ``slots``."""
+        q, s = self._encode(k.transpose(0, 1))
+        self.k.index_copy_(1, slots, q)
+        if s is not None:
+            self.k_scale.index_copy_(1, slots, s)
+
+
+def cache_for(cfg, slots: int, dtype: torch.dtype, kind: str,
+              device: torch.device) -> LayerKV:
+    """One layer's cache for a model config: latent for MLA, else K and V per KV head."""
+    if cfg.is_mla:
+        return LatentKV(slots, cfg.cache_dim, dtype, kind, device)
+    return LayerKV(cfg.num_kv_heads, slots, cfg.head_dim, dtype, kind, device)
+
+
+def bytes_per_token(cfg, dtype: torch.dtype, kind: str) -> int:
+    """Cache bytes a token takes over all layers."""
+    cls = LatentKV if cfg.is_mla else LayerKV
+    return cfg.num_layers * cls.bytes_per_token_per_layer(cfg.cache_heads, cfg.cache_dim,
+                                                          dtype, kind)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -27,13 +28,32 @@ _FUSED = {
     "self_attn.v_proj": ("qkv_proj", 2),
     "mlp.gate_proj": ("gate_up_proj", 0),
     "mlp.up_proj": ("gate_up_proj", 1),
+    "mlp.shared_experts.gate_proj": ("moe.shared.gate_up_proj", 0),
+    "mlp.shared_experts.up_proj": ("moe.shared.gate_up_proj", 1),
 }
 _PLAIN = {
     "self_attn.o_proj.weight": "o_proj.weight",
     "mlp.down_proj.weight": "down_proj.weight",
     "input_layernorm.weight": "input_layernorm.weight",
     "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attn.q_norm.weight": "q_norm.weight",
+    "self_attn.k_norm.weight": "k_norm.weight",
+    "mlp.gate.weight": "moe.gate",
+    "mlp.gate.e_score_correction_bias": "moe.correction_bias",
+    "mlp.shared_experts.down_proj.weight": "moe.shared.down_proj.weight",
+    "mlp.experts.down_proj": "moe.experts.down",  # fused [E, H, I] (transformers 5)
+    # Multi-head Latent Attention (DeepSeek)
+    "self_attn.q_a_proj.weight": "q_a_proj.weight",
+    "self_attn.q_a_layernorm.weight": "q_a_layernorm.weight",
+    "self_attn.q_b_proj.weight": "q_b_proj.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "kv_a_proj_with_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "kv_a_layernorm.weight",
+    "self_attn.kv_b_proj.weight": "kv_b_proj",
 }
+_MLA_Q = {"self_attn.q_proj.weight": "q_proj.weight"}
+# rows reordered for the rotary layout (models/deepseek.rope_row_order)
+_ROPE_ROWS = {"q_proj.weight": "q", "q_b_proj.weight": "q", "kv_a_proj_with_mqa.weight": "kv_a"}
+_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
 def open_checkpoint(path: Path, kind: str) -> GGUFCheckpoint | HFCheckpoint:
@@ -45,47 +65,70 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                show_progress: bool = True, keep_blocks: bool = False) -> LlamaForCausalLM:
     """Create the module on ``device`` in ``dtype`` and copy every checkpoint tensor in.
 
-    ``keep_blocks``: a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K projections (and an
-    embedding table in one of the first three) keep the file's blocks (``GGUFLinear``;
-    K-quants rewritten exactly), and are never materialized in ``dtype``."""
+    ``keep_blocks``: a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K projections and experts
+    (and an embedding table in one of the first three) keep the file's blocks
+    (``GGUFLinear``, ``moe.Experts``; K-quants rewritten exactly), and are never
+    materialized in ``dtype``."""
+    from deepserve.layers.moe import Experts, SparseMoE
+    from deepserve.models.deepseek import rope_row_order
+
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions, dtype)
     plan = ckpt.block_plan(cfg) if keep_blocks and isinstance(ckpt, GGUFCheckpoint) else {}
+    in_features = {path: getattr(model.get_submodule(path), "in_features", None)
+                   for path in plan}
     for path in plan:  # placeholders: nothing is allocated for them
-        _set_module(model, path, nn.Identity())
+        module = model.get_submodule(path)
+        if isinstance(module, Experts):
+            module.drop_dense()
+        else:
+            _set_module(model, path, nn.Identity())
     # torch.empty per tensor, not Module.to_empty: empty_like on meta tensors imports
     # torch's symbolic-shape stack (sympy), 0.4 s of every start.
     model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model = model.to(dtype)
+    for module in model.modules():  # routers stay in float32, as the references keep them
+        if isinstance(module, SparseMoE):
+            module.gate.data = module.gate.data.float()
+            if module.correction_bias is not None:
+                module.correction_bias.data = module.correction_bias.data.float()
     # Buffers were created on meta; build the rotary tables for real.
     model.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                    cfg.rope_scaling, dtype).to(device)
     if cfg.tie_word_embeddings and "lm_head" not in plan:
         model.lm_head.weight = model.embed_tokens.weight
-    skip = _install_blocks(model, ckpt, cfg, plan, dtype) if plan else frozenset()
+    skip = _install_blocks(model, ckpt, cfg, plan, dtype, in_features) if plan else frozenset()
 
     params = dict(model.named_parameters(remove_duplicate=False))
-    filled: set[str] = set()
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
-        cfg.intermediate_size
-    fused_rows = {"qkv_proj": [0, q, q + kv, q + 2 * kv], "gate_up_proj": [0, inter, 2 * inter]}
+    # what has been filled: per parameter, its leading dims (rows; experts x rows)
+    filled = {name: torch.zeros(p.shape[:max(1, p.dim() - 1)], dtype=torch.bool)
+              for name, p in params.items() if not name.startswith("rotary")}
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     source = str(ckpt.path)
+    orders = {k: rope_row_order(cfg, k) for k in ("q", "kv_a")}
+    skipped: set[int] = set()
 
-    def copy(target: str, tensor: torch.Tensor, rows: tuple[int, int] | None, name: str) -> None:
+    def copy(target: str, tensor: torch.Tensor, index: tuple, name: str) -> None:
         if target not in params:
             raise ModelLoadError(f"{source}: tensor {name!r} maps to {target!r}, which this "
                                  f"{cfg.architecture} model does not have")
-        dest = params[target].data
-        if rows is not None:
-            dest = dest[rows[0]:rows[1]]
+        dest = params[target].data[index]
+        shape = tuple(tensor.shape)
+        if shape != tuple(dest.shape) and tensor.dim() == 3 and \
+                shape == (dest.shape[0], dest.shape[2], dest.shape[1]):
+            tensor = tensor.transpose(1, 2)  # fused experts stored [E, in, out]
         if tuple(dest.shape) != tuple(tensor.shape):
-            raise ModelLoadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(dest.shape)} for {cfg.architecture} with "
-                                 f"hidden={cfg.hidden_size}, heads={cfg.num_heads}, "
-                                 f"kv_heads={cfg.num_kv_heads}")
+            raise ModelLoadError(f"{source}: tensor {name!r} has shape {shape}, expected "
+                                 f"{tuple(dest.shape)} for {target} of {cfg.architecture} "
+                                 f"with hidden={cfg.hidden_size}, heads={cfg.num_heads}, "
+                                 f"kv_heads={cfg.num_kv_heads}, experts={cfg.num_experts}")
+        kind = _ROPE_ROWS.get(target.split(".", 2)[-1] if target.startswith("layers.")
+                              else target)
+        if kind and orders[kind] is not None:
+            tensor = tensor[orders[kind]]
         with torch.no_grad():
-            dest.copy_(tensor.to(dtype))
-        filled.add(target if rows is None else f"{target}[{rows[0]}:{rows[1]}]")
+            dest.copy_(tensor)
+        filled[target][index] = True
 
     tensors = ckpt.tensors(cfg, skip) if skip else ckpt.tensors(cfg)
     bar = tqdm(tensors, total=len(ckpt) - len(skip), desc="loading weights", unit="tensor",
@@ -97,25 +140,53 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
             continue
         if name.startswith("model.layers."):
             _, _, idx, rest = name.split(".", 3)
+            if int(idx) >= cfg.num_layers:  # multi-token-prediction layers
+                skipped.add(int(idx))
+                continue
             prefix = f"layers.{idx}."
             base, _, kind = rest.rpartition(".")
-            if base in _FUSED:
+            expert = _EXPERT.fullmatch(rest)
+            if cfg.is_mla and rest in _MLA_Q:
+                copy(prefix + _MLA_Q[rest], tensor, (), name)
+            elif base in _FUSED:
                 fused, part = _FUSED[base]
-                bounds = fused_rows[fused]
-                target = f"{prefix}{fused}.{kind}"
-                copy(target, tensor, (bounds[part], bounds[part + 1]), name)
+                if fused == "qkv_proj":
+                    bounds = [0, q, q + kv, q + 2 * kv]
+                else:
+                    half = params.get(f"{prefix}{fused}.{kind}", tensor).shape[0] // 2
+                    bounds = [0, half, 2 * half]
+                copy(f"{prefix}{fused}.{kind}", tensor,
+                     (slice(bounds[part], bounds[part + 1]),), name)
+            elif expert:
+                e, which = int(expert.group(1)), expert.group(2)
+                inter = cfg.moe_intermediate_size
+                if which == "down":
+                    copy(prefix + "moe.experts.down", tensor, (e,), name)
+                else:
+                    rows = slice(0, inter) if which == "gate" else slice(inter, 2 * inter)
+                    copy(prefix + "moe.experts.gate_up", tensor, (e, rows), name)
+            elif rest in ("mlp.experts.gate_up_proj", "mlp.experts.gate_proj",
+                          "mlp.experts.up_proj"):
+                inter = cfg.moe_intermediate_size
+                rows = {"mlp.experts.gate_up_proj": slice(0, 2 * inter),
+                        "mlp.experts.gate_proj": slice(0, inter),
+                        "mlp.experts.up_proj": slice(inter, 2 * inter)}[rest]
+                copy(prefix + "moe.experts.gate_up", tensor, (slice(None), rows), name)
             elif rest in _PLAIN:
-                copy(prefix + _PLAIN[rest], tensor, None, name)
+                copy(prefix + _PLAIN[rest], tensor, (), name)
             else:
                 raise ModelLoadError(f"{source}: tensor {name!r} is not part of a "
                                      f"{cfg.architecture} decoder layer")
         elif name.startswith("model."):
-            copy(name[len("model."):], tensor, None, name)
+            copy(name[len("model."):], tensor, (), name)
         else:
-            copy(name, tensor, None, name)
+            copy(name, tensor, (), name)
 
-    expected = _expected_fills(model, cfg, fused_rows)
-    missing = sorted(expected - filled)
+    if skipped:
+        logger.info("%s: skipped %d multi-token-prediction layer(s) (%s): deepserve "
+                    "decodes one token a step", source, len(skipped),
+                    ", ".join(f"model.layers.{i}" for i in sorted(skipped)))
+    missing = sorted(n for n, m in filled.items() if not bool(m.all()))
     if missing:
         raise ModelLoadError(f"{source}: checkpoint lacks {len(missing)} tensor(s) the "
                              f"{cfg.architecture} model needs, e.g. {missing[:3]}")
@@ -129,8 +200,8 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelConfig,
-                    plan: dict[str, tuple[int | None, list[str]]], dtype: torch.dtype
-                    ) -> frozenset[str]:
+                    plan: dict[str, tuple[int | None, list[str]]], dtype: torch.dtype,
+                    in_features: dict[str, int | None]) -> frozenset[str]:
     """Put GGUF-block layers where ``plan`` says; returns the GGUF tensors they took."""
     shared: dict[str, torch.Tensor] = {}
 
@@ -139,11 +210,22 @@ def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelCon
         return kquants.keep(raw, qtype, k) if qtype in K_TYPES else raw
 
     for path, (qtype, names) in plan.items():
-        k = cfg.hidden_size
-        if path.endswith("o_proj"):
-            k = cfg.num_heads * cfg.head_dim
-        elif path.endswith("down_proj"):
-            k = cfg.intermediate_size
+        if path.endswith(".moe.experts"):  # [gate, up, down] of every expert
+            gate, up, down = (ckpt.blocks(n, cfg) for n in names)
+            h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+            gtype, dtype_ = ckpt.tensor_type(names[0]), ckpt.tensor_type(names[2])
+
+            def keep3(raw: torch.Tensor, t: int, k: int) -> torch.Tensor:
+                if t not in K_TYPES:  # K-quants rewritten exactly, expert by expert's rows
+                    return raw
+                flat = kquants.keep(raw.reshape(-1, raw.shape[-1]), t, k)
+                return flat.reshape(raw.shape[0], raw.shape[1], -1)
+
+            model.get_submodule(path).to_blocks(
+                torch.cat([keep3(gate, gtype, h), keep3(up, gtype, h)], dim=1), gtype,
+                keep3(down, dtype_, inter), dtype_)
+            continue
+        k = in_features.get(path) or cfg.hidden_size
         bias = (torch.zeros(sum(ckpt.rows(n) for n in names)) if path.endswith("qkv_proj")
                 and cfg.attention_bias else None)
         if qtype is None:  # parts of different types: one block layer each
@@ -163,18 +245,3 @@ def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelCon
                 layer = GGUFLinear(blocks, qtype, k, bias)
         _set_module(model, path, layer)
     return frozenset(n for _, names in plan.values() for n in names)
-
-
-def _expected_fills(model: LlamaForCausalLM, cfg: ModelConfig,
-                    fused_rows: dict[str, list[int]]) -> set[str]:
-    out: set[str] = set()
-    for name, _ in model.named_parameters():
-        if name.startswith("rotary"):
-            continue
-        fused = next((f for f in fused_rows if f".{f}." in name), None)
-        if fused:
-            b = fused_rows[fused]
-            out.update(f"{name}[{b[i]}:{b[i + 1]}]" for i in range(len(b) - 1))
-        else:
-            out.add(name)
-    return out

@@ -1,4 +1,7 @@
-"""Llama-family decoder (Llama, SmolLM2, TinyLlama, Llama-3, Qwen2/2.5) as plain torch.
+"""The decoder as plain torch: the Llama family (Llama, SmolLM2, TinyLlama, Llama-3,
+Qwen2/2.5, Qwen3 with its q/k norms), with mixture-of-experts MLPs where the config has
+them (Qwen3-MoE, DeepSeek; ``layers/moe.py``) and Multi-head Latent Attention layers for
+DeepSeek-V2/V3 (``models/deepseek.py``).
 
 Q/K/V and gate/up projections are fused into one matmul each: fewer, larger matmuls
 keep the CPU's bf16 units busier than many small ones.
@@ -14,6 +17,7 @@ from deepserve import kernels
 from deepserve.layers.attention import AttentionMetadata, paged_attention
 from deepserve.layers.kv_cache import LayerKV
 from deepserve.layers.linear import KernelLayer, Linear
+from deepserve.layers.moe import SparseMoE
 from deepserve.layers.rotary import RotaryEmbedding, apply_rotary
 from deepserve.models.config import ModelConfig
 
@@ -33,9 +37,9 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + SwiGLU MLP."""
+    """Pre-norm attention + SwiGLU MLP (or a sparse MoE)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
@@ -48,9 +52,17 @@ class DecoderLayer(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.intermediate_size = cfg.intermediate_size
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        init_mlp(self, cfg, index)
+
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Qwen3: RMSNorm over each q and k head (before rotary)."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim)).reshape(t, self.q_size)
+        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim)).reshape(t, self.kv_size)
+        return torch.cat([q, k, v], dim=-1)
 
     def _rotate_and_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           cache: LayerKV, meta: AttentionMetadata
@@ -67,13 +79,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self._rotate_and_store(self.qkv_proj(self.input_layernorm(x)), cos, sin,
-                                         cache, meta)
+        qkv = self.qkv_proj(self.input_layernorm(x))
+        if self.q_norm is not None:
+            qkv = self._norm_qk(qkv)
+        q, k, v = self._rotate_and_store(qkv, cos, sin, cache, meta)
         attn = paged_attention(q, k, v, cache, meta, self.scale)
         x = x + self.o_proj(attn.view(t, self.q_size))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(
-            self.intermediate_size, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        return x + mlp(self, self.post_attention_layernorm(x))
 
     def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
@@ -82,6 +94,8 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         h = kernels.rms_norm(x, None, self.input_layernorm.weight, self.input_layernorm.eps)[0]
         qkv = self.qkv_proj(h)
+        if self.q_norm is not None:
+            qkv = self._norm_qk(qkv)
         if cache.kind in ("auto", "fp16"):  # fp16: the kernel rounds K/V as it writes
             q, k = kernels.rope_write_kv(qkv, cos, sin, cache.k, cache.v, meta.slot_mapping,
                                          self.num_heads, self.num_kv_heads)
@@ -92,7 +106,29 @@ class DecoderLayer(nn.Module):
         norm = self.post_attention_layernorm
         h, x = kernels.rms_norm(x, self.o_proj(attn.view(t, self.q_size)), norm.weight,
                                 norm.eps)
-        return x + self.down_proj(kernels.silu_mul(self.gate_up_proj(h)))
+        return x + mlp_fused(self, h)
+
+
+def init_mlp(layer: nn.Module, cfg: ModelConfig, index: int) -> None:
+    """A layer's MLP: a sparse MoE on the config's MoE layers, else dense SwiGLU."""
+    layer.moe = SparseMoE(cfg) if cfg.is_moe_layer(index) else None
+    if layer.moe is None:
+        layer.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        layer.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+    layer.intermediate_size = cfg.intermediate_size
+
+
+def mlp(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    if layer.moe is not None:
+        return layer.moe(h)
+    gate, up = layer.gate_up_proj(h).split(layer.intermediate_size, dim=-1)
+    return layer.down_proj(F.silu(gate) * up)
+
+
+def mlp_fused(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    if layer.moe is not None:
+        return layer.moe(h)
+    return layer.down_proj(kernels.silu_mul(layer.gate_up_proj(h)))
 
 
 class LlamaForCausalLM(KernelLayer, nn.Module):
@@ -105,7 +141,12 @@ class LlamaForCausalLM(KernelLayer, nn.Module):
         # compiler stack: 1.6 s of the load); the loader fills every weight.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        if cfg.is_mla:
+            from deepserve.models.deepseek import MLADecoderLayer
+
+            self.layers = nn.ModuleList(MLADecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        else:
+            self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

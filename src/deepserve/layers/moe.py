@@ -1,0 +1,210 @@
+"""Sparse mixture-of-experts MLPs (Qwen3-MoE, DeepSeek-V2/V3): a router, top-k experts
+per token, optional shared experts.
+
+Experts are SwiGLU MLPs stored as two 3-D weights, ``gate_up`` ``[E, 2I, H]`` (gate rows
+first) and ``down`` ``[E, H, I]``: dense tensors, or GGUF blocks as the file stores them
+(``ffn_*_exps``) or as ``--quantization`` makes them, never a dense copy. One step's
+tokens are grouped by expert (one argsort of the chosen ids), each expert that was
+chosen runs once over its rows on the same per-ISA kernels as every other projection
+(``kernels.linear_gguf``), and the weighted results are added back in one
+``index_add_``. A single decode token reads only its k experts' bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepserve import kernels
+from deepserve.layers.gguf_linear import (
+    BLOCK_BYTES,
+    HEADS,
+    NAMES,
+    QK,
+    X8,
+    dequantize,
+    interleave,
+    quantize,
+)
+from deepserve.layers.linear import KernelLayer, Linear
+from deepserve.models.config import ModelConfig
+
+
+def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] (float32) -> (weights [T, k], expert ids [T, k]).
+
+    softmax or sigmoid scores; with groups, only the ``topk_group`` best groups (by their
+    best expert, or for V3 the sum of their best two) are eligible; a V3 correction bias
+    moves the choice but not the weights; ``norm_topk_prob`` renormalises the chosen
+    weights; ``routed_scaling_factor`` scales them."""
+    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+    choice = scores if bias is None else scores + bias
+    if cfg.n_group > 1:
+        t, e = choice.shape
+        grouped = choice.view(t, cfg.n_group, e // cfg.n_group)
+        if cfg.group_score == "top2":
+            group = grouped.topk(2, dim=-1)[0].sum(-1)
+        else:
+            group = grouped.amax(-1)
+        keep = torch.zeros_like(group, dtype=torch.bool)
+        keep.scatter_(1, group.topk(cfg.topk_group, dim=-1, sorted=False)[1], True)
+        keep = keep.unsqueeze(-1).expand_as(grouped).reshape(t, e)
+        choice = choice.masked_fill(~keep, float("-inf"))
+    ids = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    if cfg.routed_scaling_factor != 1.0:
+        weights = weights * cfg.routed_scaling_factor
+    return weights, ids
+
+
+class Experts(KernelLayer, nn.Module):
+    """E SwiGLU experts, dense (``gate_up`` / ``down`` parameters) or in GGUF blocks
+    (``to_blocks``; then the parameters are gone)."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden),
+                                    requires_grad=False)
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, inter), requires_grad=False)
+        self.qtypes: tuple[int, int] | None = None  # (gate_up, down) GGUF types in blocks
+        self.kernel_qtypes: tuple[int, int] | None = None
+
+    def drop_dense(self) -> None:
+        """Forget the dense parameters before any memory is given to them (the loader
+        fills this layer with ``to_blocks``)."""
+        for name in ("gate_up", "down"):
+            delattr(self, name)
+            self.register_buffer(name, None, persistent=False)
+
+    def to_blocks(self, gate_up: torch.Tensor, gu_type: int, down: torch.Tensor,
+                  down_type: int) -> None:
+        """Keep GGUF blocks ``[E, rows, bytes]`` instead of dense weights."""
+        for name, blocks, qtype, k, rows in (("gate_up", gate_up, gu_type, self.hidden,
+                                              2 * self.inter),
+                                             ("down", down, down_type, self.inter, self.hidden)):
+            if qtype not in BLOCK_BYTES:
+                raise ValueError(f"expert GGUF type {qtype} is not one of "
+                                 f"{', '.join(NAMES.values())}")
+            want = (self.num_experts, rows, k // QK * BLOCK_BYTES[qtype])
+            if blocks.dtype != torch.uint8 or tuple(blocks.shape) != want:
+                raise ValueError(f"expert blocks {name} have shape {tuple(blocks.shape)}, "
+                                 f"expected {want} for {NAMES[qtype]}")
+            if hasattr(self, name) and isinstance(getattr(self, name), nn.Parameter):
+                delattr(self, name)
+            self.register_buffer(name, blocks.contiguous(), persistent=False)
+        self.qtypes = (gu_type, down_type)
+        self.kernel_qtypes = self.qtypes
+
+    def quantize(self, gu_type: int, down_type: int) -> None:
+        """Dense experts -> GGUF blocks (``--quantization``)."""
+        e = self.num_experts
+        gu = quantize(self.gate_up.data.reshape(e * 2 * self.inter, self.hidden), gu_type)
+        dn = quantize(self.down.data.reshape(e * self.hidden, self.inter), down_type)
+        self.to_blocks(gu.reshape(e, 2 * self.inter, -1), gu_type, dn.reshape(e, self.hidden, -1),
+                       down_type)
+
+    def interleave_blocks(self) -> None:
+        """The 8-row interleaved layout the SIMD kernels read fastest (each expert's rows
+        are a multiple of 8, so interleaving all rows at once interleaves each expert)."""
+        if self.qtypes is None or self.kernel_qtypes != self.qtypes:
+            return
+        new = []
+        for name, qtype, k in (("gate_up", self.qtypes[0], self.hidden),
+                               ("down", self.qtypes[1], self.inter)):
+            blocks = getattr(self, name)
+            if qtype in HEADS and blocks.shape[1] % 8 == 0:
+                flat = blocks.reshape(-1, blocks.shape[2])
+                setattr(self, name, interleave(flat, qtype, k).reshape(blocks.shape))
+                new.append(qtype + X8)
+            else:
+                new.append(qtype)
+        self.kernel_qtypes = (new[0], new[1])
+
+    def _dense_of(self, name: str, e: int) -> torch.Tensor:
+        """Expert ``e``'s weight as float32 (the torch path for blocks)."""
+        from deepserve.layers.gguf_linear import deinterleave
+
+        blocks, i = getattr(self, name)[e], 0 if name == "gate_up" else 1
+        qtype, k = self.qtypes[i], self.hidden if i == 0 else self.inter
+        if self.kernel_qtypes[i] != qtype:
+            blocks = deinterleave(blocks, qtype, k)
+        return dequantize(blocks, qtype, k)
+
+    def _mlp(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        if self.qtypes is None:
+            h = F.linear(x, self.gate_up[e])
+            gate, up = h.split(self.inter, dim=-1)
+            return F.linear(F.silu(gate) * up, self.down[e])
+        if self.use_kernel:
+            h = kernels.linear_gguf(x, self.gate_up[e], self.kernel_qtypes[0])
+            return kernels.linear_gguf(kernels.silu_mul(h), self.down[e], self.kernel_qtypes[1])
+        h = F.linear(x.float(), self._dense_of("gate_up", e))
+        gate, up = h.split(self.inter, dim=-1)
+        return F.linear(F.silu(gate) * up, self._dense_of("down", e)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+                ) -> torch.Tensor:
+        """x [T, H]; ids, weights [T, k] -> sum over k of weight * expert(x)."""
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tokens = order // k
+        xs = x.index_select(0, tokens)
+        parts, at = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                parts.append(self._mlp(xs[at:at + n], e))
+                at += n
+        ys = torch.cat(parts) if len(parts) > 1 else parts[0]
+        ys = ys.float() * weights.reshape(-1).index_select(0, order).unsqueeze(1)
+        out = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32, device=x.device)
+        out.index_add_(0, tokens, ys)
+        return out.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """A dense gate/up/down MLP (DeepSeek's shared experts)."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.intermediate_size = inter
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up_proj(x)
+        if getattr(self.down_proj, "use_kernel", False) and h.dim() == 2 and \
+                h.is_contiguous() and h.dtype in (torch.float32, torch.bfloat16):
+            return self.down_proj(kernels.silu_mul(h))
+        gate, up = h.split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoE(nn.Module):
+    """Router + routed experts (+ shared experts): the MLP of an MoE layer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size),
+                                 requires_grad=False)  # kept in float32, as the references do
+        self.correction_bias = (nn.Parameter(torch.empty(cfg.num_experts), requires_grad=False)
+                                if cfg.scoring_func == "sigmoid" else None)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                       if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.float(), self.gate)
+        bias = None if self.correction_bias is None else self.correction_bias.float()
+        weights, ids = route(logits, self.cfg, bias)
+        y = self.experts(x, ids, weights)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y

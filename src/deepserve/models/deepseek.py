@@ -1,0 +1,111 @@
+"""DeepSeek-V2/V3 decoder layers: Multi-head Latent Attention (MLA) with a compressed
+latent KV cache, and a DeepSeekMoE or dense MLP (``models/llama.init_mlp``).
+
+MLA projects each token to a latent ``c`` of ``kv_lora_rank`` values (normed) plus one
+rotary key ``k_pe`` of ``qk_rope_head_dim`` shared by all heads. The paged cache keeps
+only ``[c, k_pe]`` a token and layer: one "head" of ``kv_lora_rank + qk_rope_head_dim``
+values, instead of K and V for every head.
+
+Attention runs in the latent space for decode and prefill alike, with the up-projection
+``kv_b_proj`` absorbed: head h's key is ``W_UK[h] c`` and its value ``W_UV[h] c``, so
+
+    score = q_nope . (W_UK[h] c) + q_pe . k_pe = (W_UK[h]^T q_nope) . c + q_pe . k_pe
+
+and the query becomes ``[W_UK[h]^T q_nope, q_pe]`` against the cached ``[c, k_pe]``: a
+multi-query attention with one shared key/value head, which the paged attention code
+(and its CPU decode kernel) already runs. Its output over the value ``[c, k_pe]`` is cut
+to ``c``'s part and multiplied by ``W_UV[h]``. Nothing per head is ever materialized for
+the cached tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepserve.layers.attention import AttentionMetadata, paged_attention
+from deepserve.layers.kv_cache import LayerKV
+from deepserve.layers.linear import Linear
+from deepserve.layers.rotary import apply_rotary, softmax_mscale
+from deepserve.models.config import ModelConfig
+from deepserve.models.llama import RMSNorm, init_mlp, mlp
+
+# The reference implementations norm the low-rank latents with this epsilon.
+LATENT_EPS = 1e-6
+
+
+class MLADecoderLayer(nn.Module):
+    """Pre-norm MLA + (MoE or dense) MLP."""
+
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        h = cfg.num_heads
+        self.num_heads = h
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, \
+            cfg.v_head_dim
+        self.lora = cfg.kv_lora_rank
+        self.q_head = self.nope + self.rope
+        self.scale = self.q_head ** -0.5 * softmax_mscale(cfg.rope_scaling)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_EPS)
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * self.q_head, bias=False)
+            self.q_proj = None
+        else:
+            self.q_proj = Linear(cfg.hidden_size, h * self.q_head, bias=False)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.lora + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.lora, LATENT_EPS)
+        # [H * (nope + v), lora]: read per head as W_UK / W_UV, so kept dense
+        self.kv_b_proj = nn.Parameter(torch.empty(h * (self.nope + self.v_dim), self.lora),
+                                      requires_grad=False)
+        self.o_proj = Linear(h * self.v_dim, cfg.hidden_size, bias=False)
+        init_mlp(self, cfg, index)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_proj is not None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+        t, h = x.shape[0], self.num_heads
+        q = self._queries(x).view(t, h, self.q_head)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.lora, self.rope], dim=-1)
+        c = self.kv_a_layernorm(c)
+        q_pe = apply_rotary(q_pe, cos, sin)
+        k_pe = apply_rotary(k_pe.reshape(t, 1, self.rope), cos, sin)
+        latent = torch.cat([c.reshape(t, 1, self.lora), k_pe], dim=-1)  # [T, 1, lora + rope]
+        cache.write(latent, latent, meta.slot_mapping)
+        w = self.kv_b_proj.view(h, self.nope + self.v_dim, self.lora)
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [H, nope, lora], [H, v, lora]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, lora]
+        query = torch.cat([q_lat, q_pe], dim=-1).contiguous()
+        out = paged_attention(query, latent, latent, cache, meta, self.scale)
+        o_lat = out[..., :self.lora].transpose(0, 1)  # [H, T, lora]
+        o = torch.bmm(o_lat, w_uv.transpose(1, 2))  # [H, T, v]
+        return self.o_proj(o.transpose(0, 1).reshape(t, h * self.v_dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.attention(self.input_layernorm(x), cos, sin, cache, meta)
+        return x + mlp(self, self.post_attention_layernorm(x))
+
+    forward_fused = forward
+
+
+def rope_row_order(cfg: ModelConfig, which: str) -> torch.Tensor | None:
+    """Row order that turns a checkpoint's adjacent-pair rotary rows into the half-split
+    layout deepserve rotates (None when nothing moves). ``which``: "q" (per head, the
+    rope rows after the nope rows) or "kv_a" (the rope rows after the latent)."""
+    if not (cfg.is_mla and cfg.rope_interleave):
+        return None
+    r = cfg.qk_rope_head_dim
+    pairs = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2)])
+    if which == "kv_a":
+        return torch.cat([torch.arange(cfg.kv_lora_rank), cfg.kv_lora_rank + pairs])
+    head = cfg.qk_nope_head_dim + r
+    one = torch.cat([torch.arange(cfg.qk_nope_head_dim), cfg.qk_nope_head_dim + pairs])
+    return (torch.arange(cfg.num_heads).unsqueeze(1) * head + one).flatten()
