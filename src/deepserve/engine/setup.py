@@ -185,10 +185,13 @@ def interleave_blocks(model: torch.nn.Module) -> None:
     (tied weights) stay as they are. The portable build keeps the file's order, which
     its plain loops handle better."""
     from deepserve.layers.gguf_linear import GGUFEmbedding, GGUFLinear
+    from deepserve.layers.moe import Experts
 
     shared = {m.blocks.data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
     for module in model.modules():
         if isinstance(module, GGUFLinear) and module.blocks.data_ptr() not in shared:
+            module.interleave_blocks()
+        elif isinstance(module, Experts):
             module.interleave_blocks()
 
 

@@ -30,15 +30,25 @@ def quantize_model(model: nn.Module, method: str, dtype: torch.dtype,
         return
     if group_size != 32:
         raise ValueError("weight quantization uses blocks of 32")
+    from deepserve.layers.linear import Linear
+    from deepserve.layers.moe import Experts
+
+    mlp_type = Q8_0 if method == "int8" else Q4_1
     for layer in model.layers:
-        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-            lin = getattr(layer, name)
-            if isinstance(lin, GGUFLinear):
+        # every projection: q/k/v (or MLA's), o, gate/up, down, shared experts; the
+        # experts themselves; not norms, routers or MLA's per-head kv_b
+        for path, lin in list(layer.named_modules()):
+            if isinstance(lin, Experts) and lin.qtypes is None:
+                lin.quantize(mlp_type, mlp_type)
                 continue
-            is_mlp = name in ("gate_up_proj", "down_proj")
+            if type(lin) is not Linear or lin.weight.shape[1] % 32:
+                continue  # rows not in whole blocks of 32 stay dense
+            is_mlp = path.rpartition(".")[2] in ("gate_up_proj", "down_proj")
             qtype = Q8_0 if method == "int8" or (method == "mixed" and not is_mlp) else Q4_1
             w, b = lin.weight.data, None if lin.bias is None else lin.bias.data
-            setattr(layer, name, GGUFLinear(quantize(w, qtype), qtype, w.shape[1], b))
+            parent, _, name = path.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, name,
+                    GGUFLinear(quantize(w, qtype), qtype, w.shape[1], b))
     head = model.lm_head
     if not isinstance(head, GGUFLinear):
         model.lm_head = GGUFLinear(quantize(head.weight.data, Q8_0), Q8_0,
@@ -69,7 +79,12 @@ def weight_formats(model: nn.Module) -> str:
 
     from deepserve.layers.gguf_linear import NAMES
 
+    from deepserve.layers.moe import Experts
+
     count = Counter(NAMES[m.qtype] for m in model.modules() if isinstance(m, GGUFLinear))
+    for m in model.modules():
+        if isinstance(m, Experts):
+            count[f"experts {NAMES[m.qtypes[0]]}" if m.qtypes else "experts dense"] += 1
     dense = sum(isinstance(m, nn.Linear) for m in model.modules())
     if not count:
         return "dense"

@@ -11,7 +11,7 @@ import torch
 
 from deepserve.errors import ModelLoadError
 from deepserve.loader.gguf_file import GGUFFile
-from deepserve.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from deepserve.models.config import ModelConfig
 
 # GGUF tensor name (per layer, after "blk.N.") -> Hugging Face name (after "model.layers.N.")
 _LAYER_NAMES = {
@@ -27,7 +27,32 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    # Qwen3
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    # mixture of experts (3-D expert tensors: [experts, rows, row length])
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj",
+    "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
+    "ffn_gate_shexp.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_experts.down_proj.weight",
+    # Multi-head Latent Attention (deepseek2)
+    "attn_q_a.weight": "self_attn.q_a_proj.weight",
+    "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn_q_b.weight": "self_attn.q_b_proj.weight",
+    "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+    "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
 }
+# GGUF architecture -> deepserve's (HF model_type) name; deepseek2 is V3 when its router
+# uses sigmoid scores
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                      "qwen3moe": "qwen3_moe", "deepseek2": "deepseek_v2"}
+# rows in rotary order after this (MLA): a row permutation of whole rows
+_MLA_ROPE = {"attn_q.weight": "q", "attn_q_b.weight": "q", "attn_kv_a_mqa.weight": "kv_a"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -53,10 +78,10 @@ class GGUFCheckpoint:
         except Exception as exc:  # the gguf package raises plain ValueError/OSError
             raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
         self.arch = str(self.field("general.architecture", ""))
-        if self.arch not in SUPPORTED_ARCHITECTURES:
+        if self.arch not in GGUF_ARCHITECTURES:
             raise ModelLoadError(
                 f"{path}: GGUF architecture {self.arch!r} is not supported; deepserve runs "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)} models")
+                f"{', '.join(GGUF_ARCHITECTURES)} GGUF files")
         self._tensors = {t.name: t for t in self.reader.tensors}
 
     def field(self, key: str, default: Any = None) -> Any:
@@ -81,22 +106,85 @@ class GGUFCheckpoint:
         if self.field(f"{a}.rope.scaling.type") not in (None, "none"):
             scaling = {"rope_type": self.field(f"{a}.rope.scaling.type"),
                        "factor": float(self.field(f"{a}.rope.scaling.factor", 1.0))}
+            old = self.field(f"{a}.rope.scaling.original_context_length")
+            if old:
+                scaling["original_max_position_embeddings"] = int(old)
+            log_mul = self.field(f"{a}.rope.scaling.yarn_log_multiplier")
+            if a == "deepseek2" and log_mul:  # 0.1 * mscale_all_dim (= mscale in DeepSeek's)
+                scaling["mscale"] = scaling["mscale_all_dim"] = float(log_mul) / 0.1
+        extra = self._moe_mla_fields(heads) if a in ("qwen3moe", "deepseek2") else {}
+        arch = GGUF_ARCHITECTURES[a]
+        if extra.get("scoring_func") == "sigmoid":
+            arch = "deepseek_v3"
+        head_dim = int(self.field(f"{a}.attention.key_length", hidden // heads))
+        if a == "deepseek2":
+            head_dim = extra["qk_rope_head_dim"]
         return ModelConfig(
-            architecture=a,
+            architecture=arch,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(need("feed_forward_length")),
             num_layers=int(need("block_count")),
             num_heads=heads,
-            num_kv_heads=int(self.field(f"{a}.attention.head_count_kv", heads)),
-            head_dim=int(self.field(f"{a}.attention.key_length", hidden // heads)),
+            num_kv_heads=(1 if a == "deepseek2"
+                          else int(self.field(f"{a}.attention.head_count_kv", heads))),
+            head_dim=head_dim,
             rms_norm_eps=float(self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
             rope_theta=float(self.field(f"{a}.rope.freq_base", 10000.0)),
             rope_scaling=scaling,
             max_position_embeddings=int(self.field(f"{a}.context_length", 2048)),
             tie_word_embeddings="output.weight" not in self._tensors,
             attention_bias="blk.0.attn_q.bias" in self._tensors,
+            qk_norm=a in ("qwen3", "qwen3moe"),
+            **extra,
         )
+
+    def _moe_mla_fields(self, heads: int) -> dict[str, Any]:
+        """Experts (qwen3moe, deepseek2) and latent attention (deepseek2) from metadata."""
+        a = self.arch
+
+        def need(key: str) -> Any:
+            value = self.field(f"{a}.{key}")
+            if value is None:
+                raise ModelLoadError(f"{self.path}: GGUF metadata lacks {a}.{key}, which a "
+                                     f"{a} model needs")
+            return value
+
+        layers = int(need("block_count"))
+        # MoE layers are those with a router (llama.cpp's qwen3moe has no dense-layer
+        # setting; deepseek2's leading dense layers have none either)
+        moe_layers = tuple(i for i in range(layers)
+                           if f"blk.{i}.ffn_gate_inp.weight" in self._tensors)
+        out: dict[str, Any] = dict(
+            num_experts=int(need("expert_count")),
+            num_experts_per_tok=int(need("expert_used_count")),
+            moe_intermediate_size=int(need("expert_feed_forward_length")))
+        if a == "qwen3moe":  # llama.cpp renormalises Qwen3-MoE's top-k weights
+            out.update(moe_layers=moe_layers, norm_topk_prob=True)
+            return out
+        gating = int(self.field(f"{a}.expert_gating_func", 1))
+        groups = int(self.field(f"{a}.expert_group_count", 1) or 1)
+        out.update(
+            moe_layers=moe_layers,
+            norm_topk_prob=bool(self.field(f"{a}.expert_weights_norm", False)),
+            n_shared_experts=int(self.field(f"{a}.expert_shared_count", 0)),
+            scoring_func="sigmoid" if gating == 2 else "softmax",
+            n_group=groups,
+            topk_group=int(self.field(f"{a}.expert_group_used_count", 1) or 1),
+            group_score="top2",  # llama.cpp ranks groups by their best two, either gating
+            routed_scaling_factor=float(self.field(f"{a}.expert_weights_scale", 1.0) or 1.0),
+            q_lora_rank=int(self.field(f"{a}.attention.q_lora_rank", 0)) or None,
+            kv_lora_rank=int(need("attention.kv_lora_rank")),
+            qk_rope_head_dim=int(need("rope.dimension_count")),
+            rope_interleave=True)  # llama.cpp rotates deepseek2's adjacent pairs
+        key_mla = self.field(f"{a}.attention.key_length_mla")
+        if key_mla:  # files with the latent split (attn_k_b / attn_v_b)
+            out["qk_nope_head_dim"] = int(key_mla) - out["qk_rope_head_dim"]
+            out["v_head_dim"] = int(need("attention.value_length_mla"))
+        else:
+            out["qk_nope_head_dim"] = int(need("attention.key_length")) - out["qk_rope_head_dim"]
+            out["v_head_dim"] = int(need("attention.value_length"))
+        return out
 
     def hf_name(self, gguf_name: str) -> str | None:
         if gguf_name in _GLOBAL_NAMES:
@@ -122,12 +210,28 @@ class GGUFCheckpoint:
                   "lm_head": ["output.weight" if "output.weight" in self._tensors
                               else "token_embd.weight"]}
         for i in range(config.num_layers):
-            p = f"blk.{i}."
-            groups[f"layers.{i}.qkv_proj"] = [p + "attn_q.weight", p + "attn_k.weight",
-                                              p + "attn_v.weight"]
-            groups[f"layers.{i}.o_proj"] = [p + "attn_output.weight"]
-            groups[f"layers.{i}.gate_up_proj"] = [p + "ffn_gate.weight", p + "ffn_up.weight"]
-            groups[f"layers.{i}.down_proj"] = [p + "ffn_down.weight"]
+            p, m = f"blk.{i}.", f"layers.{i}."
+            if config.is_mla:
+                if config.q_lora_rank:
+                    groups[m + "q_a_proj"] = [p + "attn_q_a.weight"]
+                    groups[m + "q_b_proj"] = [p + "attn_q_b.weight"]
+                else:
+                    groups[m + "q_proj"] = [p + "attn_q.weight"]
+                groups[m + "kv_a_proj_with_mqa"] = [p + "attn_kv_a_mqa.weight"]
+            else:
+                groups[m + "qkv_proj"] = [p + "attn_q.weight", p + "attn_k.weight",
+                                          p + "attn_v.weight"]
+            groups[m + "o_proj"] = [p + "attn_output.weight"]
+            if config.is_moe_layer(i):
+                groups[m + "moe.experts"] = [p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight",
+                                             p + "ffn_down_exps.weight"]
+                if config.n_shared_experts:
+                    groups[m + "moe.shared.gate_up_proj"] = [p + "ffn_gate_shexp.weight",
+                                                             p + "ffn_up_shexp.weight"]
+                    groups[m + "moe.shared.down_proj"] = [p + "ffn_down_shexp.weight"]
+            else:
+                groups[m + "gate_up_proj"] = [p + "ffn_gate.weight", p + "ffn_up.weight"]
+                groups[m + "down_proj"] = [p + "ffn_down.weight"]
         plan = {}
         for module, names in groups.items():
             if not all(n in self._tensors for n in names):
@@ -137,10 +241,19 @@ class GGUFCheckpoint:
                 # Q6_K too: K-quant files of tied models keep their table (and head) in it
                 if types[0] in BLOCK_TYPES or types[0] == 14:
                     plan[module] = (types[0], names)
-            elif all(t in BLOCK_TYPES or (t in K_TYPES and not (t in _EIGHTS and self.rows(n) % 8))
-                     for t, n in zip(types, names, strict=True)):
+            elif module.endswith(".moe.experts"):
+                # experts stay in blocks when gate and up share a type the kernels run
+                if types[0] == types[1] and all(self._keepable(n) for n in names):
+                    plan[module] = (types[0], names)
+            elif all(self._keepable(n) for n in names):
                 plan[module] = (types[0] if len(set(types)) == 1 else None, names)
         return plan
+
+    def _keepable(self, name: str) -> bool:
+        """A tensor a block layer can compute with as stored (rows per expert for 3-D)."""
+        t = self.tensor_type(name)
+        rows = int(self._tensors[name].data.shape[-2])
+        return t in BLOCK_TYPES or (t in K_TYPES and not (t in _EIGHTS and rows % 8))
 
     def rows(self, name: str) -> int:
         """A tensor's rows (its output features, for a projection)."""
@@ -158,35 +271,62 @@ class GGUFCheckpoint:
         if self.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config.num_heads if "attn_q" in name else config.num_kv_heads
             data = _unpermute_rotary(data, heads).contiguous()
+        order = self._rope_order(name, config)
+        if order is not None:
+            data = data[order].contiguous()
         return data
+
+    def _rope_order(self, name: str, config: ModelConfig) -> torch.Tensor | None:
+        """deepseek2's rotary rows, reordered as the HF loader reorders them."""
+        from deepserve.models.deepseek import rope_row_order
+
+        kind = _MLA_ROPE.get(name.split(".", 2)[-1]) if self.arch == "deepseek2" else None
+        return None if kind is None else rope_row_order(config, kind)
 
     def tensors(self, config: ModelConfig, skip: frozenset[str] = frozenset()
                 ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (hf_name, float32 tensor) for every tensor not in ``skip``, dequantized."""
-        import gguf
 
+        split_kv: dict[str, dict[str, torch.Tensor]] = {}  # layer -> attn_k_b / attn_v_b
         for name, t in self._tensors.items():
             if name in skip:
                 continue
             hf = self.hf_name(name)
+            if hf is None and name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+                # llama.cpp's converter splits kv_b_proj per head into K (transposed) and
+                # V; put it back together: [H * (nope + v), kv_lora_rank]
+                _, layer, rest = name.split(".", 2)
+                parts = split_kv.setdefault(layer, {})
+                parts[rest[5]] = self._dequantized(name, t)
+                if len(parts) == 2:
+                    k_b, v_b = parts["k"].transpose(1, 2), parts["v"]
+                    kv_b = torch.cat([k_b, v_b], dim=1)
+                    yield (f"model.layers.{layer}.self_attn.kv_b_proj.weight",
+                           kv_b.reshape(-1, kv_b.shape[-1]).contiguous())
+                continue
             if hf is None:
                 if name.startswith("rope_freqs"):
                     continue
                 raise ModelLoadError(f"{self.path}: tensor {name!r} has no place in a "
                                      f"{self.arch} model (expected one of the standard "
-                                     "GGUF llama/qwen2 tensor names)")
-            try:
-                data = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
-            except NotImplementedError as exc:
-                raise ModelLoadError(f"{self.path}: tensor {name!r} uses quantization "
-                                     f"{t.tensor_type.name}, which the gguf package cannot "
-                                     "dequantize") from exc
-            # numpy dims are reversed GGUF dims: (rows, cols) like torch's Linear weight.
-            tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+                                     f"GGUF {self.arch} tensor names)")
+            tensor = self._dequantized(name, t)
             if self.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
                 heads = config.num_heads if "attn_q" in name else config.num_kv_heads
                 tensor = _unpermute_rotary(tensor, heads)
             yield hf, tensor
+
+    def _dequantized(self, name: str, t: Any) -> torch.Tensor:
+        import gguf
+
+        try:
+            data = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
+        except NotImplementedError as exc:
+            raise ModelLoadError(f"{self.path}: tensor {name!r} uses quantization "
+                                 f"{t.tensor_type.name}, which the gguf package cannot "
+                                 "dequantize") from exc
+        # numpy dims are reversed GGUF dims: (rows, cols) like torch's Linear weight.
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
 
 
 def _unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:

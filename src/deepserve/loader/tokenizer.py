@@ -67,7 +67,12 @@ def load_tokenizer(path: Path, kind: str) -> Any:
                     return _fast_or_hf(cached)
                 except Exception as exc:  # a damaged cache: rebuild it
                     logger.warning("tokenizer cache %s unreadable (%s); rebuilding", cached, exc)
-            tok = _hf_tokenizer(path.parent, gguf_file=path.name)
+            try:
+                tok = _hf_tokenizer(path.parent, gguf_file=path.name)
+            except ValueError as exc:
+                if "is not supported" not in str(exc):
+                    raise
+                tok = _tokenizer_only(path)
             if cached is not None:
                 try:
                     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
@@ -82,6 +87,30 @@ def load_tokenizer(path: Path, kind: str) -> Any:
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{path}: cannot build a tokenizer from it ({exc}); a HF folder "
                              "needs tokenizer.json or tokenizer.model with its config") from exc
+
+
+def _tokenizer_only(path: Path) -> Any:
+    """A GGUF whose architecture transformers does not read (deepseek2, ...): its
+    tokenizer is built from a copy of only the ``tokenizer.*`` metadata under the llama
+    architecture (transformers builds a tokenizer from those fields, whatever the model)."""
+    import tempfile
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "tokenizer.gguf"
+        writer = gguf.GGUFWriter(str(out), "llama")
+        for field in reader.fields.values():
+            if field.name.startswith("tokenizer."):
+                vtype = field.types[0]
+                sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+                writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return _hf_tokenizer(Path(tmp), gguf_file=out.name)
 
 
 def eos_token_ids(tokenizer: Any, path: Path, kind: str) -> set[int]:
