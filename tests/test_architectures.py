@@ -1,0 +1,176 @@
+"""Qwen3, Qwen3-MoE, DeepSeek-V2 and DeepSeek-V3 (MLA + DeepSeekMoE) against
+transformers' own implementation: tiny random float32 models saved by transformers, read
+by deepserve from the HF folder and from GGUF files of the same weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from tiny_models import greedy, write_gguf, write_tiny
+
+from deepserve import LLM, SamplingParams
+from deepserve.errors import ModelLoadError
+from deepserve.layers.quantized import weight_formats
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
+N = 12
+ARCHS = ["qwen3", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, default_gguf):
+    """arch -> (folder, transformers model, tokenizer, its greedy tokens per prompt)."""
+    from transformers import AutoTokenizer
+
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            path = tmp_path_factory.mktemp(arch)
+            model = write_tiny(path, arch, default_gguf)
+            tok = AutoTokenizer.from_pretrained(str(path))
+            made[arch] = (path, model, tok, [greedy(model, tok, p, N) for p in PROMPTS])
+        return made[arch]
+    return get
+
+
+def run(model: str, **kw) -> tuple[LLM, list[list[int]]]:
+    llm = LLM(model=model, dtype="float32", show_progress=False, kv_cache_memory="16MiB", **kw)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=N, ignore_eos=True))
+    return llm, [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_folder_matches_transformers(arch, tiny):
+    path, _, _, ref = tiny(arch)
+    llm, got = run(str(path), quantization="none")
+    assert llm.engine.model_config.architecture == arch
+    assert got == ref
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "deepseek_v3"])
+def test_gguf_of_the_same_weights_matches_transformers(arch, tiny, tmp_path, default_gguf):
+    path, model, _, ref = tiny(arch)
+    gguf = write_gguf(model, arch, tmp_path / f"{arch}.gguf", default_gguf, qtype=0)
+    llm, got = run(str(gguf))
+    assert llm.engine.model_config.architecture == arch
+    assert got == ref
+
+
+def mean_kl(llm: LLM, ref: LLM, contexts: list[list[int]]) -> float:
+    kls = []
+    for c in contexts:
+        lp_ref = torch.log_softmax(ref.engine.prompt_logits(c, 8).float(), -1)
+        lp = torch.log_softmax(llm.engine.prompt_logits(c, 8).float(), -1)
+        kls.append((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean().item())
+    return sum(kls) / len(kls)
+
+
+@pytest.mark.parametrize("arch, qtype", [("qwen3_moe", 2), ("deepseek_v3", 8)])
+def test_experts_stay_in_gguf_blocks(arch, qtype, tiny, tmp_path, default_gguf):
+    """Expert tensors computed on their blocks (no dense copy) give the distributions
+    of the same file's weights dequantized once to float32."""
+    path, model, tok, _ = tiny(arch)
+    gguf = write_gguf(model, arch, tmp_path / f"{arch}-{qtype}.gguf", default_gguf, qtype)
+    blocks = LLM(model=str(gguf), dtype="float32", show_progress=False,
+                 kv_cache_memory="16MiB")
+    name = {2: "Q4_0", 8: "Q8_0"}[qtype]
+    assert f"experts {name} x 2" in weight_formats(blocks.engine.model)
+    experts = blocks.engine.model.layers[2].moe.experts
+    assert experts.gate_up.dtype == torch.uint8 and experts.down.dtype == torch.uint8
+    dense = LLM(model=str(gguf), dtype="float32", quantization="none", show_progress=False,
+                kv_cache_memory="16MiB")
+    assert "experts dense" in weight_formats(dense.engine.model)
+    contexts = [tok(p).input_ids + list(range(100, 108)) for p in PROMPTS]
+    kl = mean_kl(blocks, dense, contexts)
+    print(f"{arch} {name} blocks vs dequantized: mean KL {kl:.6f}")
+    # the kernels round activations to 8 bits; a wrong layout or scale gives KL > 0.5
+    assert kl < 0.02, kl
+
+
+def test_quantization_puts_experts_into_blocks(tiny):
+    path, _, tok, _ = tiny("qwen3_moe")
+    ref = LLM(model=str(path), dtype="float32", quantization="none", show_progress=False,
+              kv_cache_memory="16MiB")
+    q = LLM(model=str(path), dtype="float32", quantization="int8", show_progress=False,
+            kv_cache_memory="16MiB")
+    assert "experts Q8_0 x 2" in weight_formats(q.engine.model)
+    contexts = [tok(p).input_ids + list(range(100, 108)) for p in PROMPTS]
+    kl = mean_kl(q, ref, contexts)
+    print(f"qwen3_moe int8 vs float32: mean KL {kl:.6f}")
+    assert kl < 0.05, kl
+
+
+def test_mla_cache_holds_the_latent_and_prefix_hits_agree(tiny):
+    path, model, tok, _ = tiny("deepseek_v3")
+    cfg = model.config
+    llm = LLM(model=str(path), dtype="float32", quantization="none", show_progress=False,
+              kv_cache_memory="16MiB", enable_prefix_caching=True)
+    per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    assert llm.engine.kv_bytes_per_token == per_token
+    cache = llm.engine.runner.kv_caches[0]
+    assert cache.k.shape[0] == 1 and cache.k.shape[2] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert cache.v is cache.k
+    prompt = "A long shared system prompt that spans more than one block of sixteen " * 3
+    params = SamplingParams(temperature=0, max_tokens=N, ignore_eos=True)
+    cold = llm.generate([prompt + "first"], params)[0]
+    warm = llm.generate([prompt + "first"], params)[0]
+    assert warm.num_cached_tokens > 0
+    assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+
+
+def test_fused_expert_layout_and_mtp_layers(tiny, tmp_path, caplog):
+    """transformers 5's fused experts (gate_up_proj [E, 2I, H], down_proj [E, H, I]) load
+    like the per-expert layout; a multi-token-prediction layer past num_hidden_layers is
+    skipped and named in the log."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, model, _, ref = tiny("deepseek_v3")
+    out = tmp_path / "fused"
+    shutil.copytree(path, out)
+    sd = load_file(str(path / "model.safetensors"))
+    e = model.config.n_routed_experts
+    for i in range(1, model.config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp.experts."
+        gate_up = torch.stack([torch.cat([sd.pop(f"{p}{j}.gate_proj.weight"),
+                                          sd.pop(f"{p}{j}.up_proj.weight")]) for j in range(e)])
+        sd[p + "gate_up_proj"] = gate_up
+        sd[p + "down_proj"] = torch.stack([sd.pop(f"{p}{j}.down_proj.weight") for j in range(e)])
+    sd["model.layers.3.eh_proj.weight"] = torch.zeros(4, 4)  # an MTP layer's tensor
+    save_file(sd, str(out / "model.safetensors"))
+    with caplog.at_level(logging.INFO, logger="deepserve"):
+        _, got = run(str(out), quantization="none")
+    assert got == ref
+    assert "skipped 1 multi-token-prediction layer(s) (model.layers.3)" in caplog.text
+
+
+def test_wrong_expert_shape_names_file_tensor_and_shape(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, _, _, _ = tiny("qwen3_moe")
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    sd = load_file(str(path / "model.safetensors"))
+    sd["model.layers.0.mlp.experts.3.up_proj.weight"] = torch.zeros(16, 64)
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"experts\.3\.up_proj\.weight.*\(16, 64\).*"
+                                             r"expected \(32, 64\)"):
+        LLM(model=str(bad), show_progress=False, kv_cache_memory="16MiB")
+    missing = tmp_path / "missing"
+    shutil.copytree(path, missing)
+    del sd["model.layers.0.mlp.experts.3.up_proj.weight"]
+    save_file(sd, str(missing / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"lacks 1 tensor.*layers\.0\.moe\.experts"):
+        LLM(model=str(missing), show_progress=False, kv_cache_memory="16MiB")
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["moe_intermediate_size"]
+    (missing / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="moe_intermediate_size"):
+        LLM(model=str(missing), show_progress=False)
