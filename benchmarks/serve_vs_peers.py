@@ -106,7 +106,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--port", str(port),
                    "--model", gguf, "--quantization", system, "--num-threads", str(args.threads),
                    "--max-num-seqs", str(max(args.concurrency)),
-                   "--kv-cache-memory", str(args.kv_tokens * _kv_bytes_per_token())]
+                   "--kv-cache-memory", str(args.kv_tokens * _kv_bytes_per_token(gguf))]
             label = f"deepserve --quantization {system}"
         log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
         env = dict(os.environ)
@@ -163,14 +163,17 @@ def _vllm_version(python: str) -> str:
     return out.stdout.strip() or "?"
 
 
-def _kv_bytes_per_token() -> int:
-    """Bytes per KV token for the default model in the dtype ``--dtype auto`` picks."""
+def _kv_bytes_per_token(gguf: str) -> int:
+    """Bytes per KV token of this GGUF's model (MLA: its latent) in the dtype
+    ``--dtype auto`` picks."""
     import torch
 
     from deepserve.engine.setup import pick_dtype
+    from deepserve.layers.kv_cache import bytes_per_token
+    from deepserve.loader.gguf_loader import GGUFCheckpoint
 
-    size = 2 if pick_dtype("auto", torch.device("cpu")) != torch.float32 else 4
-    return 30 * 2 * 3 * 64 * size
+    cfg = GGUFCheckpoint(Path(gguf)).model_config()
+    return bytes_per_token(cfg, pick_dtype("auto", torch.device("cpu")), "auto")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def test_hf_folder_matches_transformers(arch, tiny):
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "deepseek_v3"])
 def test_gguf_of_the_same_weights_matches_transformers(arch, tiny, tmp_path, default_gguf):
-    path, model, _, ref = tiny(arch)
+    _, model, _, ref = tiny(arch)
     gguf = write_gguf(model, arch, tmp_path / f"{arch}.gguf", default_gguf, qtype=0)
     llm, got = run(str(gguf))
     assert llm.engine.model_config.architecture == arch
@@ -73,7 +73,7 @@ def mean_kl(llm: LLM, ref: LLM, contexts: list[list[int]]) -> float:
 def test_experts_stay_in_gguf_blocks(arch, qtype, tiny, tmp_path, default_gguf):
     """Expert tensors computed on their blocks (no dense copy) give the distributions
     of the same file's weights dequantized once to float32."""
-    path, model, tok, _ = tiny(arch)
+    _, model, tok, _ = tiny(arch)
     gguf = write_gguf(model, arch, tmp_path / f"{arch}-{qtype}.gguf", default_gguf, qtype)
     blocks = LLM(model=str(gguf), dtype="float32", show_progress=False,
                  kv_cache_memory="16MiB")
@@ -105,7 +105,7 @@ def test_quantization_puts_experts_into_blocks(tiny):
 
 
 def test_mla_cache_holds_the_latent_and_prefix_hits_agree(tiny):
-    path, model, tok, _ = tiny("deepseek_v3")
+    path, model, _, _ = tiny("deepseek_v3")
     cfg = model.config
     llm = LLM(model=str(path), dtype="float32", quantization="none", show_progress=False,
               kv_cache_memory="16MiB", enable_prefix_caching=True)

@@ -189,9 +189,8 @@ def interleave_blocks(model: torch.nn.Module) -> None:
 
     shared = {m.blocks.data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
     for module in model.modules():
-        if isinstance(module, GGUFLinear) and module.blocks.data_ptr() not in shared:
-            module.interleave_blocks()
-        elif isinstance(module, Experts):
+        if (isinstance(module, GGUFLinear) and module.blocks.data_ptr() not in shared) or \
+                isinstance(module, Experts):
             module.interleave_blocks()
 
 
@@ -232,6 +231,13 @@ def log_loaded(engine: Any, seconds: float) -> None:
         config.block_size, engine.kv_tokens,
         engine.kv_tokens * engine.kv_bytes_per_token / 2**20, engine.kv_bytes_per_token,
         engine.max_model_len, status, resident())
+    if mcfg.is_mla:
+        full = mcfg.num_layers * mcfg.full_kv_values * engine.kv_bytes_per_token // max(
+            1, mcfg.num_layers * mcfg.cache_dim)
+        logger.info("MLA latent KV cache: %d bytes/token (%d latent + %d rotary values a "
+                    "layer) against %d for full K and V of every head: %.1fx smaller",
+                    engine.kv_bytes_per_token, mcfg.kv_lora_rank, mcfg.qk_rope_head_dim, full,
+                    full / engine.kv_bytes_per_token)
 
 
 def resident() -> str:

@@ -78,7 +78,6 @@ def weight_formats(model: nn.Module) -> str:
     from collections import Counter
 
     from deepserve.layers.gguf_linear import NAMES
-
     from deepserve.layers.moe import Experts
 
     count = Counter(NAMES[m.qtype] for m in model.modules() if isinstance(m, GGUFLinear))
