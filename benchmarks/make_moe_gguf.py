@@ -20,12 +20,13 @@ SHAPES = {
     # 16 layers, hidden 1024, 32 experts of 512, 4 used: 0.95B total, 0.19B active
     "qwen3moe-1b-a0.2b": dict(arch="qwen3moe", layers=16, hidden=1024, heads=16, kv_heads=4,
                               head_dim=64, experts=32, used=4, expert_ff=512),
-    # DeepSeek-V2-Lite's attention (16 heads, kv_lora 512, nope 128, rope 64, v 128, no
-    # q_lora) and routing (64 experts, 6 used, 2 shared, first layer dense), with hidden
-    # 1024, experts of 704 and 8 layers: 1.0B total, 0.2B active
-    "deepseek2-lite-1b": dict(arch="deepseek2", layers=8, hidden=1024, heads=16, experts=64,
-                              used=6, expert_ff=704, shared=2, dense_ff=5472, kv_lora=512,
-                              nope=128, rope=64, v=128),
+    # DeepSeek-V2-Lite's 27 layers, attention (16 heads, kv_lora 512, nope 128, rope 64,
+    # v 128, no q_lora) and routing (64 experts, 6 used, 2 shared, first layer dense), at
+    # half its widths (hidden 1024, experts of 704, dense MLP 5472): 4.0B total, 0.7B
+    # active. (llama.cpp takes a deepseek2 file without q_lora only at 26 or 27 layers.)
+    "deepseek2-lite-half": dict(arch="deepseek2", layers=27, hidden=1024, heads=16,
+                                experts=64, used=6, expert_ff=704, shared=2, dense_ff=5472,
+                                kv_lora=512, nope=128, rope=64, v=128),
 }
 
 

@@ -287,6 +287,22 @@ def linear_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int,
     return ops().linear_gguf(x, blocks, qtype, bias)
 
 
+def moe_gguf(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+             gu_type: int, down: torch.Tensor, down_type: int) -> torch.Tensor:
+    """A mixture-of-experts SwiGLU in one call: x [T, H], the chosen experts ``ids`` and
+    their ``weights`` [T, k], expert blocks gate_up [E, 2I, bytes] and down [E, H, bytes]
+    of kernel types ``gu_type`` / ``down_type``; each chosen expert runs once over its
+    rows. Returns [T, H] in x's dtype."""
+    return ops().moe_gguf(x, ids, weights, gate_up, gu_type, down, down_type)
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, sigmoid: bool,
+              n_group: int, topk_group: int, top2: bool, norm: bool,
+              scale: float) -> list[torch.Tensor]:
+    """A router's top-k in one call (``layers.moe.route`` in torch ops): [weights, ids]."""
+    return ops().moe_route(logits, bias, k, sigmoid, n_group, topk_group, top2, norm, scale)
+
+
 def gguf_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """Rows ``ids`` of a GGUF block matrix as float32 (an embedding lookup)."""
     return ops().gguf_rows(blocks, ids, qtype, k)

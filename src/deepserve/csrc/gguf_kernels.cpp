@@ -726,6 +726,172 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
   return xc.scalar_type() == at::kFloat ? out : out.to(xc.scalar_type());
 }
 
+// y [M, N] = x [M, K] (float rows) times a block matrix of kernel type `qtype`, as
+// linear_gguf computes it: Q8_0 / Q6_K against the float rows, the 4-bit types against the
+// rows rounded to 8-bit codes.
+void linear_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+                 int64_t qtype, float* out) {
+  if (qtype == kQ8_0) { linear_q8f<kQ8_0>(x, w, M, K, N, out); return; }
+  if (qtype == kQ6_K) { linear_q8f<kQ6_K>(x, w, M, K, N, out); return; }
+  QRows q;
+  quantize_rows(x, M, K, q);
+  switch (qtype) {
+    case kQ4_0: linear_blocks<kQ4_0>(q, w, M, K, N, out); break;
+    case kQ4_0x8: linear_x8<kQ4_0>(q, w, M, K, N, out); break;
+    case kQ4_1x8: linear_x8<kQ4_1>(q, w, M, K, N, out); break;
+    case kQ4_Kx8: linear_x8<kQ4_K>(q, w, M, K, N, out); break;
+    case kQ5_0x8: case kQ5_1x8: linear_x8<kQ5_0>(q, w, M, K, N, out); break;
+    default: linear_blocks<kQ4_1>(q, w, M, K, N, out); break;
+  }
+}
+
+int64_t kernel_block_bytes(int64_t qtype) {
+  const int64_t base = qtype > 100 ? qtype - 100 : qtype;
+  return block_bytes(base);
+}
+
+// A mixture-of-experts MLP in one call: the batch's rows grouped by the experts chosen
+// for them (ids [T, k]), each chosen expert's SwiGLU run once over its rows on its
+// blocks (gate_up [E, 2I, bytes], down [E, H, bytes]), and the results added back
+// weighted (weights [T, k]). Only chosen experts' blocks are read. Returns [T, H] in x's
+// dtype; intermediate values stay float32.
+at::Tensor moe_gguf(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                    const at::Tensor& gate_up, int64_t gu_type, const at::Tensor& down,
+                    int64_t down_type) {
+  TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes() &&
+                  ids.size(0) == x.size(0),
+              "moe_gguf: x [T,H], ids and weights [T,k]");
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "moe_gguf: ids must be int64");
+  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && gate_up.scalar_type() == at::kByte &&
+                  down.scalar_type() == at::kByte && gate_up.size(0) == down.size(0),
+              "moe_gguf: gate_up [E,2I,bytes] and down [E,H,bytes] uint8 blocks");
+  const int64_t T = x.size(0), H = x.size(1), k = ids.size(1), E = gate_up.size(0);
+  const int64_t N1 = gate_up.size(1), I = N1 / 2;
+  TORCH_CHECK(down.size(1) == H && H % QK == 0 && I % QK == 0 &&
+                  gate_up.size(2) == H / QK * kernel_block_bytes(gu_type) &&
+                  down.size(2) == I / QK * kernel_block_bytes(down_type),
+              "moe_gguf: expert blocks do not match hidden ", H, " and intermediate ", I);
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor idc = ids.contiguous();
+  at::Tensor wf = weights.to(at::kFloat).contiguous();
+  at::Tensor gu = gate_up.contiguous(), dn = down.contiguous();
+  const int64_t* idp = idc.data_ptr<int64_t>();
+  const float* wp = wf.data_ptr<float>();
+  // rows of each expert, in token order
+  std::vector<std::vector<int64_t>> rows(E);
+  for (int64_t i = 0; i < T * k; ++i) {
+    const int64_t e = idp[i];
+    TORCH_CHECK(e >= 0 && e < E, "moe_gguf: expert id ", e, " out of range");
+    rows[e].push_back(i);
+  }
+  at::Tensor out = at::zeros({T, H}, xf.options());
+  float* op = out.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
+  const int64_t gu_stride = gu.size(1) * gu.size(2), dn_stride = dn.size(1) * dn.size(2);
+  std::vector<float> xe, h, act, y;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = static_cast<int64_t>(rows[e].size());
+    if (!n) continue;
+    xe.resize(n * H);
+    h.resize(n * N1);
+    act.resize(n * I);
+    y.resize(n * H);
+    for (int64_t r = 0; r < n; ++r)
+      std::memcpy(xe.data() + r * H, xp + rows[e][r] / k * H, H * sizeof(float));
+    linear_rows(xe.data(), n, H, gu.data_ptr<uint8_t>() + e * gu_stride, N1, gu_type, h.data());
+    for (int64_t r = 0; r < n; ++r) {
+      const float* g = h.data() + r * N1;
+      float* a = act.data() + r * I;
+      for (int64_t j = 0; j < I; ++j) a[j] = g[j] / (1.f + std::exp(-g[j])) * g[I + j];
+    }
+    linear_rows(act.data(), n, I, dn.data_ptr<uint8_t>() + e * dn_stride, H, down_type,
+                y.data());
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t slot = rows[e][r];
+      const float wgt = wp[slot];
+      float* o = op + slot / k * H;
+      const float* yr = y.data() + r * H;
+      for (int64_t j = 0; j < H; ++j) o[j] += wgt * yr[j];
+    }
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+// A mixture-of-experts router's choice, per row of logits [T, E] (float32): softmax or
+// sigmoid scores; with groups, only the `topk_group` best groups are eligible (a group
+// ranks by its best score, or with `top2` by the sum of its best two); an optional
+// correction bias moves the choice but not the weights; the k chosen scores, optionally
+// renormalised, times `scale`. Returns [weights [T, k] float32, ids [T, k] int64].
+std::vector<at::Tensor> moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias,
+                                  int64_t k, bool sigmoid, int64_t n_group, int64_t topk_group,
+                                  bool top2, bool norm, double scale) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat,
+              "moe_route: logits must be float32 [T, E]");
+  at::Tensor lc = logits.contiguous();
+  const int64_t T = lc.size(0), E = lc.size(1);
+  TORCH_CHECK(k >= 1 && k <= E && n_group >= 1 && E % n_group == 0 && topk_group >= 1 &&
+                  topk_group <= n_group,
+              "moe_route: bad k, n_group or topk_group for ", E, " experts");
+  at::Tensor bc;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    bc = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bc.numel() == E, "moe_route: bias must have one value per expert");
+    bp = bc.data_ptr<float>();
+  }
+  at::Tensor w = at::empty({T, k}, lc.options());
+  at::Tensor ids = at::empty({T, k}, lc.options().dtype(at::kLong));
+  const float* lp = lc.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  const int64_t per = E / n_group;
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    std::vector<float> score(E), choice(E), gscore(n_group);
+    std::vector<int64_t> order(std::max(E, n_group));
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* l = lp + t * E;
+      if (sigmoid) {
+        for (int64_t e = 0; e < E; ++e) score[e] = 1.f / (1.f + std::exp(-l[e]));
+      } else {
+        float mx = l[0];
+        for (int64_t e = 1; e < E; ++e) mx = std::max(mx, l[e]);
+        float sum = 0.f;
+        for (int64_t e = 0; e < E; ++e) sum += (score[e] = std::exp(l[e] - mx));
+        for (int64_t e = 0; e < E; ++e) score[e] /= sum;
+      }
+      for (int64_t e = 0; e < E; ++e) choice[e] = score[e] + (bp ? bp[e] : 0.f);
+      if (n_group > 1) {
+        for (int64_t g = 0; g < n_group; ++g) {
+          float a = -INFINITY, b = -INFINITY;  // best two of the group
+          for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+            const float v = choice[e];
+            if (v > a) { b = a; a = v; } else if (v > b) { b = v; }
+          }
+          gscore[g] = top2 ? a + (per > 1 ? b : 0.f) : a;
+        }
+        for (int64_t g = 0; g < n_group; ++g) order[g] = g;
+        std::partial_sort(order.begin(), order.begin() + topk_group, order.begin() + n_group,
+                          [&](int64_t x, int64_t y) { return gscore[x] > gscore[y]; });
+        std::vector<char> keep(n_group, 0);
+        for (int64_t i = 0; i < topk_group; ++i) keep[order[i]] = 1;
+        for (int64_t e = 0; e < E; ++e)
+          if (!keep[e / per]) choice[e] = -INFINITY;
+      }
+      for (int64_t e = 0; e < E; ++e) order[e] = e;
+      std::partial_sort(order.begin(), order.begin() + k, order.begin() + E,
+                        [&](int64_t x, int64_t y) { return choice[x] > choice[y]; });
+      float sum = 0.f;
+      for (int64_t i = 0; i < k; ++i) sum += score[order[i]];
+      const float mul = static_cast<float>(scale) / (norm ? sum + 1e-20f : 1.f);
+      for (int64_t i = 0; i < k; ++i) {
+        ip[t * k + i] = order[i];
+        wp[t * k + i] = score[order[i]] * mul;
+      }
+    }
+  });
+  return {w, ids};
+}
+
 // Rows `ids` of a block matrix as floats (an embedding lookup in a GGUF table).
 at::Tensor gguf_rows(const at::Tensor& weight, const at::Tensor& ids, int64_t qtype, int64_t K) {
   const int64_t bb = qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 ? block_bytes(qtype) : 0;
@@ -777,10 +943,16 @@ int64_t gguf_isa() { return DSQ_ISA; }
 DSQ_FRAGMENT(DS_NS, m) {
   m.def("linear_gguf(Tensor x, Tensor weight, int qtype, Tensor? bias) -> Tensor");
   m.def("gguf_rows(Tensor weight, Tensor ids, int qtype, int k) -> Tensor");
+  m.def("moe_route(Tensor logits, Tensor? bias, int k, bool sigmoid, int n_group, "
+        "int topk_group, bool top2, bool norm, float scale) -> Tensor[]");
+  m.def("moe_gguf(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, int gu_type, "
+        "Tensor down, int down_type) -> Tensor");
   m.def("isa() -> int", &dsq::gguf_isa);
 }
 
 DSQ_IMPL(DS_NS, CPU, m) {
   m.impl("linear_gguf", &dsq::linear_gguf);
   m.impl("gguf_rows", &dsq::gguf_rows);
+  m.impl("moe_gguf", &dsq::moe_gguf);
+  m.impl("moe_route", &dsq::moe_route);
 }

@@ -5,9 +5,11 @@ Experts are SwiGLU MLPs stored as two 3-D weights, ``gate_up`` ``[E, 2I, H]`` (g
 first) and ``down`` ``[E, H, I]``: dense tensors, or GGUF blocks as the file stores them
 (``ffn_*_exps``) or as ``--quantization`` makes them, never a dense copy. One step's
 tokens are grouped by expert (one argsort of the chosen ids), each expert that was
-chosen runs once over its rows on the same per-ISA kernels as every other projection
-(``kernels.linear_gguf``), and the weighted results are added back in one
-``index_add_``. A single decode token reads only its k experts' bytes.
+chosen runs once over its rows on the same per-ISA block kernels as every other
+projection, and the weighted results are added back. With the CPU kernels all of that is
+one C++ call per layer (``kernels.moe_gguf``: grouping, both projections, SwiGLU and the
+weighted sum); without them, the same steps in torch ops. A single decode token reads
+only its k experts' bytes.
 """
 
 from __future__ import annotations
@@ -140,9 +142,6 @@ class Experts(KernelLayer, nn.Module):
             h = F.linear(x, self.gate_up[e])
             gate, up = h.split(self.inter, dim=-1)
             return F.linear(F.silu(gate) * up, self.down[e])
-        if self.use_kernel:
-            h = kernels.linear_gguf(x, self.gate_up[e], self.kernel_qtypes[0])
-            return kernels.linear_gguf(kernels.silu_mul(h), self.down[e], self.kernel_qtypes[1])
         h = F.linear(x.float(), self._dense_of("gate_up", e))
         gate, up = h.split(self.inter, dim=-1)
         return F.linear(F.silu(gate) * up, self._dense_of("down", e)).to(x.dtype)
@@ -150,6 +149,9 @@ class Experts(KernelLayer, nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
                 ) -> torch.Tensor:
         """x [T, H]; ids, weights [T, k] -> sum over k of weight * expert(x)."""
+        if self.qtypes is not None and self.use_kernel:
+            return kernels.moe_gguf(x, ids, weights, self.gate_up, self.kernel_qtypes[0],
+                                    self.down, self.kernel_qtypes[1])
         k = ids.shape[1]
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)
@@ -186,7 +188,7 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class SparseMoE(nn.Module):
+class SparseMoE(KernelLayer, nn.Module):
     """Router + routed experts (+ shared experts): the MLP of an MoE layer."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -203,7 +205,14 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.gate)
         bias = None if self.correction_bias is None else self.correction_bias.float()
-        weights, ids = route(logits, self.cfg, bias)
+        c = self.cfg
+        if self.use_kernel:  # the same choice in one call
+            weights, ids = kernels.moe_route(logits, bias, c.num_experts_per_tok,
+                                             c.scoring_func == "sigmoid", c.n_group,
+                                             c.topk_group, c.group_score == "top2",
+                                             c.norm_topk_prob, c.routed_scaling_factor)
+        else:
+            weights, ids = route(logits, c, bias)
         y = self.experts(x, ids, weights)
         if self.shared is not None:
             y = y + self.shared(x)

@@ -94,8 +94,13 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         h = kernels.rms_norm(x, None, self.input_layernorm.weight, self.input_layernorm.eps)[0]
         qkv = self.qkv_proj(h)
-        if self.q_norm is not None:
-            qkv = self._norm_qk(qkv)
+        if self.q_norm is not None:  # per-head norms through the fused kernel, in place
+            for norm, cols in ((self.q_norm, slice(0, self.q_size)),
+                               (self.k_norm, slice(self.q_size, self.q_size + self.kv_size))):
+                part = qkv[:, cols]
+                normed = kernels.rms_norm(part.reshape(-1, self.head_dim).contiguous(), None,
+                                          norm.weight, norm.eps)[0]
+                part.copy_(normed.view(t, -1))
         if cache.kind in ("auto", "fp16"):  # fp16: the kernel rounds K/V as it writes
             q, k = kernels.rope_write_kv(qkv, cos, sin, cache.k, cache.v, meta.slot_mapping,
                                          self.num_heads, self.num_kv_heads)
