@@ -238,3 +238,11 @@ def test_fused_experts_kernel_matches_the_torch_path(qtype, each_isa):
     got = experts(x, ids, w)
     # the kernels round activations to 8 bits for the 4-bit types
     torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])
+def test_torch_path_without_cpu_kernels_matches_transformers(arch, tiny):
+    """The same models with the C++ kernels off (router, experts, MLA decode in torch)."""
+    path, _, _, ref = tiny(arch)
+    _, got = run(str(path), quantization="none", cpu_kernels=False)
+    assert got == ref

@@ -131,7 +131,13 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
     quantize_model(model, config.quantization, dtype)
     enable_kernels(model, use_kernels)
     if use_kernels and dtype == torch.bfloat16 and dense_for_batches():
-        keep_dense_copies(model, dtype)
+        if mcfg.num_experts:
+            # experts never get copies, and the attention's alone measured slower than
+            # the block kernels at 32 streams (benchmarks/decode_step.py, BENCHMARKS.md)
+            logger.info("mixture-of-experts model: every layer runs on its blocks, no bf16 "
+                        "copies for large batches")
+        else:
+            keep_dense_copies(model, dtype)
     if use_kernels and kernels.isa() != "portable":
         interleave_blocks(model)
     if config.cpu_kernels:

@@ -190,6 +190,9 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
     if missing:
         raise ModelLoadError(f"{source}: checkpoint lacks {len(missing)} tensor(s) the "
                              f"{cfg.architecture} model needs, e.g. {missing[:3]}")
+    for layer in model.layers:
+        if hasattr(layer, "absorb"):  # MLA: kv_b_proj -> W_UK, W_UV^T
+            layer.absorb()
     model.eval()
     return model
 
