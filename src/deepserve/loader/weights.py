@@ -101,8 +101,9 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
 
     params = dict(model.named_parameters(remove_duplicate=False))
     # what has been filled: per parameter, its leading dims (rows; experts x rows)
+    # (each tensor once: a tied head is filled with the embedding)
     filled = {name: torch.zeros(p.shape[:max(1, p.dim() - 1)], dtype=torch.bool)
-              for name, p in params.items() if not name.startswith("rotary")}
+              for name, p in model.named_parameters() if not name.startswith("rotary")}
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     source = str(ckpt.path)
     orders = {k: rope_row_order(cfg, k) for k in ("q", "kv_a")}
@@ -128,7 +129,8 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
             tensor = tensor[orders[kind]]
         with torch.no_grad():
             dest.copy_(tensor)
-        filled[target][index] = True
+        if target in filled:
+            filled[target][index] = True
 
     tensors = ckpt.tensors(cfg, skip) if skip else ckpt.tensors(cfg)
     bar = tqdm(tensors, total=len(ckpt) - len(skip), desc="loading weights", unit="tensor",
