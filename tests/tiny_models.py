@@ -82,6 +82,24 @@ GGUF_ARCH = {"qwen3": "qwen3", "qwen3_moe": "qwen3moe", "deepseek_v2": "deepseek
              "deepseek_v3": "deepseek2"}
 
 
+_TOKENIZER_FIELDS: dict[str, list] = {}
+
+
+def _tokenizer_fields(default_gguf: Path) -> list:
+    """The default model's ``tokenizer.*`` metadata (read once: the gguf package's reader
+    takes seconds over a 49k-token vocabulary)."""
+    import gguf
+
+    key = str(default_gguf)
+    if key not in _TOKENIZER_FIELDS:
+        src = gguf.GGUFReader(key)
+        _TOKENIZER_FIELDS[key] = [
+            (f.name, f.contents(), f.types[0],
+             f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+            for f in src.fields.values() if f.name.startswith("tokenizer.")]
+    return _TOKENIZER_FIELDS[key]
+
+
 def write_gguf(model, arch: str, path: Path, default_gguf: Path, qtype: int = 0) -> Path:
     """The same weights as a GGUF file, named and laid out as llama.cpp's converter
     writes them (deepseek2: kv_b split into attn_k_b, transposed, and attn_v_b; MoE
@@ -94,12 +112,8 @@ def write_gguf(model, arch: str, path: Path, default_gguf: Path, qtype: int = 0)
     cfg = model.config
     a = GGUF_ARCH[arch]
     w = gguf.GGUFWriter(str(path), a)
-    src = gguf.GGUFReader(str(default_gguf))
-    for field in src.fields.values():
-        if field.name.startswith("tokenizer."):
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    for name, value, vtype, sub in _tokenizer_fields(default_gguf):
+        w.add_key_value(name, value, vtype, sub_type=sub)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)

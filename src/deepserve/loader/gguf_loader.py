@@ -87,15 +87,16 @@ class GGUFCheckpoint:
     def field(self, key: str, default: Any = None) -> Any:
         return self.reader.fields.get(key, default)
 
-    def model_config(self) -> ModelConfig:
-        a = self.arch
+    def need(self, key: str) -> Any:
+        """``{arch}.{key}`` from the metadata, or an error naming it."""
+        value = self.field(f"{self.arch}.{key}")
+        if value is None:
+            raise ModelLoadError(f"{self.path}: GGUF metadata lacks {self.arch}.{key}, which "
+                                 f"a {self.arch} model needs")
+        return value
 
-        def need(key: str) -> Any:
-            value = self.field(f"{a}.{key}")
-            if value is None:
-                raise ModelLoadError(f"{self.path}: GGUF metadata lacks {a}.{key}, which a "
-                                     f"{a} model needs")
-            return value
+    def model_config(self) -> ModelConfig:
+        a, need = self.arch, self.need
 
         heads = int(need("attention.head_count"))
         hidden = int(need("embedding_length"))
@@ -141,14 +142,7 @@ class GGUFCheckpoint:
 
     def _moe_mla_fields(self, heads: int) -> dict[str, Any]:
         """Experts (qwen3moe, deepseek2) and latent attention (deepseek2) from metadata."""
-        a = self.arch
-
-        def need(key: str) -> Any:
-            value = self.field(f"{a}.{key}")
-            if value is None:
-                raise ModelLoadError(f"{self.path}: GGUF metadata lacks {a}.{key}, which a "
-                                     f"{a} model needs")
-            return value
+        a, need = self.arch, self.need
 
         layers = int(need("block_count"))
         # MoE layers are those with a router (llama.cpp's qwen3moe has no dense-layer

@@ -123,8 +123,9 @@ def latent_decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scal
     """Decode attention over the latent cache: q [B, H, D] against each sequence's cached
     latents [L, D] (gathered block by block, padded to the longest context), values their
     first ``value_dim`` entries. Returns [B, H, value_dim]. Two batched GEMMs: with one KV
-    head shared by all H query heads this beats the per-head decode kernel (measured
-    7.4 -> see BENCHMARKS.md at batch 32)."""
+    head shared by all H query heads this beats the decode kernel, which works per
+    (sequence, KV head) (a batch-32 decode step of the DeepSeek-V2-Lite-shaped benchmark
+    file: 400 -> 299 ms, BENCHMARKS.md)."""
     b, _, d = q.shape
     bs = meta.block_size
     table, ctx = meta.decode_table, meta.decode_ctx
