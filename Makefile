@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup serve test lint bench bench-deps bench-compare bench-llamacpp bench-llamacpp-offline bench-peers bench-vllm bench-fleet ray deploy-tools services clean
+.PHONY: setup serve test lint bench bench-moe bench-deps bench-compare bench-llamacpp bench-llamacpp-offline bench-peers bench-vllm bench-fleet ray deploy-tools services clean
 
 setup: $(STAMP)
 
@@ -77,6 +77,16 @@ $(LLAMA_SERVER): | setup
 bench-peers: setup $(LLAMA_SERVER)
 	$(BIN)/python benchmarks/serve_vs_peers.py --llama-server $(LLAMA_SERVER) \
 		--systems auto none int8 int4 mixed llama.cpp
+
+# Mixture-of-experts models against llama-server on the same random-weight GGUF files
+# (benchmarks/make_moe_gguf.py: a Qwen3-MoE of 1B total / 0.2B active and a
+# DeepSeek-V2-Lite-shaped MLA + MoE model), one system at a time.
+MOE_MODELS := qwen3moe-1b-a0.2b deepseek2-lite-half
+bench-moe: setup $(LLAMA_SERVER)
+	$(BIN)/python benchmarks/make_moe_gguf.py --out build/bench-models
+	for m in $(MOE_MODELS); do $(BIN)/python benchmarks/serve_vs_peers.py \
+		--model build/bench-models/$$m.Q4_0.gguf --llama-server $(LLAMA_SERVER) \
+		--systems auto llama.cpp --concurrency 1 8 32 --out results/moe-$$m.json || exit 1; done
 
 # vLLM's CPU build in a venv of its own (it pins torch 2.13.0+cpu; torchvision, torchaudio
 # and torchcodec are removed, as they do not load against it), serving the default model

@@ -262,6 +262,7 @@ class GGUFCheckpoint:
         q/k rows put back in rotary order: a row permutation, so blocks stay whole)."""
         t = self._tensors[name]
         data = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))
+        self.reader.release(t.data)
         if self.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config.num_heads if "attn_q" in name else config.num_kv_heads
             data = _unpermute_rotary(data, heads).contiguous()
@@ -315,6 +316,7 @@ class GGUFCheckpoint:
 
         try:
             data = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
+            self.reader.release(t.data)
         except NotImplementedError as exc:
             raise ModelLoadError(f"{self.path}: tensor {name!r} uses quantization "
                                  f"{t.tensor_type.name}, which the gguf package cannot "

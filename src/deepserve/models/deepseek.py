@@ -25,12 +25,13 @@ import dataclasses
 import torch
 from torch import nn
 
+from deepserve import kernels
 from deepserve.layers.attention import AttentionMetadata, paged_attention
 from deepserve.layers.kv_cache import LayerKV
 from deepserve.layers.linear import Linear
 from deepserve.layers.rotary import apply_rotary, softmax_mscale
 from deepserve.models.config import ModelConfig
-from deepserve.models.llama import RMSNorm, init_mlp, mlp
+from deepserve.models.llama import RMSNorm, init_mlp, mlp, mlp_fused
 
 # The reference implementations norm the low-rank latents with this epsilon.
 LATENT_EPS = 1e-6
@@ -76,18 +77,18 @@ class MLADecoderLayer(nn.Module):
         self.w_uv_t = w[:, self.nope:].transpose(1, 2).contiguous()
         del self.kv_b_proj
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+    def _queries(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         if self.q_proj is not None:
             return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return self.q_b_proj(_norm(self.q_a_layernorm, self.q_a_proj(x), fused))
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+                  cache: LayerKV, meta: AttentionMetadata, fused: bool = False) -> torch.Tensor:
         t, h = x.shape[0], self.num_heads
-        q = self._queries(x).view(t, h, self.q_head)
+        q = self._queries(x, fused).view(t, h, self.q_head)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.lora, self.rope], dim=-1)
-        c = self.kv_a_layernorm(c)
+        c = _norm(self.kv_a_layernorm, c, fused)
         q_pe = apply_rotary(q_pe, cos, sin)
         k_pe = apply_rotary(k_pe.reshape(t, 1, self.rope), cos, sin)
         latent = torch.cat([c.reshape(t, 1, self.lora), k_pe], dim=-1)  # [T, 1, lora + rope]
@@ -115,7 +116,21 @@ class MLADecoderLayer(nn.Module):
         x = x + self.attention(self.input_layernorm(x), cos, sin, cache, meta)
         return x + mlp(self, self.post_attention_layernorm(x))
 
-    forward_fused = forward
+    def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+        """The same layer with its norms (and the residual add) in the fused kernel."""
+        norm = self.input_layernorm
+        h = kernels.rms_norm(x, None, norm.weight, norm.eps)[0]
+        a = self.attention(h, cos, sin, cache, meta, fused=True)
+        norm = self.post_attention_layernorm
+        h, x = kernels.rms_norm(x, a, norm.weight, norm.eps)
+        return x + mlp_fused(self, h)
+
+
+def _norm(norm: RMSNorm, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    if fused:
+        return kernels.rms_norm(x.contiguous(), None, norm.weight, norm.eps)[0]
+    return norm(x)
 
 
 def latent_decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scale: float,
