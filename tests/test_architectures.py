@@ -246,3 +246,33 @@ def test_torch_path_without_cpu_kernels_matches_transformers(arch, tiny):
     path, _, _, ref = tiny(arch)
     _, got = run(str(path), quantization="none", cpu_kernels=False)
     assert got == ref
+
+
+def test_k_quant_experts_kernel_matches_the_torch_path(each_isa):
+    """Experts as Q4_K_M files store them (gate/up Q4_K, down Q6_K), kept in the
+    rewritten layout, through kernels.moe_gguf and through torch."""
+    from kquant_files import quantize_q4_k, quantize_q6_k
+
+    from deepserve.layers import kquants
+    from deepserve.layers.moe import Experts
+
+    torch.manual_seed(0)
+    e, h, inter, t, k = 4, 256, 256, 5, 2
+    experts = Experts(e, h, inter)
+    gate_up = torch.randn(e, 2 * inter, h) * 0.1
+    down = torch.randn(e, h, inter) * 0.1
+
+    def kept(w: torch.Tensor, quant, qtype: int) -> torch.Tensor:
+        raw = quant(w.reshape(-1, w.shape[-1]))
+        return kquants.keep(raw, qtype, w.shape[-1]).reshape(w.shape[0], w.shape[1], -1)
+
+    experts.to_blocks(kept(gate_up, quantize_q4_k, 12), 12, kept(down, quantize_q6_k, 14), 14)
+    x = torch.randn(t, h)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    w = torch.rand(t, k)
+    experts.use_kernel = False
+    ref = experts(x, ids, w)
+    experts.interleave_blocks()  # Q4_K: already interleaved at load by its kernel's rule
+    experts.use_kernel = True
+    got = experts(x, ids, w)
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())

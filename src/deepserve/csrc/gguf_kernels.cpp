@@ -745,8 +745,11 @@ void linear_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t
   }
 }
 
+// Bytes per 32 weights of a kernel type; 0 for Q5_0 / Q5_1 / Q4_K not interleaved (their
+// kernels read only the interleaved order).
 int64_t kernel_block_bytes(int64_t qtype) {
   const int64_t base = qtype > 100 ? qtype - 100 : qtype;
+  if (qtype == base && (base == kQ5_0 || base == kQ5_1 || base == kQ4_K)) return 0;
   return block_bytes(base);
 }
 
@@ -767,6 +770,9 @@ at::Tensor moe_gguf(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
               "moe_gguf: gate_up [E,2I,bytes] and down [E,H,bytes] uint8 blocks");
   const int64_t T = x.size(0), H = x.size(1), k = ids.size(1), E = gate_up.size(0);
   const int64_t N1 = gate_up.size(1), I = N1 / 2;
+  TORCH_CHECK(kernel_block_bytes(gu_type) > 0 && kernel_block_bytes(down_type) > 0,
+              "moe_gguf: expert types ", gu_type, " / ", down_type, " are not ones the kernels "
+              "read (Q5_x and Q4_K only interleaved: 106, 107, 112)");
   TORCH_CHECK(down.size(1) == H && H % QK == 0 && I % QK == 0 &&
                   gate_up.size(2) == H / QK * kernel_block_bytes(gu_type) &&
                   down.size(2) == I / QK * kernel_block_bytes(down_type),

@@ -25,6 +25,7 @@ from deepserve.layers.gguf_linear import (
     NAMES,
     QK,
     X8,
+    X8_ONLY,
     dequantize,
     interleave,
     quantize,
@@ -101,6 +102,9 @@ class Experts(KernelLayer, nn.Module):
             self.register_buffer(name, blocks.contiguous(), persistent=False)
         self.qtypes = (gu_type, down_type)
         self.kernel_qtypes = self.qtypes
+        if gu_type in X8_ONLY or down_type in X8_ONLY:
+            # Q4_K and Q5_x are read only in the interleaved order (as GGUFLinear does)
+            self.interleave_blocks()
 
     def quantize(self, gu_type: int, down_type: int) -> None:
         """Dense experts -> GGUF blocks (``--quantization``)."""
