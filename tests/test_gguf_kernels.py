@@ -230,3 +230,24 @@ def test_bf16_copies_for_large_batches_only_within_their_memory_budget(caplog):
         # (oneDNN packs bf16 copies only where this CPU has bf16)
         assert keep_dense_copies(model, torch.bfloat16, free=4 * 3 * 64 * 128 * 2)
         assert all(m.dense is not None for m in model)
+
+
+@pytest.mark.parametrize("qtype", [2, 3, 6, 12])
+def test_interleave_kernel_equals_the_torch_reordering(qtype, each_isa):
+    """kernels.interleave_blocks against gguf_linear.interleave's torch copies, also
+    from a strided view (a mapped file's rows inside a larger array)."""
+    from deepserve import kernels
+
+    torch.manual_seed(1)
+    k = 512
+    nu, ub, _ = gl._units(qtype, k)
+    wide = torch.randint(0, 256, (24, nu * ub + 40), dtype=torch.uint8)
+    blocks = wide[:, 8:8 + nu * ub]  # rows in place, row stride larger than the row
+    fields = [x for field in gl.HEADS[qtype] for x in field]
+    got = kernels.interleave_blocks(blocks, fields, nu, ub)
+    state = kernels._state.pop("ok")  # the torch path
+    try:
+        ref = gl.interleave(blocks.contiguous(), qtype, k)
+    finally:
+        kernels._state["ok"] = state
+    assert torch.equal(got, ref)

@@ -234,6 +234,11 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def loaded() -> bool:
+    """Whether the C++ kernels are loaded already (never builds them)."""
+    return bool(_state.get("ok"))
+
+
 def available() -> bool:
     """Whether the C++ kernels are loaded (builds them on the first call)."""
     ok = _state.get("ok")
@@ -294,6 +299,13 @@ def moe_gguf(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up:
     of kernel types ``gu_type`` / ``down_type``; each chosen expert runs once over its
     rows. Returns [T, H] in x's dtype."""
     return ops().moe_gguf(x, ids, weights, gate_up, gu_type, down, down_type)
+
+
+def interleave_blocks(blocks: torch.Tensor, fields: list[int], units: int,
+                      unit_bytes: int) -> torch.Tensor:
+    """``layers.gguf_linear.interleave`` in one C++ pass (``fields``: the header fields'
+    (count, size) pairs, flattened)."""
+    return ops().interleave_blocks(blocks, fields, units, unit_bytes)
 
 
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, sigmoid: bool,

@@ -75,8 +75,12 @@ def interleave(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     first (field i of rows 0..7, then field i + 1), then 32-byte vectors (four of
     nibbles per 32 weights, and for Q5_x one of fifth bits) whose 4-byte word r holds row
     r's bytes 4t .. 4t + 3. The same bytes, so the same weights; the shape is unchanged."""
-    n, g = blocks.shape[0], blocks.shape[0] // 8
     nu, ub, hb = _units(qtype, k)
+    if kernels.loaded() and blocks.dim() == 2 and blocks.stride(1) == 1:
+        # one pass in C++ (the strided torch copies below took 2.7 s for a 2.4 GB file)
+        fields = [x for field in HEADS[qtype] for x in field]
+        return kernels.interleave_blocks(blocks, fields, nu, ub)
+    n, g = blocks.shape[0], blocks.shape[0] // 8
     b = blocks.reshape(g, 8, nu, ub)
     out = torch.empty(g, nu, 8 * ub, dtype=torch.uint8)
     # strided copies straight into place (a cat of permuted copies took 3 ms a layer)

@@ -257,6 +257,19 @@ class GGUFCheckpoint:
         """A tensor's GGUF type id (2 for Q4_0, 12 for Q4_K, ...)."""
         return int(self._tensors[name].tensor_type)
 
+    def view(self, name: str) -> torch.Tensor:
+        """A tensor's blocks as a read-only view of the mapped file (no copy: the caller
+        copies what it keeps, then ``release``s the pages)."""
+        import warnings
+
+        with warnings.catch_warnings():  # read-only memory: only ever read from here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(self._tensors[name].data)
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's file pages from resident memory (once copied)."""
+        self.reader.release(self._tensors[name].data)
+
     def blocks(self, name: str, config: ModelConfig) -> torch.Tensor:
         """One tensor's rows as the file stores them: [rows, bytes per row] uint8 (llama's
         q/k rows put back in rotary order: a row permutation, so blocks stay whole)."""

@@ -216,19 +216,26 @@ def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelCon
 
     for path, (qtype, names) in plan.items():
         if path.endswith(".moe.experts"):  # [gate, up, down] of every expert
-            gate, up, down = (ckpt.blocks(n, cfg) for n in names)
+            # read straight from the mapped file: the gate/up concatenation (or the K-quant
+            # rewrite) is the one copy made; 90% of an MoE file's bytes are here
+            gate, up, down = (ckpt.view(n) for n in names)
             h, inter = cfg.hidden_size, cfg.moe_intermediate_size
             gtype, dtype_ = ckpt.tensor_type(names[0]), ckpt.tensor_type(names[2])
 
             def keep3(raw: torch.Tensor, t: int, k: int) -> torch.Tensor:
-                if t not in K_TYPES:  # K-quants rewritten exactly, expert by expert's rows
+                if t not in K_TYPES:
                     return raw
-                flat = kquants.keep(raw.reshape(-1, raw.shape[-1]), t, k)
+                # K-quants rewritten exactly, over every expert's rows at once
+                flat = kquants.keep(raw.reshape(-1, raw.shape[-1]).clone(), t, k)
                 return flat.reshape(raw.shape[0], raw.shape[1], -1)
 
-            model.get_submodule(path).to_blocks(
-                torch.cat([keep3(gate, gtype, h), keep3(up, gtype, h)], dim=1), gtype,
-                keep3(down, dtype_, inter), dtype_)
+            gate_up = torch.cat([keep3(gate, gtype, h), keep3(up, gtype, h)], dim=1)
+            down_kept = keep3(down, dtype_, inter)
+            if down_kept is down:
+                down_kept = down.clone()
+            for n in names:
+                ckpt.release(n)
+            model.get_submodule(path).to_blocks(gate_up, gtype, down_kept, dtype_)
             continue
         k = in_features.get(path) or cfg.hidden_size
         bias = (torch.zeros(sum(ckpt.rows(n) for n in names)) if path.endswith("qkv_proj")
