@@ -672,6 +672,19 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
   });
 }
 
+// Rows already rounded to 8-bit codes against a 4-bit block matrix of kernel type `qtype`.
+void linear_codes(const QRows& q, const uint8_t* w, int64_t M, int64_t K, int64_t N,
+                  int64_t qtype, float* out) {
+  switch (qtype) {
+    case kQ4_0: linear_blocks<kQ4_0>(q, w, M, K, N, out); break;
+    case kQ4_0x8: linear_x8<kQ4_0>(q, w, M, K, N, out); break;
+    case kQ4_1x8: linear_x8<kQ4_1>(q, w, M, K, N, out); break;
+    case kQ4_Kx8: linear_x8<kQ4_K>(q, w, M, K, N, out); break;
+    case kQ5_0x8: case kQ5_1x8: linear_x8<kQ5_0>(q, w, M, K, N, out); break;
+    default: linear_blocks<kQ4_1>(q, w, M, K, N, out); break;
+  }
+}
+
 at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype,
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "linear_gguf: x [M,K] and weight [N,bytes]");
@@ -714,14 +727,7 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
   at::Tensor out = at::empty({M, N}, xc.options().dtype(at::kFloat));
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  switch (qtype) {
-    case kQ4_0: linear_blocks<kQ4_0>(q, wp, M, K, N, op); break;
-    case kQ4_0x8: linear_x8<kQ4_0>(q, wp, M, K, N, op); break;
-    case kQ4_1x8: linear_x8<kQ4_1>(q, wp, M, K, N, op); break;
-    case kQ4_Kx8: linear_x8<kQ4_K>(q, wp, M, K, N, op); break;
-    case kQ5_0x8: case kQ5_1x8: linear_x8<kQ5_0>(q, wp, M, K, N, op); break;
-    default: linear_blocks<kQ4_1>(q, wp, M, K, N, op); break;
-  }
+  linear_codes(q, wp, M, K, N, qtype, op);
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
   return xc.scalar_type() == at::kFloat ? out : out.to(xc.scalar_type());
 }
@@ -735,14 +741,7 @@ void linear_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t
   if (qtype == kQ6_K) { linear_q8f<kQ6_K>(x, w, M, K, N, out); return; }
   QRows q;
   quantize_rows(x, M, K, q);
-  switch (qtype) {
-    case kQ4_0: linear_blocks<kQ4_0>(q, w, M, K, N, out); break;
-    case kQ4_0x8: linear_x8<kQ4_0>(q, w, M, K, N, out); break;
-    case kQ4_1x8: linear_x8<kQ4_1>(q, w, M, K, N, out); break;
-    case kQ4_Kx8: linear_x8<kQ4_K>(q, w, M, K, N, out); break;
-    case kQ5_0x8: case kQ5_1x8: linear_x8<kQ5_0>(q, w, M, K, N, out); break;
-    default: linear_blocks<kQ4_1>(q, w, M, K, N, out); break;
-  }
+  linear_codes(q, w, M, K, N, qtype, out);
 }
 
 // Bytes per 32 weights of a kernel type; 0 for Q5_0 / Q5_1 / Q4_K not interleaved (their

@@ -50,24 +50,9 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
-def _split_tables(meta: AttentionMetadata, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each decode row's block table and length repeated ``split`` times (computed once
-    a step, for every layer)."""
-    cached = getattr(meta, "_split", None)
-    if cached is None or cached[0] != split:
-        cached = (split, meta.decode_table.repeat_interleave(split, dim=0),
-                  meta.decode_ctx.repeat_interleave(split))
-        meta._split = cached
-    return cached[1], cached[2]
-
-
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV,
-                    meta: AttentionMetadata, scale: float, split_heads: int = 1) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, heads, d]; k, v: [T, kv_heads, d] (already written to the cache).
-
-    ``split_heads``: with one KV head (MLA's latent), the decode kernel's work per
-    (sequence, KV head) would fall on one thread; the query heads are cut into this many
-    groups, each read as its own sequence over the same blocks, so every thread works.
 
     Returns [T, heads, d].
     """
@@ -76,14 +61,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     group = heads // kv_heads
     b = meta.num_decode
     if b and meta.use_kernel:
-        qd, table, ctx = q[:b], meta.decode_table, meta.decode_ctx
-        if split_heads > 1 and heads % split_heads == 0:
-            qd = qd.reshape(b * split_heads, heads // split_heads, dim)
-            table, ctx = _split_tables(meta, split_heads)
         od = kernels.paged_decode_attention(
-            qd, cache.k, cache.v, getattr(cache, "k_scale", None),
-            getattr(cache, "v_scale", None), table, ctx, meta.block_size, scale
-        ).reshape(b, heads, dim)
+            q[:b], cache.k, cache.v, getattr(cache, "k_scale", None),
+            getattr(cache, "v_scale", None), meta.decode_table, meta.decode_ctx,
+            meta.block_size, scale)
         if not meta.prefills:
             return od
         out = torch.empty_like(q)
