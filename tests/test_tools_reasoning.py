@@ -70,12 +70,52 @@ def test_each_format_parses(text, names):
 @pytest.mark.parametrize("text", [
     "Paris is sunny today.",
     '{"tool_calls": [{"name": "unknown_tool", "arguments": {}}]}',
-    '{"tool_calls": [{"name": "add", "arguments": {"a": 1',  # cut by max_tokens
     '{"answer": 42}',
 ])
-def test_text_that_is_not_a_valid_call_stays_content(text):
+def test_text_that_is_not_a_call_stays_content(text):
     plan = plan_tools(request(tools=[WEATHER, ADD]), None)
     assert parse_tool_calls(text, plan) == (text, [])
+
+
+def test_a_turn_cut_by_max_tokens_keeps_its_complete_calls():
+    plan = plan_tools(request(tools=[WEATHER, ADD], tool_choice="required"), None)
+    text = ('{"tool_calls":[{"name":"add","arguments":{"a":1,"b":2}},{"name":"get_weather",'
+            '"arguments":{"city":"Rome"}},{"name":"add","arguments":{"a":1')
+    out = shape(ChatContext(tools=plan), text)
+    assert out.content is None  # never the format's own text
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in out.tool_calls] == [("add", {"a": 1, "b": 2}),
+                                         ("get_weather", {"city": "Rome"})]
+    assert out.finish_reason("length") == "length"
+    # cut before any call closed: no calls, and still no raw text as content
+    cut = shape(ChatContext(tools=plan), '{"tool_calls":[{"name":"add","argu')
+    assert cut.content is None and cut.tool_calls == []
+    auto = plan_tools(request(tools=[WEATHER, ADD]), None)
+    assert shape(ChatContext(tools=auto), '{"tool_calls": [{"name": "add", "argum').content \
+        is None
+
+
+def test_a_forced_turn_stops_at_a_repeated_call():
+    plan = plan_tools(request(tools=[ADD], tool_choice="required"), None)
+    one = '{"name":"add","arguments":{"a":12,"b":30}}'
+    other = '{"name":"add","arguments":{"a":12,"b":31}}'
+    text = '{"tool_calls":[' + ",".join([one, other, other, one]) + "]}"
+    stream = ChoiceStream(ChatContext(tools=plan))
+    deltas = []
+    for i in range(0, len(text), 3):
+        deltas += stream.feed(text[i:i + 3], final=False)
+        if stream.repeated:
+            break
+    assert stream.repeated and i < len(text) - 3 - len(one)
+    result = stream.result()
+    assert [json.loads(c["function"]["arguments"]) for c in result.tool_calls] == [
+        {"a": 12, "b": 30}, {"a": 12, "b": 31}]
+    assert result.finish_reason("stop") == "tool_calls"
+    # the repeat was held back while it matched: only two calls ever went out
+    assert {d["tool_calls"][0]["index"] for d in deltas} == {0, 1}
+    streamed = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas
+                       if d["tool_calls"][0]["index"] == 1)
+    assert streamed == result.tool_calls[1]["function"]["arguments"]
 
 
 def test_plan_errors_and_choices():
@@ -167,20 +207,23 @@ def test_native_template_gets_tools_and_structured_history(default_gguf):
     assert "reply with only a JSON object" not in prompt  # no generic preamble
 
 
-def test_streamed_tool_calls_come_as_openai_deltas():
+def test_streamed_tool_calls_come_as_argument_fragments_while_generated():
     plan = plan_tools(request(tools=[ADD], tool_choice="required"), None)
     stream = ChoiceStream(ChatContext(tools=plan))
     text = '{"tool_calls":[{"name":"add","arguments":{"a":12,"b":30}}]}'
-    deltas = []
-    for i in range(0, len(text), 5):  # token-sized pieces: nothing shows before the end
+    deltas, early = [], 0
+    for i in range(0, len(text), 5):  # token-sized pieces
         deltas += stream.feed(text[i:i + 5], final=False)
-    assert deltas == []
+        if i + 5 < len(text) - 3:
+            early = len(deltas)
+    assert early >= 3  # the header and fragments came before the last piece
     deltas += stream.feed("", final=True)
     first = deltas[0]["tool_calls"][0]
     assert first["index"] == 0 and first["id"].startswith("call_")
     assert first["function"] == {"name": "add", "arguments": ""}
     args = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:])
     assert json.loads(args) == {"a": 12, "b": 30}
+    assert args == stream.result().tool_calls[0]["function"]["arguments"]
     assert all(set(d["tool_calls"][0]) == {"index", "function"} for d in deltas[1:])
     assert stream.finish_reason("stop") == "tool_calls"
 

@@ -105,6 +105,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         PREFIX_CACHE_SCOPES,
         REASONING_PARSERS,
         SERVER_HELP,
+        TASKS,
         ServerConfig,
     )
 
@@ -116,7 +117,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(
         group, ServerConfig, SERVER_HELP, skip=("plugins",),
         choices={"prefix_cache_scope": list(PREFIX_CACHE_SCOPES),
-                 "reasoning_parser": list(REASONING_PARSERS)},
+                 "reasoning_parser": list(REASONING_PARSERS), "task": list(TASKS)},
         types={"max_request_bytes": lambda v: parse_bytes(v, "max_request_bytes")})
 
 

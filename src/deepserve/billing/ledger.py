@@ -50,6 +50,12 @@ class UsageRecord:
     list_cost: float
     cost: float
     replica_id: str | None = None
+    # What the client said of the request (schema version 4)
+    endpoint: str | None = None  # chat.completions, completions, responses, embeddings
+    user_id: str | None = None  # the request's ``user``
+    safety_identifier: str | None = None
+    metadata: str | None = None  # the request's ``metadata``, as JSON
+    request_options: str | None = None  # e.g. {"reasoning_effort": "low"}, as JSON
 
 
 class Ledger:

@@ -8,6 +8,10 @@ Schema versions (the ``schema_version`` table; a ledger without it is version 1)
 2. ``usage.request_id`` is unique, so a retried or replayed write never bills twice;
    ``replicas.hourly_cost`` records what each replica costs per hour.
 3. ``refusals``: requests a plugin refused (the compliance filter), with the reason.
+4. ``usage`` records the endpoint and what the client said of the request (``user``,
+   ``safety_identifier``, ``metadata``, and options such as ``reasoning_effort``);
+   ``responses`` holds stored Responses API responses (``store: true``) for
+   ``previous_response_id`` and ``GET /v1/responses/{id}``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 from deepserve.errors import DeepserveError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PG_SCHEMES = ("postgresql://", "postgres://")
 
 _TABLES = """
@@ -46,7 +50,12 @@ CREATE TABLE IF NOT EXISTS usage (
     currency TEXT NOT NULL,
     list_cost DOUBLE PRECISION NOT NULL,
     cost DOUBLE PRECISION NOT NULL,
-    replica_id TEXT
+    replica_id TEXT,
+    endpoint TEXT,
+    user_id TEXT,
+    safety_identifier TEXT,
+    metadata TEXT,
+    request_options TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_start ON usage(start_ts);
 CREATE INDEX IF NOT EXISTS usage_key ON usage(key_id);
@@ -70,8 +79,18 @@ CREATE TABLE IF NOT EXISTS refusals (
     plugin TEXT NOT NULL,
     reason TEXT NOT NULL,
     replica_id TEXT
+);
+CREATE TABLE IF NOT EXISTS responses (
+    response_id TEXT PRIMARY KEY,
+    key_id TEXT,
+    created_ts DOUBLE PRECISION NOT NULL,
+    model TEXT,
+    previous_response_id TEXT,
+    body TEXT NOT NULL
 )
 """
+# Columns added to ``usage`` by version 4 (old ledgers gain them, empty).
+USAGE_V4 = ("endpoint", "user_id", "safety_identifier", "metadata", "request_options")
 
 
 def is_postgres(url: str | Path) -> bool:
@@ -204,6 +223,9 @@ def migrate(db: LedgerDB) -> None:
             db.execute("CREATE UNIQUE INDEX IF NOT EXISTS usage_request ON usage(request_id)")
             if not db.has_column("replicas", "hourly_cost"):
                 db.execute("ALTER TABLE replicas ADD COLUMN hourly_cost DOUBLE PRECISION")
+        for column in USAGE_V4:
+            if not db.has_column("usage", column):
+                db.execute(f"ALTER TABLE usage ADD COLUMN {column} TEXT")
         if version < SCHEMA_VERSION or not row or row[0][0] is None:
             db.execute("DELETE FROM schema_version")
             db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))

@@ -61,6 +61,26 @@ class BillingContext:
     reserved_tokens: int = 0
     hold_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     who: str | None = None  # whom per-minute token limits count (a server's limiter)
+    # Recorded with the ledger row: endpoint, user, safety_identifier, metadata (JSON),
+    # request_options (JSON); see ``request_tags``.
+    tags: dict[str, str | None] = field(default_factory=dict)
+
+
+TAGGED_OPTIONS = ("reasoning_effort", "verbosity", "prompt_cache_key")
+
+
+def request_tags(endpoint: str, body: dict[str, Any]) -> dict[str, str | None]:
+    """What the ledger records of a request besides its tokens, from its JSON body."""
+    import json
+
+    options = {k: body[k] for k in TAGGED_OPTIONS if body.get(k) is not None}
+    metadata = body.get("metadata")
+    return {"endpoint": endpoint,
+            "user_id": body["user"] if isinstance(body.get("user"), str) else None,
+            "safety_identifier": body["safety_identifier"]
+            if isinstance(body.get("safety_identifier"), str) else None,
+            "metadata": json.dumps(metadata, ensure_ascii=False) if metadata else None,
+            "request_options": json.dumps(options, ensure_ascii=False) if options else None}
 
 
 class Meter:
@@ -203,7 +223,7 @@ class Meter:
             finish_reason=u.finish_reason, price_cache_hit=p.cache_hit_input,
             price_cache_miss=p.cache_miss_input, price_output=p.output,
             multiplier=q.multiplier, rules=",".join(q.rules), currency=q.currency,
-            list_cost=list_cost, cost=cost)
+            list_cost=list_cost, cost=cost, **ctx.tags)
         for hook in self.usage_hooks:
             hook(rec)
         return self.ledger.record(rec) if self.ledger is not None else None

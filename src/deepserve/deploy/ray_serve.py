@@ -168,14 +168,24 @@ class OpenAIIngress:
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, StreamingResponse
 
-        from deepserve.protocol.http import error_body, models_list
+        from deepserve.protocol.http import (
+            error_body,
+            model_not_found,
+            model_object,
+            models_list,
+        )
 
         path = request.url.path
+        served = [(m, {"tier": t}) for m, t in self.aliases.items()]
         if path in ("/health", "/"):
             return JSONResponse({"status": "ok", "tiers": sorted(self.handles)})
         if path == "/v1/models":
-            return JSONResponse(models_list([(m, {"tier": t})
-                                             for m, t in self.aliases.items()]))
+            return JSONResponse(models_list(served))
+        if path.startswith("/v1/models/") and request.method == "GET":
+            model_id = path.removeprefix("/v1/models/")
+            found = model_object(served, model_id)
+            return JSONResponse(found) if found is not None else JSONResponse(
+                model_not_found(model_id, sorted(self.aliases)), status_code=404)
         body = await request.body()
         tier = self.default
         if body:

@@ -66,6 +66,13 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _StopChoice:
+    request_id: str
+    index: int
+    reason: str
+
+
 class AsyncEngine:
     """``async for out in engine.generate(...)``: one RequestOutput per engine step.
 
@@ -76,7 +83,7 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None,
                  show_progress: bool = True) -> None:
         self.engine = engine or LLMEngine(config or EngineConfig(), show_progress=show_progress)
-        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _StopChoice | None] = queue.SimpleQueue()
         self._sinks: dict[str, Any] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -189,6 +196,12 @@ class AsyncEngine:
         if self._sinks.pop(request_id, None) is not None:
             self._inbox.put(_Abort(request_id))
 
+    def stop_choice(self, request_id: str, index: int, reason: str) -> None:
+        """Finish one continuation (choice ``index``) of a request at the next step
+        boundary; the others go on."""
+        if request_id in self._sinks:
+            self._inbox.put(_StopChoice(request_id, index, reason))
+
     # -- the engine thread ------------------------------------------------------------------
     def _drain(self, block: bool) -> None:
         try:
@@ -212,6 +225,11 @@ class AsyncEngine:
                         item.sink(_as_request_error(item.request_id, exc))
             elif isinstance(item, _Abort):
                 self.engine.abort(item.request_id)
+            elif isinstance(item, _StopChoice):
+                out = self.engine.stop_choice(item.request_id, item.index, item.reason)
+                sink = self._sinks.pop(item.request_id, None) if out is not None else None
+                if sink is not None:
+                    sink(out)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:

@@ -229,6 +229,22 @@ class LLMEngine:
         self.publish_stats()
         return True
 
+    def stop_choice(self, request_id: str, index: int, reason: str) -> RequestOutput | None:
+        """Finish one continuation of a request now (finish_reason "stop", ``reason`` as
+        its stop_reason); the request's final output when that was its last one."""
+        req = self.requests.get(request_id)
+        if req is None or not 0 <= index < len(req.seqs) or req.seqs[index].finished:
+            return None
+        seq = req.seqs[index]
+        seq.stop_reason = reason
+        self._finish(seq, "stop")
+        self.publish_stats()
+        if not req.finished:
+            return None
+        out = self._output(request_id, time.time())
+        del self.requests[request_id]
+        return out
+
     def fail(self, request_id: str, exc: BaseException) -> None:
         """Stop one request because of an internal error; ``pop_failures`` hands it on."""
         if self.abort(request_id):

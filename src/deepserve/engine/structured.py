@@ -52,12 +52,14 @@ class GrammarCompiler:
         grammar, checked once and cached; DeepserveError (naming ``param``) if unusable."""
         import llguidance
 
-        key = f"{kind}\0{spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)}"
+        # Keys keep the schema's order: llguidance emits properties in that order, so the
+        # output's keys come in the order the schema lists them.
+        key = f"{kind}\0{spec if isinstance(spec, str) else json.dumps(spec)}"
         if key in self._cache:
             return self._cache[key]
         if kind == "json":
             try:
-                text = spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
+                text = spec if isinstance(spec, str) else json.dumps(spec)
                 json.loads(text)
             except (TypeError, ValueError) as exc:
                 raise DeepserveError(f"the JSON schema is not valid JSON: {exc}",

@@ -17,7 +17,7 @@ from deepserve.gateway.config import GatewayConfig
 from deepserve.gateway.core import Gateway, NoBackend
 from deepserve.gateway.handlers import Handlers, error_response
 from deepserve.plugins import PluginHooks, attach, load_plugins
-from deepserve.protocol.http import KeyCheck, bearer, models_list
+from deepserve.protocol.http import KeyCheck, bearer, model_not_found, model_object, models_list
 from deepserve.protocol.websocket import PATH as WS_PATH
 from deepserve.protocol.websocket import serve_chat_socket
 
@@ -85,9 +85,20 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(gw.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def served() -> list[tuple[str, dict[str, Any]]]:
+        return [(m, {"tier": t.name}) for t in cfg.tiers for m in t.models]
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return models_list([(m, {"tier": t.name}) for t in cfg.tiers for m in t.models])
+        return models_list(served())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        found = model_object(served(), model_id)
+        if found is None:
+            return JSONResponse(model_not_found(model_id, [m for m, _ in served()]),
+                                status_code=404)
+        return JSONResponse(found)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:

@@ -66,6 +66,22 @@ def models_list(entries: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
                                        for name, extra in entries]}
 
 
+def model_object(entries: list[tuple[str, dict[str, Any]]], model_id: str
+                 ) -> dict[str, Any] | None:
+    """The body of ``GET /v1/models/{id}``, or None for a model not served here."""
+    for entry in models_list(entries)["data"]:
+        if entry["id"] == model_id:
+            return entry
+    return None
+
+
+def model_not_found(model_id: str, served: list[str]) -> dict[str, Any]:
+    """OpenAI's 404 body for a model id that is not served."""
+    return error_body(404, f"The model {model_id!r} does not exist; this server serves "
+                      f"{', '.join(repr(m) for m in served)} (see GET /v1/models)",
+                      "model", "model_not_found")
+
+
 def same_key(given: str | None, expected: str) -> bool:
     """Constant-time comparison, so response times do not reveal a key's prefix."""
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())

@@ -78,19 +78,36 @@ class ToolCall(_Strict):
 UNSUPPORTED = {
     "audio": "audio output", "modalities": "output modalities other than text",
     "prediction": "predicted outputs", "web_search_options": "web search",
-    "reasoning_effort": "reasoning effort", "verbosity": "verbosity",
     "functions": "the deprecated functions API (send tools)",
     "function_call": "the deprecated function_call (send tool_choice)",
     "service_tier": "service tiers", "best_of": "best_of other than n (send n)",
-    "store": "stored completions", "metadata": "stored-completion metadata",
-    "prompt_cache_key": "prompt_cache_key (send cache_salt)",
-    "safety_identifier": "safety_identifier",
+    "store": "stored chat completions (the Responses API stores responses: POST "
+             "/v1/responses)",
 }
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+# OpenAI's limits on request metadata
+METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+
+
+def check_metadata(metadata: dict[str, str] | None, param: str = "metadata") -> None:
+    """OpenAI's limits: at most 16 pairs, keys up to 64 and values up to 512 characters."""
+    from deepserve.errors import DeepserveError
+
+    if not metadata:
+        return
+    if len(metadata) > METADATA_KEYS:
+        raise DeepserveError(f"{param} has {len(metadata)} keys; at most {METADATA_KEYS} "
+                             "are allowed", param=param)
+    for k, v in metadata.items():
+        if len(k) > METADATA_KEY_CHARS:
+            raise DeepserveError(f"{param} key {k[:20]!r}... is {len(k)} characters; keys "
+                                 f"are at most {METADATA_KEY_CHARS}", param=param)
+        if len(v) > METADATA_VALUE_CHARS:
+            raise DeepserveError(f"{param}[{k!r}] is {len(v)} characters; values are at "
+                                 f"most {METADATA_VALUE_CHARS}", param=param)
 
 
 class _Common(_Strict):
-    # Unknown fields are accepted and ignored, as the OpenAI API tolerates new clients.
-
     model: Str | None = None
     n: Int = 1
     max_tokens: Int | None = None
@@ -128,16 +145,20 @@ class _Common(_Strict):
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
     functions: Any = None
     function_call: Any = None
     service_tier: Any = None
     best_of: Int | None = None
     store: Bool | None = None
-    metadata: Any = None
-    prompt_cache_key: Any = None
-    safety_identifier: Any = None
+    # OpenAI fields that are taken and recorded with the request's ledger row:
+    # metadata, user and safety_identifier as given; prompt_cache_key scopes the prefix
+    # cache as cache_salt does (and the gateway keeps a key on one replica);
+    # reasoning_effort switches the chat template's thinking where it has a switch.
+    metadata: dict[Str, Str] | None = None
+    prompt_cache_key: Str | None = None
+    safety_identifier: Str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
 
     def unsupported(self) -> str | None:
         """The first OpenAI parameter set that deepserve does not implement."""
@@ -200,6 +221,13 @@ class TokenizeRequest(_Strict):
     add_special_tokens: Bool = True
     add_generation_prompt: Bool = True
     return_token_strs: Bool = False
+    # With messages: the chat request's own fields that change its prompt, so the
+    # count equals the prompt_tokens chat would report.
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: Bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
 
 
 class DetokenizeRequest(_Strict):

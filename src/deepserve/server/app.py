@@ -12,22 +12,31 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deepserve.billing.meter import BillingContext, BillingError
+from deepserve.billing.meter import BillingContext, BillingError, request_tags
 from deepserve.billing.ratelimit import retry_after
 from deepserve.billing.shared import SharedLimitsError
 from deepserve.engine.async_engine import AsyncEngine, EngineDeadError
 from deepserve.errors import DeepserveError
 from deepserve.plugins import PluginHooks, attach, load_plugins
-from deepserve.protocol.http import BodyLimit, KeyCheck, bearer_of, models_list
+from deepserve.protocol.http import (
+    BodyLimit,
+    KeyCheck,
+    bearer_of,
+    model_not_found,
+    model_object,
+    models_list,
+)
 from deepserve.protocol.models import (
     ChatCompletionRequest,
     CompletionRequest,
     ErrorResponse,
     bad_text_path,
+    check_metadata,
 )
 from deepserve.protocol.websocket import PATH as WS_PATH
 from deepserve.protocol.websocket import serve_chat_socket
 from deepserve.server.chat_output import ChatContext
+from deepserve.server.chat_setup import chat_setup
 from deepserve.server.params import sampling_params
 from deepserve.server.pipeline import (
     APIError,
@@ -36,9 +45,9 @@ from deepserve.server.pipeline import (
     until_done,
 )
 from deepserve.server.reasoning import prompt_opens_thinking
+from deepserve.server.responses_route import add_responses_routes
 from deepserve.server.state import ServerConfig, ServerState, error_response
 from deepserve.server.tokenize import add_tokenize_routes
-from deepserve.server.tools import constraint, plan_tools, render_history
 
 logger = logging.getLogger(__name__)
 
@@ -167,10 +176,22 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
         return Response(generate_latest(state.metrics.registry),
                         media_type=CONTENT_TYPE_LATEST)
 
+    def served() -> list[tuple[str, dict[str, Any]]]:
+        return [(state.model_name, {"created": int(state.started),
+                                    "max_model_len": engine.engine.max_model_len})]
+
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def models() -> dict[str, Any]:
-        return models_list([(state.model_name, {
-            "created": int(state.started), "max_model_len": engine.engine.max_model_len})])
+        return models_list(served())
+
+    @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
+    async def model(model_id: str) -> Response:
+        found = model_object(served(), model_id)
+        if found is None:
+            count_error(404)
+            return JSONResponse(model_not_found(model_id, [state.model_name]),
+                                status_code=404)
+        return JSONResponse(found)
 
     async def run(req: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
         chat = isinstance(req, ChatCompletionRequest)
@@ -182,6 +203,7 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
         if not chat and req.suffix is not None:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model: "
                            "it has no FIM tokens; remove suffix", param="suffix")
+        state.check_task("generate", request.url.path)
         prompts = [None] if chat else _prompt_list(req.prompt)
         key_id = getattr(request.state, "key_id", None)
         who = limit(request, key_id)
@@ -191,28 +213,26 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
         try:
             ctx = None
             if chat:
-                plan = plan_tools(req, state.chat_template)
-                params = sampling_params(req, None, constraint(plan) if plan else None)
-                messages = render_history(req, plan, state.chat_template)
-                options = {"add_generation_prompt": req.add_generation_prompt,
-                           **(req.chat_template_kwargs or {})}
-                if plan is not None and plan.native:
-                    options["tools"] = plan.tools
+                setup = chat_setup(req, state.chat_template)
+                params = setup.params
             else:
+                check_metadata(req.metadata)
                 params = sampling_params(req, 16)
             salt = state.cache_salt(req, key_id)
             if chat:
                 text, ids = await state.preparer.run(
-                    engine.prepare, messages=messages, params=params,
-                    default_max_tokens=cfg.max_tokens_default, chat_options=options)
+                    engine.prepare, messages=setup.messages, params=params,
+                    default_max_tokens=cfg.max_tokens_default, chat_options=setup.options)
                 prepared = [(text, ids)]
-                ctx = ChatContext(plan, state.reasoning,
+                ctx = ChatContext(setup.plan, state.reasoning,
                                   state.reasoning and prompt_opens_thinking(text or ""))
             else:
                 prepared = await state.preparer.run(
                     lambda: [engine.prepare(prompt=p, params=params) for p in prompts])
             bill = state.meter.start(key_id, state.model_name)
             bill.who = who
+            bill.tags = request_tags("chat.completions" if chat else "completions",
+                                     req.model_dump(exclude_none=True))
             state.meter.reserve(bill, sum(len(ids) for _, ids in prepared),
                                 (params.max_tokens or 0) * params.n * len(prepared))
             headers = _price_headers(bill)
@@ -243,6 +263,7 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                 release()
 
     add_tokenize_routes(app, state, ERROR_RESPONSES)
+    add_responses_routes(app, state, admit, limit, ERROR_RESPONSES, _price_headers)
 
     @app.websocket(WS_PATH)
     async def chat_socket(ws: WebSocket) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from deepserve.billing.meter import BillingContext, Meter
@@ -14,8 +14,11 @@ from deepserve.engine.sequence import CompletionOutput, Logprob, RequestOutput
 from deepserve.protocol.http import SSE_DONE, sse
 from deepserve.protocol.models import ChatCompletionRequest, CompletionRequest
 from deepserve.sampling_params import SamplingParams
-from deepserve.server.chat_output import ChatContext, ChoiceStream, shape
+from deepserve.server.chat_output import ChatContext, ChoiceStream
 from deepserve.server.metrics import ServerMetrics
+
+# stop_reason of a forced turn stopped at a tool call that repeated the previous one
+REPEATED_CALL = "repeated_tool_call"
 
 
 def _usage(out: RequestOutput) -> dict[str, Any]:
@@ -82,13 +85,17 @@ class OpenAIServing:
 
     # -- running requests ---------------------------------------------------------------------
     async def _final(self, gen: AsyncIterator[RequestOutput], bill: BillingContext,
-                     rid: str) -> RequestOutput:
+                     rid: str, watch: Callable[[RequestOutput], None] | None = None
+                     ) -> RequestOutput:
         """The finished output. Cancelled (client gone, timeout): what was produced so far
-        is billed with finish_reason "abort", and the engine request is aborted."""
+        is billed with finish_reason "abort", and the engine request is aborted.
+        ``watch`` sees every output as it comes."""
         last = None
         try:
             async for out in gen:
                 last = out
+                if watch is not None:
+                    watch(out)
         except asyncio.CancelledError:
             if last is not None and last.num_output_tokens:
                 self.metrics.observe(last, "abort")
@@ -101,22 +108,41 @@ class OpenAIServing:
         return len(self.tokenizer.encode(reasoning, add_special_tokens=False)) \
             if reasoning else 0
 
+    def _feed(self, rid: str, streams: list[ChoiceStream], sent: list[int],
+              o: CompletionOutput) -> list[dict[str, Any]]:
+        """One choice's new text into its stream; a forced turn that repeated its
+        previous tool call is stopped in the engine."""
+        stream = streams[o.index]
+        deltas = stream.feed(o.text[sent[o.index]:], o.finish_reason is not None)
+        sent[o.index] = len(o.text)
+        if stream.repeated and o.finish_reason is None:
+            self.engine.stop_choice(rid, o.index, REPEATED_CALL)
+        return deltas
+
     async def chat(self, req: ChatCompletionRequest, params: SamplingParams,
                    prompt_ids: list[int], bill: BillingContext,
-                   salt: str | None = None, ctx: ChatContext | None = None) -> dict[str, Any]:
+                   salt: str | None = None, ctx: ChatContext | None = None,
+                   rid: str | None = None) -> dict[str, Any]:
         ctx = ctx or ChatContext()
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = rid or f"chatcmpl-{uuid.uuid4().hex}"
+        streams = [ChoiceStream(ctx) for _ in range(params.n)]
+        sent = [0] * params.n
+
+        def watch(out: RequestOutput) -> None:
+            for o in out.outputs:
+                self._feed(rid, streams, sent, o)
+
         out = await self._final(self.engine.generate(params=params, request_id=rid,
                                                      prompt_ids=prompt_ids,
                                                      priority=req.priority, cache_salt=salt,
                                                      validated=True),
-                                bill, rid)
+                                bill, rid, watch)
         self.metrics.observe(out, out.finish_reason or "abort")
         cost = await self.meter.settle(bill, rid, out, out.finish_reason)
         choices = []
         reasoning_tokens = 0
         for o in out.outputs:
-            shaped = shape(ctx, o.text)
+            shaped = streams[o.index].result()
             reasoning_tokens += self._reasoning_tokens(shaped.reasoning)
             choice: dict[str, Any] = {
                 "index": o.index, "message": shaped.message(),
@@ -131,22 +157,26 @@ class OpenAIServing:
                 "model": self.model_name, "choices": choices, "usage": usage,
                 "system_fingerprint": None}
 
-    async def chat_stream(self, req: ChatCompletionRequest, params: SamplingParams,
+    async def chat_chunks(self, req: ChatCompletionRequest, params: SamplingParams,
                           prompt_ids: list[int], bill: BillingContext,
-                          salt: str | None = None,
-                          ctx: ChatContext | None = None) -> AsyncIterator[str]:
+                          salt: str | None = None, ctx: ChatContext | None = None,
+                          rid: str | None = None, streams_out: list[ChoiceStream] | None = None
+                          ) -> AsyncIterator[dict[str, Any]]:
+        """A streamed chat answer as ``chat.completion.chunk`` objects; the last one has
+        no choices and carries the usage (with cost), the request already billed.
+        ``streams_out`` receives each choice's stream (for its final tool calls)."""
         ctx = ctx or ChatContext()
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = rid or f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
             body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk",
                                     "created": created, "model": self.model_name,
                                     "choices": choices}
-            if include_usage:
+            if usage is not None:
                 body["usage"] = usage
-            return sse(body)
+            return body
 
         gen = self.engine.generate(params=params, request_id=rid, prompt_ids=prompt_ids,
                                    priority=req.priority, cache_salt=salt,
@@ -155,6 +185,8 @@ class OpenAIServing:
         sent_lp = [0] * params.n
         done = [False] * params.n
         streams = [ChoiceStream(ctx) for _ in range(params.n)]
+        if streams_out is not None:
+            streams_out.extend(streams)
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None} for i in range(params.n)])
         last = None
@@ -167,9 +199,8 @@ class OpenAIServing:
                     i = o.index
                     if done[i]:
                         continue
-                    final = o.finish_reason is not None
-                    deltas = streams[i].feed(o.text[sent_text[i]:], final)
-                    sent_text[i] = len(o.text)
+                    deltas = self._feed(rid, streams, sent_text, o)
+                    final = o.finish_reason is not None or streams[i].repeated
                     lp = None
                     if o.logprobs is not None and len(o.logprobs) > sent_lp[i]:
                         lp = self._chat_logprobs(o.logprobs[sent_lp[i]:])
@@ -182,25 +213,43 @@ class OpenAIServing:
                                         "finish_reason": None})
                     if final:
                         done[i] = True
+                        reason = o.finish_reason or "stop"
                         choices.append({"index": i, "delta": {}, "logprobs": None,
-                                        "finish_reason": streams[i].finish_reason(
-                                            o.finish_reason), "stop_reason": o.stop_reason})
+                                        "finish_reason": streams[i].finish_reason(reason),
+                                        "stop_reason": o.stop_reason or (
+                                            REPEATED_CALL if streams[i].repeated else None)})
                 for c in choices:  # one choice per chunk, as the OpenAI API sends them
                     yield chunk([c])
             if last is not None:
                 self.metrics.observe(last, last.finish_reason or "abort")
                 cost = await self.meter.settle(bill, rid, last, last.finish_reason)
                 billed = True
-                if include_usage:
-                    reasoning = sum(self._reasoning_tokens(s.reasoning or None)
-                                    for s in streams)
-                    yield chunk([], _usage(last) | {"completion_tokens_details": {
-                        "reasoning_tokens": reasoning}} | cost)
-            yield SSE_DONE
+                reasoning = sum(self._reasoning_tokens(s.reasoning or None) for s in streams)
+                yield chunk([], _usage(last) | {"completion_tokens_details": {
+                    "reasoning_tokens": reasoning}} | cost)
         finally:
             if not billed and last is not None and last.num_output_tokens:
                 # The client left mid-stream: what was produced is still billed.
                 self.meter.finish(bill, rid, last, "abort")
+
+    async def chat_stream(self, req: ChatCompletionRequest, params: SamplingParams,
+                          prompt_ids: list[int], bill: BillingContext,
+                          salt: str | None = None,
+                          ctx: ChatContext | None = None) -> AsyncIterator[str]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        chunks = self.chat_chunks(req, params, prompt_ids, bill, salt, ctx)
+        try:
+            async for body in chunks:
+                if not body["choices"]:  # the usage chunk
+                    if include_usage:
+                        yield sse(body)
+                    continue
+                if include_usage:
+                    body["usage"] = None
+                yield sse(body)
+            yield SSE_DONE
+        finally:
+            await chunks.aclose()
 
     async def completion(self, req: CompletionRequest, params: SamplingParams,
                          prompts: list[tuple[str | None, list[int]]],

@@ -22,6 +22,7 @@ from deepserve.server.reasoning import REASONING_PARSERS, template_thinks
 from deepserve.server.serving import OpenAIServing
 
 PREFIX_CACHE_SCOPES = ("global", "key")
+TASKS = ("all", "generate", "embed")
 SERVER_HELP = {
     "host": "address to listen on", "port": "port to listen on",
     "api_key": "require this bearer key on every path but /health",
@@ -53,6 +54,8 @@ SERVER_HELP = {
                     "/metrics on the main port needs one)",
     "prefix_cache_scope": "key: requests share cached prompt blocks only within one API "
                           "key (and cache_salt)",
+    "task": "what this server answers: all (default), generate (chat, completions, "
+            "responses) or embed (/v1/embeddings only)",
     "reasoning_parser": "split <think>...</think> into reasoning_content (on by default "
                         "when the chat template uses <think>)",
 }
@@ -88,8 +91,12 @@ class ServerConfig:
     prefix_cache_scope: str = "global"  # "key": tenants never share cached KV blocks
     # "deepseek_r1": <think> text -> reasoning_content; None: on if the template thinks
     reasoning_parser: str | None = None
+    task: str = "all"  # all | generate | embed: which endpoints this server answers
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise DeepserveError(f"task={self.task!r} is not one of {', '.join(TASKS)}",
+                                 param="task")
         if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
             raise DeepserveError(f"prefix_cache_scope={self.prefix_cache_scope!r} is not one "
                                  f"of {', '.join(PREFIX_CACHE_SCOPES)}",
@@ -157,6 +164,18 @@ class ServerState:
             self.chat_template)
         self.draining = False
         self.started = time.time()
+        from deepserve.server.responses import ResponseStore
+
+        self.responses = ResponseStore(cfg.ledger)
+
+    def check_task(self, kind: str, path: str) -> None:
+        """400 for an endpoint of a kind (generate, embed) this server was not started
+        for (``--task``)."""
+        if self.cfg.task not in ("all", kind):
+            raise DeepserveError(f"this server was started with --task {self.cfg.task}: it "
+                                 f"does not answer {path}; start one with --task all or "
+                                 f"--task {kind} for it", param="model",
+                                 code="unsupported_task")
 
     def check_key(self, key: str | None) -> str | tuple[int, str, str] | None:
         """Bearer key -> key id (None without a key file), or (status, message, code)."""
@@ -173,11 +192,14 @@ class ServerState:
 
     def cache_salt(self, req: ChatCompletionRequest | CompletionRequest,
                    key_id: str | None) -> str | None:
-        """Which requests may share prefix-cache blocks: same ``cache_salt``, and with
-        ``--prefix-cache-scope key`` the same API key too."""
+        """Which requests may share prefix-cache blocks: same ``cache_salt`` and
+        ``prompt_cache_key``, and with ``--prefix-cache-scope key`` the same API key too."""
+        salt = req.cache_salt or ""
+        if req.prompt_cache_key:
+            salt = f"{salt}\0pck:{req.prompt_cache_key}"
         if self.cfg.prefix_cache_scope == "key":
-            return f"key:{key_id or ''}\0{req.cache_salt or ''}"
-        return req.cache_salt or None
+            return f"key:{key_id or ''}\0{salt}"
+        return salt or None
 
 
 def _build_meter(engine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics) -> Meter:

@@ -13,7 +13,7 @@ from deepserve.protocol.models import (
     TokenizeRequest,
     bad_text_path,
 )
-from deepserve.server.tools import render_history
+from deepserve.server.chat_setup import chat_setup
 
 
 def add_tokenize_routes(app: FastAPI, state: Any, responses: dict[int | str, Any]) -> None:
@@ -43,11 +43,19 @@ def add_tokenize_routes(app: FastAPI, state: Any, responses: dict[int | str, Any
                 if not req.messages:
                     raise DeepserveError("messages is empty; give at least one message",
                                          param="messages")
-                chat = ChatCompletionRequest.model_construct(messages=req.messages)
-                messages = render_history(chat, None, state.chat_template)
-                _, ids = engine.engine.tokenize_prompt(messages=messages, chat_options={
-                    "add_generation_prompt": req.add_generation_prompt})
+                chat = ChatCompletionRequest(
+                    messages=req.messages, tools=req.tools, tool_choice=req.tool_choice,
+                    parallel_tool_calls=req.parallel_tool_calls,
+                    chat_template_kwargs=req.chat_template_kwargs,
+                    reasoning_effort=req.reasoning_effort,
+                    add_generation_prompt=req.add_generation_prompt)
+                setup = chat_setup(chat, state.chat_template)
+                _, ids = engine.engine.tokenize_prompt(messages=setup.messages,
+                                                       chat_options=setup.options)
             else:
+                if req.tools is not None or req.tool_choice is not None:
+                    raise DeepserveError("tools and tool_choice go with messages (a chat "
+                                         "prompt), not with prompt", param="tools")
                 if not req.prompt:
                     raise DeepserveError("prompt is empty", param="prompt")
                 engine.engine.check_chars(len(req.prompt), "prompt")

@@ -19,13 +19,16 @@ and its arguments always validate against the tool's JSON schema.
 from __future__ import annotations
 
 import json
+import logging
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from deepserve.errors import DeepserveError
 from deepserve.protocol.models import ChatCompletionRequest
+from deepserve.server.tool_stream import CallScanner
+
+logger = logging.getLogger(__name__)
 
 GENERIC_PREAMBLE = (
     "You can call the tools listed below. To call one or more of them, reply with only a "
@@ -207,53 +210,32 @@ def constraint(plan: ToolPlan) -> tuple[str, Any] | None:
                      "required": ["tool_calls"], "additionalProperties": False} | COMPACT)
 
 
-def _as_call(obj: Any, names: set[str]) -> dict[str, Any] | None:
-    if not isinstance(obj, dict) or obj.get("name") not in names:
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return None
-    if not isinstance(args, dict):
-        return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": obj["name"], "arguments": json.dumps(args,
-                                                                      ensure_ascii=False)}}
+def read_calls(scanner: CallScanner, plan: ToolPlan, text: str
+               ) -> tuple[str | None, list[dict[str, Any]], bool]:
+    """(content, complete calls, whether the text is in the call format) of a scanned
+    output. A call cut short (by max_tokens) is dropped and logged; the text of the
+    format itself never becomes content."""
+    names = plan.names
+    named = scanner.named(names)
+    calls = [c for c in (scanner.complete(p, names) for p in named) if c is not None]
+    if len(calls) < len(named):
+        logger.info("dropped %d incomplete tool call(s) of %d (the output was cut before "
+                    "they closed)", len(named) - len(calls), len(named))
+    if not named:
+        return text, [], False
+    content = None
+    if "<tool_call>" in text:
+        rest = re.sub(r"<tool_call>.*?(</tool_call>|$)", "", text.strip(), flags=re.S)
+        content = rest.strip() or None
+    return content, calls, True
 
 
 def parse_tool_calls(text: str, plan: ToolPlan) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, tool_calls) from a finished output; no calls -> (text, [])."""
-    names = plan.names
-    stripped = text.strip()
-    if "<tool_call>" in stripped:
-        blocks = re.findall(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", stripped, re.S)
-        calls = []
-        for block in blocks:
-            try:
-                call = _as_call(json.loads(block), names)
-            except ValueError:
-                call = None
-            if call is None:
-                return text, []
-            calls.append(call)
-        rest = re.sub(r"<tool_call>.*?(</tool_call>|$)", "", stripped, flags=re.S).strip()
-        return (rest or None), calls
-    body = stripped.removeprefix("<|python_tag|>").strip()
-    if not body.startswith(("{", "[")):
-        return text, []
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return text, []
-    items = value.get("tool_calls") if isinstance(value, dict) and "tool_calls" in value \
-        else value
-    items = items if isinstance(items, list) else [items]
-    calls = [_as_call(item, names) for item in items]
-    if not calls or any(c is None for c in calls):
-        return text, []
-    return None, calls  # type: ignore[return-value]
+    """(content, tool_calls) from a finished output; plain text -> (text, [])."""
+    scanner = CallScanner()
+    scanner.feed(text)
+    content, calls, _ = read_calls(scanner, plan, text)
+    return content, calls
 
 
 def may_be_a_call(text: str) -> bool | None:
@@ -270,6 +252,3 @@ def may_be_a_call(text: str) -> bool | None:
     return False
 
 
-def argument_pieces(arguments: str, size: int = 24) -> list[str]:
-    """A call's arguments cut into fragments, streamed as the OpenAI API streams them."""
-    return [arguments[i:i + size] for i in range(0, len(arguments), size)] or [""]
