@@ -332,3 +332,56 @@ def test_stream_cut_by_a_dying_backend_ends_with_an_sse_error(backends, tmp_path
     finally:
         gw.stop()
         assert "Traceback" not in (tmp_path / f"gateway-{gw.port}.log").read_text()
+
+
+def test_responses_embeddings_and_models_through_the_gateway(backends, tmp_path):
+    """The Responses API (plain, streamed, over the WebSocket) and embeddings go through
+    the gateway, billed in its ledger by what the backends report."""
+    import sqlite3
+
+    from websockets.sync.client import connect
+
+    if any(b.proc.poll() is not None for b in backends):
+        pytest.skip("needs every backend")
+    ledger = tmp_path / "gateway.db"
+    gw = GatewayProcess(tmp_path, backends, extra=f'ledger = "{ledger}"')
+    try:
+        c = client(gw)
+        r = c.responses.create(model="pro", input="Say hi.", max_output_tokens=4,
+                               metadata={"run": "gw"})
+        assert r.output_text and r.model == "pro"
+        events = list(c.responses.create(model="lite", input="Say hi.", stream=True,
+                                         max_output_tokens=4))
+        assert events[-1].type in ("response.completed", "response.incomplete")
+        streamed = events[-1].response
+        e = c.embeddings.create(model="lite", input=["a cat", "a dog"])
+        assert len(e.data) == 2 and len(e.data[0].embedding) == 576
+        assert c.models.retrieve("pro").id == "pro"
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("nope")
+        ws = gw.url.replace("http://", "ws://") + "/v1/responses/ws"
+        with connect(ws) as sock:
+            sock.send(json.dumps({"model": "lite", "input": "Hi", "max_output_tokens": 3}))
+            kinds = []
+            while (msg := sock.recv()) != "[DONE]":
+                kinds.append(json.loads(msg)["type"])
+        assert kinds[0] == "response.created" and kinds[-1] in ("response.completed",
+                                                                 "response.incomplete")
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with sqlite3.connect(ledger) as db:
+                rows = {row[0]: row[1:] for row in db.execute(
+                    "SELECT request_id, endpoint, prompt_tokens, completion_tokens, "
+                    "metadata FROM usage")}
+            if len(rows) >= 5:
+                break
+            time.sleep(0.2)
+        assert rows[r.id] == ("responses", r.usage.input_tokens, r.usage.output_tokens,
+                              '{"run": "gw"}')
+        assert rows[streamed.id][:3] == ("responses", streamed.usage.input_tokens,
+                                         streamed.usage.output_tokens)
+        assert [v[0] for v in rows.values()].count("embeddings") == 1
+        assert sum(v[1] for v in rows.values() if v[0] == "embeddings") == \
+            e.usage.prompt_tokens
+    finally:
+        gw.stop()

@@ -97,6 +97,25 @@ def test_tools_strictness_and_tokenize_pass_through(ray_app):
     assert tok.status_code == 200 and tok.json()["count"] == 2
 
 
+def test_responses_stored_in_the_shared_ledger_and_embeddings(ray_app):
+    """A stored response lives in the replicas' PostgreSQL ledger: every replica reads
+    it and chains from it."""
+    client = openai.OpenAI(base_url=f"{ray_app}/v1", api_key="x", max_retries=0, timeout=300)
+    r = client.responses.create(model="lite", input="Say hi.", max_output_tokens=3)
+    seen = set()
+    for _ in range(8):
+        raw = client.responses.with_raw_response.retrieve(r.id)
+        seen.add(raw.headers["x-deepserve-replica"])
+        assert raw.parse().output_text == r.output_text
+    assert len(seen) == 2, seen
+    chained = client.responses.create(model="lite", input="Again.", previous_response_id=r.id,
+                                      max_output_tokens=3)
+    assert chained.usage.input_tokens > r.usage.input_tokens
+    e = client.embeddings.create(model="lite", input="hello")
+    assert len(e.data[0].embedding) == 576 and e.usage.prompt_tokens > 0
+    assert client.models.retrieve("lite").id == "lite"
+
+
 def test_replicas_bill_into_one_ledger_and_share_a_quota(ray_app):
     from deepserve.billing.ledger_db import open_db
     from deepserve.billing.report import build_report

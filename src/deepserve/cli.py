@@ -117,7 +117,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(
         group, ServerConfig, SERVER_HELP, skip=("plugins",),
         choices={"prefix_cache_scope": list(PREFIX_CACHE_SCOPES),
-                 "reasoning_parser": list(REASONING_PARSERS), "task": list(TASKS)},
+                 "reasoning_parser": list(REASONING_PARSERS), "task": list(TASKS),
+                 "embedding_pooling": ["auto", "mean", "last"]},
         types={"max_request_bytes": lambda v: parse_bytes(v, "max_request_bytes")})
 
 

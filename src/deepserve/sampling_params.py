@@ -43,6 +43,10 @@ class SamplingParams:
     guided: tuple[str, Any] | None = None
     guided_param: str = "response_format"
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    # An embedding request: no token is generated; the prompt's final hidden states
+    # (after the last norm) are pooled, "mean" or "last", and L2-normalised. Such
+    # requests skip the prefix cache: every position must be computed.
+    embed: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +73,8 @@ class SamplingParams:
         def bad(param: str, value: object, fix: str) -> DeepserveError:
             return DeepserveError(f"{param}={value!r} is invalid: {fix}", param=param)
 
+        if self.embed not in (None, "mean", "last"):
+            raise bad("embed", self.embed, "pooling is mean or last")
         if not isinstance(self.n, int) or self.n < 1 or self.n > 128:
             raise bad("n", self.n, "n must be an integer from 1 to 128")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int)

@@ -152,12 +152,19 @@ class LLMEngine:
         if n == 0:
             raise DeepserveError("prompt is empty after tokenization", param="prompt")
         limit = self.max_model_len
-        if n >= limit:
+        if params.embed:
+            if n > limit:
+                raise DeepserveError(
+                    f"input is {n} tokens, but this model's context is {limit} tokens "
+                    "(max_model_len); shorten the input", param=param,
+                    code="context_length_exceeded")
+        elif n >= limit:
             raise DeepserveError(
                 f"prompt is {n} tokens, but this model's context is {limit} tokens "
                 f"(max_model_len) and at least one token must be generated; shorten the "
                 "prompt", param=param, code="context_length_exceeded")
-        if params.max_tokens is not None and n + params.max_tokens > limit:
+        if params.max_tokens is not None and n + params.max_tokens > limit and \
+                not params.embed:
             raise DeepserveError(
                 f"this model's maximum context length is {limit} tokens, but "
                 f"{n + params.max_tokens} were requested ({n} in the prompt, "
@@ -300,6 +307,9 @@ class LLMEngine:
                 if i in sampled:
                     self._append(seq, sampled[i], now)
                     touched.add(seq.request_id)
+                elif seq.embedding is not None and not seq.finished:
+                    self._finish(seq, "stop")  # pooled: nothing is generated
+                    touched.add(seq.request_id)
             except Exception as exc:  # one request's bad state fails that request only
                 logger.exception("request %s failed while processing its token",
                                  seq.request_id)
@@ -364,7 +374,8 @@ class LLMEngine:
         return RequestOutput(request_id, req.prompt, req.prompt_ids, outs, finished,
                              num_cached_tokens=cached, arrival_time=req.arrival,
                              first_token_time=req.first_token_time,
-                             finished_time=req.finished_time, prompt_logprobs=prompt_lps)
+                             finished_time=req.finished_time, prompt_logprobs=prompt_lps,
+                             embedding=req.seqs[0].embedding)
 
     def prompt_logits(self, prompt_ids: list[int], last_n: int = 1) -> torch.Tensor:
         """Next-token logits after a prompt, computed through the paged cache (no

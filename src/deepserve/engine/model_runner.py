@@ -129,6 +129,11 @@ class ModelRunner:
         t1 = time.perf_counter()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         self._prompt_logprobs(items, meta, hidden)
+        if any(s.params.embed for s, _ in items):
+            self._pool(items, meta, hidden)
+            kept = [(r, w) for r, w in zip(rows, which, strict=True)
+                    if not items[w][0].params.embed]
+            rows, which = [r for r, _ in kept], [w for _, w in kept]
         tokens: list[int] = []
         if rows:
             logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]).cpu()
@@ -167,6 +172,27 @@ class ModelRunner:
                 top = [] if not k else list(zip(top_i[r].tolist(), top_v[r].tolist(),
                                                 strict=True))
                 seq.prompt_logprobs[begin + 1 + r] = Logprob(int(targets[r]), chosen[r], top)
+
+    def _pool(self, items: list[tuple[Sequence, int]], meta: AttentionMetadata,
+              hidden: torch.Tensor) -> None:
+        """Embedding requests: add this chunk's final hidden states (after the model's
+        last norm) to the sequence's pool; at the prompt's end, the pooled vector."""
+        prefills = [i for i, (s, n) in enumerate(items) if not (n == 1 and s.num_computed > 0)]
+        for i, chunk in zip(prefills, meta.prefills, strict=True):
+            seq, n = items[i]
+            how = seq.params.embed
+            if not how:
+                continue
+            if seq.num_computed == 0:
+                seq.pool_sum = None  # a fresh start (also after a preemption)
+            rows = self.model.norm(hidden[chunk.start:chunk.start + n]).float()
+            part = rows[-1] if how == "last" else rows.sum(0)
+            seq.pool_sum = part if how == "last" or seq.pool_sum is None \
+                else seq.pool_sum + part
+            if seq.num_computed + n == seq.num_tokens:
+                vec = seq.pool_sum / (seq.num_tokens if how == "mean" else 1)
+                seq.embedding = torch.nn.functional.normalize(vec, dim=0).cpu().tolist()
+                seq.pool_sum = None
 
     @torch.inference_mode()
     def logits_for(self, items: list[tuple[Sequence, int]], last_n: int = 1) -> torch.Tensor:

@@ -113,7 +113,7 @@ class Scheduler:
                and len(self.running) < max_seqs):
             seq = self.waiting[0]
             if not seq.block_table:
-                hit = 0 if seq.params.prompt_logprobs is not None else \
+                hit = 0 if seq.params.prompt_logprobs is not None or seq.params.embed else \
                     self.bm.match_prefix(seq, count=seq.num_cached_tokens is None)
                 seq.num_computed = hit
                 if seq.num_cached_tokens is None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from deepserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SequenceStatus(enum.Enum):
@@ -58,6 +62,8 @@ class Sequence:
         self.num_preemptions = 0
         self.generator = None  # torch.Generator when the request has a seed
         self.matcher = None  # grammar matcher when the output is constrained
+        self.pool_sum: torch.Tensor | None = None  # embedding requests: pooled so far
+        self.embedding: list[float] | None = None  # set once the prompt is pooled
 
     @property
     def num_tokens(self) -> int:
@@ -109,6 +115,7 @@ class RequestOutput:
     finished_time: float | None = None
     # With SamplingParams.prompt_logprobs: one per prompt token (None for the first).
     prompt_logprobs: list[Logprob | None] | None = None
+    embedding: list[float] | None = None  # embedding requests: the pooled vector
 
     @property
     def text(self) -> str:

@@ -10,12 +10,28 @@ from deepserve.protocol.http import SSE_DONE, sse
 
 
 def usage_tokens(usage: dict[str, Any] | None) -> tuple[int, int, int]:
+    """(prompt, cached, completion) tokens of a chat, completions, embeddings or
+    Responses API ``usage``."""
     if not usage:
         return 0, 0, 0
+    if "input_tokens" in usage:  # the Responses API
+        cached = (usage.get("input_tokens_details") or {}).get("cached_tokens") or 0
+        return int(usage["input_tokens"]), int(cached), int(usage.get("output_tokens", 0))
     details = usage.get("prompt_tokens_details") or {}
     cached = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
     return int(usage.get("prompt_tokens", 0)), int(cached), \
         int(usage.get("completion_tokens", 0))
+
+
+def finish_of(body: dict[str, Any]) -> str | None:
+    """The finish reason to bill under: the first choice's, a response's status
+    ("incomplete" -> length), or "stop" for embeddings."""
+    if body.get("object") == "response":
+        return {"completed": "stop", "incomplete": "length"}.get(body.get("status") or "",
+                                                                  body.get("status"))
+    if body.get("object") == "list":
+        return "stop"
+    return (body.get("choices") or [{}])[0].get("finish_reason")
 
 
 def mean_logprob(body: dict[str, Any], chat: bool) -> float | None:

@@ -19,6 +19,7 @@ from deepserve.gateway.handlers import Handlers, error_response
 from deepserve.plugins import PluginHooks, attach, load_plugins
 from deepserve.protocol.http import KeyCheck, bearer, model_not_found, model_object, models_list
 from deepserve.protocol.websocket import PATH as WS_PATH
+from deepserve.protocol.websocket import RESPONSES_PATH as WS_RESPONSES_PATH
 from deepserve.protocol.websocket import serve_chat_socket
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
     async def chat_socket(ws: WebSocket) -> None:
         await serve_chat_socket(ws)
 
+    @app.websocket(WS_RESPONSES_PATH)
+    async def responses_socket(ws: WebSocket) -> None:
+        await serve_chat_socket(ws, "/v1/responses")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await handlers.handle(request, "/v1/chat/completions")
@@ -119,6 +124,23 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await handlers.handle(request, "/v1/completions")
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await handlers.handle(request, "/v1/responses")
+
+    @app.get("/v1/responses/{response_id}")
+    async def response_get(response_id: str, request: Request) -> Response:
+        return await handlers.relay_stored(request, f"/v1/responses/{response_id}", "GET")
+
+    @app.delete("/v1/responses/{response_id}")
+    async def response_delete(response_id: str, request: Request) -> Response:
+        return await handlers.relay_stored(request, f"/v1/responses/{response_id}",
+                                           "DELETE")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await handlers.handle(request, "/v1/embeddings")
 
     return app
 

@@ -110,7 +110,8 @@ class Gateway:
 
     # -- forwarding ---------------------------------------------------------------------------
     async def open(self, tier: str, path: str, body: dict[str, Any],
-                   headers: dict[str, str]) -> tuple[httpx.Response, Backend]:
+                   headers: dict[str, str], method: str = "POST"
+                   ) -> tuple[httpx.Response, Backend]:
         """Send to the tier's best replica; on a connect error or 5xx before any byte,
         try the next one. Returns the open (streaming) response and its backend."""
         pool = self.pools[tier]
@@ -129,7 +130,8 @@ class Gateway:
                 sent["model"] = backend.model
             else:
                 sent.pop("model", None)
-            req = self.client.build_request("POST", backend.url + path, json=sent,
+            req = self.client.build_request(method, backend.url + path,
+                                            json=sent if method == "POST" else None,
                                             headers=headers)
             backend.outstanding += 1
             try:

@@ -18,16 +18,27 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from deepserve.billing.meter import BillingContext, BillingError, Usage
+from deepserve.billing.meter import BillingContext, BillingError, Usage, request_tags
 from deepserve.billing.ratelimit import retry_after
 from deepserve.billing.shared import SharedLimitsError
-from deepserve.gateway.answers import as_sse, mean_logprob, usage_tokens
+from deepserve.gateway.answers import as_sse, finish_of, mean_logprob, usage_tokens
 from deepserve.gateway.core import Gateway, NoBackend
 from deepserve.gateway.hold import BudgetHold
 from deepserve.protocol.http import SSE_DONE, bearer_of, error_body, sse_error
+from deepserve.server.responses import OWNER_HEADER
 
 logger = logging.getLogger("deepserve.gateway.app")
 JSON_HEADERS = {"content-type": "application/json"}
+
+
+def owner_headers(key_id: str | None) -> dict[str, str]:
+    """Headers for a backend: the key that owns stored responses (see OWNER_HEADER)."""
+    return JSON_HEADERS | ({OWNER_HEADER: key_id} if key_id else {})
+
+
+ENDPOINTS = {"chat": "chat.completions"}  # Call.kind -> the ledger's endpoint name
+# The Responses API's last stream event (the bill is written before it goes out)
+FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -51,6 +62,11 @@ class Call:
     @property
     def chat(self) -> bool:
         return self.path.endswith("chat/completions")
+
+    @property
+    def kind(self) -> str:
+        """chat, completions, responses or embeddings."""
+        return "chat" if self.chat else self.path.rsplit("/", 1)[-1]
 
 
 async def json_body(request: Request) -> dict[str, Any] | Response:
@@ -104,9 +120,11 @@ class Handlers:
         policy = gw.router.policy(headers)
         tier = gw.router.choose(policy, body, headers, str(body.get("user") or who))
         call = Call(path, body, key_id, who, BudgetHold(gw.meter, gw.utilization))
+        if policy == "cascade" and call.kind not in ("chat", "completions"):
+            policy = "model"  # the cascade escalates generated text; the light tier answers
         tiers = [gw.router.order[0], gw.router.order[-1]] if policy == "cascade" else [tier]
         try:
-            call.hold.reserve(key_id, tiers, body, call.chat)
+            call.hold.reserve(key_id, tiers, body, call.kind)
         except BillingError as exc:
             return self.refuse(exc)
         try:
@@ -130,6 +148,7 @@ class Handlers:
             return {}, None
         ctx = BillingContext(call.key_id, gw.meter.policy.quote(
             tier, gw.meter.clock(), gw.utilization(tier)), time.time())
+        ctx.tags = request_tags(ENDPOINTS.get(call.kind, call.kind), call.body)
         return gw.meter.bill(ctx, Usage(request_id or f"gw-{uuid.uuid4().hex}", prompt,
                                         cached, completion, finish, tier=tier))
 
@@ -146,10 +165,10 @@ class Handlers:
         gw = self.gw
         stream = bool(call.body.get("stream"))
         send = dict(call.body)
-        if stream:
+        if stream and call.kind in ("chat", "completions"):
             send["stream_options"] = {"include_usage": True}
         try:
-            resp, backend = await gw.open(tier, call.path, send, JSON_HEADERS)
+            resp, backend = await gw.open(tier, call.path, send, owner_headers(call.key_id))
         except NoBackend as exc:
             gw.errors.labels(tier, "503").inc()
             return error_response(503, str(exc), code="no_backend")
@@ -168,8 +187,7 @@ class Handlers:
         gw.latency.labels(tier).observe(time.perf_counter() - call.start)
         if resp.status_code == 200:
             data = json.loads(content)
-            cost = await self.settle(call, tier, data.get("usage"),
-                                     (data.get("choices") or [{}])[0].get("finish_reason"),
+            cost = await self.settle(call, tier, data.get("usage"), finish_of(data),
                                      data.get("id"))
             if cost:
                 data.setdefault("usage", {})["gateway_cost"] = cost["cost"]
@@ -191,6 +209,16 @@ class Handlers:
             async for line in resp.aiter_lines():
                 if line.startswith("data: {"):
                     event = json.loads(line[6:])
+                    if event.get("type", "").startswith("response."):  # Responses API
+                        response = event.get("response") or {}
+                        rid = rid or response.get("id")
+                        if event["type"] in FINAL_EVENTS and not billed:
+                            # the final event goes out only once its bill is on the books
+                            billed = True
+                            await self.settle(call, tier, response.get("usage"),
+                                              finish_of(response), rid)
+                        yield (line + "\n").encode()
+                        continue
                     rid = rid or event.get("id")
                     if event.get("usage"):
                         usage = event["usage"]
@@ -276,6 +304,30 @@ class Handlers:
             return StreamingResponse(as_sse(data, chat, body), media_type="text/event-stream",
                                      headers=out_headers)
         return JSONResponse(data, headers=out_headers)
+
+    async def relay_stored(self, request: Request, path: str, method: str) -> Response:
+        """``GET``/``DELETE /v1/responses/{id}``: asked of the default tier's replicas (a
+        stored response lives in the ledger database they share), as the key's owner."""
+        gw = self.gw
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        key_id = None
+        if gw.meter is not None:
+            try:
+                key_id = gw.meter.authorize(bearer_of(headers.get("authorization")))
+            except BillingError as exc:
+                return self.refuse(exc)
+        tier = gw.router.by_model(None)
+        try:
+            resp, backend = await gw.open(tier, path, {}, owner_headers(key_id), method)
+        except NoBackend as exc:
+            return error_response(503, str(exc), code="no_backend")
+        try:
+            content = await resp.aread()
+        finally:
+            await resp.aclose()
+            gw.release(backend)
+        return Response(content, status_code=resp.status_code,
+                        media_type=resp.headers.get("content-type", "application/json"))
 
     async def relay(self, request: Request, path: str) -> Response:
         """Pass a request that is neither generated nor billed (tokenize) to a backend of

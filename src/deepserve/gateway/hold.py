@@ -23,17 +23,24 @@ class BudgetHold:
         self.streaming = False
 
     def reserve(self, key_id: str | None, tiers: list[str], body: dict[str, Any],
-                chat: bool) -> None:
+                kind: str) -> None:
+        """``kind``: chat, completions, responses or embeddings."""
         if self.meter is None or self.meter.keys is None or key_id is None:
             return
-        prompt = body.get("messages") if chat else body.get("prompt")
+        chat = kind in ("chat", "responses")
+        prompt = {"chat": body.get("messages"), "completions": body.get("prompt"),
+                  "responses": [body.get("instructions"), body.get("input")],
+                  "embeddings": body.get("input")}.get(kind)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             prompt_bound = len(prompt)
         else:  # no token is shorter than one byte of UTF-8
             prompt_bound = len(json.dumps(prompt, ensure_ascii=False).encode("utf-8",
                                                                               "replace"))
-        out = body.get("max_completion_tokens") or body.get("max_tokens")
+        out = body.get("max_completion_tokens") or body.get("max_tokens") or \
+            body.get("max_output_tokens")
         out = out if isinstance(out, int) and out > 0 else (4096 if chat else 16)
+        if kind == "embeddings":
+            out = 0
         n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 0 else 1
         try:
             for tier in dict.fromkeys(tiers):

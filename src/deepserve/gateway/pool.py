@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import ipaddress
 import itertools
+import json
 import logging
 import socket
 import time
@@ -223,7 +224,13 @@ def _score(key: str, url: str) -> int:
 
 
 def prefix_key(body: dict) -> str:
-    """The text that decides prefix affinity: the start of the prompt or conversation."""
+    """The text that decides prefix affinity: the start of the prompt or conversation;
+    a ``prompt_cache_key`` decides it alone (requests sharing one go to one replica)."""
+    if isinstance(body.get("prompt_cache_key"), str) and body["prompt_cache_key"]:
+        return "prompt_cache_key:" + body["prompt_cache_key"]
+    if "input" in body and "messages" not in body and "prompt" not in body:
+        text = str(body.get("instructions") or "") + json.dumps(body["input"])[:PREFIX_CHARS]
+        return text[:PREFIX_CHARS]
     if "messages" in body and isinstance(body["messages"], list):
         text = "".join(str(m.get("content", "")) for m in body["messages"]
                        if isinstance(m, dict))

@@ -212,6 +212,19 @@ class CompletionRequest(_Common):
     suffix: Str | None = None  # fill-in-the-middle: refused (400), the model has no FIM tokens
 
 
+class EmbeddingRequest(_Strict):
+    """``POST /v1/embeddings``: text or token ids, one input or a list of them."""
+
+    model: Str | None = None
+    input: Str | list[Str] | list[Int] | list[list[Int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Int | None = None
+    user: Str | None = None
+    metadata: dict[Str, Str] | None = None
+    safety_identifier: Str | None = None
+    priority: Int = 0
+
+
 class TokenizeRequest(_Strict):
     """``POST /tokenize`` (vLLM's shape): a prompt, or chat messages through the template."""
 

@@ -1,5 +1,6 @@
 """Chat completions over a WebSocket (``/v1/chat/completions/ws``), in the server and
-the gateway alike.
+the gateway alike; ``/v1/responses/ws`` carries Responses API requests the same way (one
+message per typed event).
 
 The client sends a chat completion request as one JSON text message (``stream`` is
 implied). The answer comes back as one message per ``chat.completion.chunk`` object,
@@ -28,11 +29,13 @@ from fastapi import WebSocket, WebSocketDisconnect
 from deepserve.protocol.http import body_once, disconnect_on, error_body
 
 PATH = "/v1/chat/completions/ws"
+RESPONSES_PATH = "/v1/responses/ws"  # the same for the Responses API: its typed events
 DONE = "[DONE]"
 
 
-async def serve_chat_socket(ws: WebSocket) -> None:
-    """Serve one WebSocket connection until the client closes it."""
+async def serve_chat_socket(ws: WebSocket, target: str = "/v1/chat/completions") -> None:
+    """Serve one WebSocket connection until the client closes it; each request runs
+    through the HTTP route ``target``."""
     await ws.accept()
     try:
         while True:
@@ -50,12 +53,12 @@ async def serve_chat_socket(ws: WebSocket) -> None:
             if body.get("type") == "cancel":
                 continue  # nothing is running
             body["stream"] = True
-            await _run(ws, body)
+            await _run(ws, body, target)
     except WebSocketDisconnect:
         return
 
 
-async def _run(ws: WebSocket, body: dict[str, Any]) -> None:
+async def _run(ws: WebSocket, body: dict[str, Any], target: str) -> None:
     """One request through the app's own HTTP route, its SSE events relayed as messages;
     a client message or disconnect meanwhile is a disconnect for the route."""
     app = ws.scope["app"]
@@ -66,8 +69,8 @@ async def _run(ws: WebSocket, body: dict[str, Any]) -> None:
     headers += [(b"content-type", b"application/json"),
                 (b"content-length", str(len(raw)).encode())]
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
-             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "method": "POST", "scheme": "http", "path": target,
+             "raw_path": target.encode(), "query_string": b"", "root_path": "",
              "headers": headers, "client": ws.scope.get("client"),
              "server": ws.scope.get("server"), "app": app}
     stop = asyncio.Event()

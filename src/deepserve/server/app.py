@@ -29,14 +29,18 @@ from deepserve.protocol.http import (
 from deepserve.protocol.models import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     ErrorResponse,
     bad_text_path,
     check_metadata,
 )
 from deepserve.protocol.websocket import PATH as WS_PATH
+from deepserve.protocol.websocket import RESPONSES_PATH as WS_RESPONSES_PATH
 from deepserve.protocol.websocket import serve_chat_socket
+from deepserve.sampling_params import SamplingParams
 from deepserve.server.chat_output import ChatContext
 from deepserve.server.chat_setup import chat_setup
+from deepserve.server.embeddings import embed, inputs_of, pooling_for
 from deepserve.server.params import sampling_params
 from deepserve.server.pipeline import (
     APIError,
@@ -263,11 +267,65 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                 release()
 
     add_tokenize_routes(app, state, ERROR_RESPONSES)
+
+    @app.post("/v1/embeddings", responses=ERROR_RESPONSES)
+    async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
+        where = bad_text_path(req.model_dump(exclude_none=True))
+        if where is not None:
+            raise APIError(400, f"{where} is not valid Unicode text (a lone UTF-16 "
+                           "surrogate); send text that encodes as UTF-8", param=where)
+        state.check_task("embed", "/v1/embeddings")
+        check_metadata(req.metadata)
+        hidden = engine.engine.model_config.hidden_size
+        if req.dimensions is not None and req.dimensions != hidden:
+            raise APIError(400, f"dimensions={req.dimensions} is not supported: this model's "
+                           f"embeddings have {hidden} dimensions and cannot be shortened; "
+                           "remove dimensions", param="dimensions")
+        items = inputs_of(req)
+        pooling = pooling_for(cfg.embedding_pooling, state.model_name)
+        key_id = getattr(request.state, "key_id", None)
+        who = limit(request, key_id)
+        release = admit(req.model, min(len(items), engine.engine.config.max_num_seqs))
+        bill: BillingContext | None = None
+        try:
+            params = SamplingParams(max_tokens=1, embed=pooling)
+
+            def prepare() -> list[list[int]]:
+                out = []
+                for k, item in enumerate(items):
+                    try:
+                        _, ids = engine.engine.tokenize_prompt(prompt=item)
+                        engine.engine.check_request(ids, params, "input")
+                    except DeepserveError as exc:
+                        raise DeepserveError(f"input[{k}]: {exc.message}", param="input",
+                                             code=exc.code) from None
+                    out.append(ids)
+                return out
+
+            prepared = await state.preparer.run(prepare)
+            bill = state.meter.start(key_id, state.model_name)
+            bill.who = who
+            bill.tags = request_tags("embeddings", req.model_dump(exclude_none=True))
+            state.meter.reserve(bill, sum(len(ids) for ids in prepared), 0)
+            try:
+                body = await until_done(request, embed(state, req, prepared, bill, pooling),
+                                        cfg.request_timeout)
+            except ClientGone:
+                return Response(status_code=499)
+            return JSONResponse(body, headers=_price_headers(bill) | _cost_header(body))
+        finally:
+            if bill is not None:
+                state.meter.release(bill)
+            release()
     add_responses_routes(app, state, admit, limit, ERROR_RESPONSES, _price_headers)
 
     @app.websocket(WS_PATH)
     async def chat_socket(ws: WebSocket) -> None:
         await serve_chat_socket(ws)
+
+    @app.websocket(WS_RESPONSES_PATH)
+    async def responses_socket(ws: WebSocket) -> None:
+        await serve_chat_socket(ws, "/v1/responses")
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:

@@ -19,7 +19,7 @@ far, so a request with ``previous_response_id`` continues it, and ``GET
 /v1/responses/{id}`` returns the response. They live in the ledger's database with
 ``--ledger`` (shared by every replica on that database), else in this process (the
 newest ``MEMORY_RESPONSES``). A stored response is visible to the API key that created it
-only.
+only (behind a gateway: the gateway's key, passed on in ``x-deepserve-owner``).
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ from deepserve.protocol.models import (
 )
 
 MEMORY_RESPONSES = 1000
+# Set by the gateway on requests it forwards: the API key that owns stored responses
+# (a backend without keys of its own trusts it; tenants must not reach backends directly).
+OWNER_HEADER = "x-deepserve-owner"
 INCLUDABLE = ("message.output_text.logprobs", "reasoning.encrypted_content")
 
 

@@ -18,6 +18,7 @@ from deepserve.server.chat_setup import chat_setup
 from deepserve.server.pipeline import APIError, ClientGone, guarded_stream, until_done
 from deepserve.server.reasoning import prompt_opens_thinking
 from deepserve.server.responses import (
+    OWNER_HEADER,
     EventStream,
     ResponsesRequest,
     chat_logprobs_to_output,
@@ -37,6 +38,14 @@ def add_responses_routes(app: FastAPI, state: Any, admit: Callable[..., Any],
     cfg = state.cfg
     store = state.responses
 
+    def owner(request: Request) -> str | None:
+        """Whose stored responses a request may read: its API key's; on a server without
+        keys (a backend behind a gateway) the key the gateway names."""
+        key_id = getattr(request.state, "key_id", None)
+        if key_id is None and state.meter.keys is None and not cfg.api_key:
+            return request.headers.get(OWNER_HEADER) or None
+        return key_id
+
     @app.post("/v1/responses", responses=responses)
     async def create(req: ResponsesRequest, request: Request) -> Response:
         where = bad_text_path(req.model_dump(exclude_none=True))
@@ -52,7 +61,8 @@ def add_responses_routes(app: FastAPI, state: Any, admit: Callable[..., Any],
         try:
             history: list[dict[str, Any]] = []
             if req.previous_response_id:
-                record = await state.preparer.run(store.get, key_id, req.previous_response_id)
+                record = await state.preparer.run(store.get, owner(request),
+                                                  req.previous_response_id)
                 if record is None:
                     raise not_found(req.previous_response_id)
                 history = record["messages"]
@@ -74,7 +84,7 @@ def add_responses_routes(app: FastAPI, state: Any, admit: Callable[..., Any],
 
             async def keep(final: dict[str, Any]) -> None:
                 if req.store:
-                    await state.preparer.run(store.put, key_id, final,
+                    await state.preparer.run(store.put, owner(request), final,
                                              conversation(history, req, final["output"]))
 
             if req.stream:
@@ -108,8 +118,7 @@ def add_responses_routes(app: FastAPI, state: Any, admit: Callable[..., Any],
 
     @app.get("/v1/responses/{response_id}", responses=responses)
     async def retrieve(response_id: str, request: Request) -> Response:
-        record = await state.preparer.run(store.get, getattr(request.state, "key_id", None),
-                                          response_id)
+        record = await state.preparer.run(store.get, owner(request), response_id)
         if record is None:
             exc = not_found(response_id)
             raise APIError(404, exc.message, "response_id", exc.code)
@@ -117,8 +126,7 @@ def add_responses_routes(app: FastAPI, state: Any, admit: Callable[..., Any],
 
     @app.delete("/v1/responses/{response_id}", responses=responses)
     async def delete(response_id: str, request: Request) -> Response:
-        gone = await state.preparer.run(store.delete, getattr(request.state, "key_id", None),
-                                        response_id)
+        gone = await state.preparer.run(store.delete, owner(request), response_id)
         if not gone:
             exc = not_found(response_id)
             raise APIError(404, exc.message, "response_id", exc.code)

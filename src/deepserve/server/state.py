@@ -56,6 +56,9 @@ SERVER_HELP = {
                           "key (and cache_salt)",
     "task": "what this server answers: all (default), generate (chat, completions, "
             "responses) or embed (/v1/embeddings only)",
+    "embedding_pooling": "how /v1/embeddings pools the final hidden states: mean, last "
+                         "(last token), or auto (last when the model's name contains "
+                         "'embed', else mean)",
     "reasoning_parser": "split <think>...</think> into reasoning_content (on by default "
                         "when the chat template uses <think>)",
 }
@@ -92,8 +95,14 @@ class ServerConfig:
     # "deepseek_r1": <think> text -> reasoning_content; None: on if the template thinks
     reasoning_parser: str | None = None
     task: str = "all"  # all | generate | embed: which endpoints this server answers
+    embedding_pooling: str = "auto"  # mean | last | auto (last for "*embed*" models)
 
     def __post_init__(self) -> None:
+        from deepserve.server.embeddings import POOLINGS
+
+        if self.embedding_pooling not in POOLINGS:
+            raise DeepserveError(f"embedding_pooling={self.embedding_pooling!r} is not one "
+                                 f"of {', '.join(POOLINGS)}", param="embedding_pooling")
         if self.task not in TASKS:
             raise DeepserveError(f"task={self.task!r} is not one of {', '.join(TASKS)}",
                                  param="task")
