@@ -14,6 +14,7 @@ import torch
 from deepserve.config import EngineConfig
 from deepserve.engine import setup
 from deepserve.engine.block_manager import BlockManager
+from deepserve.engine.checks import check_request
 from deepserve.engine.detokenizer import IncrementalDetokenizer
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.sampler import Sampler
@@ -145,45 +146,8 @@ class LLMEngine:
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams,
                       param: str = "messages") -> None:
-        """Reject what can never run: too long for the context or for the KV pool.
-        ``param`` names the prompt's field in errors (messages or prompt)."""
-        params.validate()
-        n = len(prompt_ids)
-        if n == 0:
-            raise DeepserveError("prompt is empty after tokenization", param="prompt")
-        limit = self.max_model_len
-        if params.embed:
-            if n > limit:
-                raise DeepserveError(
-                    f"input is {n} tokens, but this model's context is {limit} tokens "
-                    "(max_model_len); shorten the input", param=param,
-                    code="context_length_exceeded")
-        elif n >= limit:
-            raise DeepserveError(
-                f"prompt is {n} tokens, but this model's context is {limit} tokens "
-                f"(max_model_len) and at least one token must be generated; shorten the "
-                "prompt", param=param, code="context_length_exceeded")
-        if params.max_tokens is not None and n + params.max_tokens > limit and \
-                not params.embed:
-            raise DeepserveError(
-                f"this model's maximum context length is {limit} tokens, but "
-                f"{n + params.max_tokens} were requested ({n} in the prompt, "
-                f"{params.max_tokens} for max_tokens); "
-                f"lower max_tokens to at most {limit - n} or shorten the prompt",
-                param="max_tokens", code="context_length_exceeded")
-        if params.constraint is not None:
-            self.grammars.compile(*params.constraint, params.guided_param)
-        if params.logit_bias:
-            bad = [t for t in params.logit_bias if t >= self.model_config.vocab_size]
-            if bad:
-                raise DeepserveError(f"logit_bias token ids {bad[:5]} are outside the "
-                                     f"vocabulary [0, {self.model_config.vocab_size})",
-                                     param="logit_bias")
-        if n + 1 > self.kv_tokens:
-            raise DeepserveError(
-                f"prompt is {n} tokens but the KV cache holds only {self.kv_tokens}; start the "
-                "engine with a larger --kv-cache-memory", param=param,
-                code="context_length_exceeded")
+        """Reject what can never run (see ``checks.check_request``)."""
+        check_request(self, prompt_ids, params, param)
 
     def add_request(self, request_id: str | None, prompt: str | list[int] | None,
                     params: SamplingParams, prompt_ids: list[int] | None = None,

@@ -25,7 +25,7 @@ from deepserve.gateway.answers import as_sse, finish_of, mean_logprob, usage_tok
 from deepserve.gateway.core import Gateway, NoBackend
 from deepserve.gateway.hold import BudgetHold
 from deepserve.protocol.http import SSE_DONE, bearer_of, error_body, sse_error
-from deepserve.server.responses import OWNER_HEADER
+from deepserve.server.response_store import OWNER_HEADER
 
 logger = logging.getLogger("deepserve.gateway.app")
 JSON_HEADERS = {"content-type": "application/json"}

@@ -18,17 +18,13 @@ Stored responses (``store``, true by default as in OpenAI's API) keep the conver
 far, so a request with ``previous_response_id`` continues it, and ``GET
 /v1/responses/{id}`` returns the response. They live in the ledger's database with
 ``--ledger`` (shared by every replica on that database), else in this process (the
-newest ``MEMORY_RESPONSES``). A stored response is visible to the API key that created it
+newest 1,000; see ``response_store``). A stored response is visible to the API key that created it
 only (behind a gateway: the gateway's key, passed on in ``x-deepserve-owner``).
 """
 
 from __future__ import annotations
 
-import json
-import threading
-import time
 import uuid
-from collections import OrderedDict
 from typing import Any, Literal
 
 from pydantic import Field
@@ -43,10 +39,6 @@ from deepserve.protocol.models import (
     _Strict,
 )
 
-MEMORY_RESPONSES = 1000
-# Set by the gateway on requests it forwards: the API key that owns stored responses
-# (a backend without keys of its own trusts it; tenants must not reach backends directly).
-OWNER_HEADER = "x-deepserve-owner"
 INCLUDABLE = ("message.output_text.logprobs", "reasoning.encrypted_content")
 
 
@@ -363,199 +355,3 @@ def conversation(history: list[dict[str, Any]], req: ResponsesRequest,
                 "function": {"name": item["name"], "arguments": item["arguments"]}})
     keep = [reply] if reply["content"] is not None or reply.get("tool_calls") else []
     return history + turn + keep
-
-
-# -- streaming ----------------------------------------------------------------------------
-class EventStream:
-    """Chat chunks -> the Responses API's typed SSE events."""
-
-    def __init__(self, body: dict[str, Any], max_tool_calls: int | None) -> None:
-        self.body = body
-        self.seq = 0
-        self.output: list[dict[str, Any]] = []  # finished items, in order
-        self.open: dict[str, Any] | None = None  # the item being generated
-        self.text = ""
-        self.logprobs: list[Any] = []
-        self.calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> item
-        self.max_tool_calls = max_tool_calls
-
-    def event(self, kind: str, **fields: Any) -> str:
-        data = {"type": kind, "sequence_number": self.seq, **fields}
-        self.seq += 1
-        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-    def start(self) -> list[str]:
-        return [self.event("response.created", response=self.body),
-                self.event("response.in_progress", response=self.body)]
-
-    def _index(self) -> int:
-        return len(self.output)
-
-    def _open(self, item: dict[str, Any]) -> list[str]:
-        out = self.close()
-        self.open = item
-        self.text = ""
-        out.append(self.event("response.output_item.added", output_index=self._index(),
-                              item=item | ({"content": []} if item["type"] != "function_call"
-                                           else {}) | {"status": "in_progress"}))
-        if item["type"] == "message":
-            out.append(self.event("response.content_part.added", item_id=item["id"],
-                                  output_index=self._index(), content_index=0,
-                                  part={"type": "output_text", "text": "", "annotations": [],
-                                        "logprobs": []}))
-        return out
-
-    def close(self, status: str = "completed") -> list[str]:
-        """Finish the open item (its done events); it joins the output."""
-        item, self.open = self.open, None
-        if item is None:
-            return []
-        at = self._index()
-        out = []
-        if item["type"] == "message":
-            item = message_item(self.text, item["id"], status, self.logprobs)
-            part = item["content"][0]
-            out += [self.event("response.output_text.done", item_id=item["id"],
-                               output_index=at, content_index=0, text=self.text,
-                               logprobs=self.logprobs),
-                    self.event("response.content_part.done", item_id=item["id"],
-                               output_index=at, content_index=0, part=part)]
-        elif item["type"] == "reasoning":
-            item = reasoning_item(self.text, item["id"], status)
-            out.append(self.event("response.reasoning_text.done", item_id=item["id"],
-                                  output_index=at, content_index=0, text=self.text))
-        else:
-            item = item | {"arguments": self.text, "status": status}
-            out.append(self.event("response.function_call_arguments.done",
-                                  item_id=item["id"], output_index=at, name=item["name"],
-                                  arguments=self.text))
-        out.append(self.event("response.output_item.done", output_index=at, item=item))
-        self.output.append(item)
-        return out
-
-    def feed(self, chunk: dict[str, Any]) -> list[str]:
-        out: list[str] = []
-        for choice in chunk["choices"]:
-            delta = choice.get("delta") or {}
-            if delta.get("reasoning_content"):
-                if self.open is None or self.open["type"] != "reasoning":
-                    out += self._open(reasoning_item("", status="in_progress"))
-                self.text += delta["reasoning_content"]
-                out.append(self.event("response.reasoning_text.delta",
-                                      item_id=self.open["id"],  # type: ignore[index]
-                                      output_index=self._index(), content_index=0,
-                                      delta=delta["reasoning_content"]))
-            if delta.get("content"):
-                if self.open is None or self.open["type"] != "message":
-                    out += self._open(message_item("", status="in_progress"))
-                lps = chat_logprobs_to_output(choice.get("logprobs"))
-                self.logprobs += lps
-                self.text += delta["content"]
-                out.append(self.event("response.output_text.delta",
-                                      item_id=self.open["id"],  # type: ignore[index]
-                                      output_index=self._index(), content_index=0,
-                                      delta=delta["content"], logprobs=lps))
-            for call in delta.get("tool_calls") or []:
-                k = call["index"]
-                if self.max_tool_calls is not None and k >= self.max_tool_calls:
-                    continue
-                if "id" in call:
-                    item = {"type": "function_call", "id": _id("fc"), "call_id": call["id"],
-                            "name": call["function"]["name"], "arguments": ""}
-                    self.calls[k] = item
-                    out += self._open(item)
-                piece = call.get("function", {}).get("arguments")
-                if piece and self.open is not None and self.open is self.calls.get(k):
-                    self.text += piece
-                    out.append(self.event("response.function_call_arguments.delta",
-                                          item_id=self.open["id"],
-                                          output_index=self._index(), delta=piece))
-        return out
-
-    def end(self, final_calls: list[dict[str, Any]], finish_reason: str | None,
-            usage: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-        """Close what is open and send the final response (only complete calls in it)."""
-        keep = {c["id"] for c in final_calls}
-        status = "incomplete" if (self.open is not None and self.open["type"] ==
-                                  "function_call" and self.open["call_id"] not in keep) \
-            else "completed"
-        out = self.close(status)
-        output = [i for i in self.output if i["type"] != "function_call"
-                  or i["call_id"] in keep]
-        final = finish(self.body, output, finish_reason, usage)
-        kind = "response.incomplete" if final["status"] == "incomplete" else \
-            "response.completed"
-        out.append(self.event(kind, response=final))
-        return out, final
-
-
-# -- storage ------------------------------------------------------------------------------
-class ResponseStore:
-    """Stored responses: in the ledger's database (``url``) or in memory."""
-
-    def __init__(self, url: str | None) -> None:
-        self.url = url
-        self._lock = threading.Lock()
-        self._memory: OrderedDict[str, tuple[str | None, dict[str, Any]]] = OrderedDict()
-        self._db: Any = None
-
-    def _conn(self) -> Any:
-        if self._db is None:
-            from deepserve.billing.ledger_db import open_db
-
-            self._db = open_db(self.url)  # type: ignore[arg-type]
-        return self._db
-
-    def put(self, key_id: str | None, response: dict[str, Any],
-            messages: list[dict[str, Any]]) -> None:
-        record = {"response": response, "messages": messages}
-        with self._lock:
-            if self.url is None:
-                self._memory[response["id"]] = (key_id, record)
-                while len(self._memory) > MEMORY_RESPONSES:
-                    self._memory.popitem(last=False)
-                return
-            db = self._conn()
-            try:
-                db.execute("INSERT INTO responses (response_id, key_id, created_ts, model, "
-                           "previous_response_id, body) VALUES (?, ?, ?, ?, ?, ?)",
-                           (response["id"], key_id, time.time(), response["model"],
-                            response.get("previous_response_id"),
-                            json.dumps(record, ensure_ascii=False)))
-                db.commit()
-            except BaseException:
-                db.rollback()
-                raise
-
-    def get(self, key_id: str | None, response_id: str) -> dict[str, Any] | None:
-        """The stored record ({response, messages}) if this key may read it."""
-        with self._lock:
-            if self.url is None:
-                found = self._memory.get(response_id)
-                if found is None or found[0] != key_id:
-                    return None
-                return found[1]
-            rows = self._conn().query("SELECT key_id, body FROM responses WHERE "
-                                      "response_id = ?", (response_id,))
-            self._db.commit()  # end the read transaction (PostgreSQL)
-        if not rows or rows[0][0] != key_id:
-            return None
-        return json.loads(rows[0][1])
-
-    def delete(self, key_id: str | None, response_id: str) -> bool:
-        if self.get(key_id, response_id) is None:
-            return False
-        with self._lock:
-            if self.url is None:
-                self._memory.pop(response_id, None)
-                return True
-            db = self._conn()
-            db.execute("DELETE FROM responses WHERE response_id = ?", (response_id,))
-            db.commit()
-        return True
-
-
-def not_found(response_id: str) -> DeepserveError:
-    return DeepserveError(f"Response with id {response_id!r} not found (it was not stored, "
-                          "was deleted, or belongs to another API key)",
-                          param="previous_response_id", status=404, code="not_found")

@@ -17,18 +17,17 @@ from deepserve.server.chat_output import ChatContext, ChoiceStream
 from deepserve.server.chat_setup import chat_setup
 from deepserve.server.pipeline import APIError, ClientGone, guarded_stream, until_done
 from deepserve.server.reasoning import prompt_opens_thinking
+from deepserve.server.response_store import OWNER_HEADER, not_found
 from deepserve.server.responses import (
-    OWNER_HEADER,
-    EventStream,
     ResponsesRequest,
     chat_logprobs_to_output,
     conversation,
     envelope,
     finish,
-    not_found,
     output_items,
     to_chat,
 )
+from deepserve.server.responses_stream import EventStream
 
 
 def add_responses_routes(app: FastAPI, state: Any, admit: Callable[..., Any],

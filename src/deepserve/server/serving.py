@@ -104,9 +104,8 @@ class OpenAIServing:
         assert last is not None
         return last
 
-    def _reasoning_tokens(self, reasoning: str | None) -> int:
-        return len(self.tokenizer.encode(reasoning, add_special_tokens=False)) \
-            if reasoning else 0
+    def _reasoning_tokens(self, text: str | None) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
 
     def _feed(self, rid: str, streams: list[ChoiceStream], sent: list[int],
               o: CompletionOutput) -> list[dict[str, Any]]:

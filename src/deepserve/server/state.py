@@ -173,7 +173,7 @@ class ServerState:
             self.chat_template)
         self.draining = False
         self.started = time.time()
-        from deepserve.server.responses import ResponseStore
+        from deepserve.server.response_store import ResponseStore
 
         self.responses = ResponseStore(cfg.ledger)
 
