@@ -17,7 +17,7 @@ import pytest
 
 from deepserve.billing.keys import APIKey
 from deepserve.billing.ledger import Ledger, UsageRecord, insert, key_spend
-from deepserve.billing.ledger_db import SCHEMA_VERSION, open_db
+from deepserve.billing.ledger_db import SCHEMA_VERSION, USAGE_V4, open_db
 from deepserve.billing.pricing import PricingPolicy
 from deepserve.billing.report import build_report
 from deepserve.errors import DeepserveError
@@ -86,18 +86,20 @@ def test_an_old_sqlite_ledger_is_migrated_and_duplicates_are_named(tmp_path):
                   "CREATE TABLE replicas (replica_id TEXT PRIMARY KEY, model TEXT, hardware "
                   "TEXT NOT NULL, accelerators INTEGER NOT NULL DEFAULT 1, start_ts REAL NOT "
                   "NULL, last_seen_ts REAL NOT NULL, stop_ts REAL);")
-    row = tuple(vars(_record("old-1", 1_800_000_000.0)).values())
+    old_columns = [c for c in vars(_record("x", 0)) if c not in USAGE_V4]
+    row = tuple(vars(_record("old-1", 1_800_000_000.0))[c] for c in old_columns)
     for name, rows in (("good.db", [row]), ("dup.db", [row, row])):
         conn = sqlite3.connect(tmp_path / name)
         conn.executescript(old_schema)
         for r in rows:
-            conn.execute(f"INSERT INTO usage ({', '.join(vars(_record('x', 0)))}) VALUES "
+            conn.execute(f"INSERT INTO usage ({', '.join(old_columns)}) VALUES "
                          f"({', '.join('?' * len(r))})", r)
         conn.commit()
         conn.close()
     db = open_db(tmp_path / "good.db")
     assert db.query("SELECT MAX(version) FROM schema_version")[0][0] == SCHEMA_VERSION
     assert db.has_column("replicas", "hourly_cost")
+    assert all(db.has_column("usage", c) for c in USAGE_V4)
     assert not insert(db, _record("old-1", 1.0))  # version 2: the id is taken
     assert key_spend(db)["k"][1] == 110
     db.close()

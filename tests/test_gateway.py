@@ -235,6 +235,20 @@ def test_cache_aware_balancing_beats_round_robin_on_shared_prefixes(backends, tm
     assert aware > rr
 
 
+def test_prompt_cache_key_keeps_a_conversation_on_one_replica(gateway, backends):
+    if any(b.proc.poll() is not None for b in backends[:2]):
+        pytest.skip("needs both lite replicas")
+    for key in ("conv-a", "conv-b", "conv-c"):
+        seen = set()
+        for i in range(4):  # different prompts, one key: one replica
+            r = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=120, json={
+                "model": "lite", "max_tokens": 1, "prompt_cache_key": key,
+                "messages": [{"role": "user", "content": f"question {i} {key}"}]})
+            assert r.status_code == 200, r.text
+            seen.add(r.headers["x-deepserve-backend"])
+        assert len(seen) == 1, (key, seen)
+
+
 def test_rate_limit_is_429_with_retry_after(backends, tmp_path):
     if any(b.proc.poll() is not None for b in backends):
         pytest.skip("needs every backend")

@@ -157,6 +157,8 @@ def test_stored_responses_retrieve_delete_and_isolation(client, server):
      "input[0].content[0]"),
     ({"input": "x", "include": ["file_search_call.results"]}, "include"),
     ({"input": "x", "frobnicate": 1}, "frobnicate"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
 ])
 def test_responses_bad_input_is_a_400_naming_it(server, body, param):
     r = httpx.post(f"{server.url}/v1/responses", json=body)

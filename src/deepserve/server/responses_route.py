@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deepserve.billing.meter import BillingContext, request_tags
+from deepserve.errors import DeepserveError
 from deepserve.protocol.models import bad_text_path
 from deepserve.server.chat_output import ChatContext, ChoiceStream
 from deepserve.server.chat_setup import chat_setup
@@ -28,6 +29,11 @@ from deepserve.server.responses import (
     to_chat,
 )
 from deepserve.server.responses_stream import EventStream
+
+# chat's field names in errors -> the Responses API's
+RESPONSES_PARAMS = {"max_tokens": "max_output_tokens", "messages": "input",
+                    "response_format": "text.format", "reasoning_effort": "reasoning.effort",
+                    "verbosity": "text.verbosity"}
 
 
 def add_responses_routes(app: FastAPI, state: Any, admit: Callable[..., Any],
@@ -66,10 +72,14 @@ def add_responses_routes(app: FastAPI, state: Any, admit: Callable[..., Any],
                     raise not_found(req.previous_response_id)
                 history = record["messages"]
             chat_req = to_chat(req, history)
-            setup = chat_setup(chat_req, state.chat_template)
-            text, ids = await state.preparer.run(
-                engine.prepare, messages=setup.messages, params=setup.params,
-                default_max_tokens=cfg.max_tokens_default, chat_options=setup.options)
+            try:
+                setup = chat_setup(chat_req, state.chat_template)
+                text, ids = await state.preparer.run(
+                    engine.prepare, messages=setup.messages, params=setup.params,
+                    default_max_tokens=cfg.max_tokens_default, chat_options=setup.options)
+            except DeepserveError as exc:  # named as this API names the field
+                exc.param = RESPONSES_PARAMS.get(exc.param or "", exc.param)
+                raise
             ctx = ChatContext(setup.plan, state.reasoning,
                               state.reasoning and prompt_opens_thinking(text or ""))
             salt = state.cache_salt(chat_req, key_id)
