@@ -209,6 +209,24 @@ def test_embeddings(client, server):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
 
 
+def test_embeddings_equal_transformers_pooled_hidden_states(client, hf_model):
+    """The reference: transformers' float32 forward of the same GGUF, its last hidden
+    state (after the final norm) averaged over the tokens and L2-normalised. Long inputs
+    too: their prefill runs in chunks, pooled across them."""
+    import torch
+
+    tok, model = hf_model
+    texts = ["The cat sat on the mat.", "Stock prices fell sharply on Monday.",
+             "Write a haiku about autumn. " * 400]  # ~2,800 tokens: two prefill chunks
+    r = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    for text, got in zip(texts, r.data, strict=True):
+        with torch.inference_mode():
+            hidden = model(tok(text, return_tensors="pt").input_ids,
+                           output_hidden_states=True).hidden_states[-1][0]
+        want = torch.nn.functional.normalize(hidden.mean(0), dim=0)
+        assert float(want @ torch.tensor(got.embedding)) > 0.999
+
+
 def test_a_server_for_embeddings_only(tmp_path):
     srv = ServerProcess("--task", "embed", "--no-warmup", log_dir=tmp_path)
     try:
