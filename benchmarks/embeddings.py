@@ -80,8 +80,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--port", type=int, default=8317)
+    ap.add_argument("--shapes", nargs="*", metavar="NxT",
+                    help="instead: deepserve alone, one request at a time of N inputs of "
+                         "T tokens each (e.g. 1x2000 16x64)")
     args = ap.parse_args()
     gguf = str(resolve_model(args.model)[0])
+    if args.shapes:
+        return shapes(args, gguf)
     inputs = texts(args.texts, args.tokens, gguf)
     url = f"http://127.0.0.1:{args.port}"
     systems = {
@@ -115,6 +120,24 @@ def main() -> None:
         cos = [sum(x * y for x, y in zip(u, v, strict=True)) for u, v in zip(a, b, strict=True)]
         print(f"cosine deepserve vs llama.cpp: min {min(cos):.4f}, "
               f"mean {sum(cos) / len(cos):.4f}")
+
+
+def shapes(args: argparse.Namespace, gguf: str) -> None:
+    url = f"http://127.0.0.1:{args.port}"
+    proc = subprocess.Popen([sys.executable, "-m", "deepserve.cli", "serve", "--model", gguf,
+                             "--port", str(args.port), "--task", "embed", "--num-threads",
+                             str(args.threads)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(url, proc)
+        for shape in ["1x64", *args.shapes]:  # the first warms up
+            n, t = (int(x) for x in shape.split("x"))
+            wall, tokens, _ = run(url, texts(n, t, gguf), n, 1)
+            if shape != "1x64" or "1x64" in args.shapes:
+                print(f"{shape}: {tokens} tokens in {wall:.2f} s, {tokens / wall:.0f} tokens/s")
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 if __name__ == "__main__":
