@@ -277,3 +277,63 @@ def test_reasoning_then_tool_call():
     assert out.reasoning == "I should add." and out.content is None
     assert out.tool_calls[0]["function"]["name"] == "add"
     assert out.message()["reasoning_content"] == "I should add."
+
+
+# -- the Responses API's translation, and reasoning_effort --------------------------------
+def test_reasoning_effort_switches_the_templates_thinking():
+    from deepserve.server.chat_setup import template_options, thinking_switch
+
+    qwen3 = ("{%- if enable_thinking is defined and enable_thinking is false %}"
+             "<think>\n\n</think>{%- endif %}")
+    assert thinking_switch(qwen3) == "enable_thinking"
+    assert thinking_switch("{% if thinking %}<think>{% endif %}") == "thinking"
+    assert thinking_switch("{{ messages }}") is None
+    for effort, on in (("none", False), ("minimal", False), ("low", True), ("high", True)):
+        assert template_options(request(reasoning_effort=effort), None, qwen3)[
+            "enable_thinking"] is on
+    # the request's own template kwargs win; a template without a switch gets nothing
+    assert template_options(request(reasoning_effort="none", chat_template_kwargs={
+        "enable_thinking": True}), None, qwen3)["enable_thinking"] is True
+    assert "enable_thinking" not in template_options(request(reasoning_effort="low"), None,
+                                                     "{{ messages }}")
+
+
+def test_responses_events_from_chat_chunks_with_reasoning_and_a_call():
+    from deepserve.server.responses import ResponsesRequest, envelope
+    from deepserve.server.responses_stream import EventStream
+
+    req = ResponsesRequest.model_validate({"input": "x", "tools": [
+        {"type": "function", "name": "add", "parameters": {}}]})
+    events = EventStream(envelope(req, "resp_1", "m", 0.0), None)
+    out = events.start()
+    for delta in ({"reasoning_content": "I add."}, {"reasoning_content": " Done."},
+                  {"content": "Sure."},
+                  {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                   "function": {"name": "add", "arguments": ""}}]},
+                  {"tool_calls": [{"index": 0, "function": {"arguments": '{"a":'}}]},
+                  {"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}):
+        out += events.feed({"choices": [{"index": 0, "delta": delta}]})
+    call = {"id": "call_1", "type": "function", "function": {"name": "add",
+                                                             "arguments": '{"a":1}'}}
+    usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14,
+             "prompt_tokens_details": {"cached_tokens": 0},
+             "completion_tokens_details": {"reasoning_tokens": 4}}
+    tail, final = events.end([call], "tool_calls", usage)
+    kinds = [json.loads(e.split("data: ", 1)[1])["type"] for e in out + tail]
+    assert kinds[:3] == ["response.created", "response.in_progress",
+                         "response.output_item.added"]
+    assert kinds.count("response.reasoning_text.delta") == 2
+    assert kinds.count("response.function_call_arguments.delta") == 2
+    assert kinds[-1] == "response.completed"
+    assert [i["type"] for i in final["output"]] == ["reasoning", "message", "function_call"]
+    assert final["output"][0]["content"][0]["text"] == "I add. Done."
+    assert final["output"][2]["arguments"] == '{"a":1}'
+    assert final["usage"]["output_tokens_details"]["reasoning_tokens"] == 4
+    # a call the cut dropped is not in the final output, and its item says incomplete
+    events = EventStream(envelope(req, "resp_2", "m", 0.0), None)
+    events.feed({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_9", "type": "function",
+         "function": {"name": "add", "arguments": '{"a'}}]}}]})
+    tail, final = events.end([], "length", usage)
+    assert final["status"] == "incomplete" and final["output"] == []
+    assert '"status": "incomplete"' in tail[-2]
