@@ -316,18 +316,8 @@ class Handlers:
                 key_id = gw.meter.authorize(bearer_of(headers.get("authorization")))
             except BillingError as exc:
                 return self.refuse(exc)
-        tier = gw.router.by_model(None)
-        try:
-            resp, backend = await gw.open(tier, path, {}, owner_headers(key_id), method)
-        except NoBackend as exc:
-            return error_response(503, str(exc), code="no_backend")
-        try:
-            content = await resp.aread()
-        finally:
-            await resp.aclose()
-            gw.release(backend)
-        return Response(content, status_code=resp.status_code,
-                        media_type=resp.headers.get("content-type", "application/json"))
+        return await self.fetch(gw.router.by_model(None), path, {}, owner_headers(key_id),
+                                method)
 
     async def relay(self, request: Request, path: str) -> Response:
         """Pass a request that is neither generated nor billed (tokenize) to a backend of
@@ -343,8 +333,15 @@ class Handlers:
             except BillingError as exc:
                 return self.refuse(exc)
         tier = gw.router.choose("model", body, headers, "")
+        return await self.fetch(tier, path, body, JSON_HEADERS, out={"x-deepserve-tier": tier})
+
+    async def fetch(self, tier: str, path: str, body: dict[str, Any],
+                    headers: dict[str, str], method: str = "POST",
+                    out: dict[str, str] | None = None) -> Response:
+        """A backend's whole answer to a request that is not billed, passed back."""
+        gw = self.gw
         try:
-            resp, backend = await gw.open(tier, path, body, JSON_HEADERS)
+            resp, backend = await gw.open(tier, path, body, headers, method)
         except NoBackend as exc:
             return error_response(503, str(exc), code="no_backend")
         try:
@@ -354,4 +351,4 @@ class Handlers:
             gw.release(backend)
         return Response(content, status_code=resp.status_code,
                         media_type=resp.headers.get("content-type", "application/json"),
-                        headers={"x-deepserve-tier": tier})
+                        headers=out)

@@ -31,7 +31,6 @@ from deepserve.protocol.models import (
     CompletionRequest,
     EmbeddingRequest,
     ErrorResponse,
-    bad_text_path,
     check_metadata,
 )
 from deepserve.protocol.websocket import PATH as WS_PATH
@@ -45,6 +44,7 @@ from deepserve.server.params import sampling_params
 from deepserve.server.pipeline import (
     APIError,
     ClientGone,
+    check_text,
     guarded_stream,
     until_done,
 )
@@ -199,11 +199,7 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
 
     async def run(req: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
         chat = isinstance(req, ChatCompletionRequest)
-        where = bad_text_path(req.model_dump(exclude_none=True))
-        if where is not None:
-            raise APIError(400, f"{where} is not valid Unicode text (it holds a lone UTF-16 "
-                           "surrogate such as \\ud800); send text that encodes as UTF-8",
-                           param=where)
+        check_text(req)
         if not chat and req.suffix is not None:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model: "
                            "it has no FIM tokens; remove suffix", param="suffix")
@@ -270,10 +266,7 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/embeddings", responses=ERROR_RESPONSES)
     async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
-        where = bad_text_path(req.model_dump(exclude_none=True))
-        if where is not None:
-            raise APIError(400, f"{where} is not valid Unicode text (a lone UTF-16 "
-                           "surrogate); send text that encodes as UTF-8", param=where)
+        check_text(req)
         state.check_task("embed", "/v1/embeddings")
         check_metadata(req.metadata)
         hidden = engine.engine.model_config.hidden_size

@@ -39,6 +39,17 @@ class APIError(Exception):
         self.headers = headers
 
 
+def check_text(req: Any) -> None:
+    """400 for a request body holding text that cannot be UTF-8 (a lone surrogate)."""
+    from deepserve.protocol.models import bad_text_path
+
+    where = bad_text_path(req.model_dump(exclude_none=True))
+    if where is not None:
+        raise APIError(400, f"{where} is not valid Unicode text (it holds a lone UTF-16 "
+                       "surrogate such as \\ud800); send text that encodes as UTF-8",
+                       param=where)
+
+
 class ClientGone(Exception):
     """The client closed the connection before its response was ready."""
 

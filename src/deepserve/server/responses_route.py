@@ -13,10 +13,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deepserve.billing.meter import BillingContext, request_tags
 from deepserve.errors import DeepserveError
-from deepserve.protocol.models import bad_text_path
 from deepserve.server.chat_output import ChatContext, ChoiceStream
 from deepserve.server.chat_setup import chat_setup
-from deepserve.server.pipeline import APIError, ClientGone, guarded_stream, until_done
+from deepserve.server.pipeline import (
+    APIError,
+    ClientGone,
+    check_text,
+    guarded_stream,
+    until_done,
+)
 from deepserve.server.reasoning import prompt_opens_thinking
 from deepserve.server.response_store import OWNER_HEADER, not_found
 from deepserve.server.responses import (
@@ -53,10 +58,7 @@ def add_responses_routes(app: FastAPI, state: Any, admit: Callable[..., Any],
 
     @app.post("/v1/responses", responses=responses)
     async def create(req: ResponsesRequest, request: Request) -> Response:
-        where = bad_text_path(req.model_dump(exclude_none=True))
-        if where is not None:
-            raise APIError(400, f"{where} is not valid Unicode text (a lone UTF-16 "
-                           "surrogate); send text that encodes as UTF-8", param=where)
+        check_text(req)
         state.check_task("generate", "/v1/responses")
         key_id = getattr(request.state, "key_id", None)
         who = limit(request, key_id)
