@@ -128,6 +128,20 @@ def test_responses_streamed_function_call_arguments(client):
     assert pieces == call.arguments and json.loads(call.arguments)
 
 
+def test_responses_text_format_json_schema(client):
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["city", "rank"], "additionalProperties": False}
+    r = client.responses.create(model=MODEL, input="Name a big city.", temperature=0,
+                                max_output_tokens=60, text={"format": {
+                                    "type": "json_schema", "name": "city",
+                                    "schema": schema, "strict": True}})
+    value = json.loads(r.output_text)
+    assert list(value) == ["city", "rank"] and 1 <= value["rank"] <= 9
+    assert r.text.format.type == "json_schema"
+
+
 def test_stored_responses_retrieve_delete_and_isolation(client, server):
     r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3)
     assert client.responses.retrieve(r.id).output_text == r.output_text

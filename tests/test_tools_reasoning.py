@@ -337,3 +337,11 @@ def test_responses_events_from_chat_chunks_with_reasoning_and_a_call():
     tail, final = events.end([], "length", usage)
     assert final["status"] == "incomplete" and final["output"] == []
     assert '"status": "incomplete"' in tail[-2]
+    # not streamed: the chat message's parts, in the same order
+    from deepserve.server.responses import output_items
+
+    items = output_items({"reasoning_content": "r", "content": "c", "tool_calls": [call]},
+                         None)
+    assert [i["type"] for i in items] == ["reasoning", "message", "function_call"]
+    assert items[2]["call_id"] == "call_1" and items[2]["arguments"] == '{"a":1}'
+    assert len(output_items({"tool_calls": [call] * 3}, 1)) == 1  # max_tool_calls
