@@ -198,3 +198,36 @@ def test_settings_that_would_be_ignored_are_refused():
     with pytest.raises(DeepserveError, match="redis shares key budgets"):
         GatewayConfig.from_dict({"gateway": {"redis": "redis://127.0.0.1:6379/0"},
                                  "tiers": {"lite": {"backends": ["http://127.0.0.1:1"]}}})
+
+
+def _open_at(url: str, start: float, out) -> None:
+    while time.time() < start:
+        pass
+    try:
+        Ledger(url, "m", "cpu").close()
+        out.put("ok")
+    except Exception as exc:  # reported to the test
+        out.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_replicas_started_together_create_a_new_ledger_without_error(tmp_path, postgres):
+    """Eight processes open the same new ledger at the same instant, over and over (without
+    the retry this failed within its first three rounds: "database is locked")."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    urls = [str(tmp_path / f"new-{k}.db") for k in range(10)] + [
+        postgres.fresh_database(f"race_{uuid.uuid4().hex[:12]}") for _ in range(2)]
+    for url in urls:
+        out = ctx.Queue()
+        start = time.time() + 0.3
+        procs = [ctx.Process(target=_open_at, args=(url, start, out)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        assert results == ["ok"] * 8, (url, results)
+        db = open_db(url)
+        assert db.query("SELECT COUNT(*) FROM replicas")[0][0] == 8
+        db.close()

@@ -123,6 +123,14 @@ def test_errors_keep_the_socket_open_and_keys_are_checked(front, tmp_path):
         ws.send(json.dumps({"model": "lite", "messages": QUESTION, "temperature": -1}))
         err = json.loads(ws.recv(timeout=30))
         assert err["error"]["param"] == "temperature" and ws.recv(timeout=30) == "[DONE]"
+    for url, headers in ((srv.url, {}), (gw, AUTH)):  # a binary frame: the same in-band error
+        with connect(ws_url(url), additional_headers=headers) as ws:
+            ws.send(b'{"messages": []}')
+            err = json.loads(ws.recv(timeout=30))
+            assert "binary frame" in err["error"]["message"]
+            assert ws.recv(timeout=30) == "[DONE]"
+            ws.send(json.dumps({"model": "lite", "messages": QUESTION, "max_tokens": 3}))
+            assert receive_answer(ws)[0]  # the socket goes on
     with connect(ws_url(gw)) as ws:  # the gateway checks the key per request
         ws.send(json.dumps({"model": "lite", "messages": QUESTION}))
         err = json.loads(ws.recv(timeout=30))

@@ -67,7 +67,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        # A top_p this small keeps only the most likely token (and would underflow the
+        # cumulative sum): the same as greedy.
+        return self.temperature < 1e-5 or self.top_p < 1e-6
 
     def validate(self) -> None:
         def bad(param: str, value: object, fix: str) -> DeepserveError:

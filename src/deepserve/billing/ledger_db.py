@@ -187,15 +187,39 @@ class PostgresDB(LedgerDB):
                                "table_name = ? AND column_name = ?", (table, column)))
 
 
+OPEN_RETRY_S = 30.0  # how long a new SQLite ledger waits out another process creating it
+
+
 def open_db(url: str | Path) -> LedgerDB:
-    """Open a ledger (created and migrated to the current schema)."""
-    db = PostgresDB(url) if is_postgres(url) else LedgerDB(url)
-    try:
-        migrate(db)
-    except BaseException:
-        db.close()
-        raise
-    return db
+    """Open a ledger (created and migrated to the current schema).
+
+    Servers started together on a new SQLite file race to create it: switching the file
+    to WAL takes a lock that SQLite's busy timeout does not wait for, so a "database is
+    locked" there is retried (with a fresh connection) for up to ``OPEN_RETRY_S``."""
+    import random
+    import time
+
+    deadline = time.monotonic() + OPEN_RETRY_S
+    while True:
+        try:
+            db = PostgresDB(url) if is_postgres(url) else LedgerDB(url)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.02, 0.2))
+            continue
+        try:
+            migrate(db)
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.02, 0.2))
+            continue
+        except BaseException:
+            db.close()
+            raise
+        return db
 
 
 def migrate(db: LedgerDB) -> None:

@@ -296,9 +296,18 @@ class LLMEngine:
         is_eos = token in self.eos_token_ids and not p.ignore_eos
         if not is_eos:
             detok.add(token)
-        if seq.matcher is not None and not is_eos:
-            seq.matcher.consume_token(token)
-            if seq.matcher.is_stopped():
+        if seq.matcher is not None:
+            if not is_eos:
+                seq.matcher.consume_token(token)
+            if seq.matcher.is_error():
+                # The constraint itself failed (e.g. a grammar too large to build): the
+                # request ends with the reason, never with output that breaks it.
+                why = seq.matcher.get_error().strip().splitlines()[0]
+                return self.fail(seq.request_id, DeepserveError(
+                    f"the output constraint failed during generation ({why}): no output "
+                    "can satisfy it here; simplify it", param=p.guided_param, status=422,
+                    code="constraint_failed"))
+            if seq.matcher.is_stopped() and not is_eos:
                 return self._finish(seq, "stop")
         if seq.num_output >= p.min_tokens:
             if is_eos:

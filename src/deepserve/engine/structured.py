@@ -67,8 +67,17 @@ class GrammarCompiler:
             # compact JSON: with flexible whitespace a small model sampled at temperature
             # 0.9 could spend its max_tokens on spaces and newlines (4 of 15 seeds cut
             # short); a schema's own "x-guidance" still overrides this default
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                text, defaults={"whitespace_flexible": False})
+            depth = json_depth(spec if not isinstance(spec, str) else json.loads(text))
+            if depth > MAX_SCHEMA_DEPTH:
+                raise DeepserveError(f"the JSON schema is nested {depth} levels deep; at most "
+                                     f"{MAX_SCHEMA_DEPTH} are allowed: flatten it",
+                                     param=param)
+            try:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                    text, defaults={"whitespace_flexible": False})
+            except (ValueError, RuntimeError) as exc:
+                raise DeepserveError(f"the JSON schema cannot be used: {exc}",
+                                     param=param) from None
         elif kind == "regex":
             grammar = llguidance.LLMatcher.grammar_from_regex(str(spec))
         elif kind == "choice":
@@ -94,6 +103,20 @@ class GrammarCompiler:
         if m.is_error():
             raise DeepserveError(f"output constraint rejected: {m.get_error()}", param=param)
         return m
+
+
+MAX_SCHEMA_DEPTH = 64  # nesting of a JSON schema (objects and arrays) taken as a grammar
+
+
+def json_depth(value: Any) -> int:
+    """How deeply a JSON value nests (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d + 1)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def _regex_escape(text: str) -> str:

@@ -39,15 +39,16 @@ async def serve_chat_socket(ws: WebSocket, target: str = "/v1/chat/completions")
     await ws.accept()
     try:
         while True:
-            text = await ws.receive_text()
+            text = await _receive(ws)
             try:
-                body = json.loads(text)
+                body = json.loads(text) if text is not None else None
             except ValueError:
                 body = None
             if not isinstance(body, dict):
+                what = "a binary frame" if text is None else "not a JSON object"
                 await ws.send_text(json.dumps(error_body(
-                    400, "each message must be a chat completion request as a JSON object "
-                    '(e.g. {"model": "...", "messages": [...]})')))
+                    400, f"each message must be a request as a JSON object in a text frame "
+                    f'(e.g. {{"model": "...", "messages": [...]}}); this one is {what}')))
                 await ws.send_text(DONE)
                 continue
             if body.get("type") == "cancel":
@@ -56,6 +57,15 @@ async def serve_chat_socket(ws: WebSocket, target: str = "/v1/chat/completions")
             await _run(ws, body, target)
     except WebSocketDisconnect:
         return
+
+
+async def _receive(ws: WebSocket) -> str | None:
+    """The next message's text; None for a binary frame. WebSocketDisconnect when the
+    client has gone."""
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    return message.get("text")
 
 
 async def _run(ws: WebSocket, body: dict[str, Any], target: str) -> None:
@@ -98,7 +108,7 @@ async def _run(ws: WebSocket, body: dict[str, Any], target: str) -> None:
                     await ws.send_text(line[6:])
 
     task = asyncio.create_task(app(scope, receive, send))
-    listen = asyncio.create_task(ws.receive_text())
+    listen = asyncio.create_task(_receive(ws))
     gone = False
     try:
         while not task.done():

@@ -205,6 +205,10 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                            "it has no FIM tokens; remove suffix", param="suffix")
         state.check_task("generate", request.url.path)
         prompts = [None] if chat else _prompt_list(req.prompt)
+        if len(prompts) > state.admission.limit:
+            raise APIError(400, f"prompt holds {len(prompts)} prompts; this server takes at "
+                           f"most {state.admission.limit} in one request (max_num_seqs + "
+                           "max_queue): split it", param="prompt")
         key_id = getattr(request.state, "key_id", None)
         who = limit(request, key_id)
         release = admit(req.model, len(prompts))

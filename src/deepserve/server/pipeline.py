@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from deepserve.errors import DeepserveError
 from deepserve.protocol.http import SSE_DONE, sse_error
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,10 @@ async def guarded_stream(chunks: AsyncIterator[str], timeout: float | None,
             except TimeoutError:
                 err = timeout_error(timeout)  # type: ignore[arg-type]
                 yield sse_error(err.status, err.message, err.code)
+                yield SSE_DONE
+                return
+            except DeepserveError as exc:  # the request failed (a constraint, say)
+                yield sse_error(exc.status, exc.message, exc.code)
                 yield SSE_DONE
                 return
             yield chunk

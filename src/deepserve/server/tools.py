@@ -99,6 +99,14 @@ def plan_tools(req: ChatCompletionRequest, template: str | None) -> ToolPlan | N
         if name not in names:
             raise DeepserveError(f"tool_choice names function {name!r}, which is not among "
                                  f"the tools ({', '.join(names)})", param="tool_choice")
+    from deepserve.engine.structured import MAX_SCHEMA_DEPTH, json_depth
+
+    for i, t in enumerate(req.tools):
+        depth = json_depth(t.function.parameters)
+        if depth > MAX_SCHEMA_DEPTH:
+            raise DeepserveError(f"tools[{i}].function.parameters is nested {depth} levels "
+                                 f"deep; at most {MAX_SCHEMA_DEPTH} are allowed: flatten it",
+                                 param=f"tools[{i}].function.parameters")
     fmt, native = tool_format(template)
     tools = [t.model_dump(exclude_none=True) for t in req.tools]
     parallel = req.parallel_tool_calls is not False and kind != "named"
