@@ -157,6 +157,70 @@ def test_context_error_names_the_endpoints_field_and_suffix_is_refused(open_serv
     still_serves(open_server)
 
 
+def _deep_schema(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def test_a_schema_nested_too_deep_is_a_400_naming_the_field(open_server):
+    deep = _deep_schema(100)
+    ask = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                   "schema": deep}}})
+    assert error_of(r, 400)["param"] == "response_format" and "nested" in r.text
+    r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]})
+    assert error_of(r, 400)["param"] == "tools[0].function.parameters"
+    still_serves(open_server)
+
+
+@pytest.mark.parametrize("constraint", [
+    {"guided_regex": "(x{1000}){1000}"},  # compiles, then too large to build
+    {"guided_json": {"$defs": {"n": {"$ref": "#/$defs/n"}}, "$ref": "#/$defs/n"}},  # no value
+])
+def test_a_constraint_that_fails_while_generating_is_an_error_not_billed(keyed, constraint):
+    # (the keyed server: no short request timeout, as building the first grammar is slow)
+    ask = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8} | constraint
+
+    def billed() -> float:  # every token class, summed (0 before the first bill)
+        text = httpx.get(keyed.metrics_url).text
+        return sum(x.value for fam in text_string_to_metric_families(text)
+                   for x in fam.samples if x.name == "deepserve_billed_tokens_total")
+
+    before = billed()
+    r = httpx.post(f"{keyed.url}/v1/chat/completions", timeout=120, json=ask, headers=ALICE)
+    err = error_of(r, 422)
+    assert err["code"] == "constraint_failed" and err["param"] == next(iter(constraint))
+    with httpx.stream("POST", f"{keyed.url}/v1/chat/completions", timeout=120, headers=ALICE,
+                      json=ask | {"stream": True}) as stream:
+        lines = [x for x in stream.iter_lines() if x.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["error"]["code"] == "constraint_failed"
+    assert not any('"finish_reason": "stop"' in x for x in lines)
+    assert billed() == before
+    still_serves(keyed, ALICE)
+
+
+def test_top_p_underflow_is_greedy(open_server):
+    ask = {"messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 6}
+    tiny = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60,
+                      json=ask | {"top_p": 1e-300}).json()["choices"][0]["message"]
+    greedy = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60,
+                        json=ask | {"temperature": 0}).json()["choices"][0]["message"]
+    assert tiny["content"] and tiny["content"] == greedy["content"]
+
+
+def test_a_prompt_list_that_can_never_be_admitted_is_a_400(open_server):
+    r = httpx.post(f"{open_server.url}/v1/completions", timeout=60,
+                   json={"prompt": ["a"] * 400, "max_tokens": 1})
+    err = error_of(r, 400)
+    assert err["param"] == "prompt" and "at most" in err["message"]
+    still_serves(open_server)
+
+
 def test_405_has_allow_and_openapi_documents_errors(open_server):
     r = httpx.delete(f"{open_server.url}/v1/completions")
     error_of(r, 405)
