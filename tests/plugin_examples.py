@@ -56,3 +56,21 @@ class Broken:
 
     def on_usage(self, record: Any) -> None:
         raise RuntimeError("this plugin is broken on purpose")
+
+
+class Explode(BaseException):
+    """Not an Exception: no handler in the app catches it, so the server answers 500."""
+
+
+class FailOn:
+    """A fault one request causes: the server answers 500 to a request whose ``user`` is
+    "explode" (a gateway must not hold that against the replica)."""
+
+    name = "fail_on"
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        pass
+
+    def before_request(self, req: Any) -> None:
+        if req.body.get("user") == "explode":
+            raise Explode("this request breaks the server on purpose")

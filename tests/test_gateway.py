@@ -399,3 +399,33 @@ def test_responses_embeddings_and_models_through_the_gateway(backends, tmp_path)
             e.usage.prompt_tokens
     finally:
         gw.stop()
+
+
+def test_a_500_the_request_caused_goes_back_without_retry_or_ejection(tmp_path, monkeypatch):
+    """Two replicas that answer 500 to one kind of request: the client gets that 500 at
+    once, no other replica is tried, both stay in the pool, and other requests succeed."""
+    from pathlib import Path
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    pair = [ServerProcess("--served-model-name", "lite", "--no-warmup", "--plugin",
+                          "plugin_examples:FailOn", log_dir=tmp_path) for _ in range(2)]
+    gw = GatewayProcess(tmp_path, [pair[0], pair[1], pair[1]])
+    try:
+        ask = {"model": "lite", "max_tokens": 2,
+               "messages": [{"role": "user", "content": "Hi"}]}
+        for _ in range(5):
+            bad = httpx.post(f"{gw.url}/v1/chat/completions", json=ask | {"user": "explode"},
+                             timeout=60)
+            assert bad.status_code == 500, bad.text
+        retries = sum(float(line.split()[-1]) for line in
+                      httpx.get(f"{gw.url}/metrics").text.splitlines()
+                      if line.startswith("deepserve_gateway_retries_total{"))
+        assert retries == 0
+        health = httpx.get(f"{gw.url}/health").json()
+        assert health["backends_up"] == {"lite": 2, "pro": 1}, health
+        ok = httpx.post(f"{gw.url}/v1/chat/completions", json=ask, timeout=60)
+        assert ok.status_code == 200, ok.text
+    finally:
+        gw.stop()
+        for srv in pair:
+            srv.stop()

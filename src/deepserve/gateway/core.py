@@ -45,6 +45,9 @@ class BackendCollector:
         yield out
 
 
+RETRY_STATUSES = (502, 503, 504)  # a backend that cannot take the request now
+
+
 class Gateway:
     """Shared state of the gateway process."""
 
@@ -143,12 +146,16 @@ class Gateway:
                 logger.warning("tier %s: %s failed (%s); trying another replica", tier,
                                backend.url, type(exc).__name__)
                 continue
-            if resp.status_code >= 500:
+            if resp.status_code in RETRY_STATUSES:
+                # Unavailable now (draining, overloaded): another replica may answer. Not
+                # an ejection: connection errors, timeouts and health checks decide that.
                 await resp.aclose()
                 backend.outstanding -= 1
-                backend.note_failure()
                 last_error = f"{backend.url}: HTTP {resp.status_code}"
                 continue
+            # Any other answer, a 4xx or a 500 that one request caused included, goes back
+            # to the client as it is: the replica is not at fault, and retrying the same
+            # request elsewhere would only fail again.
             backend.note_success()
             return resp, backend
         raise NoBackend(f"tier {tier!r}: every replica failed ({last_error})")
