@@ -130,14 +130,16 @@ class AsyncEngine:
                 messages: list[dict[str, Any]] | None = None,
                 params: SamplingParams | None = None,
                 default_max_tokens: int | None = None,
-                chat_options: dict[str, Any] | None = None) -> tuple[str | None, list[int]]:
+                chat_options: dict[str, Any] | None = None,
+                literal_content: bool = True) -> tuple[str | None, list[int]]:
         """Tokenize and validate on the caller's side; raises DeepserveError.
 
         Thread-safe (it reads only the tokenizer and fixed settings), so the server runs
         it in a worker thread, off the event loop. A request without ``max_tokens`` gets
         ``default_max_tokens``, never more than the context has left."""
         params = params or SamplingParams()
-        text, ids = self.engine.tokenize_prompt(prompt, messages, chat_options)
+        text, ids = self.engine.tokenize_prompt(prompt, messages, chat_options,
+                                                literal_content)
         if params.max_tokens is None and len(ids) < self.engine.max_model_len:
             room = self.engine.max_model_len - len(ids)
             params.max_tokens = min(default_max_tokens or room, room)

@@ -25,6 +25,7 @@ from deepserve.engine.structured import GrammarCompiler
 from deepserve.errors import DeepserveError
 from deepserve.layers.kv_cache import bytes_per_token as kv_bytes_per_token
 from deepserve.layers.quantized import weight_bytes
+from deepserve.loader.chat_tokens import encode_chat
 from deepserve.loader.resolve import resolve_model
 from deepserve.loader.tokenizer import apply_chat_template, eos_token_ids
 from deepserve.loader.weights import open_checkpoint
@@ -108,15 +109,33 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int] | None = None,
                         messages: list[dict[str, Any]] | None = None,
-                        chat_options: dict[str, Any] | None = None) -> tuple[str | None,
-                                                                              list[int]]:
+                        chat_options: dict[str, Any] | None = None,
+                        literal_content: bool = True) -> tuple[str | None, list[int]]:
         """Prompt text or chat messages -> (text, token ids). Raises DeepserveError.
-        ``chat_options`` go to the chat template (tools, add_generation_prompt, ...)."""
+        ``chat_options`` go to the chat template (tools, add_generation_prompt, ...).
+        ``literal_content``: control-token spellings in messages stay text
+        (``loader/chat_tokens.py``)."""
         param = "messages" if messages is not None else "prompt"
         if messages is not None:
             chars = sum(len(str(m.get("content") or "")) for m in messages)
             self.check_chars(chars, param)
-            prompt = apply_chat_template(self.tokenizer, messages, **(chat_options or {}))
+
+            def render(msgs: list[dict[str, Any]]) -> str:
+                return apply_chat_template(self.tokenizer, msgs, **(chat_options or {}))
+
+            if literal_content:
+                try:
+                    prompt, ids = encode_chat(self.tokenizer, messages, render)
+                except ValueError as exc:
+                    raise DeepserveError(f"{exc}; a message holds a control token's "
+                                         "spelling, which this template cannot keep as "
+                                         "text: remove it", param=param) from None
+                if not prompt:
+                    raise DeepserveError("prompt is empty; give at least one token of text",
+                                         param="prompt")
+                self.check_chars(len(prompt), param)
+                return prompt, ids
+            prompt = render(messages)
         if isinstance(prompt, str):
             if not prompt:
                 raise DeepserveError("prompt is empty; give at least one token of text",

@@ -226,7 +226,8 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
             if chat:
                 text, ids = await state.preparer.run(
                     engine.prepare, messages=setup.messages, params=params,
-                    default_max_tokens=cfg.max_tokens_default, chat_options=setup.options)
+                    default_max_tokens=cfg.max_tokens_default, chat_options=setup.options,
+                    literal_content=not cfg.allow_special_tokens_in_content)
                 prepared = [(text, ids)]
                 ctx = ChatContext(setup.plan, state.reasoning,
                                   state.reasoning and prompt_opens_thinking(text or ""))

@@ -78,7 +78,8 @@ def add_responses_routes(app: FastAPI, state: Any, admit: Callable[..., Any],
                 setup = chat_setup(chat_req, state.chat_template)
                 text, ids = await state.preparer.run(
                     engine.prepare, messages=setup.messages, params=setup.params,
-                    default_max_tokens=cfg.max_tokens_default, chat_options=setup.options)
+                    default_max_tokens=cfg.max_tokens_default, chat_options=setup.options,
+                    literal_content=not cfg.allow_special_tokens_in_content)
             except DeepserveError as exc:  # named as this API names the field
                 exc.param = RESPONSES_PARAMS.get(exc.param or "", exc.param)
                 raise

@@ -54,6 +54,9 @@ SERVER_HELP = {
                     "/metrics on the main port needs one)",
     "prefix_cache_scope": "key: requests share cached prompt blocks only within one API "
                           "key (and cache_salt)",
+    "allow_special_tokens_in_content": "read control-token spellings in messages (e.g. "
+                                       "<|im_end|>) as control tokens, for trusted "
+                                       "clients (default: they are text)",
     "task": "what this server answers: all (default), generate (chat, completions, "
             "responses) or embed (/v1/embeddings only)",
     "embedding_pooling": "how /v1/embeddings pools the final hidden states: mean, last "
@@ -95,6 +98,8 @@ class ServerConfig:
     # "deepseek_r1": <think> text -> reasoning_content; None: on if the template thinks
     reasoning_parser: str | None = None
     task: str = "all"  # all | generate | embed: which endpoints this server answers
+    # True: control-token spellings in messages become control tokens (trusted clients)
+    allow_special_tokens_in_content: bool = False
     embedding_pooling: str = "auto"  # mean | last | auto (last for "*embed*" models)
 
     def __post_init__(self) -> None:

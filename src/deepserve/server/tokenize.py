@@ -50,8 +50,10 @@ def add_tokenize_routes(app: FastAPI, state: Any, responses: dict[int | str, Any
                     reasoning_effort=req.reasoning_effort,
                     add_generation_prompt=req.add_generation_prompt)
                 setup = chat_setup(chat, state.chat_template)
+                literal = not state.cfg.allow_special_tokens_in_content
                 _, ids = engine.engine.tokenize_prompt(messages=setup.messages,
-                                                       chat_options=setup.options)
+                                                       chat_options=setup.options,
+                                                       literal_content=literal)
             else:
                 if req.tools is not None or req.tool_choice is not None:
                     raise DeepserveError("tools and tool_choice go with messages (a chat "
