@@ -429,3 +429,60 @@ def test_a_500_the_request_caused_goes_back_without_retry_or_ejection(tmp_path, 
         gw.stop()
         for srv in pair:
             srv.stop()
+
+
+def test_the_gateway_bills_what_it_delivered_and_cancels_when_the_client_leaves(
+        backends, tmp_path):
+    import sqlite3
+
+    if any(b.proc.poll() is not None for b in backends):
+        pytest.skip("needs every backend")
+    ledger = tmp_path / "delivered.db"
+    gw = GatewayProcess(tmp_path, backends, extra=f'ledger = "{ledger}"')
+
+    def running() -> float:
+        total = 0.0
+        for b in backends[:2]:
+            for line in httpx.get(f"{b.url}/metrics").text.splitlines():
+                if line.startswith("deepserve_num_requests_running{"):
+                    total += float(line.split()[-1])
+        return total
+
+    def rows() -> list[dict]:
+        with sqlite3.connect(ledger) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM usage ORDER BY id")]
+
+    try:
+        long = {"model": "lite", "prompt": "Once upon a time", "max_tokens": 2000,
+                "ignore_eos": True}
+        # a non-streaming client that gives up after a second: the backend stops too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{gw.url}/v1/completions", json=long, timeout=1.0)
+        deadline = time.time() + 5
+        while running() and time.time() < deadline:
+            time.sleep(0.1)
+        assert running() == 0  # 2,000 tokens would take far longer
+        # a streaming client that leaves after ten chunks is billed what it was sent
+        with httpx.stream("POST", f"{gw.url}/v1/completions", json=long | {"stream": True},
+                          timeout=60) as stream:
+            got = 0
+            for line in stream.iter_lines():
+                if line.startswith("data: {"):
+                    got += 1
+                    if got == 10:
+                        break
+        # a whole stream: its row has start, first-token and end times in order
+        whole = httpx.post(f"{gw.url}/v1/chat/completions", timeout=60, json={
+            "model": "lite", "max_tokens": 5, "stream": True,
+            "messages": [{"role": "user", "content": "Hi"}]})
+        assert whole.status_code == 200 and '"usage"' not in whole.text  # not asked for
+        deadline = time.time() + 10
+        while len(rows()) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        cut, done = rows()
+        assert cut["finish_reason"] == "abort" and 10 <= cut["completion_tokens"] < 100
+        assert done["completion_tokens"] == 5
+        assert done["start_ts"] < done["first_token_ts"] <= done["end_ts"]
+    finally:
+        gw.stop()

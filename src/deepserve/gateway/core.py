@@ -139,6 +139,9 @@ class Gateway:
             backend.outstanding += 1
             try:
                 resp = await self.client.send(req, stream=True)
+            except asyncio.CancelledError:  # the client left: the connection is dropped
+                backend.outstanding -= 1
+                raise
             except httpx.TransportError as exc:
                 backend.outstanding -= 1
                 backend.note_failure()

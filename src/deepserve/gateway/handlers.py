@@ -5,14 +5,15 @@ needs from admission to its bill."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from fastapi import Request
@@ -28,7 +29,23 @@ from deepserve.protocol.http import SSE_DONE, bearer_of, error_body, sse_error
 from deepserve.server.response_store import OWNER_HEADER
 
 logger = logging.getLogger("deepserve.gateway.app")
+T = TypeVar("T")
 JSON_HEADERS = {"content-type": "application/json"}
+
+
+async def unless_gone(work: Awaitable[T], request: Request | None) -> T | None:
+    """``work``'s result; None if the client disconnects first, ``work`` then cancelled
+    (cancelling a backend request drops its connection, which cancels it there)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if request is not None and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await task
+            return None
 
 
 def owner_headers(key_id: str | None) -> dict[str, str]:
@@ -58,6 +75,9 @@ class Call:
     who: str  # whom rate limits count: the key id, else the key, else the client address
     hold: BudgetHold
     start: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.time)  # the ledger's start_ts
+    first_token_at: float | None = None  # when the first streamed token went out
+    request: Request | None = None  # to notice a client that leaves
 
     @property
     def chat(self) -> bool:
@@ -119,7 +139,8 @@ class Handlers:
                                   headers={"Retry-After": retry_after(wait)})
         policy = gw.router.policy(headers)
         tier = gw.router.choose(policy, body, headers, str(body.get("user") or who))
-        call = Call(path, body, key_id, who, BudgetHold(gw.meter, gw.utilization))
+        call = Call(path, body, key_id, who, BudgetHold(gw.meter, gw.utilization),
+                    request=request)
         if policy == "cascade" and call.kind not in ("chat", "completions"):
             policy = "model"  # the cascade escalates generated text; the light tier answers
         tiers = [gw.router.order[0], gw.router.order[-1]] if policy == "cascade" else [tier]
@@ -147,10 +168,11 @@ class Handlers:
         if gw.meter is None:
             return {}, None
         ctx = BillingContext(call.key_id, gw.meter.policy.quote(
-            tier, gw.meter.clock(), gw.utilization(tier)), time.time())
+            tier, gw.meter.clock(), gw.utilization(tier)), call.started_at)
         ctx.tags = request_tags(ENDPOINTS.get(call.kind, call.kind), call.body)
         return gw.meter.bill(ctx, Usage(request_id or f"gw-{uuid.uuid4().hex}", prompt,
-                                        cached, completion, finish, tier=tier))
+                                        cached, completion, finish, call.first_token_at,
+                                        tier=tier))
 
     async def settle(self, call: Call, tier: str, usage: dict[str, Any] | None,
                      finish: str | None, request_id: str | None) -> dict[str, Any]:
@@ -166,12 +188,20 @@ class Handlers:
         stream = bool(call.body.get("stream"))
         send = dict(call.body)
         if stream and call.kind in ("chat", "completions"):
-            send["stream_options"] = {"include_usage": True}
+            # usage in every chunk: a stream cut short is billed what it delivered
+            send["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         try:
-            resp, backend = await gw.open(tier, call.path, send, owner_headers(call.key_id))
+            # a non-streamed answer's head comes when it is done: watch the client meanwhile
+            opened = await unless_gone(gw.open(tier, call.path, send,
+                                               owner_headers(call.key_id)),
+                                       None if stream else call.request)
         except NoBackend as exc:
             gw.errors.labels(tier, "503").inc()
             return error_response(503, str(exc), code="no_backend")
+        if opened is None:
+            logger.info("client left before its answer; the backend request was cancelled")
+            return Response(status_code=499)
+        resp, backend = opened
         out_headers = {"x-deepserve-tier": tier, "x-deepserve-backend": backend.url,
                        **(extra_headers or {})}
         gw.requests.labels(tier, backend.url, str(resp.status_code)).inc()
@@ -180,10 +210,13 @@ class Handlers:
             return StreamingResponse(self.passthrough(call, tier, resp, backend),
                                      media_type="text/event-stream", headers=out_headers)
         try:
-            content = await resp.aread()
+            content = await unless_gone(resp.aread(), call.request)
         finally:
-            await resp.aclose()
+            await resp.aclose()  # a client that left: closing cancels the backend's work
             gw.release(backend)
+        if content is None:
+            logger.info("client left before its answer; the backend request was cancelled")
+            return Response(status_code=499)
         gw.latency.labels(tier).observe(time.perf_counter() - call.start)
         if resp.status_code == 200:
             data = json.loads(content)
@@ -200,7 +233,9 @@ class Handlers:
                           backend: Any) -> AsyncIterator[bytes]:
         """A backend's SSE stream, line by line; usage read for the bill on the way."""
         gw = self.gw
-        wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+        options = call.body.get("stream_options") or {}
+        wants_usage = bool(options.get("include_usage"))
+        wants_every = bool(options.get("continuous_usage_stats"))
         usage = None
         finish = None
         rid = None
@@ -221,9 +256,18 @@ class Handlers:
                         continue
                     rid = rid or event.get("id")
                     if event.get("usage"):
-                        usage = event["usage"]
+                        usage = event["usage"]  # so far, in every chunk
                         if not event.get("choices") and not wants_usage:
                             continue  # the client did not ask for the usage chunk
+                    if event.get("choices"):
+                        if call.first_token_at is None:
+                            call.first_token_at = time.time()
+                        if not wants_every and "usage" in event:
+                            if wants_usage:
+                                event["usage"] = None
+                            else:
+                                del event["usage"]
+                            line = "data: " + json.dumps(event)
                     for c in event.get("choices") or []:
                         finish = c.get("finish_reason") or finish
                 if line == SSE_DONE.strip() and not billed:

@@ -25,6 +25,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: Bool = False
+    # vLLM's: every chunk carries the usage so far (a gateway bills a cut stream by it)
+    continuous_usage_stats: Bool = False
 
 
 class ResponseFormat(_Strict):

@@ -10,11 +10,12 @@ from typing import Any
 
 from deepserve.billing.meter import BillingContext, Meter
 from deepserve.engine.async_engine import AsyncEngine
-from deepserve.engine.sequence import CompletionOutput, Logprob, RequestOutput
+from deepserve.engine.sequence import CompletionOutput, RequestOutput
 from deepserve.protocol.http import SSE_DONE, sse
 from deepserve.protocol.models import ChatCompletionRequest, CompletionRequest
 from deepserve.sampling_params import SamplingParams
 from deepserve.server.chat_output import ChatContext, ChoiceStream
+from deepserve.server.logprobs import LogprobFormat
 from deepserve.server.metrics import ServerMetrics
 
 # stop_reason of a forced turn stopped at a tool call that repeated the previous one
@@ -31,7 +32,7 @@ def _usage(out: RequestOutput) -> dict[str, Any]:
             "prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": prompt - cached}
 
 
-class OpenAIServing:
+class OpenAIServing(LogprobFormat):
     """Builds chat.completion(.chunk) and text_completion objects from engine outputs."""
 
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, model_name: str,
@@ -41,47 +42,6 @@ class OpenAIServing:
         self.metrics = metrics
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
-
-    # -- logprobs ---------------------------------------------------------------------------
-    def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
-    def _chat_logprobs(self, lps: list[Logprob]) -> dict[str, Any]:
-        content = []
-        for lp in lps:
-            tok = self._token(lp.token_id)
-            content.append({
-                "token": tok, "logprob": lp.logprob, "bytes": list(tok.encode()),
-                "top_logprobs": [{"token": (t := self._token(i)), "logprob": v,
-                                  "bytes": list(t.encode())} for i, v in lp.top]})
-        return {"content": content}
-
-    def _completion_logprobs(self, lps: list[Logprob], offset: int) -> dict[str, Any]:
-        tokens, values, tops, offsets = [], [], [], []
-        for lp in lps:
-            tok = self._token(lp.token_id)
-            tokens.append(tok)
-            values.append(lp.logprob)
-            tops.append({self._token(i): v for i, v in lp.top})
-            offsets.append(offset)
-            offset += len(tok)
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
-                "text_offset": offsets}
-
-    def _prompt_logprobs(self, out: RequestOutput) -> dict[str, Any]:
-        """The echoed prompt's logprobs: the first token has none (null), as OpenAI's."""
-        tokens, values, tops, offsets = [], [], [], []
-        offset = 0
-        for token_id, lp in zip(out.prompt_token_ids, out.prompt_logprobs or [],
-                                strict=False):
-            tok = self._token(token_id)
-            tokens.append(tok)
-            values.append(None if lp is None else lp.logprob)
-            tops.append(None if lp is None else {self._token(i): v for i, v in lp.top})
-            offsets.append(offset)
-            offset += len(tok)
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
-                "text_offset": offsets}
 
     # -- running requests ---------------------------------------------------------------------
     async def _final(self, gen: AsyncIterator[RequestOutput], bill: BillingContext,
@@ -217,8 +177,9 @@ class OpenAIServing:
                                         "finish_reason": streams[i].finish_reason(reason),
                                         "stop_reason": o.stop_reason or (
                                             REPEATED_CALL if streams[i].repeated else None)})
+                so_far = _usage(out)
                 for c in choices:  # one choice per chunk, as the OpenAI API sends them
-                    yield chunk([c])
+                    yield chunk([c], so_far)
             if last is not None:
                 self.metrics.observe(last, last.finish_reason or "abort")
                 cost = await self.meter.settle(bill, rid, last, last.finish_reason)
@@ -236,6 +197,7 @@ class OpenAIServing:
                           salt: str | None = None,
                           ctx: ChatContext | None = None) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         chunks = self.chat_chunks(req, params, prompt_ids, bill, salt, ctx)
         try:
             async for body in chunks:
@@ -243,8 +205,10 @@ class OpenAIServing:
                     if include_usage:
                         yield sse(body)
                     continue
-                if include_usage:
-                    body["usage"] = None
+                if not continuous:
+                    body.pop("usage", None)
+                    if include_usage:
+                        body["usage"] = None
                 yield sse(body)
             yield SSE_DONE
         finally:
@@ -307,6 +271,7 @@ class OpenAIServing:
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         merged: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = \
             asyncio.Queue()
 
@@ -367,7 +332,13 @@ class OpenAIServing:
                     body: dict[str, Any] = {"id": rid, "object": "text_completion",
                                             "created": created, "model": self.model_name,
                                             "choices": choices}
-                    if include_usage:
+                    if continuous:
+                        body["usage"] = _sum_usage({
+                            "prompt_tokens": sum(o.num_prompt_tokens for o in latest.values()),
+                            "completion_tokens": sum(o.num_output_tokens
+                                                     for o in latest.values()),
+                            "cached": sum(o.num_cached_tokens for o in latest.values())})
+                    elif include_usage:
                         body["usage"] = None
                     yield sse(body)
         finally:
