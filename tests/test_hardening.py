@@ -252,6 +252,28 @@ def test_trusted_clients_may_send_control_tokens(llm_bf16):
     assert trusted.count(im_start) == literal.count(im_start) + 1
 
 
+def test_connections_that_send_no_head_are_closed_and_capped(tmp_path):
+    """--header-timeout closes a connection that never finishes a request head (idle, or
+    a byte at a time); --max-connections caps open connections (503 past it)."""
+    import socket
+
+    srv = ServerProcess("--header-timeout", "1", "--max-connections", "4", "--no-warmup",
+                        log_dir=tmp_path)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(3)]
+        slow = socket.create_connection(("127.0.0.1", srv.port))
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never ends the head
+        assert httpx.get(f"{srv.url}/health").status_code == 503  # the fifth: over the cap
+        started = time.monotonic()
+        for s in (*idle, slow):
+            s.settimeout(10)
+            assert s.recv(16) == b""  # closed by the server
+        assert time.monotonic() - started < 5
+        still_serves(srv)
+    finally:
+        srv.stop()
+
+
 def test_405_has_allow_and_openapi_documents_errors(open_server):
     r = httpx.delete(f"{open_server.url}/v1/completions")
     error_of(r, 405)

@@ -152,6 +152,10 @@ def run_gateway(cfg: GatewayConfig) -> int:
     logger.info("gateway on http://%s:%d/v1: tiers %s, policy %s, balancing %s", cfg.host,
                 cfg.port, ", ".join(f"{t.name}={len(t.backends)}" for t in cfg.tiers),
                 cfg.policy, cfg.balancing)
+    from deepserve.protocol.transport import http_protocol
+
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+                http=http_protocol(cfg.header_timeout),
+                limit_concurrency=cfg.max_connections or None,
                 timeout_graceful_shutdown=10)
     return 0

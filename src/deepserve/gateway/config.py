@@ -87,6 +87,8 @@ class GatewayConfig:
     resolve_interval_s: float = 10.0
     plugins: tuple[str, ...] = ()
     plugin_config: str | None = None
+    header_timeout: float = 10.0  # seconds to send a request's head (0: no limit)
+    max_connections: int = 1024  # open connections past which requests get 503
 
     def tier(self, name: str) -> TierConfig:
         for t in self.tiers:
@@ -132,7 +134,9 @@ class GatewayConfig:
                   discovery=gw.get("discovery", "dns"),
                   resolve_interval_s=float(gw.get("resolve_interval_s", 10.0)),
                   plugins=tuple(gw.get("plugins", ())),
-                  plugin_config=gw.get("plugin_config"))
+                  plugin_config=gw.get("plugin_config"),
+                  header_timeout=float(gw.get("header_timeout", 10.0)),
+                  max_connections=int(gw.get("max_connections", 1024)))
         if cfg.policy not in POLICIES:
             raise bad(f"policy {cfg.policy!r} is not one of {', '.join(POLICIES)}")
         if cfg.discovery not in DISCOVERY:

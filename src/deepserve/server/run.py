@@ -29,9 +29,14 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
     engine = AsyncEngine(engine_cfg)
     app = create_app(engine, cfg)
     state: ServerState = app.state.deepserve
+    from deepserve.protocol.transport import http_protocol
+
     server = _DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port,
                                             log_level="warning", access_log=False,
-                                            timeout_graceful_shutdown=5), state)
+                                            timeout_graceful_shutdown=5,
+                                            http=http_protocol(cfg.header_timeout),
+                                            limit_concurrency=cfg.max_connections or None),
+                             state)
 
     if cfg.metrics_port is not None:
         from prometheus_client import start_http_server

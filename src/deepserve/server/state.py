@@ -54,6 +54,10 @@ SERVER_HELP = {
                     "/metrics on the main port needs one)",
     "prefix_cache_scope": "key: requests share cached prompt blocks only within one API "
                           "key (and cache_salt)",
+    "header_timeout": "seconds a connection may take to send a request's head, from "
+                      "opening or from its previous response; then it is closed "
+                      "(0: no limit)",
+    "max_connections": "open connections past which new requests get 503 (0: no cap)",
     "allow_special_tokens_in_content": "read control-token spellings in messages (e.g. "
                                        "<|im_end|>) as control tokens, for trusted "
                                        "clients (default: they are text)",
@@ -98,6 +102,8 @@ class ServerConfig:
     # "deepseek_r1": <think> text -> reasoning_content; None: on if the template thinks
     reasoning_parser: str | None = None
     task: str = "all"  # all | generate | embed: which endpoints this server answers
+    header_timeout: float = 10.0  # seconds to send a request's head (0: no limit)
+    max_connections: int = 1024  # open connections past which requests get 503 (0: off)
     # True: control-token spellings in messages become control tokens (trusted clients)
     allow_special_tokens_in_content: bool = False
     embedding_pooling: str = "auto"  # mean | last | auto (last for "*embed*" models)
@@ -140,6 +146,9 @@ class ServerConfig:
                                  "drop --redis", param="redis")
         if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
             raise DeepserveError("rate limits must be >= 0 (0: off)", param="rate_limit_rpm")
+        if self.header_timeout < 0 or self.max_connections < 0:
+            raise DeepserveError("header_timeout and max_connections must be >= 0 (0: off)",
+                                 param="header_timeout")
         if self.max_tokens_default < 1:
             raise DeepserveError("max_tokens_default must be >= 1", param="max_tokens_default")
 
