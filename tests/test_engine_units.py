@@ -285,3 +285,44 @@ def test_sampler_kernel_draws_equal_the_torch_draws_for_the_same_uniforms():
     same = sum(a == b for a, b in zip(*picks, strict=True))
     # float32 sums in a different order can move a draw that lands on a boundary
     assert same >= 15 and 7 not in picks[1], picks
+
+
+def _tenant(tokens, tenant, weight=1.0):
+    s = seq(tokens, max_tokens=100)
+    s.tenant, s.weight = tenant, weight
+    return s
+
+
+def test_a_second_tenant_gets_its_share_of_a_full_batch_at_once():
+    """A hog fills the batch; a light tenant's request is admitted at the next step (the
+    hog's newest sequence preempted), not after the hog's sequences finish."""
+    bm = BlockManager(256, 4, False)
+    s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, enable_chunked_prefill=True)
+    hog = [_tenant([1, 2, 3], "hog") for _ in range(8)]
+    for h in hog:
+        s.add(h)
+    for _ in range(3):  # the hog alone uses every place
+        for q, n in s.schedule().items:
+            q.num_computed += n
+            q.tokens.append(7)
+    assert [q.tenant for q in s.running] == ["hog"] * 4
+    light = _tenant([4, 5], "light")
+    s.add(light)
+    batch = s.schedule()
+    assert light in [q for q, _ in batch.items] and light in s.running
+    assert sum(q.tenant == "hog" for q in s.running) == 3
+    assert s.num_preemptions == 1
+
+
+def test_a_tenants_prefill_takes_at_most_its_share_of_the_step():
+    bm = BlockManager(256, 4, False)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, enable_chunked_prefill=True)
+    big = _tenant(list(range(200)), "big", weight=1.0)
+    small = _tenant(list(range(40)), "small", weight=3.0)
+    s.add(big)
+    s.add(small)
+    batch = dict((q.tenant, n) for q, n in s.schedule().items)
+    assert batch == {"big": 16, "small": 40}  # 64 tokens split 1:3, the rest unused by big
+    alone = Scheduler(BlockManager(256, 4, False), 8, 64, True)
+    alone.add(_tenant(list(range(200)), "big"))
+    assert alone.schedule().items[0][1] == 64  # one tenant: the whole budget

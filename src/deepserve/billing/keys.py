@@ -34,6 +34,7 @@ class APIKey:
     tokens: int = 0
     reserved: float = 0.0  # money held by requests in flight
     reserved_tokens: int = 0
+    weight: float = 1.0  # this key's share of the batch against other keys' (fair scheduling)
 
 
 def hash_key(key: str) -> str:
@@ -62,8 +63,14 @@ class KeyStore:
                 raise DeepserveError(f"API key file {path}: keys[{i}].key_sha256 must be 64 "
                                      "hex digits (e.g. the output of `printf %s KEY | "
                                      "sha256sum`)", param="api_keys")
+            weight = k.get("weight", 1.0)
+            if not isinstance(weight, int | float) or isinstance(weight, bool) or weight <= 0:
+                raise DeepserveError(f"API key file {path}: keys[{i}].weight must be a "
+                                     "positive number (its share of the batch; default 1)",
+                                     param="api_keys")
             keys.append(APIKey(str(k["id"]), digest or hash_key(str(k["key"])),
-                               k.get("budget"), k.get("token_quota")))
+                               k.get("budget"), k.get("token_quota"),
+                               weight=float(weight)))
         if not keys:
             raise DeepserveError(f"API key file {path} defines no [[keys]]", param="api_keys")
         return cls(keys)

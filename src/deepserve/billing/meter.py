@@ -61,6 +61,8 @@ class BillingContext:
     reserved_tokens: int = 0
     hold_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     who: str | None = None  # whom per-minute token limits count (a server's limiter)
+    tenant: str = ""  # whose share of the batch the request runs in (key, else user)
+    weight: float = 1.0  # that tenant's weight (the key file's ``weight``)
     # Recorded with the ledger row: endpoint, user, safety_identifier, metadata (JSON),
     # request_options (JSON); see ``request_tags``.
     tags: dict[str, str | None] = field(default_factory=dict)

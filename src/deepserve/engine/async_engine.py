@@ -59,6 +59,8 @@ class _Add:
     priority: int = 0
     cache_salt: str | None = None
     validated: bool = False
+    tenant: str = ""
+    weight: float = 1.0
 
 
 @dataclass
@@ -153,7 +155,8 @@ class AsyncEngine:
                        prompt_ids: list[int] | None = None,
                        priority: int = 0,
                        cache_salt: str | None = None,
-                       validated: bool = False) -> AsyncIterator[RequestOutput]:
+                       validated: bool = False, tenant: str = "",
+                       weight: float = 1.0) -> AsyncIterator[RequestOutput]:
         """``validated``: ``prompt_ids`` and ``params`` came from ``prepare`` and are not
         checked again (a request is validated once, off the event loop)."""
         if self.dead is not None:
@@ -177,7 +180,7 @@ class AsyncEngine:
 
         self._sinks[request_id] = sink
         self._inbox.put(_Add(request_id, prompt, prompt_ids, params, sink, priority,
-                             cache_salt, validated))
+                             cache_salt, validated, tenant, weight))
         finished = False
         try:
             while True:
@@ -218,7 +221,8 @@ class AsyncEngine:
                                                 prompt_ids=item.prompt_ids,
                                                 priority=item.priority,
                                                 cache_salt=item.cache_salt,
-                                                validated=item.validated)
+                                                validated=item.validated,
+                                                tenant=item.tenant, weight=item.weight)
                     except Exception as exc:  # fails this request only
                         if not isinstance(exc, DeepserveError):
                             logger.exception("could not add request %s", item.request_id)

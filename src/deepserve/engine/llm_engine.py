@@ -171,7 +171,8 @@ class LLMEngine:
     def add_request(self, request_id: str | None, prompt: str | list[int] | None,
                     params: SamplingParams, prompt_ids: list[int] | None = None,
                     arrival: float | None = None, priority: int = 0,
-                    cache_salt: str | None = None, validated: bool = False) -> str:
+                    cache_salt: str | None = None, validated: bool = False,
+                    tenant: str = "", weight: float = 1.0) -> str:
         """Queue a request. ``cache_salt``: only requests with the same salt share
         prefix-cache blocks (tenant isolation); None shares with other unsalted ones.
         ``validated``: the caller already ran ``check_request`` on these ids and params."""
@@ -190,6 +191,7 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, arrival,
                            priority)
             seq.cache_salt = cache_salt
+            seq.tenant, seq.weight = tenant, weight
             if params.seed is not None:
                 # Any 64-bit seed, and seed + index wraps instead of overflowing.
                 seq.generator = torch.Generator().manual_seed((params.seed + index) % 2**64)

@@ -6,12 +6,22 @@ next chunk when their prompt is being prefilled in chunks); waiting ones are
 admitted while blocks and budget last. When the pool runs dry the newest running
 sequence is preempted: its blocks are freed and it is recomputed later, with its
 output so far kept.
+
+Fair sharing between tenants (API keys, or ``user`` on a server without keys): when
+sequences of more than one tenant are running or waiting, each tenant's share of the
+sequence cap and of every step's token budget is its weight over the active tenants'
+total weight (the key file's ``weight``, default 1). Waiting sequences are admitted
+from the tenant furthest below its share (priority, then arrival, within a tenant); a
+prefill chunk never takes more than its tenant's share of the step's tokens; and when
+the batch is full while a tenant below its share waits, the newest sequence of the
+tenant most over its share is preempted (recomputed later) to make room. One tenant
+alone uses everything.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,10 +89,67 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _shares(self, max_seqs: int, budget: int) -> dict[str, tuple[float, int]] | None:
+        """tenant -> (its share of the sequences, of this step's tokens) when more than
+        one tenant has work; None when one (or none) has."""
+        weights: dict[str, float] = {}
+        for seq in self.running:
+            weights[seq.tenant] = seq.weight
+        for seq in self.waiting:
+            weights[seq.tenant] = seq.weight
+        if len(weights) < 2:
+            return None
+        total = sum(weights.values())
+        return {t: (max_seqs * w / total, max(1, int(budget * w / total)))
+                for t, w in weights.items()}
+
+    def _make_room(self, shares: dict[str, tuple[float, int]], max_seqs: int) -> None:
+        """With the batch full, preempt the newest sequence of the tenant most over its
+        share for each waiting tenant that is below its own (it then starts first)."""
+        running = Counter(s.tenant for s in self.running)
+        starving = [t for t in dict.fromkeys(s.tenant for s in self.waiting)
+                    if running[t] + 1 <= max(1.0, shares[t][0])]
+        free = max_seqs - len(self.running)
+        for _ in starving:
+            if free > 0:
+                free -= 1
+                continue
+            over = max(running, key=lambda t: running[t] - shares[t][0])
+            if running[over] <= shares[over][0]:
+                return
+            victim = next(s for s in reversed(self.running) if s.tenant == over)
+            self.running.remove(victim)
+            self._preempt(victim)
+            running[over] -= 1
+
+    def _next_waiting(self, shares: dict[str, tuple[float, int]] | None,
+                      running: Counter[str], spent: Counter[str]) -> Sequence | None:
+        """The waiting sequence to admit next: the first one, or with several tenants
+        the first of the tenant furthest below its share with tokens left this step."""
+        if shares is None:
+            return self.waiting[0]
+        best, best_load = None, 0.0
+        seen: set[str] = set()
+        for seq in self.waiting:
+            t = seq.tenant
+            if t in seen:
+                continue
+            seen.add(t)
+            if spent[t] >= shares[t][1]:
+                continue
+            load = running[t] / seq.weight
+            if best is None or load < best_load:
+                best, best_load = seq, load
+        return best
+
     def schedule(self) -> ScheduledBatch:
         budget, max_seqs = self.max_num_batched_tokens, self.max_num_seqs
         if self.slo is not None:
             budget, max_seqs = self.slo.plan(self.running, self.waiting)
+        shares = self._shares(max_seqs, budget)
+        if shares is not None and self.waiting and len(self.running) >= max_seqs:
+            self._make_room(shares, max_seqs)
+        spent: Counter[str] = Counter()  # tokens scheduled per tenant this step
         items: list[tuple[Sequence, int]] = []
         preempted = 0
         stuck: list[Sequence] = []
@@ -90,6 +157,11 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_tokens - seq.num_computed, budget)
+            if shares is not None and num_new > 1:  # a prefill chunk: within its share
+                num_new = min(num_new, shares[seq.tenant][1] - spent[seq.tenant])
+                if num_new <= 0:
+                    index += 1
+                    continue
             while not self.bm.ensure(seq, seq.num_computed + num_new):
                 victim = self.running.pop()
                 if victim is seq:
@@ -107,11 +179,15 @@ class Scheduler:
                 break
             items.append((seq, num_new))
             budget -= num_new
+            spent[seq.tenant] += num_new
             index += 1
 
+        running = Counter(s.tenant for s in self.running)
         while (not preempted and not stuck and self.waiting and budget > 0
                and len(self.running) < max_seqs):
-            seq = self.waiting[0]
+            seq = self._next_waiting(shares, running, spent)
+            if seq is None:
+                break
             if not seq.block_table:
                 hit = 0 if seq.params.prompt_logprobs is not None or seq.params.embed else \
                     self.bm.match_prefix(seq, count=seq.num_cached_tokens is None)
@@ -123,16 +199,21 @@ class Scheduler:
                 self._release_waiting(seq)
                 break
             num_new = min(remaining, budget)
+            if shares is not None and self.chunked:
+                num_new = min(num_new, shares[seq.tenant][1] - spent[seq.tenant])
             if not self.bm.ensure(seq, seq.num_computed + num_new):
                 self._release_waiting(seq)
                 if not self.running and not items:
-                    stuck.append(self.waiting.popleft())
+                    self.waiting.remove(seq)
+                    stuck.append(seq)
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             items.append((seq, num_new))
             budget -= num_new
+            spent[seq.tenant] += num_new
+            running[seq.tenant] += 1
         return ScheduledBatch(items, preempted, stuck or None)
 
     def _release_waiting(self, seq: Sequence) -> None:

@@ -53,6 +53,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.block_cids: list[int] = []  # content ids of the hashed blocks (0: not shared)
         self.cache_salt: str | None = None  # only sequences with the same salt share blocks
+        self.tenant = ""  # whose request (API key or user): the scheduler shares by it
+        self.weight = 1.0  # the tenant's share against others'
         self.num_cached_tokens: int | None = None  # prompt tokens served from prefix cache
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None

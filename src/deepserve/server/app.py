@@ -236,6 +236,7 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
                     lambda: [engine.prepare(prompt=p, params=params) for p in prompts])
             bill = state.meter.start(key_id, state.model_name)
             bill.who = who
+            state.share(bill, key_id, req.user)
             bill.tags = request_tags("chat.completions" if chat else "completions",
                                      req.model_dump(exclude_none=True))
             state.meter.reserve(bill, sum(len(ids) for _, ids in prepared),
@@ -303,6 +304,7 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
             prepared = await state.preparer.run(prepare)
             bill = state.meter.start(key_id, state.model_name)
             bill.who = who
+            state.share(bill, key_id, req.user)
             bill.tags = request_tags("embeddings", req.model_dump(exclude_none=True))
             state.meter.reserve(bill, sum(len(ids) for ids in prepared), 0)
             try:

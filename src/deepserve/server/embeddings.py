@@ -77,7 +77,8 @@ async def embed(state: Any, req: EmbeddingRequest, prepared: list[list[int]],
             params = SamplingParams(max_tokens=1, embed=pooling)
             return await state.serving._final(engine.generate(
                 params=params, request_id=f"{rid}-{k}", prompt_ids=ids,
-                priority=req.priority, validated=True), bill, f"{rid}-{k}")
+                priority=req.priority, validated=True, tenant=bill.tenant,
+                weight=bill.weight), bill, f"{rid}-{k}")
 
     outs = await asyncio.gather(*[one(k, ids) for k, ids in enumerate(prepared)])
     usage = await state.serving._settle_all(bill, rid, dict(enumerate(outs)))

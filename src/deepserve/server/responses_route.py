@@ -88,6 +88,7 @@ def add_responses_routes(app: FastAPI, state: Any, admit: Callable[..., Any],
             salt = state.cache_salt(chat_req, key_id)
             bill = state.meter.start(key_id, state.model_name)
             bill.who = who
+            state.share(bill, key_id, req.user)
             bill.tags = request_tags("responses", req.model_dump(exclude_none=True))
             params = setup.params
             state.meter.reserve(bill, len(ids), (params.max_tokens or 0) * params.n)

@@ -94,7 +94,8 @@ class OpenAIServing(LogprobFormat):
         out = await self._final(self.engine.generate(params=params, request_id=rid,
                                                      prompt_ids=prompt_ids,
                                                      priority=req.priority, cache_salt=salt,
-                                                     validated=True),
+                                                     validated=True, tenant=bill.tenant,
+                                                     weight=bill.weight),
                                 bill, rid, watch)
         self.metrics.observe(out, out.finish_reason or "abort")
         cost = await self.meter.settle(bill, rid, out, out.finish_reason)
@@ -139,7 +140,7 @@ class OpenAIServing(LogprobFormat):
 
         gen = self.engine.generate(params=params, request_id=rid, prompt_ids=prompt_ids,
                                    priority=req.priority, cache_salt=salt,
-                                   validated=True)
+                                   validated=True, tenant=bill.tenant, weight=bill.weight)
         sent_text = [0] * params.n
         sent_lp = [0] * params.n
         done = [False] * params.n
@@ -221,7 +222,8 @@ class OpenAIServing(LogprobFormat):
         outs = await asyncio.gather(*[
             self._final(self.engine.generate(params=params, request_id=f"{rid}-{k}",
                                              prompt_ids=ids, priority=req.priority,
-                                             cache_salt=salt, validated=True),
+                                             cache_salt=salt, validated=True,
+                                             tenant=bill.tenant, weight=bill.weight),
                         bill, f"{rid}-{k}")
             for k, (_, ids) in enumerate(prompts)])
         choices = []
@@ -279,7 +281,9 @@ class OpenAIServing(LogprobFormat):
             try:
                 async for out in self.engine.generate(params=params, request_id=f"{rid}-{k}",
                                                       prompt_ids=ids, priority=req.priority,
-                                                      cache_salt=salt, validated=True):
+                                                      cache_salt=salt, validated=True,
+                                                      tenant=bill.tenant,
+                                                      weight=bill.weight):
                     await merged.put((k, out))
                 await merged.put((k, None))
             except BaseException as exc:  # forwarded to the consumer, which re-raises

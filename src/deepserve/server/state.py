@@ -191,6 +191,13 @@ class ServerState:
 
         self.responses = ResponseStore(cfg.ledger)
 
+    def share(self, bill: Any, key_id: str | None, user: str | None) -> None:
+        """Whose share of the batch a request runs in: its API key (with the key's
+        weight), else its ``user``, else everyone's."""
+        bill.tenant = f"key:{key_id}" if key_id else (f"user:{user}" if user else "")
+        key = self.meter.keys.get(key_id) if key_id and self.meter.keys is not None else None
+        bill.weight = key.weight if key is not None else 1.0
+
     def check_task(self, kind: str, path: str) -> None:
         """400 for an endpoint of a kind (generate, embed) this server was not started
         for (``--task``)."""
