@@ -36,13 +36,13 @@ def ttfts(url: str, count: int) -> list[float]:
                           headers={"Authorization": "Bearer sk-light"},
                           json={"messages": [{"role": "user", "content": f"Say hi ({i})"}],
                                 "max_tokens": 8, "stream": True}) as r:
+            first = None
             for line in r.iter_lines():
-                if line.startswith("data: {") and json.loads(line[6:])["choices"] and \
-                        json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                    out.append(time.perf_counter() - t0)
-                    break
-            for _ in r.iter_lines():
-                pass
+                if first is None and line.startswith("data: {"):
+                    choices = json.loads(line[6:])["choices"]
+                    if choices and choices[0]["delta"].get("content"):
+                        first = time.perf_counter() - t0
+            out.append(first if first is not None else time.perf_counter() - t0)
     return out
 
 
