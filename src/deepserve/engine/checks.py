@@ -9,6 +9,18 @@ from deepserve.errors import DeepserveError
 from deepserve.sampling_params import SamplingParams
 
 
+def check_chars(engine: Any, chars: int, param: str) -> None:
+    """Reject text too long for the context before tokenizing all of it: no token
+    covers more than ``max_token_chars`` characters, so more characters than the
+    context times that (with a margin) cannot fit."""
+    limit = engine.max_model_len * engine.max_token_chars * 2
+    if chars > limit:
+        raise DeepserveError(
+            f"{param} is {chars} characters, far more than this model's context of "
+            f"{engine.max_model_len} tokens can hold (no more than {limit} characters); "
+            "shorten the prompt", param=param, code="context_length_exceeded")
+
+
 def check_request(engine: Any, prompt_ids: list[int], params: SamplingParams,
                   param: str = "messages") -> None:
     """Reject what can never run: too long for the context or for the KV pool.

@@ -14,7 +14,7 @@ import torch
 from deepserve.config import EngineConfig
 from deepserve.engine import setup
 from deepserve.engine.block_manager import BlockManager
-from deepserve.engine.checks import check_request
+from deepserve.engine.checks import check_chars, check_request
 from deepserve.engine.detokenizer import IncrementalDetokenizer
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.sampler import Sampler
@@ -27,7 +27,7 @@ from deepserve.layers.kv_cache import bytes_per_token as kv_bytes_per_token
 from deepserve.layers.quantized import weight_bytes
 from deepserve.loader.chat_tokens import encode_chat
 from deepserve.loader.resolve import resolve_model
-from deepserve.loader.tokenizer import apply_chat_template, eos_token_ids
+from deepserve.loader.tokenizer import eos_token_ids
 from deepserve.loader.weights import open_checkpoint
 from deepserve.sampling_params import SamplingParams
 
@@ -117,25 +117,13 @@ class LLMEngine:
         (``loader/chat_tokens.py``)."""
         param = "messages" if messages is not None else "prompt"
         if messages is not None:
-            chars = sum(len(str(m.get("content") or "")) for m in messages)
-            self.check_chars(chars, param)
-
-            def render(msgs: list[dict[str, Any]]) -> str:
-                return apply_chat_template(self.tokenizer, msgs, **(chat_options or {}))
-
-            if literal_content:
-                try:
-                    prompt, ids = encode_chat(self.tokenizer, messages, render)
-                except ValueError as exc:
-                    raise DeepserveError(f"{exc}; a message holds a control token's "
-                                         "spelling, which this template cannot keep as "
-                                         "text: remove it", param=param) from None
-                if not prompt:
-                    raise DeepserveError("prompt is empty; give at least one token of text",
-                                         param="prompt")
-                self.check_chars(len(prompt), param)
-                return prompt, ids
-            prompt = render(messages)
+            self.check_chars(sum(len(str(m.get("content") or "")) for m in messages), param)
+            prompt, ids = encode_chat(self.tokenizer, messages, chat_options, literal_content)
+            if not prompt:
+                raise DeepserveError("prompt is empty; give at least one token of text",
+                                     param="prompt")
+            self.check_chars(len(prompt), param)
+            return prompt, ids
         if isinstance(prompt, str):
             if not prompt:
                 raise DeepserveError("prompt is empty; give at least one token of text",
@@ -153,15 +141,8 @@ class LLMEngine:
                              "token ids", param="prompt")
 
     def check_chars(self, chars: int, param: str) -> None:
-        """Reject text too long for the context before tokenizing all of it: no token
-        covers more than ``max_token_chars`` characters, so more characters than the
-        context times that (with a margin) cannot fit."""
-        limit = self.max_model_len * self.max_token_chars * 2
-        if chars > limit:
-            raise DeepserveError(
-                f"{param} is {chars} characters, far more than this model's context of "
-                f"{self.max_model_len} tokens can hold (no more than {limit} characters); "
-                "shorten the prompt", param=param, code="context_length_exceeded")
+        """Reject text too long for the context before tokenizing it (``checks``)."""
+        check_chars(self, chars, param)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams,
                       param: str = "messages") -> None:

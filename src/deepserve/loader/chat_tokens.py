@@ -53,20 +53,29 @@ def _plain_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, Any]],
-                render: Callable[[list[dict[str, Any]]], str]) -> tuple[str, list[int]]:
-    """(rendered prompt, token ids) with every message's text tokenized as text."""
+                options: dict[str, Any] | None = None,
+                literal: bool = True) -> tuple[str, list[int]]:
+    """(rendered prompt, token ids) of a chat through the tokenizer's template;
+    ``literal``: every message's text tokenized as text. Raises DeepserveError."""
+    from deepserve.errors import DeepserveError
+    from deepserve.loader.tokenizer import apply_chat_template
+
+    def render(msgs: list[dict[str, Any]]) -> str:
+        return apply_chat_template(tokenizer, msgs, **(options or {}))
+
     prompt = render(messages)
-    specials = special_strings(tokenizer)
+    specials = special_strings(tokenizer) if literal else []
     hits = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)
             and any(s in m["content"] for s in specials)]
     if not hits:
         return prompt, tokenizer.encode(prompt, add_special_tokens=False)
     marked = [dict(m, content=f"\ue000{i}\ue001") if i in hits else m
               for i, m in enumerate(messages)]
-    skeleton = render(marked)
-    parts = _PLACEHOLDER.split(skeleton)
+    parts = _PLACEHOLDER.split(render(marked))
     if len(parts) != 2 * len(hits) + 1:  # the template copied or dropped a message
-        raise ValueError("the chat template does not render each message's text once")
+        raise DeepserveError("a message holds a control token's spelling, which this chat "
+                             "template cannot keep as text (it does not render each "
+                             "message's text once): remove it", param="messages")
     plain = _plain_encoder(tokenizer)
     ids: list[int] = []
     for k, part in enumerate(parts):
