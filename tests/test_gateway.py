@@ -325,29 +325,6 @@ def test_gateway_holds_a_requests_largest_cost_against_the_budget(backends, tmp_
         gw.stop()
 
 
-def test_stream_cut_by_a_dying_backend_ends_with_an_sse_error(backends, tmp_path):
-    # Runs last: it kills the only "pro" replica.
-    gw = GatewayProcess(tmp_path, backends)
-    victim = backends[2]
-    try:
-        body = {"model": "pro", "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True,
-                "stream": True}
-        with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=120) as resp:
-            assert resp.status_code == 200
-            lines = resp.iter_lines()
-            got = [next(line for line in lines if line.startswith("data: {"))]
-            victim.proc.send_signal(signal.SIGKILL)
-            got += [line for line in lines if line]  # ends: no exception, no hang
-        assert got[-1] == "data: [DONE]"
-        err = json.loads(got[-2][6:])["error"]
-        assert err["code"] == "backend_stream_broken" and victim.url in err["message"]
-        # The gateway itself goes on serving the tiers that are still up.
-        assert tier_of(gw, "lite") == "lite"
-    finally:
-        gw.stop()
-        assert "Traceback" not in (tmp_path / f"gateway-{gw.port}.log").read_text()
-
-
 def test_responses_embeddings_and_models_through_the_gateway(backends, tmp_path):
     """The Responses API (plain, streamed, over the WebSocket) and embeddings go through
     the gateway, billed in its ledger by what the backends report."""
@@ -486,3 +463,26 @@ def test_the_gateway_bills_what_it_delivered_and_cancels_when_the_client_leaves(
         assert done["start_ts"] < done["first_token_ts"] <= done["end_ts"]
     finally:
         gw.stop()
+
+
+def test_stream_cut_by_a_dying_backend_ends_with_an_sse_error(backends, tmp_path):
+    # Runs last: it kills the only "pro" replica.
+    gw = GatewayProcess(tmp_path, backends)
+    victim = backends[2]
+    try:
+        body = {"model": "pro", "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=120) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            got = [next(line for line in lines if line.startswith("data: {"))]
+            victim.proc.send_signal(signal.SIGKILL)
+            got += [line for line in lines if line]  # ends: no exception, no hang
+        assert got[-1] == "data: [DONE]"
+        err = json.loads(got[-2][6:])["error"]
+        assert err["code"] == "backend_stream_broken" and victim.url in err["message"]
+        # The gateway itself goes on serving the tiers that are still up.
+        assert tier_of(gw, "lite") == "lite"
+    finally:
+        gw.stop()
+        assert "Traceback" not in (tmp_path / f"gateway-{gw.port}.log").read_text()
