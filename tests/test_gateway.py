@@ -466,12 +466,17 @@ def test_the_gateway_bills_what_it_delivered_and_cancels_when_the_client_leaves(
 
 
 def test_stream_cut_by_a_dying_backend_ends_with_an_sse_error(backends, tmp_path):
-    # Runs last: it kills the only "pro" replica.
-    gw = GatewayProcess(tmp_path, backends)
+    # Runs last: it kills the only "pro" replica. The broken stream is billed the tokens
+    # it delivered (the client asks for the usage in every chunk to know them too).
+    import sqlite3
+
+    ledger = tmp_path / "broken.db"
+    gw = GatewayProcess(tmp_path, backends, extra=f'ledger = "{ledger}"')
     victim = backends[2]
     try:
         body = {"model": "pro", "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True,
-                "stream": True}
+                "stream": True, "stream_options": {"include_usage": True,
+                                                   "continuous_usage_stats": True}}
         with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=120) as resp:
             assert resp.status_code == 200
             lines = resp.iter_lines()
@@ -481,6 +486,16 @@ def test_stream_cut_by_a_dying_backend_ends_with_an_sse_error(backends, tmp_path
         assert got[-1] == "data: [DONE]"
         err = json.loads(got[-2][6:])["error"]
         assert err["code"] == "backend_stream_broken" and victim.url in err["message"]
+        delivered = [json.loads(x[6:])["usage"]["completion_tokens"] for x in got[:-2]
+                     if x.startswith("data: {")]
+        deadline = time.time() + 10
+        rows = []
+        while not rows and time.time() < deadline:
+            with sqlite3.connect(ledger) as db:
+                rows = db.execute("SELECT completion_tokens, finish_reason FROM usage"
+                                  ).fetchall()
+            time.sleep(0.1)
+        assert rows == [(delivered[-1], "abort")] and delivered[-1] > 0
         # The gateway itself goes on serving the tiers that are still up.
         assert tier_of(gw, "lite") == "lite"
     finally:

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
 from server_utils import ServerProcess, free_port
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -164,7 +165,7 @@ def _deep_schema(levels: int) -> dict:
     return schema
 
 
-def test_a_schema_nested_too_deep_is_a_400_naming_the_field(open_server):
+def test_a_schema_too_deep_or_too_large_is_a_400_naming_the_field(open_server):
     deep = _deep_schema(100)
     ask = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
@@ -173,6 +174,15 @@ def test_a_schema_nested_too_deep_is_a_400_naming_the_field(open_server):
     assert error_of(r, 400)["param"] == "response_format" and "nested" in r.text
     r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
         "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]})
+    assert error_of(r, 400)["param"] == "tools[0].function.parameters"
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"}
+                                             for i in range(12000)}}
+    r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                   "schema": wide}}})
+    assert error_of(r, 400)["param"] == "response_format" and "bytes" in r.text
+    r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": wide}}]})
     assert error_of(r, 400)["param"] == "tools[0].function.parameters"
     still_serves(open_server)
 
@@ -516,3 +526,41 @@ def test_openai_client_sees_typed_errors(open_server):
         client.completions.create(model=MODEL, prompt="x", max_tokens=7000,
                                   extra_body={"ignore_eos": True})
     assert info.value.status_code == 408
+
+
+class EchoBody(BaseModel):
+    text: str
+
+
+def test_large_json_bodies_are_parsed_off_the_event_loop(monkeypatch):
+    """The route class both front doors use: a body from LARGE_BODY bytes is parsed in a
+    worker thread, a small one on the loop; the body model is read from it as before."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    import deepserve.protocol.http as http
+
+    seen: list[int] = []
+    parse = http.parse_json
+
+    def recording(body: bytes):
+        seen.append(threading.get_ident())
+        return parse(body)
+
+    monkeypatch.setattr(http, "parse_json", recording)
+
+    app = FastAPI()
+    app.router.route_class = http.off_loop_json_route()
+
+    @app.post("/echo")
+    async def echo(body: EchoBody) -> dict:
+        return {"chars": len(body.text), "loop": threading.get_ident()}
+
+    with TestClient(app) as client:
+        small = client.post("/echo", json={"text": "hi"}).json()
+        large = client.post("/echo", json={"text": "x" * http.LARGE_BODY}).json()
+        bad = client.post("/echo", content=b'{"text": ' + b" " * http.LARGE_BODY,
+                          headers={"content-type": "application/json"})
+    assert small["chars"] == 2 and large["chars"] == http.LARGE_BODY
+    assert seen[0] == small["loop"] and seen[1] != large["loop"]
+    assert bad.status_code == 422 or bad.status_code == 400

@@ -67,6 +67,10 @@ class GrammarCompiler:
             # compact JSON: with flexible whitespace a small model sampled at temperature
             # 0.9 could spend its max_tokens on spaces and newlines (4 of 15 seeds cut
             # short); a schema's own "x-guidance" still overrides this default
+            if len(text) > MAX_SCHEMA_BYTES:
+                raise DeepserveError(f"the JSON schema is {len(text)} bytes; at most "
+                                     f"{MAX_SCHEMA_BYTES} are allowed: shorten it",
+                                     param=param)
             depth = json_depth(spec if not isinstance(spec, str) else json.loads(text))
             if depth > MAX_SCHEMA_DEPTH:
                 raise DeepserveError(f"the JSON schema is nested {depth} levels deep; at most "
@@ -106,6 +110,7 @@ class GrammarCompiler:
 
 
 MAX_SCHEMA_DEPTH = 64  # nesting of a JSON schema (objects and arrays) taken as a grammar
+MAX_SCHEMA_BYTES = 256 * 1024  # a JSON schema's size, as JSON text
 
 
 def json_depth(value: Any) -> int:

@@ -17,7 +17,14 @@ from deepserve.gateway.config import GatewayConfig
 from deepserve.gateway.core import Gateway, NoBackend
 from deepserve.gateway.handlers import Handlers, error_response
 from deepserve.plugins import PluginHooks, attach, load_plugins
-from deepserve.protocol.http import KeyCheck, bearer, model_not_found, model_object, models_list
+from deepserve.protocol.http import (
+    KeyCheck,
+    bearer,
+    model_not_found,
+    model_object,
+    models_list,
+    off_loop_json_route,
+)
 from deepserve.protocol.websocket import PATH as WS_PATH
 from deepserve.protocol.websocket import RESPONSES_PATH as WS_RESPONSES_PATH
 from deepserve.protocol.websocket import serve_chat_socket
@@ -31,6 +38,7 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
     gw = Gateway(cfg)
     handlers = Handlers(gw)
     app = FastAPI(title="deepserve gateway", version="0.1.0")
+    app.router.route_class = off_loop_json_route()  # large bodies parsed off the loop
     app.state.gateway = gw
     plugins = load_plugins(cfg.plugins, cfg.plugin_config, "gateway")
     if plugins:

@@ -25,7 +25,7 @@ from deepserve.billing.shared import SharedLimitsError
 from deepserve.gateway.answers import as_sse, finish_of, mean_logprob, usage_tokens
 from deepserve.gateway.core import Gateway, NoBackend
 from deepserve.gateway.hold import BudgetHold
-from deepserve.protocol.http import SSE_DONE, bearer_of, error_body, sse_error
+from deepserve.protocol.http import SSE_DONE, bearer_of, error_body, json_of, sse_error
 from deepserve.server.response_store import OWNER_HEADER
 
 logger = logging.getLogger("deepserve.gateway.app")
@@ -91,7 +91,7 @@ class Call:
 
 async def json_body(request: Request) -> dict[str, Any] | Response:
     try:
-        body = await request.json()
+        body = await json_of(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return error_response(400, "request body is not valid JSON; send a JSON object "
                               "with Content-Type: application/json")

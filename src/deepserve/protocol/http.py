@@ -218,3 +218,44 @@ def disconnect_on(event: asyncio.Event) -> Callable[[], Awaitable[dict[str, Any]
         return {"type": "http.disconnect"}
 
     return wait
+
+
+# Request bodies from this size are parsed in a worker thread: a few large bodies must
+# not stall the event loop (and /health) while json.loads runs.
+LARGE_BODY = 256 * 1024
+
+
+def parse_json(body: bytes) -> Any:
+    return json.loads(body)
+
+
+async def json_of(body: bytes) -> Any:
+    """A request body's JSON; off the event loop when the body is large."""
+    if len(body) >= LARGE_BODY:
+        return await asyncio.to_thread(parse_json, body)
+    return parse_json(body)
+
+
+def off_loop_json_route() -> type:
+    """A FastAPI route class whose requests parse large JSON bodies in a worker thread
+    (FastAPI reads a body model through ``request.json()``)."""
+    from fastapi.routing import APIRoute
+    from starlette.requests import Request
+
+    class OffLoopJSONRequest(Request):
+        async def json(self) -> Any:
+            if not hasattr(self, "_json"):
+                self._json = await json_of(await self.body())
+            return self._json
+
+    class OffLoopJSONRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Any], Awaitable[Any]]:
+            handler = super().get_route_handler()
+
+            async def route(request: Any) -> Any:
+                return await handler(OffLoopJSONRequest(request.scope, request.receive))
+
+            return route
+
+    return OffLoopJSONRoute
+

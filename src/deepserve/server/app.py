@@ -25,6 +25,7 @@ from deepserve.protocol.http import (
     model_not_found,
     model_object,
     models_list,
+    off_loop_json_route,
 )
 from deepserve.protocol.models import (
     ChatCompletionRequest,
@@ -72,6 +73,7 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
     state = ServerState(engine, cfg)
     app = FastAPI(title="deepserve", version="0.1.0",
                   description="OpenAI-compatible LLM serving")
+    app.router.route_class = off_loop_json_route()  # large bodies parsed off the loop
     app.state.deepserve = state
 
     def count_error(status: int) -> None:

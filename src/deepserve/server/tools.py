@@ -99,9 +99,14 @@ def plan_tools(req: ChatCompletionRequest, template: str | None) -> ToolPlan | N
         if name not in names:
             raise DeepserveError(f"tool_choice names function {name!r}, which is not among "
                                  f"the tools ({', '.join(names)})", param="tool_choice")
-    from deepserve.engine.structured import MAX_SCHEMA_DEPTH, json_depth
+    from deepserve.engine.structured import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, json_depth
 
     for i, t in enumerate(req.tools):
+        size = len(json.dumps(t.function.parameters))
+        if size > MAX_SCHEMA_BYTES:
+            raise DeepserveError(f"tools[{i}].function.parameters is {size} bytes; at most "
+                                 f"{MAX_SCHEMA_BYTES} are allowed: shorten it",
+                                 param=f"tools[{i}].function.parameters")
         depth = json_depth(t.function.parameters)
         if depth > MAX_SCHEMA_DEPTH:
             raise DeepserveError(f"tools[{i}].function.parameters is nested {depth} levels "
