@@ -166,24 +166,18 @@ def _deep_schema(levels: int) -> dict:
 
 
 def test_a_schema_too_deep_or_too_large_is_a_400_naming_the_field(open_server):
-    deep = _deep_schema(100)
     ask = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-    r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
-        "response_format": {"type": "json_schema", "json_schema": {"name": "x",
-                                                                   "schema": deep}}})
-    assert error_of(r, 400)["param"] == "response_format" and "nested" in r.text
-    r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]})
-    assert error_of(r, 400)["param"] == "tools[0].function.parameters"
     wide = {"type": "object", "properties": {f"p{i}": {"type": "string"}
                                              for i in range(12000)}}
-    r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
-        "response_format": {"type": "json_schema", "json_schema": {"name": "x",
-                                                                   "schema": wide}}})
-    assert error_of(r, 400)["param"] == "response_format" and "bytes" in r.text
-    r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": wide}}]})
-    assert error_of(r, 400)["param"] == "tools[0].function.parameters"
+    for schema, why in ((_deep_schema(100), "nested"), (wide, "bytes")):
+        r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                       "schema": schema}}})
+        assert error_of(r, 400)["param"] == "response_format" and why in r.text
+        r = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60, json=ask | {
+            "tools": [{"type": "function", "function": {"name": "f",
+                                                        "parameters": schema}}]})
+        assert error_of(r, 400)["param"] == "tools[0].function.parameters"
     still_serves(open_server)
 
 
