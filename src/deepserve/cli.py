@@ -163,7 +163,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     cfg = GatewayConfig.load(args.config)
     # Flags override the file (Kubernetes passes Secrets this way).
     overrides = {k: getattr(args, k) for k in ("host", "port", "ledger", "redis", "api_keys",
-                                               "plugins", "plugin_config")
+                                               "admin_key", "plugins", "plugin_config")
                  if getattr(args, k)}
     if overrides:
         cfg = GatewayConfig.from_dict(_with_gateway(args.config, overrides), args.config)
@@ -200,16 +200,38 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The subcommands whose flags come from the engine's and server's settings: building
+# them imports the engine (and torch), so a parser builds them only when they run or
+# when the whole help is asked for.
+HEAVY = ("serve", "generate", "chat", "bench")
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (None for none, or for the top-level help)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--log-level")
+    pre.add_argument("--log-format")
+    pre.add_argument("command", nargs="?")
+    known, _ = pre.parse_known_args(argv)
+    return known.command
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``command``, the other heavy subcommands get only their
+    one-line help (``deepserve gateway`` never imports torch)."""
     parser = argparse.ArgumentParser(prog="deepserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="json: one object per line, with a line per finished request")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def full(name: str) -> bool:
+        return command is None or command == name  # None: every flag (docs, tests)
+
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
-    add_server_args(serve)
-    add_engine_args(serve)
+    if full("serve"):
+        add_server_args(serve)
+        add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="complete one prompt and print the text")
@@ -218,13 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat-template", action="store_true",
                      help="wrap the prompt as a user message in the model's chat template")
     _add_sampling_args(gen, 64)
-    add_engine_args(gen)
+    if full("generate"):
+        add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat, streaming tokens")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(chat, 256)
-    add_engine_args(chat)
+    if full("chat"):
+        add_engine_args(chat)
     chat.set_defaults(func=cmd_chat)
 
     gw = sub.add_parser("gateway", help="route between model tiers (OpenAI-compatible proxy)")
@@ -238,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="redis:// URL: rate limits, quotas and budgets shared by every "
                          "gateway and server using it")
     gw.add_argument("--api-keys", default=None, help="TOML key file (overrides the config)")
+    gw.add_argument("--admin-key", default=None,
+                    help="the admin API's bearer key (overrides the config; default: "
+                         "$DEEPSERVE_ADMIN_KEY)")
     gw.add_argument("--plugin", dest="plugins", action="append", default=[],
                     metavar="MODULE:ATTR", help="load a plugin (repeatable)")
     gw.add_argument("--plugin-config", default=None,
@@ -272,14 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     kern = sub.add_parser("kernels", help="build deepserve's C++ CPU kernels now and report")
     kern.set_defaults(func=cmd_kernels)
 
-    from deepserve.bench.cli import add_bench_parser
+    if full("bench"):
+        from deepserve.bench.cli import add_bench_parser
 
-    add_bench_parser(sub)
+        add_bench_parser(sub)
+    else:
+        sub.add_parser("bench", help="benchmarks: offline, serve, sweep, compare, report")
     return parser
 
 
+_LIGHT = ("gateway", "ray-serve", "report", "kernels")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = command_of(argv)
+    parser = build_parser(command if command in HEAVY or command in _LIGHT else "")
     args = parser.parse_args(argv)
     from deepserve.logs import configure
 

@@ -218,7 +218,13 @@ def insert(db: LedgerDB, rec: UsageRecord | Refusal) -> bool:
         return True
     cur = db.execute(f"INSERT INTO usage ({cols}) VALUES ({marks}) "
                      "ON CONFLICT (request_id) DO NOTHING", tuple(row.values()))
-    return cur.rowcount == 1
+    if cur.rowcount != 1:
+        return False
+    if rec.key_id is not None:  # the key's running spend, for every replica (key_table)
+        db.execute("UPDATE api_keys SET spent = spent + ?, tokens = tokens + ? "
+                   "WHERE key_id = ?", (rec.cost, rec.prompt_tokens + rec.completion_tokens,
+                                        rec.key_id))
+    return True
 
 
 def key_spend(db: LedgerDB) -> dict[str, tuple[float, int]]:

@@ -12,6 +12,8 @@ Schema versions (the ``schema_version`` table; a ledger without it is version 1)
    ``safety_identifier``, ``metadata``, and options such as ``reasoning_effort``);
    ``responses`` holds stored Responses API responses (``store: true``) for
    ``previous_response_id`` and ``GET /v1/responses/{id}``.
+5. ``api_keys``: the API keys (hashed) with their limits and running spend, managed
+   through the admin API (``billing/key_table``); ``audit``: every admin action.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from deepserve.errors import DeepserveError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PG_SCHEMES = ("postgresql://", "postgres://")
 
 _TABLES = """
@@ -87,6 +89,33 @@ CREATE TABLE IF NOT EXISTS responses (
     model TEXT,
     previous_response_id TEXT,
     body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    key_hint TEXT,
+    team TEXT,
+    budget DOUBLE PRECISION,
+    token_quota BIGINT,
+    rpm INTEGER,
+    tpm INTEGER,
+    models TEXT,
+    weight DOUBLE PRECISION NOT NULL DEFAULT 1,
+    expires_ts DOUBLE PRECISION,
+    created_ts DOUBLE PRECISION NOT NULL,
+    updated_ts DOUBLE PRECISION NOT NULL,
+    revoked_ts DOUBLE PRECISION,
+    spent DOUBLE PRECISION NOT NULL DEFAULT 0,
+    tokens BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id {id},
+    ts DOUBLE PRECISION NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    key_id TEXT,
+    detail TEXT,
+    front TEXT
 )
 """
 # Columns added to ``usage`` by version 4 (old ledgers gain them, empty).
@@ -110,6 +139,7 @@ class LedgerDB:
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
     # The start of the hour a request began in, as epoch seconds.
     hour_expr = "CAST(start_ts / 3600 AS INTEGER) * 3600"
+    day_expr = "CAST(start_ts / 86400 AS INTEGER) * 86400"  # the start of its UTC day
 
     def __init__(self, url: str | Path) -> None:
         self.url = str(url)
@@ -156,6 +186,7 @@ class LedgerDB:
 class PostgresDB(LedgerDB):
     dialect = "postgresql"
     hour_expr = "FLOOR(start_ts / 3600) * 3600"
+    day_expr = "FLOOR(start_ts / 86400) * 86400"
 
     def connect(self) -> None:
         try:

@@ -14,7 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from deepserve.billing.keys import KeyStore
+from deepserve.billing.keys import APIKey, KeyStore
 from deepserve.billing.ledger import Ledger, UsageRecord
 from deepserve.billing.pricing import PricingPolicy, Quote
 from deepserve.billing.shared import SharedLimitsError
@@ -99,6 +99,9 @@ class Meter:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.limiter: Any = None  # a server's RPM/TPM limiter: billed tokens count there
         self.usage_hooks: list[Callable[[UsageRecord], None]] = []  # plugins' on_usage
+        self.admin_key: str | None = None  # may also call the API (key id "admin")
+        self.key_table: Any = None  # billing/key_table.KeyTable when keys live in the ledger
+        self.key_sync: Any = None
         if keys is not None and ledger is not None:
             keys.seed(ledger.key_spend())
         self.tokens = Counter("deepserve_billed_tokens", "Billed tokens by class",
@@ -110,22 +113,57 @@ class Meter:
                                     f"Revenue at list price, in {policy.currency}",
                                     ["model"], registry=registry)
 
-    def authorize(self, key: str | None) -> str | None:
-        """Map a bearer key to its id, or raise BillingError (401/402/429)."""
-        if self.keys is None:
+    def is_admin(self, key: str | None) -> bool:
+        from deepserve.protocol.http import same_key
+
+        return bool(self.admin_key) and same_key(key, self.admin_key or "")
+
+    def identify(self, key: str | None) -> APIKey | None:
+        """The key a bearer token names (None: the admin key), whatever it has spent;
+        BillingError 401 when it is unknown, revoked or expired."""
+        if self.keys is None or self.is_admin(key):
             return None
         try:
             k = self.keys.lookup(key or "")
         except SharedLimitsError as exc:
             raise BillingError(503, f"{exc}; retry shortly", "limits_unavailable") from None
         if k is None:
+            where = "the service's admin" if self.key_table is not None else \
+                "the server's key file"
             raise BillingError(401, "API key missing or not recognised: send 'Authorization: "
-                               "Bearer <key>' with a key from the server's key file",
-                               "invalid_api_key")
+                               f"Bearer <key>' with a key from {where}", "invalid_api_key")
+        why = k.refusal()
+        if why is not None:
+            raise BillingError(401, why, "key_revoked" if k.revoked_ts is not None
+                               else "key_expired")
+        return k
+
+    def check_access(self, key_id: str | None, *names: str | None) -> None:
+        """403 when the key may not use the model or tier called ``names``."""
+        k = self.keys.get(key_id) if key_id and self.keys is not None else None
+        if k is not None and not k.allows(*names):
+            wanted = next((n for n in names if n), "?")
+            raise BillingError(403, f"API key {k.key_id!r} may not use {wanted!r}; it may "
+                               f"use {', '.join(repr(m) for m in k.models or ())}",
+                               "model_not_allowed")
+
+    def key_limits(self, key_id: str | None) -> tuple[int | None, int | None]:
+        """The key's own requests and tokens per minute (None: the front's)."""
+        k = self.keys.get(key_id) if key_id and self.keys is not None else None
+        return (k.rpm, k.tpm) if k is not None else (None, None)
+
+    def authorize(self, key: str | None) -> str | None:
+        """Map a bearer key to its id, or raise BillingError (401/402/429)."""
+        if self.keys is None:
+            return None
+        if self.is_admin(key):
+            return "admin"
+        k = self.identify(key)
+        assert k is not None
         if k.budget is not None and k.spent >= k.budget:
             raise BillingError(402, f"API key {k.key_id!r} has spent {k.spent:.6f} of its "
-                               f"budget of {k.budget} {self.policy.currency}; raise the "
-                               "budget in the key file", "insufficient_quota")
+                               f"budget of {k.budget} {self.policy.currency}; ask the "
+                               "service's admin to raise the budget", "insufficient_quota")
         if k.token_quota is not None and k.tokens >= k.token_quota:
             raise BillingError(429, f"API key {k.key_id!r} has used {k.tokens} of its "
                                f"{k.token_quota}-token quota", "token_quota_exceeded")
@@ -158,7 +196,8 @@ class Meter:
                                f"cost up to {money:.6f} {self.policy.currency} ({prompt_tokens}"
                                f" prompt + {max_output_tokens} output tokens) and the key has "
                                f"{left:.6f} of its budget of {k.budget} left; lower max_tokens "
-                               "or raise the budget in the key file", "insufficient_quota")
+                               "or ask the service's admin to raise the budget",
+                               "insufficient_quota")
         if why == "quota":
             left = max(0, k.token_quota - k.tokens - k.reserved_tokens)
             raise BillingError(429, f"API key {k.key_id!r} cannot cover this request: it may "
@@ -253,15 +292,28 @@ class Meter:
 def build_meter(registry: CollectorRegistry, utilization: Callable[[], float], *,
                 pricing: str | None = None, api_keys: str | None = None,
                 ledger: Ledger | None = None, tier: str | None = None,
-                pricing_clock: str | None = None, redis: str | None = None) -> Meter:
+                pricing_clock: str | None = None, redis: str | None = None,
+                admin_key: str | None = None) -> Meter:
     """A meter from the settings files every front door takes: the pricing TOML (None:
     DeepSeek-R1 list prices), the key file, a ledger the caller opened, an optional
-    fixed ISO time to price at (simulations and tests), and an optional Redis URL that
-    makes the keys' budgets and quotas shared by every replica."""
+    fixed ISO time to price at (simulations and tests), an optional Redis URL that
+    makes the keys' budgets and quotas shared by every replica, and the admin key.
+
+    With a ledger and a key file or an admin key, the keys live in the ledger's
+    database (``billing/key_table``): the file seeds it, the admin API changes it, and
+    every process sharing it follows within ``key_table.SYNC_S``."""
     from deepserve.errors import DeepserveError
 
     policy = PricingPolicy.load(pricing) if pricing else PricingPolicy()
     keys = KeyStore.load(api_keys) if api_keys else None
+    table = None
+    if ledger is not None and (api_keys or admin_key):
+        from deepserve.billing.key_table import KeyTable
+
+        table = KeyTable(ledger.url)
+        if keys is not None:
+            table.seed(keys.all(), f"key file {api_keys}")
+        keys = KeyStore(table.load())
     if keys is not None and redis:
         from deepserve.billing.shared import SharedKeyStore
 
@@ -274,4 +326,13 @@ def build_meter(registry: CollectorRegistry, utilization: Callable[[], float], *
             raise DeepserveError(f"pricing_clock={pricing_clock!r} is not an ISO time like "
                                  "2026-01-01T17:00:00Z", param="pricing_clock") from None
         clock = lambda: fixed  # noqa: E731
-    return Meter(policy, ledger, keys, registry, utilization, tier, clock)
+    meter = Meter(policy, ledger, keys if table is None else None, registry, utilization,
+                  tier, clock)
+    meter.admin_key = admin_key
+    if table is not None:  # spend comes from the table itself, not the ledger's rows
+        from deepserve.billing.key_table import KeySync
+
+        meter.keys, meter.key_table = keys, table
+        keys.seed({k.key_id: (k.spent, k.tokens) for k in keys.all()})
+        meter.key_sync = KeySync(table, keys)
+    return meter

@@ -27,15 +27,19 @@ class RateLimiter:
         while toks and toks[0][0] <= now - self.WINDOW:
             toks.popleft()
 
-    def check(self, key: str, now: float | None = None) -> tuple[str, float] | None:
-        """None if allowed (and counted); else (which limit, seconds to wait)."""
+    def check(self, key: str, now: float | None = None, rpm: int | None = None,
+              tpm: int | None = None) -> tuple[str, float] | None:
+        """None if allowed (and counted); else (which limit, seconds to wait). ``rpm``
+        and ``tpm`` replace the limiter's own for this key (a key's own limits)."""
         now = time.monotonic() if now is None else now
+        rpm = self.rpm if rpm is None else rpm
+        tpm = self.tpm if tpm is None else tpm
         self._trim(key, now)
         reqs = self._requests[key]
-        if self.rpm and len(reqs) >= self.rpm:
+        if rpm and len(reqs) >= rpm:
             return "requests", reqs[0] + self.WINDOW - now
         toks = self._tokens[key]
-        if self.tpm and sum(n for _, n in toks) >= self.tpm:
+        if tpm and sum(n for _, n in toks) >= tpm:
             return "tokens", toks[0][0] + self.WINDOW - now
         reqs.append(now)
         return None
@@ -46,6 +50,7 @@ class RateLimiter:
 
 
 def make_limiter(rpm: int, tpm: int, redis: str | None = None) -> Any:
+    # tokens are counted even with both limits 0: a key's own TPM may need them
     """The limiter for these settings: shared through ``redis`` when given."""
     if redis:
         from deepserve.billing.shared import SharedRateLimiter

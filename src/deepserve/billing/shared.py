@@ -177,6 +177,16 @@ class SharedKeyStore(KeyStore):
             self.redis.call("hsetnx", name, "spent", repr(float(money)))
             self.redis.call("hsetnx", name, "tokens", int(tokens))
 
+    def replace(self, keys: list[APIKey]) -> None:
+        """New settings from the key table; a key new to Redis starts from the table's
+        spend (Redis keeps the running totals after that)."""
+        new = [k for k in keys if k.key_id not in self._by_id]
+        super().replace(keys)
+        for k in new:
+            name = self._names(k.key_id)[0]
+            self.redis.call("hsetnx", name, "spent", repr(float(k.spent)))
+            self.redis.call("hsetnx", name, "tokens", int(k.tokens))
+
     def _refresh(self, k: APIKey | None) -> APIKey | None:
         if k is not None:
             spent, tokens, held, held_tokens = self.redis.run(
@@ -235,18 +245,21 @@ class SharedRateLimiter:
     def _who(key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
-    def check(self, key: str) -> tuple[str, float] | None:
-        if not (self.rpm or self.tpm):
+    def check(self, key: str, rpm: int | None = None,
+              tpm: int | None = None) -> tuple[str, float] | None:
+        rpm = self.rpm if rpm is None else rpm
+        tpm = self.tpm if tpm is None else tpm
+        if not (rpm or tpm):
             return None
         who = self._who(key)
         out = self.redis.run("check", [f"{PREFIX}rpm:{who}", f"{PREFIX}tpm:{who}"],
-                             [self.rpm, self.tpm, self.WINDOW, uuid.uuid4().hex])
+                             [rpm, tpm, self.WINDOW, uuid.uuid4().hex])
         if not out:
             return None
         return out[0], max(0.0, float(out[1]))
 
     def add_tokens(self, key: str, n: int) -> None:
-        if not self.tpm or n <= 0:
+        if n <= 0:
             return
         try:
             self.redis.run("add_tokens", [f"{PREFIX}tpm:{self._who(key)}"],

@@ -62,7 +62,11 @@ class TCOInputs:
 
     @classmethod
     def load(cls, path: str | Path) -> TCOInputs:
-        data = read_toml(path, "TCO file", "tco")
+        return cls.from_dict(read_toml(path, "TCO file", "tco"), str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str) -> TCOInputs:
+        """From a TCO file's sections (the file, or the admin API's request body)."""
         cap, cloud = data.get("capacity", {}), data.get("cloud", {})
         prem, rep = data.get("on_prem", {}), data.get("report", {})
         for section, key in (("capacity", "output_tokens_per_s"), ("cloud", "hourly_price"),

@@ -8,9 +8,11 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from deepserve.admin.api import SELF_CHECKED, AdminContext, add_admin
 from deepserve.billing.keys import KeyStore
 from deepserve.errors import DeepserveError
 from deepserve.gateway.config import GatewayConfig
@@ -24,6 +26,7 @@ from deepserve.protocol.http import (
     model_object,
     models_list,
     off_loop_json_route,
+    validation_message,
 )
 from deepserve.protocol.websocket import PATH as WS_PATH
 from deepserve.protocol.websocket import RESPONSES_PATH as WS_RESPONSES_PATH
@@ -62,8 +65,10 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
                         "invalid_api_key")
             return None
 
-        app.add_middleware(KeyCheck, check=check, skip_prefix="/v1/",
+        app.add_middleware(KeyCheck, check=check, skip_prefix=("/v1/", *SELF_CHECKED),
                            on_refuse=lambda status: gw.errors.labels("-", str(status)).inc())
+
+    add_admin(app, AdminContext(gw.meter, "gateway", gw.live_stats))
 
     @app.on_event("startup")
     async def _start() -> None:
@@ -77,6 +82,11 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
         await gw.client.aclose()
         if gw.meter and gw.meter.ledger:
             gw.meter.ledger.close()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        gw.errors.labels("-", "400").inc()
+        return error_response(400, *validation_message(exc.errors()))
 
     @app.exception_handler(DeepserveError)
     async def _user_error(_: Request, exc: DeepserveError) -> JSONResponse:

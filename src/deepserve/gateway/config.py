@@ -5,7 +5,10 @@
     port = 9000
     policy = "model"          # default: model | auto | slo | cascade | ab
     balancing = "cache_aware" # within a tier: cache_aware | round_robin | least_loaded
-    api_keys = "keys.toml"    # optional: keys, budgets, quotas (billing/keys.py format)
+    api_keys = "keys.toml"    # optional: keys, budgets, quotas (billing/keys.py format);
+                              # with a ledger it seeds the ledger's key table
+    admin_key = "..."         # optional: the admin API's key (/admin, the console's
+                              # admin pages); default $DEEPSERVE_ADMIN_KEY
     ledger = "gateway.db"     # optional: usage ledger of everything routed (a SQLite
                               # path or a postgresql:// URL shared by every gateway)
     redis = "redis://127.0.0.1:6379/0"  # optional: limits, quotas, budgets shared by
@@ -38,6 +41,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +73,7 @@ class GatewayConfig:
     policy: str = "model"
     balancing: str = "cache_aware"
     api_keys: str | None = None
+    admin_key: str | None = None
     ledger: str | None = None
     redis: str | None = None
     pricing: str | None = None
@@ -119,6 +124,7 @@ class GatewayConfig:
         cfg = cls(tiers=tuple(tiers), host=gw.get("host", "127.0.0.1"),
                   port=int(gw.get("port", 9000)), policy=gw.get("policy", "model"),
                   balancing=gw.get("balancing", "cache_aware"), api_keys=gw.get("api_keys"),
+                  admin_key=gw.get("admin_key") or os.environ.get("DEEPSERVE_ADMIN_KEY"),
                   ledger=gw.get("ledger"), redis=gw.get("redis"), pricing=gw.get("pricing"),
                   rate_limit_rpm=int(gw.get("rate_limit_rpm", 0)),
                   rate_limit_tpm=int(gw.get("rate_limit_tpm", 0)),
@@ -137,6 +143,9 @@ class GatewayConfig:
                   plugin_config=gw.get("plugin_config"),
                   header_timeout=float(gw.get("header_timeout", 10.0)),
                   max_connections=int(gw.get("max_connections", 1024)))
+        if cfg.admin_key is not None and len(str(cfg.admin_key)) < 16:
+            raise bad("admin_key must be at least 16 characters (e.g. the output of "
+                      "`openssl rand -hex 24`)")
         if cfg.policy not in POLICIES:
             raise bad(f"policy {cfg.policy!r} is not one of {', '.join(POLICIES)}")
         if cfg.discovery not in DISCOVERY:

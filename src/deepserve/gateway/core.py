@@ -80,14 +80,33 @@ class Gateway:
         self._health_task: asyncio.Task | None = None
 
     def _meter(self, cfg: GatewayConfig) -> Meter | None:
-        if not (cfg.api_keys or cfg.ledger or cfg.pricing):
+        if not (cfg.api_keys or cfg.ledger or cfg.pricing or cfg.admin_key):
             return None
         from deepserve.billing.ledger import Ledger
 
         ledger = Ledger(cfg.ledger, "gateway", "gateway", accelerators=0) if cfg.ledger \
             else None
         return build_meter(self.registry, self.utilization, pricing=cfg.pricing,
-                           api_keys=cfg.api_keys, ledger=ledger, redis=cfg.redis)
+                           api_keys=cfg.api_keys, ledger=ledger, redis=cfg.redis,
+                           admin_key=cfg.admin_key)
+
+    def key_limits(self, key_id: str | None) -> dict[str, int | None]:
+        """The key's own requests and tokens per minute (None: the gateway's)."""
+        rpm, tpm = self.meter.key_limits(key_id) if self.meter is not None else (None, None)
+        return {"rpm": rpm, "tpm": tpm}
+
+    def check_access(self, key_id: str | None, tiers: list[str], body: dict) -> None:
+        """BillingError 403 when the key may not use a tier the request would run on."""
+        if self.meter is not None:
+            for tier in tiers:
+                self.meter.check_access(key_id, tier, str(body.get("model") or ""))
+
+    def live_stats(self) -> dict[str, Any]:
+        """The console's live view: each tier's replicas, their load and speed."""
+        return {"front": "gateway", "utilization": self.utilization(), "tiers": {
+            name: [{"url": b.url, "up": b.available, "outstanding": b.outstanding,
+                    "utilization": b.utilization, "ttft_s": b.ttft_s, "tpot_s": b.tpot_s}
+                   for b in pool.backends] for name, pool in self.pools.items()}}
 
     def utilization(self, tier: str | None = None) -> float:
         """The utilization pricing reads: what the tier's replicas report on /metrics

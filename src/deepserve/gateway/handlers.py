@@ -125,7 +125,7 @@ class Handlers:
                 return self.refuse(exc)
         who = key_id or key or (request.client.host if request.client else "anon")
         try:
-            limited = gw.limiter.check(who)
+            limited = gw.limiter.check(who, **gw.key_limits(key_id))
         except SharedLimitsError as exc:
             gw.errors.labels("-", "503").inc()
             return error_response(503, f"{exc}; retry shortly", code="limits_unavailable",
@@ -145,6 +145,7 @@ class Handlers:
             policy = "model"  # the cascade escalates generated text; the light tier answers
         tiers = [gw.router.order[0], gw.router.order[-1]] if policy == "cascade" else [tier]
         try:
+            gw.check_access(key_id, tiers, body)
             call.hold.reserve(key_id, tiers, body, call.kind)
         except BillingError as exc:
             return self.refuse(exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -259,3 +260,26 @@ def off_loop_json_route() -> type:
 
     return OffLoopJSONRoute
 
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
+
+
+def validation_message(errs: list[Any]) -> tuple[str, str | None]:
+    """A 400's message and param for pydantic's errors on a request body or query."""
+    first = errs[0] if errs else {}
+    loc = [str(x) for x in first.get("loc", []) if x != "body" and not _TYPE_TAG.match(str(x))]
+    param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        msg = (f"Unrecognized request argument supplied: {param}; see GET /openapi.json "
+               "for the fields this server takes")
+    elif first.get("type") == "json_invalid":
+        msg = ("request body is not valid JSON (" + str(first.get("ctx", {}).get("error", ""))
+               + "); send a JSON object with Content-Type: application/json")
+        param = None
+    elif not loc:
+        msg = "request body must be a JSON object; send it with Content-Type: application/json"
+    else:
+        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', []) if x != 'body')}: "
+                        f"{e.get('msg')}" for e in errs[:5])
+    return msg or "invalid request body", param

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
@@ -12,6 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deepserve.admin.api import SELF_CHECKED, AdminContext, add_admin
 from deepserve.billing.meter import BillingContext, BillingError, request_tags
 from deepserve.billing.ratelimit import retry_after
 from deepserve.billing.shared import SharedLimitsError
@@ -26,6 +26,7 @@ from deepserve.protocol.http import (
     model_object,
     models_list,
     off_loop_json_route,
+    validation_message,
 )
 from deepserve.protocol.models import (
     ChatCompletionRequest,
@@ -57,7 +58,6 @@ from deepserve.server.tokenize import add_tokenize_routes
 logger = logging.getLogger(__name__)
 
 # pydantic names the union member in an error's location ("prompt.list[int].0"): dropped.
-_TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
 # Documented in the OpenAPI schema for every route that takes a body.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what} for code, what in (
@@ -97,23 +97,7 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         count_error(400)
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", []) if x != "body" and not _TYPE_TAG.match(str(x))]
-        param = ".".join(loc) or None
-        if first.get("type") == "extra_forbidden":
-            msg = (f"Unrecognized request argument supplied: {param}; see GET /openapi.json "
-                   "for the fields this server takes")
-        elif first.get("type") == "json_invalid":
-            msg = ("request body is not valid JSON (" + str(first.get("ctx", {}).get("error", ""))
-                   + "); send a JSON object with Content-Type: application/json")
-            param = None
-        elif not loc:
-            msg = "request body must be a JSON object; send it with Content-Type: application/json"
-        else:
-            msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', []) if x != 'body')}: "
-                            f"{e.get('msg')}" for e in errs[:5])
-        return error_response(400, msg or "invalid request body", param)
+        return error_response(400, *validation_message(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -137,8 +121,10 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
     if plugins:  # inside the key check: hooks see the key id
         attach(plugins, state.meter)
         app.add_middleware(PluginHooks, plugins=plugins)
+    add_admin(app, AdminContext(state.meter, "server", state.live_stats, cfg.api_key))
     if state.meter.keys is not None or cfg.api_key:
-        app.add_middleware(KeyCheck, check=state.check_key, on_refuse=count_error)
+        app.add_middleware(KeyCheck, check=state.check_key, on_refuse=count_error,
+                           skip_prefix=SELF_CHECKED)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
 
     def admit(model: str | None, weight: int) -> Any:
@@ -153,12 +139,14 @@ def create_app(engine: AsyncEngine, cfg: ServerConfig | None = None) -> FastAPI:
 
     def limit(request: Request, key_id: str | None) -> str | None:
         """Count the request against its key's per-minute limits (429 when over)."""
+        state.meter.check_access(key_id, state.model_name)
         if state.limiter is None:
             return None
         who = key_id or bearer_of(request.headers.get("authorization")) or (
             request.client.host if request.client else "anon")
+        rpm, tpm = state.meter.key_limits(key_id)
         try:
-            over = state.limiter.check(who)
+            over = state.limiter.check(who, rpm=rpm, tpm=tpm)
         except SharedLimitsError as exc:
             raise APIError(503, f"{exc}; retry shortly", code="limits_unavailable",
                            headers={"Retry-After": "1"}) from None

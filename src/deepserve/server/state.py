@@ -41,7 +41,11 @@ SERVER_HELP = {
     "warmup": "run representative batch shapes before reporting ready, so the first "
               "request is as fast as the rest (--no-warmup: ready sooner)",
     "pricing": "pricing policy TOML (default: DeepSeek-R1 list prices)",
-    "api_keys": "TOML key file with per-key budgets and token quotas",
+    "api_keys": "TOML key file with per-key budgets and token quotas (with --ledger: "
+                "seeds the ledger's key table, which the admin API manages)",
+    "admin_key": "bearer key of the admin API (/admin/...) and the console's admin pages; "
+                 "with --ledger, API keys live in the ledger's database (default: "
+                 "$DEEPSERVE_ADMIN_KEY)",
     "pricing_clock": "price every request as if at this ISO time (simulations)",
     "tier": "tier name recorded in the ledger",
     "hardware": "hardware name recorded with replica uptime",
@@ -90,6 +94,7 @@ class ServerConfig:
     plugin_config: str | None = None  # TOML: [NAME] settings per plugin
     pricing: str | None = None  # pricing policy TOML; None: DeepSeek-R1 list prices
     api_keys: str | None = None  # key file with budgets and quotas
+    admin_key: str | None = None  # the admin API's bearer key (None: admin API off)
     pricing_clock: str | None = None  # fixed ISO time for pricing (tests, simulations)
     tier: str | None = None  # tier name recorded in the ledger
     hardware: str | None = None  # recorded with replica uptime (default: detected)
@@ -133,6 +138,13 @@ class ServerConfig:
             raise DeepserveError(f"reasoning_parser={self.reasoning_parser!r} is not one of "
                                  f"{', '.join(REASONING_PARSERS)}", param="reasoning_parser")
         object.__setattr__(self, "plugins", tuple(self.plugins or ()))
+        if self.admin_key is None:
+            import os
+
+            object.__setattr__(self, "admin_key", os.environ.get("DEEPSERVE_ADMIN_KEY") or None)
+        if self.admin_key is not None and len(self.admin_key) < 16:
+            raise DeepserveError("admin_key must be at least 16 characters (e.g. the output "
+                                 "of `openssl rand -hex 24`)", param="admin_key")
         if self.redis is not None and not self.redis.startswith(("redis://", "rediss://",
                                                                   "unix://")):
             raise DeepserveError(f"redis={self.redis!r} is not a redis:// URL (e.g. "
@@ -169,8 +181,10 @@ class ServerState:
         self.model_name = engine.model_name
         self.metrics = ServerMetrics(engine, self.model_name)
         self.meter = _build_meter(engine, cfg, self.metrics)
+        # with keys, a limiter is kept for their own RPM/TPM even when the server has none
         self.limiter = make_limiter(cfg.rate_limit_rpm, cfg.rate_limit_tpm, cfg.redis) \
-            if cfg.rate_limit_rpm or cfg.rate_limit_tpm else None
+            if cfg.rate_limit_rpm or cfg.rate_limit_tpm or self.meter.keys is not None \
+            else None
         self.meter.limiter = self.limiter
         cost = Gauge("deepserve_replica_cost_per_hour", "What this replica costs per hour "
                      "(--hourly-cost), in the pricing currency", ["model", "hardware"],
@@ -191,6 +205,21 @@ class ServerState:
 
         self.responses = ResponseStore(cfg.ledger)
 
+    def live_stats(self) -> dict[str, Any]:
+        """The console's live view: load, queue, KV cache and output tokens per second
+        (over the time since the previous call)."""
+        st = self.engine.stats
+        now, total = time.monotonic(), self.metrics.generation_tokens._value.get()
+        last_t, last_n = getattr(self, "_last_rate", (now, total))
+        self._last_rate = (now, total)
+        rate = (total - last_n) / (now - last_t) if now > last_t else 0.0
+        return {"front": "server", "model": self.model_name, "running": st.num_running,
+                "waiting": st.num_waiting, "in_flight": self.admission.in_flight,
+                "max_num_seqs": st.max_num_seqs, "kv_cache_usage": st.kv_cache_usage,
+                "prefix_cache_hit_rate": st.prefix_cache_hit_rate,
+                "utilization": st.utilization, "output_tokens_per_s": round(rate, 2),
+                "generated_tokens": int(total), "uptime_s": round(time.time() - self.started)}
+
     def share(self, bill: Any, key_id: str | None, user: str | None) -> None:
         """Whose share of the batch a request runs in: its API key (with the key's
         weight), else its ``user``, else everyone's."""
@@ -209,6 +238,8 @@ class ServerState:
 
     def check_key(self, key: str | None) -> str | tuple[int, str, str] | None:
         """Bearer key -> key id (None without a key file), or (status, message, code)."""
+        if self.meter.keys is None and self.meter.is_admin(key):
+            return "admin"
         if self.meter.keys is not None:
             try:
                 return self.meter.authorize(key)
@@ -241,7 +272,8 @@ def _build_meter(engine: AsyncEngine, cfg: ServerConfig, metrics: ServerMetrics)
                         hourly_cost=cfg.hourly_cost, usage=cfg.ledger_usage)
     return build_meter(metrics.registry, lambda: engine.stats.utilization,
                        pricing=cfg.pricing, api_keys=cfg.api_keys, ledger=ledger,
-                       tier=cfg.tier, pricing_clock=cfg.pricing_clock, redis=cfg.redis)
+                       tier=cfg.tier, pricing_clock=cfg.pricing_clock, redis=cfg.redis,
+                       admin_key=cfg.admin_key)
 
 
 def _hardware(engine: Any) -> str:
