@@ -24,17 +24,20 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(BIN)/deepserve serve --host $(HOST) --port $(PORT)
 
-# PostgreSQL and Redis from the system's packages: the fleet tests start their own
-# servers from these binaries on loopback, in temporary directories.
+# PostgreSQL, Redis and Chromium from the system's packages: the fleet tests start their
+# own servers from these binaries on loopback, in temporary directories, and the console
+# tests drive Chromium headless through Playwright.
 services:
-	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v redis-server >/dev/null; then \
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v redis-server >/dev/null \
+			&& command -v chromium >/dev/null; then \
 		true; \
 	elif command -v apt-get >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-			--no-install-recommends postgresql redis-server >/dev/null; \
+			--no-install-recommends postgresql redis-server chromium >/dev/null; \
 	else \
-		echo "no apt-get: install PostgreSQL and Redis yourself, or the fleet tests skip"; \
+		echo "no apt-get: install PostgreSQL, Redis and Chromium yourself, or the fleet" \
+			"and console tests skip"; \
 	fi
 
 test: setup services

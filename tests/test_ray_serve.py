@@ -149,3 +149,35 @@ def test_replicas_bill_into_one_ledger_and_share_a_quota(ray_app):
     assert tiers == {"lite"} and team >= 16
     rep = build_report(LEDGER["url"])
     assert rep["replicas"] == 2 and rep["total"]["requests"] == n + team
+
+
+def test_keys_changed_in_the_ledger_hold_on_every_replica(ray_app):
+    """The key file seeded the ledger's key table; a key an admin creates there (the
+    admin API's own code path) works on the Ray replicas within 5 s, and once revoked
+    gets 401 on them, with no restart."""
+    import time
+
+    from deepserve.billing.key_table import KeyTable
+
+    table = KeyTable(LEDGER["url"])
+    try:
+        assert {k.key_id for k in table.load()} >= {"team", "capped"}
+        _, secret = table.create({"team": "ray"}, "ray-new", "admin@test", "test")
+
+        def until(status: int, saying: str = "") -> httpx.Response:
+            deadline = time.monotonic() + 5
+            while True:
+                r = httpx.post(f"{ray_app}/v1/completions", timeout=60, json={
+                    "model": "lite", "prompt": "Hi", "max_tokens": 1},
+                    headers={"Authorization": f"Bearer {secret}"})
+                if (r.status_code == status and saying in r.text) or \
+                        time.monotonic() > deadline:
+                    return r
+                time.sleep(0.2)
+
+        assert until(200).status_code == 200
+        table.revoke("ray-new", "admin@test", "test")
+        r = until(401, "revoked")
+        assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+    finally:
+        table.close()

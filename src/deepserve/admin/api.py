@@ -25,8 +25,18 @@ from deepserve.billing.meter import BillingError, Meter
 from deepserve.billing.usage import daily, spend_by
 from deepserve.errors import DeepserveError
 from deepserve.protocol.http import bearer_of, same_key
+from deepserve.protocol.models import ErrorResponse
 
 CONSOLE_DIR = Path(__file__).resolve().parent.parent / "console"
+# Documented in the OpenAPI schema for every admin and usage route.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what} for code, what in (
+        (400, "Invalid field or parameter (the message names it)"),
+        (401, "Missing, unknown, revoked or expired key"),
+        (403, "A tenant key on an admin route"),
+        (404, "No such key, no ledger, or the admin API is off (--admin-key)"),
+        (409, "A key with that id exists"),
+        (503, "Shared limits (Redis) unreachable"))}
 
 
 class KeyFields(BaseModel):
@@ -142,7 +152,8 @@ def admin_router(ctx: AdminContext) -> APIRouter:
                              "<admin key>' with the key the server was started with "
                              "(--admin-key)", status=401, code="invalid_api_key")
 
-    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+                       responses=ERRORS)
 
     async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
@@ -255,7 +266,7 @@ def admin_router(ctx: AdminContext) -> APIRouter:
 
 
 def usage_router(ctx: AdminContext) -> APIRouter:
-    router = APIRouter(tags=["usage"])
+    router = APIRouter(tags=["usage"], responses=ERRORS)
 
     @router.get("/v1/usage")
     async def usage(request: Request, days: int = Query(30, ge=1, le=366)) -> JSONResponse:

@@ -53,10 +53,12 @@ async function identify() {
     state.role = "admin"; state.currency = me.currency || "";
     label = "admin (" + me.front + (me.keys ? ", keys in the ledger" : "") + ")";
   } catch (e) {
-    if (e.status === 401 && !state.key) {
-      // no key: is this a local server with keys off?
-      try { await api("/v1/models"); state.role = "local"; label = "local mode: keys are off"; }
-      catch (e2) { label = "enter a key"; }
+    if (!state.key) {
+      // no key: is this a local server with keys off? (usage too when it keeps a ledger)
+      try {
+        await api("/v1/models"); state.role = "local"; label = "local mode: keys are off";
+        try { const u = await api("/v1/usage?days=1"); state.role = "local-ledger"; state.currency = u.currency || ""; } catch (e4) { /* no ledger */ }
+      } catch (e2) { label = "enter a key"; }
     } else {
       try {
         const u = await api("/v1/usage?days=30");

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from deepserve.admin.api import SELF_CHECKED, AdminContext, add_admin
 from deepserve.billing.keys import KeyStore
+from deepserve.billing.meter import BillingError
 from deepserve.errors import DeepserveError
 from deepserve.gateway.config import GatewayConfig
 from deepserve.gateway.core import Gateway, NoBackend
@@ -54,15 +55,15 @@ def create_gateway_app(cfg: GatewayConfig) -> FastAPI:
 
         app.add_middleware(PluginHooks, plugins=plugins, key_of=key_of)
     if gw.meter is not None and gw.meter.keys is not None:
-        keys = gw.meter.keys
+        meter = gw.meter
 
         def check(key: str | None) -> str | tuple[int, str, str] | None:
             # /v1 routes are authorized (with budgets and rate limits) by the route
             # itself; this guards the rest: /metrics (revenue), /docs, /openapi.json.
-            if keys.lookup(key or "") is None:
-                return (401, "API key missing or not recognised: send 'Authorization: "
-                        "Bearer <key>' with a key from the gateway's key file",
-                        "invalid_api_key")
+            try:  # revoked and expired keys are refused here too
+                meter.identify(key)
+            except BillingError as exc:
+                return exc.status, exc.message, exc.code
             return None
 
         app.add_middleware(KeyCheck, check=check, skip_prefix=("/v1/", *SELF_CHECKED),

@@ -240,6 +240,8 @@ class ServerState:
         """Bearer key -> key id (None without a key file), or (status, message, code)."""
         if self.meter.keys is None and self.meter.is_admin(key):
             return "admin"
+        if self.cfg.api_key and same_key(key, self.cfg.api_key):
+            return None  # the one --api-key, beside a key table
         if self.meter.keys is not None:
             try:
                 return self.meter.authorize(key)
