@@ -241,6 +241,9 @@ def test_the_gateway_starts_without_torch_and_serves_the_admin_and_usage_apis(tm
                        json={"model": "lite", "prompt": "Hi", "max_tokens": 1})
         assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
         assert admin("GET", url, "/stats").json()["front"] == "gateway"
+        page = httpx.get(f"{url}/console", follow_redirects=True, timeout=30)
+        assert page.status_code == 200 and "deepserve" in page.text
+        assert httpx.get(f"{url}/console/app.js", timeout=30).status_code == 200
         assert "libtorch" not in _maps(proc.pid)
     finally:
         proc.terminate()
