@@ -1,6 +1,8 @@
 """Random-weight GGUF files of mixture-of-experts shapes, for serving benchmarks that
 llama.cpp runs on the same files: a Qwen3-MoE of about 1B total / 0.2B active parameters
-and a DeepSeek-V2-Lite-shaped model (MLA + DeepSeekMoE) scaled to fit this machine.
+and a DeepSeek-V2-Lite-shaped model (MLA + DeepSeekMoE) scaled to fit this machine; and
+a dense Llama of TinyLlama's 1.1B shape (``--only llama-1.1b``: the tensor-parallel
+benchmark's 1B-class model).
 
 Weights are random Q4_0 blocks written directly (a random fp16 scale and random
 nibbles per block of 32), norms are ones and the router F32, so a 1B file takes seconds
@@ -17,6 +19,9 @@ from pathlib import Path
 import numpy as np
 
 SHAPES = {
+    # TinyLlama-1.1B's shape: 22 layers, hidden 2048, 32 heads / 4 KV heads, MLP 5632
+    "llama-1.1b": dict(arch="llama", layers=22, hidden=2048, heads=32, kv_heads=4,
+                       head_dim=64, ff=5632),
     # 16 layers, hidden 1024, 32 experts of 512, 4 used: 0.95B total, 0.19B active
     "qwen3moe-1b-a0.2b": dict(arch="qwen3moe", layers=16, hidden=1024, heads=16, kv_heads=4,
                               head_dim=64, experts=32, used=4, expert_ff=512),
@@ -64,9 +69,10 @@ def write(name: str, shape: dict, out: Path, default_gguf: Path) -> Path:
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(vocab)
-    w.add_expert_count(shape["experts"])
-    w.add_expert_used_count(shape["used"])
-    w.add_expert_feed_forward_length(shape["expert_ff"])
+    if "experts" in shape:
+        w.add_expert_count(shape["experts"])
+        w.add_expert_used_count(shape["used"])
+        w.add_expert_feed_forward_length(shape["expert_ff"])
     Q = gguf.GGMLQuantizationType.Q4_0
 
     def put_q(tname: str, *dims: int) -> None:
@@ -78,8 +84,8 @@ def write(name: str, shape: dict, out: Path, default_gguf: Path) -> Path:
     put_q("token_embd.weight", vocab, h)
     put_f("output_norm.weight", np.ones(h))
     put_q("output.weight", vocab, h)
-    e, ff = shape["experts"], shape["expert_ff"]
-    if a == "qwen3moe":
+    e, ff = shape.get("experts", 0), shape.get("expert_ff", shape.get("ff", 0))
+    if a in ("qwen3moe", "llama"):
         hd, kvh = shape["head_dim"], shape["kv_heads"]
         w.add_feed_forward_length(ff)
         w.add_head_count_kv(kvh)
@@ -101,14 +107,15 @@ def write(name: str, shape: dict, out: Path, default_gguf: Path) -> Path:
         b = f"blk.{i}."
         put_f(b + "attn_norm.weight", np.ones(h))
         put_f(b + "ffn_norm.weight", np.ones(h))
-        if a == "qwen3moe":
+        if a in ("qwen3moe", "llama"):
             nh = shape["heads"]
             put_q(b + "attn_q.weight", nh * hd, h)
             put_q(b + "attn_k.weight", kvh * hd, h)
             put_q(b + "attn_v.weight", kvh * hd, h)
             put_q(b + "attn_output.weight", h, nh * hd)
-            put_f(b + "attn_q_norm.weight", np.ones(hd))
-            put_f(b + "attn_k_norm.weight", np.ones(hd))
+            if a == "qwen3moe":
+                put_f(b + "attn_q_norm.weight", np.ones(hd))
+                put_f(b + "attn_k_norm.weight", np.ones(hd))
         else:
             nh, lora, nope, rope, v = (shape[k] for k in ("heads", "kv_lora", "nope", "rope",
                                                           "v"))
@@ -119,6 +126,11 @@ def write(name: str, shape: dict, out: Path, default_gguf: Path) -> Path:
             put_f(b + "attn_k_b.weight", rng.normal(0, 0.02, (nh, lora, nope)))
             put_f(b + "attn_v_b.weight", rng.normal(0, 0.02, (nh, v, lora)))
             put_q(b + "attn_output.weight", h, nh * v)
+        if a == "llama":
+            put_q(b + "ffn_gate.weight", ff, h)
+            put_q(b + "ffn_up.weight", ff, h)
+            put_q(b + "ffn_down.weight", h, ff)
+            continue
         if a == "deepseek2" and i == 0:
             put_q(b + "ffn_gate.weight", shape["dense_ff"], h)
             put_q(b + "ffn_up.weight", shape["dense_ff"], h)

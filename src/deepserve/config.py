@@ -43,6 +43,7 @@ class EngineConfig:
     cpu_kernels: bool = True  # deepserve's C++ kernels on CPU (built on first use)
     slo_ttft_ms: float | None = None  # targets: the scheduler adapts each step's budget
     slo_tpot_ms: float | None = None  # and batch size to them (engine/slo.py)
+    tensor_parallel_size: int = 1  # processes that split each layer (engine/parallel.py)
 
     def __post_init__(self) -> None:
         """Checks that need no model (those that do run when the engine loads)."""
@@ -56,7 +57,8 @@ class EngineConfig:
             raise bad("quantization", f"use one of {', '.join(QUANTIZATIONS)}")
         if self.kv_cache_dtype not in KV_DTYPES:
             raise bad("kv_cache_dtype", f"use one of {', '.join(KV_DTYPES)}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "tensor_parallel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, "give a positive integer")

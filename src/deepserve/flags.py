@@ -33,7 +33,11 @@ ENGINE_HELP = {
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "enable_chunked_prefill": "split long prompts across steps",
     "seed": "seed of the generator that requests without their own seed draw from",
-    "num_threads": "torch CPU threads (default: torch's choice)",
+    "num_threads": "torch CPU threads (default: torch's choice; with tensor parallelism, "
+                   "per rank: the cores shared out)",
+    "tensor_parallel_size": "processes on this host that split every layer's heads and "
+                            "MLP (torch.distributed, gloo), started by deepserve itself; "
+                            "the scheduler and sampler stay on rank 0",
     "quantization": "weights: auto (a GGUF's own Q4_0/Q4_1/Q8_0 blocks as stored, else "
                     "none) | none | int8 (Q8_0) | int4 (Q4_1) | mixed (MLP Q4_1, "
                     "attention Q8_0)",

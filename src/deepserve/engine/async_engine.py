@@ -124,6 +124,15 @@ class AsyncEngine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def _die(self, exc: BaseException) -> None:
+        """The engine cannot go on: fail every request in flight; the loop ends."""
+        self.dead = exc
+        err = EngineDeadError(f"engine step failed: {exc}")
+        for rid, sink in list(self._sinks.items()):
+            sink(err)
+            self.engine.abort(rid)
+        self._sinks.clear()
+
     @property
     def num_unfinished(self) -> int:
         return len(self._sinks)
@@ -243,21 +252,22 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         engine = self.engine
+        parallel = getattr(engine, "parallel", None)
+        if parallel is not None:  # a rank that dies wakes this loop, idle or not
+            parallel.on_fail = lambda: self._inbox.put(None)
         while not self._stopped.is_set():
             self._drain(block=not engine.has_unfinished())
+            if parallel is not None and parallel.failed:
+                from deepserve.engine.parallel import RankFailed
+
+                return self._die(RankFailed(parallel.failed))
             if not engine.has_unfinished():
                 continue
             try:
                 outputs = engine.step()
             except Exception as exc:  # a bug in a step must not hang every client
                 logger.exception("engine step failed; failing requests in flight")
-                self.dead = exc
-                err = EngineDeadError(f"engine step failed: {exc}")
-                for rid, sink in list(self._sinks.items()):
-                    sink(err)
-                    engine.abort(rid)
-                self._sinks.clear()
-                return
+                return self._die(exc)
             for rid, exc in engine.pop_failures().items():
                 sink = self._sinks.pop(rid, None)
                 if sink is not None:

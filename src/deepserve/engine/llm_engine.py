@@ -67,14 +67,16 @@ class LLMEngine:
         ckpt = open_checkpoint(path, kind)
         self.model_config = mcfg = ckpt.model_config()
         self.max_model_len = setup.context_length(config, mcfg)
+        self.parallel, local, shard = setup.tensor_parallel(  # other ranks start loading now
+            config, path, kind, mcfg, self.max_model_len)
         with ThreadPoolExecutor(1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(setup.tokenizer_for, config, path, kind)
             # unseeded requests draw from this generator: repeatable, as vLLM's --seed
             torch.manual_seed(config.seed)
             # The one decision on deepserve's CPU kernels, for layers, metadata, sampler.
             self.use_kernels = setup.use_cpu_kernels(config, self.device)
-            self.model = setup.build_model(ckpt, mcfg, config, self.max_model_len, self.dtype,
-                                           self.device, self.use_kernels, show_progress)
+            self.model = setup.build_model(ckpt, local, config, self.max_model_len, self.dtype,
+                                           self.device, self.use_kernels, show_progress, shard)
             self.tokenizer = tokenizer.result()
         self.eos_token_ids = eos_token_ids(self.tokenizer, path, kind)
         self.max_token_chars = setup.max_token_chars(self.tokenizer)
@@ -90,14 +92,13 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.dtype,
                                   self.device, sampler, kv_kind=config.kv_cache_dtype,
                                   use_kernels=self.use_kernels)
+        setup.start_parallel(self)
         self.grammars = GrammarCompiler(self.tokenizer, mcfg.vocab_size, self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
-        self._seq_ids = itertools.count()
-        self._request_ids = itertools.count()
+        self._seq_ids, self._request_ids = itertools.count(), itertools.count()
         self.num_steps = 0
         self.failures: dict[str, BaseException] = {}
-        self.consecutive_failures = 0
-        self.max_consecutive_failures = 3
+        self.consecutive_failures, self.max_consecutive_failures = 0, 3
         setup.attach_slo(self)  # --slo-ttft-ms / --slo-tpot-ms: adaptive batching
         self.latest_stats = self.publish_stats()
         setup.log_loaded(self, time.perf_counter() - started)
@@ -164,10 +165,8 @@ class LLMEngine:
             self.check_request(prompt_ids, params)
         request_id = request_id or f"req-{next(self._request_ids)}"
         if request_id in self.requests:
-            raise DeepserveError(f"request id {request_id!r} is already running",
-                                 param="request_id")
-        arrival = arrival if arrival is not None else time.time()
-        seqs, detoks = [], []
+            raise DeepserveError(f"request id {request_id!r} is running", param="request_id")
+        arrival, seqs, detoks = arrival if arrival is not None else time.time(), [], []
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, arrival,
                            priority)
@@ -255,7 +254,8 @@ class LLMEngine:
                 self.consecutive_failures += 1
                 logger.exception("engine step failed (%d in a row); failing the %d request(s) "
                                  "in it", self.consecutive_failures, len(batch.items))
-                if self.consecutive_failures >= self.max_consecutive_failures:
+                if self.consecutive_failures >= self.max_consecutive_failures or \
+                        (self.parallel is not None and self.parallel.failed):
                     raise
                 for seq, _ in batch.items:
                     self.fail(seq.request_id, exc)

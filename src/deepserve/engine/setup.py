@@ -123,11 +123,13 @@ def use_cpu_kernels(config: EngineConfig, device: torch.device) -> bool:
 
 def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_len: int,
                 dtype: torch.dtype, device: torch.device, use_kernels: bool,
-                show_progress: bool) -> torch.nn.Module:
-    """Load the weights, quantize them, and prepare them for the kernel decision."""
+                show_progress: bool, shard: Any = None) -> torch.nn.Module:
+    """Load the weights (with ``shard``, one tensor-parallel rank's part of them: ``mcfg``
+    is then its local configuration), quantize them, and prepare them for the kernel
+    decision."""
     keep_blocks = config.quantization == "auto" and device.type == "cpu"
     model = load_model(ckpt, mcfg, max_model_len, dtype, device, show_progress=show_progress,
-                       keep_blocks=keep_blocks)
+                       keep_blocks=keep_blocks, shard=shard)
     quantize_model(model, config.quantization, dtype)
     enable_kernels(model, use_kernels)
     if use_kernels and dtype == torch.bfloat16 and dense_for_batches():
@@ -198,6 +200,35 @@ def interleave_blocks(model: torch.nn.Module) -> None:
         if (isinstance(module, GGUFLinear) and module.blocks.data_ptr() not in shared) or \
                 isinstance(module, Experts):
             module.interleave_blocks()
+
+
+def tensor_parallel(config: EngineConfig, path: Path, kind: str, mcfg: ModelConfig,
+                    max_model_len: int) -> tuple[Any, ModelConfig, Any]:
+    """With ``--tensor-parallel-size`` > 1: start the other ranks (engine/parallel.py);
+    (the group, this rank's model configuration, its shard). Else (None, mcfg, None)."""
+    if config.tensor_parallel_size == 1:
+        return None, mcfg, None
+    if config.device not in ("auto", "cpu"):
+        raise DeepserveError("tensor parallelism runs on CPUs (gloo) in this version; "
+                             "use --device cpu or --tensor-parallel-size 1",
+                             param="tensor_parallel_size")
+    from deepserve.engine.parallel import TensorParallel
+
+    tp = TensorParallel(config, path, kind, mcfg, max_model_len)
+    return tp, tp.shard.local, tp.shard
+
+
+def start_parallel(engine: Any) -> None:
+    """Rank 0's model hands every step to the other ranks, which now build their KV pool
+    (the same blocks, their own KV heads); the DecoderLayers sum over the group."""
+    tp = engine.parallel
+    if tp is None:
+        return
+    from deepserve.models.parallel import set_group
+
+    set_group(engine.model, tp.group)
+    tp.start(engine.num_blocks, engine.dtype, engine.config.kv_cache_dtype)
+    tp.wrap(engine.model)
 
 
 def kv_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int,

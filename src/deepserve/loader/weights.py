@@ -12,12 +12,21 @@ from tqdm import tqdm
 
 from deepserve.errors import ModelLoadError
 from deepserve.layers import kquants
-from deepserve.layers.gguf_linear import GGUFEmbedding, GGUFLinear, GGUFParts
+from deepserve.layers.gguf_linear import (
+    BLOCK_BYTES,
+    NAMES,
+    QK,
+    UNIT,
+    GGUFEmbedding,
+    GGUFLinear,
+    GGUFParts,
+)
 from deepserve.layers.rotary import RotaryEmbedding
 from deepserve.loader.gguf_loader import K_TYPES, GGUFCheckpoint
 from deepserve.loader.hf_loader import HFCheckpoint
 from deepserve.models.config import ModelConfig
 from deepserve.models.llama import LlamaForCausalLM
+from deepserve.models.parallel import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,8 @@ _PLAIN = {
 _MLA_Q = {"self_attn.q_proj.weight": "q_proj.weight"}
 # rows reordered for the rotary layout (models/deepseek.rope_row_order)
 _ROPE_ROWS = {"q_proj.weight": "q", "q_b_proj.weight": "q", "kv_a_proj_with_mqa.weight": "kv_a"}
+# row-parallel under tensor parallelism: each rank takes its input columns
+_ROW_PARALLEL = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
@@ -62,19 +73,25 @@ def open_checkpoint(path: Path, kind: str) -> GGUFCheckpoint | HFCheckpoint:
 
 def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positions: int,
                dtype: torch.dtype, device: torch.device,
-               show_progress: bool = True, keep_blocks: bool = False) -> LlamaForCausalLM:
+               show_progress: bool = True, keep_blocks: bool = False,
+               shard: Shard | None = None) -> LlamaForCausalLM:
     """Create the module on ``device`` in ``dtype`` and copy every checkpoint tensor in.
 
     ``keep_blocks``: a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K projections and experts
     (and an embedding table in one of the first three) keep the file's blocks
     (``GGUFLinear``, ``moe.Experts``; K-quants rewritten exactly), and are never
-    materialized in ``dtype``."""
+    materialized in ``dtype``.
+
+    ``shard``: build this tensor-parallel rank's part (``cfg`` is then its local
+    configuration): its heads' rows of Q/K/V, its rows of gate/up, its input columns of
+    the output projection and down; GGUF blocks are cut at block boundaries."""
     from deepserve.layers.moe import Experts, SparseMoE
     from deepserve.models.deepseek import rope_row_order
 
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions, dtype)
     plan = ckpt.block_plan(cfg) if keep_blocks and isinstance(ckpt, GGUFCheckpoint) else {}
+    file_cfg = shard.full if shard is not None else cfg  # the checkpoint's own shapes
     in_features = {path: getattr(model.get_submodule(path), "in_features", None)
                    for path in plan}
     for path in plan:  # placeholders: nothing is allocated for them
@@ -97,7 +114,8 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                                    cfg.rope_scaling, dtype).to(device)
     if cfg.tie_word_embeddings and "lm_head" not in plan:
         model.lm_head.weight = model.embed_tokens.weight
-    skip = _install_blocks(model, ckpt, cfg, plan, dtype, in_features) if plan else frozenset()
+    skip = _install_blocks(model, ckpt, cfg, plan, dtype, in_features, shard) if plan \
+        else frozenset()
 
     params = dict(model.named_parameters(remove_duplicate=False))
     # what has been filled: per parameter, its leading dims (rows; experts x rows)
@@ -132,7 +150,7 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
         if target in filled:
             filled[target][index] = True
 
-    tensors = ckpt.tensors(cfg, skip) if skip else ckpt.tensors(cfg)
+    tensors = ckpt.tensors(file_cfg, skip) if skip else ckpt.tensors(file_cfg)
     bar = tqdm(tensors, total=len(ckpt) - len(skip), desc="loading weights", unit="tensor",
                disable=not show_progress, leave=False)
     for name, tensor in bar:
@@ -157,6 +175,8 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                 else:
                     half = params.get(f"{prefix}{fused}.{kind}", tensor).shape[0] // 2
                     bounds = [0, half, 2 * half]
+                if shard is not None:
+                    tensor = shard.rows(tensor, bounds[part + 1] - bounds[part])
                 copy(f"{prefix}{fused}.{kind}", tensor,
                      (slice(bounds[part], bounds[part + 1]),), name)
             elif expert:
@@ -175,6 +195,9 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                         "mlp.experts.up_proj": slice(inter, 2 * inter)}[rest]
                 copy(prefix + "moe.experts.gate_up", tensor, (slice(None), rows), name)
             elif rest in _PLAIN:
+                if shard is not None and rest in _ROW_PARALLEL:
+                    tensor = shard.cols(tensor, q if rest.startswith("self_attn") else
+                                        cfg.intermediate_size)
                 copy(prefix + _PLAIN[rest], tensor, (), name)
             else:
                 raise ModelLoadError(f"{source}: tensor {name!r} is not part of a "
@@ -206,13 +229,30 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelConfig,
                     plan: dict[str, tuple[int | None, list[str]]], dtype: torch.dtype,
-                    in_features: dict[str, int | None]) -> frozenset[str]:
-    """Put GGUF-block layers where ``plan`` says; returns the GGUF tensors they took."""
+                    in_features: dict[str, int | None], shard: Shard | None = None
+                    ) -> frozenset[str]:
+    """Put GGUF-block layers where ``plan`` says; returns the GGUF tensors they took.
+    With ``shard``, each layer keeps this rank's rows or input columns of the blocks."""
     shared: dict[str, torch.Tensor] = {}
+    file_cfg = shard.full if shard is not None else cfg
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    local_rows = {"qkv_proj": (q, kv, kv), "gate_up_proj": (cfg.intermediate_size,) * 2}
 
-    def kept(name: str, qtype: int, k: int) -> torch.Tensor:
-        raw = ckpt.blocks(name, cfg)  # K-quants rewritten exactly into blocks of 32
-        return kquants.keep(raw, qtype, k) if qtype in K_TYPES else raw
+    def kept(name: str, qtype: int, k: int, path: str = "", part: int = 0) -> torch.Tensor:
+        split = path.rpartition(".")[2] if shard is not None else ""
+        k_file = k * shard.size if split in ("o_proj", "down_proj") else k
+        raw = ckpt.blocks(name, file_cfg)  # K-quants rewritten exactly into blocks of 32
+        raw = kquants.keep(raw, qtype, k_file) if qtype in K_TYPES else raw
+        if split in local_rows:
+            return shard.rows(raw, local_rows[split][part]).contiguous()
+        if split in ("o_proj", "down_proj"):
+            if k % UNIT.get(qtype, QK):
+                raise ModelLoadError(f"{ckpt.path}: {name} is in {NAMES[qtype]} blocks of "
+                                     f"{UNIT.get(qtype, QK)} weights, and {shard.size} "
+                                     f"ranks would cut them ({k} columns each); pick "
+                                     "another --tensor-parallel-size")
+            return shard.cols(raw, k // QK, BLOCK_BYTES[qtype])
+        return raw
 
     for path, (qtype, names) in plan.items():
         if path.endswith(".moe.experts"):  # [gate, up, down] of every expert
@@ -238,16 +278,16 @@ def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelCon
             model.get_submodule(path).to_blocks(gate_up, gtype, down_kept, dtype_)
             continue
         k = in_features.get(path) or cfg.hidden_size
-        bias = (torch.zeros(sum(ckpt.rows(n) for n in names)) if path.endswith("qkv_proj")
+        bias = (torch.zeros(q + 2 * kv) if path.endswith("qkv_proj")
                 and cfg.attention_bias else None)
         if qtype is None:  # parts of different types: one block layer each
             layer: nn.Module = GGUFParts(
-                [GGUFLinear(kept(n, ckpt.tensor_type(n), k), ckpt.tensor_type(n), k)
-                 for n in names], bias)
+                [GGUFLinear(kept(n, ckpt.tensor_type(n), k, path, i), ckpt.tensor_type(n), k)
+                 for i, n in enumerate(names)], bias)
         elif names == ["token_embd.weight"] and "token_embd.weight" in shared:
             layer = GGUFLinear(shared["token_embd.weight"], qtype, k, bias)
         else:
-            parts = [kept(n, qtype, k) for n in names]
+            parts = [kept(n, qtype, k, path, i) for i, n in enumerate(names)]
             blocks = parts[0] if len(parts) == 1 else torch.cat(parts)
             if names == ["token_embd.weight"]:
                 shared["token_embd.weight"] = blocks

@@ -20,6 +20,7 @@ from deepserve.layers.linear import KernelLayer, Linear
 from deepserve.layers.moe import SparseMoE
 from deepserve.layers.rotary import RotaryEmbedding, apply_rotary
 from deepserve.models.config import ModelConfig
+from deepserve.models.parallel import all_reduce
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +38,11 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + SwiGLU MLP (or a sparse MoE)."""
+    """Pre-norm attention + SwiGLU MLP (or a sparse MoE). Under tensor parallelism
+    (``tp_group`` set) it holds its rank's heads and MLP rows, and sums the output
+    projection's and the MLP's partial results over the ranks."""
+
+    tp_group: object = None
 
     def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
@@ -84,8 +89,8 @@ class DecoderLayer(nn.Module):
             qkv = self._norm_qk(qkv)
         q, k, v = self._rotate_and_store(qkv, cos, sin, cache, meta)
         attn = paged_attention(q, k, v, cache, meta, self.scale)
-        x = x + self.o_proj(attn.view(t, self.q_size))
-        return x + mlp(self, self.post_attention_layernorm(x))
+        x = x + all_reduce(self.o_proj(attn.view(t, self.q_size)), self.tp_group)
+        return x + all_reduce(mlp(self, self.post_attention_layernorm(x)), self.tp_group)
 
     def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
@@ -109,9 +114,9 @@ class DecoderLayer(nn.Module):
             q, k, v = self._rotate_and_store(qkv, cos, sin, cache, meta)
         attn = paged_attention(q, k, v, cache, meta, self.scale)
         norm = self.post_attention_layernorm
-        h, x = kernels.rms_norm(x, self.o_proj(attn.view(t, self.q_size)), norm.weight,
-                                norm.eps)
-        return x + mlp_fused(self, h)
+        h, x = kernels.rms_norm(x, all_reduce(self.o_proj(attn.view(t, self.q_size)),
+                                              self.tp_group), norm.weight, norm.eps)
+        return x + all_reduce(mlp_fused(self, h), self.tp_group)
 
 
 def init_mlp(layer: nn.Module, cfg: ModelConfig, index: int) -> None:

@@ -1,0 +1,234 @@
+"""Tensor parallelism on one host (``--tensor-parallel-size N``): N processes each hold
+1/N of every layer's attention heads (and their KV cache) and of its MLP, and sum their
+partial outputs with torch.distributed all-reduces (gloo on CPUs).
+
+- **Rank 0** is the engine's own process: scheduler, sampler, detokenizer, the
+  replicated embedding and head. Each step it sends the step's inputs (token ids,
+  positions, attention metadata: a few KB) to every other rank through a pipe, then
+  runs its own shard of the forward pass.
+- **Ranks 1..N-1** are worker processes started by rank 0 (``spawn``). Each loads its
+  shard of the checkpoint (GGUF blocks sliced along block boundaries, never
+  requantized), builds its share of the KV pool (same blocks, its KV heads), and runs
+  every step it is sent, meeting rank 0 in the all-reduces.
+- **Per layer**: QKV and gate/up are column-parallel (each rank its heads and its rows
+  of the MLP), the output projection and down are row-parallel (each rank its input
+  columns) followed by one all-reduce each: 2 x hidden values per token per layer.
+- **Failure**: a rank that dies closes its pipe and its gloo connections. Rank 0's
+  watcher thread sees the process end and marks the group failed: the step in flight
+  and every later one raise ``RankFailed``, so the engine reports itself dead (503 on
+  /health) and the server exits; workers exit when rank 0's pipe closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepserve.errors import DeepserveError
+from deepserve.models.config import ModelConfig
+from deepserve.models.parallel import Shard, set_group
+
+logger = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 120.0  # rendezvous and every collective
+
+
+class RankFailed(RuntimeError):
+    """A tensor-parallel rank died: this replica cannot compute any more steps."""
+
+
+def check_sizes(cfg: ModelConfig, tp: int) -> None:
+    """A clear error for a model this many ranks cannot split evenly."""
+    if cfg.is_mla or cfg.num_experts:
+        raise DeepserveError(f"--tensor-parallel-size {tp}: tensor parallelism splits dense "
+                             "Llama-family models (Llama, Qwen2, Qwen3); this model has "
+                             f"{'latent attention' if cfg.is_mla else 'experts'}: serve it "
+                             "with --tensor-parallel-size 1", param="tensor_parallel_size")
+    works = [n for n in range(1, cfg.num_kv_heads + 1)
+             if cfg.num_heads % n == 0 and cfg.num_kv_heads % n == 0
+             and cfg.intermediate_size % (n * 32) == 0 and (cfg.num_heads // n * cfg.head_dim)
+             % 32 == 0]
+    if tp not in works:
+        raise DeepserveError(
+            f"--tensor-parallel-size {tp} does not split this model evenly: it has "
+            f"{cfg.num_heads} attention heads, {cfg.num_kv_heads} KV heads and an MLP of "
+            f"{cfg.intermediate_size} (each rank needs whole heads and whole 32-wide "
+            f"blocks); sizes that work: {', '.join(map(str, works))}",
+            param="tensor_parallel_size")
+
+
+def _store(port: int, size: int, master: bool) -> Any:
+    """The rendezvous: rank 0 serves a TCP store on loopback (``port`` 0: a free one)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", port, size, master, timedelta(seconds=JOIN_TIMEOUT_S),
+                         wait_for_workers=False)
+
+
+def _group(store: Any, rank: int, size: int) -> Any:
+    """This replica's own gloo group (not torch's default group: one process may hold
+    several replicas, as the tests do)."""
+    import torch.distributed as dist
+
+    return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=JOIN_TIMEOUT_S))
+
+
+def threads_per_rank(config: Any, size: int) -> int:
+    """Each rank's torch threads: the configured number, else the cores shared out."""
+    return config.num_threads or max(1, (os.cpu_count() or 1) // size)
+
+
+class TensorParallel:
+    """Rank 0's side: starts the other ranks, hands them each step, watches them."""
+
+    def __init__(self, config: Any, path: Path, kind: str, full: ModelConfig,
+                 max_model_len: int) -> None:
+        self.size = size = config.tensor_parallel_size
+        check_sizes(full, size)
+        self.shard = Shard(0, size, full)
+        self.failed: str | None = None
+        self.on_fail: Any = None  # called from the watcher thread when a rank dies
+        store = _store(0, size, master=True)
+        port = store.port
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs = [], []
+        threads = threads_per_rank(config, size)
+        torch.set_num_threads(threads)
+        for rank in range(1, size):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_worker, name=f"deepserve-tp{rank}", daemon=True,
+                               args=(rank, size, port, there, config, path, kind,
+                                     max_model_len, threads))
+            proc.start()
+            there.close()
+            self.conns.append(here)
+            self.procs.append(proc)
+        self.group = _group(store, 0, size)
+        self._store = store
+        self._lock = threading.Lock()
+        self._watcher = threading.Thread(target=self._watch, name="deepserve-tp-watch",
+                                         daemon=True)
+        self._watcher.start()
+        import atexit
+
+        atexit.register(self.close)  # the other ranks end with this process
+
+    def start(self, num_blocks: int, dtype: torch.dtype, kv_kind: str) -> None:
+        """Give every rank the KV pool's size; wait until each has loaded its shard."""
+        for conn in self.conns:
+            conn.send_bytes(pickle.dumps(("pool", (num_blocks, dtype, kv_kind))))
+        for rank, conn in enumerate(self.conns, 1):
+            try:
+                status, detail = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                status, detail = "error", "it exited while loading"
+            if status != "ready":
+                self.close()
+                raise DeepserveError(f"tensor-parallel rank {rank} failed: {detail}",
+                                     param="tensor_parallel_size")
+        logger.info("tensor parallel: %d ranks on this host (gloo), %d threads each",
+                    self.size, torch.get_num_threads())
+
+    def wrap(self, model: torch.nn.Module) -> None:
+        """Make rank 0's forward hand each step to the other ranks first."""
+        local = model.forward
+
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
+                    meta: Any) -> torch.Tensor:
+            self.send(("step", (input_ids, positions, meta)))
+            try:
+                return local(input_ids, positions, kv_caches, meta)
+            except RuntimeError as exc:
+                if self.failed or "Connection" in str(exc) or "Gloo" in str(exc):
+                    raise RankFailed(self.failed or f"a tensor-parallel all-reduce failed: "
+                                     f"{exc}") from exc
+                raise
+
+        model.forward = forward  # type: ignore[method-assign]
+
+    def send(self, message: tuple) -> None:
+        if self.failed:
+            raise RankFailed(self.failed)
+        blob = pickle.dumps(message)
+        try:
+            for conn in self.conns:
+                conn.send_bytes(blob)
+        except OSError as exc:
+            self.failed = self.failed or f"a tensor-parallel rank is gone ({exc})"
+            raise RankFailed(self.failed) from exc
+
+    def _watch(self) -> None:
+        from multiprocessing.connection import wait
+
+        sentinels = {p.sentinel: (rank, p) for rank, p in enumerate(self.procs, 1)}
+        while sentinels:
+            for s in wait(list(sentinels)):
+                rank, proc = sentinels.pop(s)
+                if getattr(self, "_closing", False):
+                    return
+                self.failed = (f"tensor-parallel rank {rank} exited (code {proc.exitcode}); "
+                               "this replica cannot compute and stops")
+                logger.error("%s", self.failed)
+                if self.on_fail is not None:
+                    self.on_fail()
+                return
+
+    def close(self) -> None:
+        if getattr(self, "_closing", False):
+            return
+        self._closing = True
+        for conn in self.conns:
+            try:
+                conn.send_bytes(pickle.dumps(("stop", None)))
+                conn.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _worker(rank: int, size: int, port: int, conn: Any, config: Any, path: Path, kind: str,
+            max_model_len: int, threads: int) -> None:
+    """Rank ``rank``: load the shard, build the KV pool, run every step it is sent."""
+    from deepserve.engine import setup
+    from deepserve.layers.kv_cache import cache_for
+    from deepserve.loader.weights import open_checkpoint
+
+    torch.set_num_threads(threads)
+    group = _group(_store(port, size, master=False), rank, size)
+    try:
+        ckpt = open_checkpoint(path, kind)
+        shard = Shard(rank, size, ckpt.model_config())
+        device = setup.pick_device(config.device)
+        dtype = setup.pick_dtype(config.dtype, device)
+        model = setup.build_model(ckpt, shard.local, config, max_model_len, dtype, device,
+                                  setup.use_cpu_kernels(config, device), False, shard=shard)
+        set_group(model, group)
+        _, (num_blocks, kv_dtype, kv_kind) = pickle.loads(conn.recv_bytes())
+        slots = num_blocks * config.block_size
+        caches = [cache_for(shard.local, slots, kv_dtype, kv_kind, device)
+                  for _ in range(shard.local.num_layers)]
+    except Exception as exc:  # tell rank 0 why, then leave
+        conn.send_bytes(pickle.dumps(("error", f"{type(exc).__name__}: {exc}")))
+        return
+    conn.send_bytes(pickle.dumps(("ready", None)))
+    with torch.inference_mode():
+        while True:
+            try:
+                what, payload = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                return  # rank 0 is gone
+            if what == "stop":
+                return
+            input_ids, positions, meta = payload
+            model(input_ids, positions, caches, meta)

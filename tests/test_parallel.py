@@ -1,0 +1,120 @@
+"""Tensor parallelism on one host (processes started by deepserve, gloo): the greedy
+output of a model split 2 or 3 ways equals the single process's, token for token in
+float32; GGUF blocks split along block boundaries agree with the unsplit blocks up to
+near-ties; a rank that dies stops the replica with an error, never a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+import torch
+from prompts import PROMPTS
+from server_utils import ServerProcess
+
+from deepserve import LLM, SamplingParams
+from deepserve.errors import DeepserveError
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+def _tokens(llm: LLM, prompts: list[str]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_two_ranks_equal_one_process_on_tiny_random_models(arch, tiny_llama_dir,
+                                                           tiny_qwen2_dir):
+    path = str(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)
+    one = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB")
+    two = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB",
+              tensor_parallel_size=2, num_threads=1)
+    try:
+        assert two.engine.model.layers[0].num_heads == 2  # each rank: half the heads
+        prompts = PROMPTS[:4]
+        assert _tokens(two, prompts) == _tokens(one, prompts)
+    finally:
+        two.engine.parallel.close()
+
+
+def test_gguf_blocks_split_three_ways_are_as_close_to_float32_as_unsplit_blocks(llm_fp32):
+    """The default model's Q4_1 / Q8_0 blocks, cut at block boundaries. The block
+    kernels quantize activations to int8 with scales over each rank's own columns, so
+    split and unsplit blocks differ by rounding: both are held to the dense float32
+    model (teacher-forced log-probabilities of the generated tokens), the split one
+    no further from it than the unsplit one, and choosing the same token wherever the
+    unsplit model's top two are 0.3 apart."""
+    one = LLM(dtype="float32", show_progress=False, kv_cache_memory="64MiB")
+    three = LLM(dtype="float32", show_progress=False, kv_cache_memory="64MiB",
+                tensor_parallel_size=3, num_threads=1)
+    try:
+        assert three.engine.parallel.size == 3
+        for prompt in PROMPTS[:3]:
+            out = one.generate([prompt], GREEDY)[0]
+            ids = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
+            n = len(out.outputs[0].token_ids)
+            chosen = torch.tensor(ids[-n:]).unsqueeze(1)
+
+            def scores(llm: LLM, ids: list[int], n: int) -> torch.Tensor:
+                # the logits at positions -n-1 .. -2 chose the n generated tokens
+                logits = llm.engine.prompt_logits(ids, last_n=n + 1)[:-1].float()
+                return torch.log_softmax(logits, -1)
+
+            a, b, ref = (scores(m, ids, n) for m in (one, three, llm_fp32))
+            top2 = a.topk(2, dim=-1).values
+            clear = (top2[:, 0] - top2[:, 1]) > 0.3
+            assert (a.argmax(-1) == b.argmax(-1))[clear].all()
+            unsplit = (a.gather(1, chosen) - ref.gather(1, chosen)).abs().max()
+            split = (b.gather(1, chosen) - ref.gather(1, chosen)).abs().max()
+            assert split <= 1.5 * unsplit + 0.02, (float(split), float(unsplit))
+    finally:
+        three.engine.parallel.close()
+
+
+def test_a_size_that_does_not_divide_names_the_sizes_that_work():
+    with pytest.raises(DeepserveError) as err:
+        LLM(show_progress=False, tensor_parallel_size=2)
+    assert "9 attention heads, 3 KV heads" in str(err.value)
+    assert "sizes that work: 1, 3" in str(err.value)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_three_ranks_serve_the_default_model_and_a_killed_rank_stops_the_replica(
+        llm_fp32, tmp_path):
+    server = ServerProcess("--tensor-parallel-size", "3", "--num-threads", "1", "--dtype",
+                           "float32", "--quantization", "none", "--no-warmup",
+                           "--kv-cache-memory", "96MiB", log_dir=tmp_path)
+    try:
+        want = [o.outputs[0].text for o in llm_fp32.generate(PROMPTS[:3], GREEDY)]
+        for prompt, text in zip(PROMPTS[:3], want, strict=True):
+            r = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+                "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == text
+            assert r.json()["usage"]["completion_tokens"] == 16
+        ranks = [p for p in _children(server.proc.pid)
+                 if "deepserve" in open(f"/proc/{p}/cmdline").read()
+                 or "multiprocessing" in open(f"/proc/{p}/cmdline").read()]
+        assert len(ranks) >= 2, ranks
+        for p in ranks:
+            os.kill(p, signal.SIGKILL)
+        started = time.monotonic()
+        try:
+            r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+                "prompt": "Hello", "max_tokens": 4})
+            assert r.status_code >= 500
+        except httpx.HTTPError:
+            pass  # the server may already be gone: that is the point
+        server.proc.wait(60)
+        assert server.proc.returncode != 0
+        assert time.monotonic() - started < 60
+        assert "tensor-parallel rank" in server.log()
+    finally:
+        server.stop()
