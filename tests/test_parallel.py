@@ -1,7 +1,9 @@
-"""Tensor parallelism on one host (processes started by deepserve, gloo): the greedy
-output of a model split 2 or 3 ways equals the single process's, token for token in
-float32; GGUF blocks split along block boundaries agree with the unsplit blocks up to
-near-ties; a rank that dies stops the replica with an error, never a hang."""
+"""Tensor and pipeline parallelism on one host (processes started by deepserve, gloo):
+the greedy output of a model split 2 or 3 ways equals the single process's, token for
+token in float32; GGUF blocks split along block boundaries agree with the unsplit
+blocks up to near-ties; pipeline stages, which change no arithmetic, equal the single
+process exactly on the blocks too; a rank that dies stops the replica with an error,
+never a hang."""
 
 from __future__ import annotations
 
@@ -72,6 +74,82 @@ def test_gguf_blocks_split_three_ways_are_as_close_to_float32_as_unsplit_blocks(
             assert split <= 1.5 * unsplit + 0.02, (float(split), float(unsplit))
     finally:
         three.engine.parallel.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_two_pipeline_stages_equal_one_process_on_tiny_random_models(arch, tiny_llama_dir,
+                                                                     tiny_qwen2_dir):
+    path = str(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)
+    one = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB")
+    two = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB",
+              pipeline_parallel_size=2, num_threads=1)
+    try:
+        assert len(two.engine.model.layers) == 1  # stage 0: the first of two layers
+        assert _tokens(two, PROMPTS[:4]) == _tokens(one, PROMPTS[:4])
+    finally:
+        two.engine.parallel.close()
+
+
+def test_the_default_model_in_three_stages_equals_one_process_on_its_blocks():
+    one = LLM(dtype="float32", show_progress=False, kv_cache_memory="64MiB")
+    three = LLM(dtype="float32", show_progress=False, kv_cache_memory="64MiB",
+                pipeline_parallel_size=3, num_threads=1)
+    try:
+        assert len(three.engine.model.layers) == 10  # layers 0-9 of 30
+        assert _tokens(three, PROMPTS[:3]) == _tokens(one, PROMPTS[:3])
+    finally:
+        three.engine.parallel.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory, default_gguf):
+    """Tiny random Qwen3-MoE (8 experts) and DeepSeek-V3 (shared experts, a corrected
+    router) checkpoints, and the Qwen3-MoE one as a GGUF with Q8_0 expert blocks."""
+    from tiny_models import write_gguf, write_tiny
+
+    d = tmp_path_factory.mktemp("tiny-moe")
+    qwen = write_tiny(d / "qwen3_moe", "qwen3_moe", default_gguf)
+    write_tiny(d / "deepseek_v3", "deepseek_v3", default_gguf)
+    write_gguf(qwen, "qwen3_moe", d / "qwen3_moe.gguf", default_gguf, qtype=8)
+    return {"qwen3_moe": d / "qwen3_moe", "deepseek_v3": d / "deepseek_v3",
+            "qwen3_moe-gguf": d / "qwen3_moe.gguf"}
+
+
+@pytest.mark.parametrize("which", ["qwen3_moe", "deepseek_v3", "qwen3_moe-gguf"])
+def test_two_expert_parallel_ranks_equal_one_process(which, tiny_moe):
+    """Greedy tokens equal in float32. On Q8_0 expert blocks the kernels round each
+    layer's activations to 8 bits, so the ranks' different order of adding the experts'
+    outputs (1e-7) can flip a rounding; on this random model, whose top two tokens are
+    often 0.02 apart, that changes greedy choices: there every position's logits are
+    compared instead."""
+    path = str(tiny_moe[which])
+    one = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB")
+    two = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB",
+              expert_parallel_size=2, num_threads=1)
+    try:
+        moe = next(layer.moe for layer in two.engine.model.layers if layer.moe is not None)
+        assert (moe.lo, moe.hi, moe.experts.num_experts) == (0, 4, 4)  # half of 8
+        if which.endswith("gguf"):
+            assert moe.experts.gate_up.dtype == torch.uint8  # its half of the blocks
+            for prompt in PROMPTS[:4]:
+                ids = one.engine.tokenizer.encode(prompt)
+                a = one.engine.prompt_logits(ids, last_n=len(ids))
+                b = two.engine.prompt_logits(ids, last_n=len(ids))
+                assert (a - b).abs().max() < 1e-4 * a.abs().max()
+        else:
+            assert _tokens(two, PROMPTS[:4]) == _tokens(one, PROMPTS[:4])
+    finally:
+        two.engine.parallel.close()
+
+
+def test_sizes_that_cannot_work_are_refused(tiny_llama_dir):
+    with pytest.raises(DeepserveError, match="more than this model's 2 layers"):
+        LLM(model=str(tiny_llama_dir), show_progress=False, pipeline_parallel_size=3)
+    with pytest.raises(DeepserveError, match="cannot be combined"):
+        LLM(model=str(tiny_llama_dir), show_progress=False, pipeline_parallel_size=2,
+            tensor_parallel_size=2)
+    with pytest.raises(DeepserveError, match="needs a mixture-of-experts model"):
+        LLM(model=str(tiny_llama_dir), show_progress=False, expert_parallel_size=2)
 
 
 def test_a_size_that_does_not_divide_names_the_sizes_that_work():

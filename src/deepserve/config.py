@@ -44,6 +44,8 @@ class EngineConfig:
     slo_ttft_ms: float | None = None  # targets: the scheduler adapts each step's budget
     slo_tpot_ms: float | None = None  # and batch size to them (engine/slo.py)
     tensor_parallel_size: int = 1  # processes that split each layer (engine/parallel.py)
+    pipeline_parallel_size: int = 1  # processes that each hold a range of whole layers
+    expert_parallel_size: int = 1  # processes that each hold a share of the MoE experts
 
     def __post_init__(self) -> None:
         """Checks that need no model (those that do run when the engine loads)."""
@@ -58,7 +60,8 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_DTYPES:
             raise bad("kv_cache_dtype", f"use one of {', '.join(KV_DTYPES)}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "tensor_parallel_size"):
+                     "tensor_parallel_size", "pipeline_parallel_size",
+                     "expert_parallel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, "give a positive integer")

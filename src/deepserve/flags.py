@@ -38,6 +38,13 @@ ENGINE_HELP = {
     "tensor_parallel_size": "processes on this host that split every layer's heads and "
                             "MLP (torch.distributed, gloo), started by deepserve itself; "
                             "the scheduler and sampler stay on rank 0",
+    "pipeline_parallel_size": "processes on this host that each hold a contiguous range of "
+                              "whole layers (and their KV cache); hidden states pass from "
+                              "stage to stage (gloo); not combined with tensor parallelism "
+                              "yet",
+    "expert_parallel_size": "processes on this host that each hold a share of every MoE "
+                            "layer's routed experts (attention replicated); their outputs "
+                            "are summed with one all-reduce per MoE layer",
     "quantization": "weights: auto (a GGUF's own Q4_0/Q4_1/Q8_0 blocks as stored, else "
                     "none) | none | int8 (Q8_0) | int4 (Q4_1) | mixed (MLP Q4_1, "
                     "attention Q8_0)",

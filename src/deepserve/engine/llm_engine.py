@@ -67,7 +67,7 @@ class LLMEngine:
         ckpt = open_checkpoint(path, kind)
         self.model_config = mcfg = ckpt.model_config()
         self.max_model_len = setup.context_length(config, mcfg)
-        self.parallel, local, shard = setup.tensor_parallel(  # other ranks start loading now
+        self.parallel, local, shard = setup.parallel(  # other ranks start loading now
             config, path, kind, mcfg, self.max_model_len)
         with ThreadPoolExecutor(1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(setup.tokenizer_for, config, path, kind)

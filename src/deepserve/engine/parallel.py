@@ -1,6 +1,17 @@
-"""Tensor parallelism on one host (``--tensor-parallel-size N``): N processes each hold
-1/N of every layer's attention heads (and their KV cache) and of its MLP, and sum their
-partial outputs with torch.distributed all-reduces (gloo on CPUs).
+"""A model split across processes on one host, on torch.distributed (gloo on CPUs).
+
+**Tensor parallelism** (``--tensor-parallel-size N``): N processes each hold 1/N of
+every layer's attention heads (and their KV cache) and of its MLP, and sum their
+partial outputs with all-reduces. **Pipeline parallelism**
+(``--pipeline-parallel-size N``): N processes each hold a contiguous range of whole
+layers (and their KV cache); each step's hidden states go from stage to stage and back
+to rank 0 (gloo send / recv). Stages run one after the other within a step: no
+micro-batches yet, so a stage waits while the others compute. **Expert parallelism**
+(``--expert-parallel-size N``, MoE models): N processes each hold 1/N of every MoE
+layer's routed experts and a whole copy of the rest (attention replicated); every rank
+routes every token, runs the tokens routed to its own experts, and one all-reduce per
+MoE layer adds the ranks' outputs (the dispatch is the replicated router, the combine
+the all-reduce; not an all-to-all).
 
 - **Rank 0** is the engine's own process: scheduler, sampler, detokenizer, the
   replicated embedding and head. Each step it sends the step's inputs (token ids,
@@ -9,7 +20,8 @@ partial outputs with torch.distributed all-reduces (gloo on CPUs).
 - **Ranks 1..N-1** are worker processes started by rank 0 (``spawn``). Each loads its
   shard of the checkpoint (GGUF blocks sliced along block boundaries, never
   requantized), builds its share of the KV pool (same blocks, its KV heads), and runs
-  every step it is sent, meeting rank 0 in the all-reduces.
+  every step it is sent, meeting rank 0 in the all-reduces (or, as a pipeline stage,
+  taking the previous stage's hidden states and passing its own on).
 - **Per layer**: QKV and gate/up are column-parallel (each rank its heads and its rows
   of the MLP), the output projection and down are row-parallel (each rank its input
   columns) followed by one all-reduce each: 2 x hidden values per token per layer.
@@ -34,7 +46,7 @@ import torch
 
 from deepserve.errors import DeepserveError
 from deepserve.models.config import ModelConfig
-from deepserve.models.parallel import Shard, set_group
+from deepserve.models.parallel import ExpertShard, Shard, Stage, set_group
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +63,8 @@ def check_sizes(cfg: ModelConfig, tp: int) -> None:
         raise DeepserveError(f"--tensor-parallel-size {tp}: tensor parallelism splits dense "
                              "Llama-family models (Llama, Qwen2, Qwen3); this model has "
                              f"{'latent attention' if cfg.is_mla else 'experts'}: serve it "
-                             "with --tensor-parallel-size 1", param="tensor_parallel_size")
+                             "with --tensor-parallel-size 1 (an MoE model's experts split "
+                             "with --expert-parallel-size)", param="tensor_parallel_size")
     works = [n for n in range(1, cfg.num_kv_heads + 1)
              if cfg.num_heads % n == 0 and cfg.num_kv_heads % n == 0
              and cfg.intermediate_size % (n * 32) == 0 and (cfg.num_heads // n * cfg.head_dim)
@@ -86,14 +99,44 @@ def threads_per_rank(config: Any, size: int) -> int:
     return config.num_threads or max(1, (os.cpu_count() or 1) // size)
 
 
-class TensorParallel:
+def plan(config: Any, full: ModelConfig) -> tuple[str, int]:
+    """("tensor" or "pipeline", ranks) for the configuration, or a clear error."""
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    ep = config.expert_parallel_size
+    if sum(n > 1 for n in (tp, pp, ep)) > 1:
+        raise DeepserveError("--tensor-parallel-size, --pipeline-parallel-size and "
+                             "--expert-parallel-size cannot be combined yet; give one of "
+                             "them", param="pipeline_parallel_size")
+    if ep > 1:
+        if not full.num_experts or full.num_experts % ep:
+            raise DeepserveError(
+                f"--expert-parallel-size {ep} needs a mixture-of-experts model whose expert "
+                f"count it divides; this model has {full.num_experts or 'no'} experts",
+                param="expert_parallel_size")
+        return "expert", ep
+    if pp > full.num_layers:
+        raise DeepserveError(f"--pipeline-parallel-size {pp} is more than this model's "
+                             f"{full.num_layers} layers; give at most {full.num_layers}",
+                             param="pipeline_parallel_size")
+    if tp > 1:
+        check_sizes(full, tp)
+        return "tensor", tp
+    return "pipeline", pp
+
+
+def part(mode: str, rank: int, size: int, full: ModelConfig) -> Shard | Stage | ExpertShard:
+    kind = {"tensor": Shard, "pipeline": Stage, "expert": ExpertShard}[mode]
+    return kind(rank, size, full)
+
+
+class Parallel:
     """Rank 0's side: starts the other ranks, hands them each step, watches them."""
 
     def __init__(self, config: Any, path: Path, kind: str, full: ModelConfig,
                  max_model_len: int) -> None:
-        self.size = size = config.tensor_parallel_size
-        check_sizes(full, size)
-        self.shard = Shard(0, size, full)
+        self.mode, size = plan(config, full)
+        self.size = size
+        self.shard = part(self.mode, 0, size, full)
         self.failed: str | None = None
         self.on_fail: Any = None  # called from the watcher thread when a rank dies
         store = _store(0, size, master=True)
@@ -104,8 +147,8 @@ class TensorParallel:
         torch.set_num_threads(threads)
         for rank in range(1, size):
             here, there = ctx.Pipe()
-            proc = ctx.Process(target=_worker, name=f"deepserve-tp{rank}", daemon=True,
-                               args=(rank, size, port, there, config, path, kind,
+            proc = ctx.Process(target=_worker, name=f"deepserve-rank{rank}", daemon=True,
+                               args=(self.mode, rank, size, port, there, config, path, kind,
                                      max_model_len, threads))
             proc.start()
             there.close()
@@ -132,10 +175,14 @@ class TensorParallel:
                 status, detail = "error", "it exited while loading"
             if status != "ready":
                 self.close()
-                raise DeepserveError(f"tensor-parallel rank {rank} failed: {detail}",
-                                     param="tensor_parallel_size")
-        logger.info("tensor parallel: %d ranks on this host (gloo), %d threads each",
-                    self.size, torch.get_num_threads())
+                raise DeepserveError(f"{self.mode}-parallel rank {rank} failed: {detail}",
+                                     param=f"{self.mode}_parallel_size")
+        logger.info("%s parallel: %d ranks on this host (gloo), %d threads each%s", self.mode,
+                    self.size, torch.get_num_threads(), "" if self.mode == "tensor" else
+                    "; layers " + ", ".join(
+                        f"{s.first}-{s.last - 1}" for s in (part("pipeline", r, self.size,
+                                                                 self.shard.full)
+                                                            for r in range(self.size))))
 
     def wrap(self, model: torch.nn.Module) -> None:
         """Make rank 0's forward hand each step to the other ranks first."""
@@ -145,11 +192,17 @@ class TensorParallel:
                     meta: Any) -> torch.Tensor:
             self.send(("step", (input_ids, positions, meta)))
             try:
-                return local(input_ids, positions, kv_caches, meta)
+                x = local(input_ids, positions, kv_caches, meta)
+                if self.mode != "pipeline":
+                    return x
+                self.group.send([x.contiguous()], 1, 0).wait()  # on to stage 1 ...
+                out = torch.empty_like(x)
+                self.group.recv([out], self.size - 1, 0).wait()  # ... back from the last
+                return out
             except RuntimeError as exc:
                 if self.failed or "Connection" in str(exc) or "Gloo" in str(exc):
-                    raise RankFailed(self.failed or f"a tensor-parallel all-reduce failed: "
-                                     f"{exc}") from exc
+                    raise RankFailed(self.failed or f"a {self.mode}-parallel exchange "
+                                     f"failed: {exc}") from exc
                 raise
 
         model.forward = forward  # type: ignore[method-assign]
@@ -162,7 +215,7 @@ class TensorParallel:
             for conn in self.conns:
                 conn.send_bytes(blob)
         except OSError as exc:
-            self.failed = self.failed or f"a tensor-parallel rank is gone ({exc})"
+            self.failed = self.failed or f"a {self.mode}-parallel rank is gone ({exc})"
             raise RankFailed(self.failed) from exc
 
     def _watch(self) -> None:
@@ -174,8 +227,8 @@ class TensorParallel:
                 rank, proc = sentinels.pop(s)
                 if getattr(self, "_closing", False):
                     return
-                self.failed = (f"tensor-parallel rank {rank} exited (code {proc.exitcode}); "
-                               "this replica cannot compute and stops")
+                self.failed = (f"{self.mode}-parallel rank {rank} exited (code "
+                               f"{proc.exitcode}); this replica cannot compute and stops")
                 logger.error("%s", self.failed)
                 if self.on_fail is not None:
                     self.on_fail()
@@ -197,9 +250,9 @@ class TensorParallel:
                 proc.kill()
 
 
-def _worker(rank: int, size: int, port: int, conn: Any, config: Any, path: Path, kind: str,
-            max_model_len: int, threads: int) -> None:
-    """Rank ``rank``: load the shard, build the KV pool, run every step it is sent."""
+def _worker(mode: str, rank: int, size: int, port: int, conn: Any, config: Any, path: Path,
+            kind: str, max_model_len: int, threads: int) -> None:
+    """Rank ``rank``: load its part, build its KV pool, run every step it is sent."""
     from deepserve.engine import setup
     from deepserve.layers.kv_cache import cache_for
     from deepserve.loader.weights import open_checkpoint
@@ -208,12 +261,13 @@ def _worker(rank: int, size: int, port: int, conn: Any, config: Any, path: Path,
     group = _group(_store(port, size, master=False), rank, size)
     try:
         ckpt = open_checkpoint(path, kind)
-        shard = Shard(rank, size, ckpt.model_config())
+        shard = part(mode, rank, size, ckpt.model_config())
         device = setup.pick_device(config.device)
         dtype = setup.pick_dtype(config.dtype, device)
         model = setup.build_model(ckpt, shard.local, config, max_model_len, dtype, device,
                                   setup.use_cpu_kernels(config, device), False, shard=shard)
-        set_group(model, group)
+        if mode != "pipeline":
+            set_group(model, group, mode)
         _, (num_blocks, kv_dtype, kv_kind) = pickle.loads(conn.recv_bytes())
         slots = num_blocks * config.block_size
         caches = [cache_for(shard.local, slots, kv_dtype, kv_kind, device)
@@ -231,4 +285,10 @@ def _worker(rank: int, size: int, port: int, conn: Any, config: Any, path: Path,
             if what == "stop":
                 return
             input_ids, positions, meta = payload
-            model(input_ids, positions, caches, meta)
+            if mode != "pipeline":
+                model(input_ids, positions, caches, meta)
+                continue
+            hidden = torch.empty(input_ids.shape[0], shard.full.hidden_size, dtype=dtype)
+            group.recv([hidden], rank - 1, 0).wait()
+            out = model(input_ids, positions, caches, meta, hidden=hidden)
+            group.send([out.contiguous()], (rank + 1) % size, 0).wait()

@@ -202,31 +202,35 @@ def interleave_blocks(model: torch.nn.Module) -> None:
             module.interleave_blocks()
 
 
-def tensor_parallel(config: EngineConfig, path: Path, kind: str, mcfg: ModelConfig,
-                    max_model_len: int) -> tuple[Any, ModelConfig, Any]:
-    """With ``--tensor-parallel-size`` > 1: start the other ranks (engine/parallel.py);
-    (the group, this rank's model configuration, its shard). Else (None, mcfg, None)."""
-    if config.tensor_parallel_size == 1:
+def parallel(config: EngineConfig, path: Path, kind: str, mcfg: ModelConfig,
+             max_model_len: int) -> tuple[Any, ModelConfig, Any]:
+    """With a tensor-, pipeline- or expert-parallel size > 1: start the
+    other ranks (engine/parallel.py); (the group, this rank's model configuration, its
+    part). Else (None, mcfg, None)."""
+    if config.tensor_parallel_size == config.pipeline_parallel_size == \
+            config.expert_parallel_size == 1:
         return None, mcfg, None
     if config.device not in ("auto", "cpu"):
-        raise DeepserveError("tensor parallelism runs on CPUs (gloo) in this version; "
-                             "use --device cpu or --tensor-parallel-size 1",
+        raise DeepserveError("tensor and pipeline parallelism run on CPUs (gloo) in this "
+                             "version; use --device cpu or sizes of 1",
                              param="tensor_parallel_size")
-    from deepserve.engine.parallel import TensorParallel
+    from deepserve.engine.parallel import Parallel
 
-    tp = TensorParallel(config, path, kind, mcfg, max_model_len)
-    return tp, tp.shard.local, tp.shard
+    group = Parallel(config, path, kind, mcfg, max_model_len)
+    return group, group.shard.local, group.shard
 
 
 def start_parallel(engine: Any) -> None:
     """Rank 0's model hands every step to the other ranks, which now build their KV pool
-    (the same blocks, their own KV heads); the DecoderLayers sum over the group."""
+    (the same blocks; their own KV heads or layers); tensor-parallel layers sum over the
+    group."""
     tp = engine.parallel
     if tp is None:
         return
     from deepserve.models.parallel import set_group
 
-    set_group(engine.model, tp.group)
+    if tp.mode != "pipeline":
+        set_group(engine.model, tp.group, tp.mode)
     tp.start(engine.num_blocks, engine.dtype, engine.config.kv_cache_dtype)
     tp.wrap(engine.model)
 

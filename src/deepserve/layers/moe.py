@@ -192,6 +192,14 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def _pick_rows(ids: torch.Tensor, lo: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat (token, slot) picks of experts ``lo`` .. ``lo + n - 1``: their indices
+    into ``ids.reshape(-1)``, and each one's expert id counted from ``lo``."""
+    local = ids.reshape(-1) - lo
+    picks = ((local >= 0) & (local < n)).nonzero().squeeze(1)
+    return picks, local.index_select(0, picks)
+
+
 class SparseMoE(KernelLayer, nn.Module):
     """Router + routed experts (+ shared experts): the MLP of an MoE layer."""
 
@@ -202,9 +210,28 @@ class SparseMoE(KernelLayer, nn.Module):
                                  requires_grad=False)  # kept in float32, as the references do
         self.correction_bias = (nn.Parameter(torch.empty(cfg.num_experts), requires_grad=False)
                                 if cfg.scoring_func == "sigmoid" else None)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        # expert parallelism: this rank's routed experts [lo, hi); the others' outputs
+        # arrive through the all-reduce over ``ep_group``
+        self.lo, self.hi = cfg.local_experts or (0, cfg.num_experts)
+        self.ep_group = None
+        self.experts = Experts(self.hi - self.lo, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                        if cfg.n_shared_experts else None)
+
+    def _local_picks(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+                     ) -> torch.Tensor:
+        """Expert parallelism: only the picks of this rank's experts, each as its own row
+        (so every expert sees the rows it would see unsplit), added back per token."""
+        picks, local = _pick_rows(ids, self.lo, self.hi - self.lo)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        if picks.numel():
+            tokens = picks // ids.shape[1]
+            part = self.experts(x.index_select(0, tokens).contiguous(),
+                                local.unsqueeze(1).contiguous(),
+                                weights.reshape(-1).index_select(0, picks).unsqueeze(1)
+                                .contiguous())
+            out.index_add_(0, tokens, part.float())
+        return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.gate)
@@ -217,7 +244,14 @@ class SparseMoE(KernelLayer, nn.Module):
                                              c.norm_topk_prob, c.routed_scaling_factor)
         else:
             weights, ids = route(logits, c, bias)
-        y = self.experts(x, ids, weights)
-        if self.shared is not None:
+        if self.hi - self.lo != c.num_experts:
+            y = self._local_picks(x, ids, weights)
+        else:
+            y = self.experts(x, ids, weights)
+        if self.shared is not None and self.lo == 0:  # shared experts: rank 0 adds them
             y = y + self.shared(x)
+        if self.ep_group is not None:
+            from deepserve.models.parallel import all_reduce
+
+            y = all_reduce(y, self.ep_group)
         return y

@@ -192,7 +192,8 @@ class GGUFCheckpoint:
     def __len__(self) -> int:
         return len(self._tensors)
 
-    def block_plan(self, config: ModelConfig) -> dict[str, tuple[int | None, list[str]]]:
+    def block_plan(self, config: ModelConfig, first: int = 0
+                   ) -> dict[str, tuple[int | None, list[str]]]:
         """Modules that can keep the file's own blocks: module path -> (GGUF type, the
         GGUF tensors it is made of, in row order). A projection qualifies when each of its
         parts is one of Q4_0, Q4_1, Q8_0, Q6_K, or Q5_0 / Q5_1 / Q4_K with rows a multiple
@@ -203,8 +204,8 @@ class GGUFCheckpoint:
         groups = {"embed_tokens": ["token_embd.weight"],
                   "lm_head": ["output.weight" if "output.weight" in self._tensors
                               else "token_embd.weight"]}
-        for i in range(config.num_layers):
-            p, m = f"blk.{i}.", f"layers.{i}."
+        for i in range(config.num_layers):  # (a pipeline stage's layers from ``first``)
+            p, m = f"blk.{i + first}.", f"layers.{i}."
             if config.is_mla:
                 if config.q_lora_rank:
                     groups[m + "q_a_proj"] = [p + "attn_q_a.weight"]
@@ -291,13 +292,15 @@ class GGUFCheckpoint:
         kind = _MLA_ROPE.get(name.split(".", 2)[-1]) if self.arch == "deepseek2" else None
         return None if kind is None else rope_row_order(config, kind)
 
-    def tensors(self, config: ModelConfig, skip: frozenset[str] = frozenset()
-                ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hf_name, float32 tensor) for every tensor not in ``skip``, dequantized."""
+    def tensors(self, config: ModelConfig, skip: frozenset[str] = frozenset(),
+                layers: range | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (hf_name, float32 tensor) for every tensor not in ``skip``, dequantized
+        (with ``layers``, of those layers only, besides the model-wide tensors)."""
 
         split_kv: dict[str, dict[str, torch.Tensor]] = {}  # layer -> attn_k_b / attn_v_b
         for name, t in self._tensors.items():
-            if name in skip:
+            if name in skip or (layers is not None and name.startswith("blk.") and
+                                int(name.split(".", 2)[1]) not in layers):
                 continue
             hf = self.hf_name(name)
             if hf is None and name.endswith(("attn_k_b.weight", "attn_v_b.weight")):

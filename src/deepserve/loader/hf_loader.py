@@ -40,10 +40,16 @@ class HFCheckpoint:
                 count += len(list(st.keys()))
         return count
 
-    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, config: ModelConfig, skip: frozenset[str] = frozenset(),
+                layers: range | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every tensor (with ``layers``, of those layers only,
+        besides the model-wide tensors)."""
         from safetensors import safe_open
 
         for f in self.files:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():  # noqa: SIM118
+                    if layers is not None and name.startswith("model.layers.") and \
+                            int(name.split(".", 3)[2]) not in layers:
+                        continue
                     yield name, st.get_tensor(name)

@@ -26,7 +26,7 @@ from deepserve.loader.gguf_loader import K_TYPES, GGUFCheckpoint
 from deepserve.loader.hf_loader import HFCheckpoint
 from deepserve.models.config import ModelConfig
 from deepserve.models.llama import LlamaForCausalLM
-from deepserve.models.parallel import Shard
+from deepserve.models.parallel import ExpertShard, Shard, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def open_checkpoint(path: Path, kind: str) -> GGUFCheckpoint | HFCheckpoint:
 def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positions: int,
                dtype: torch.dtype, device: torch.device,
                show_progress: bool = True, keep_blocks: bool = False,
-               shard: Shard | None = None) -> LlamaForCausalLM:
+               shard: Shard | Stage | ExpertShard | None = None) -> LlamaForCausalLM:
     """Create the module on ``device`` in ``dtype`` and copy every checkpoint tensor in.
 
     ``keep_blocks``: a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K projections and experts
@@ -84,14 +84,21 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
 
     ``shard``: build this tensor-parallel rank's part (``cfg`` is then its local
     configuration): its heads' rows of Q/K/V, its rows of gate/up, its input columns of
-    the output projection and down; GGUF blocks are cut at block boundaries."""
+    the output projection and down; GGUF blocks are cut at block boundaries. A pipeline
+    ``Stage`` builds its range of layers alone (``cfg``: that many layers); an
+    ``ExpertShard`` every layer, with only its routed experts (``cfg.local_experts``)."""
     from deepserve.layers.moe import Experts, SparseMoE
     from deepserve.models.deepseek import rope_row_order
 
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions, dtype)
-    plan = ckpt.block_plan(cfg) if keep_blocks and isinstance(ckpt, GGUFCheckpoint) else {}
     file_cfg = shard.full if shard is not None else cfg  # the checkpoint's own shapes
+    first = shard.first if shard is not None else 0  # a pipeline stage's first layer
+    layers = range(first, first + cfg.num_layers)
+    plan = ckpt.block_plan(cfg, first) if keep_blocks and isinstance(ckpt, GGUFCheckpoint) \
+        else {}
+    tp = shard if isinstance(shard, Shard) else None
+    lo, hi = cfg.local_experts or (0, cfg.num_experts)  # expert parallelism
     in_features = {path: getattr(model.get_submodule(path), "in_features", None)
                    for path in plan}
     for path in plan:  # placeholders: nothing is allocated for them
@@ -114,7 +121,7 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                                    cfg.rope_scaling, dtype).to(device)
     if cfg.tie_word_embeddings and "lm_head" not in plan:
         model.lm_head.weight = model.embed_tokens.weight
-    skip = _install_blocks(model, ckpt, cfg, plan, dtype, in_features, shard) if plan \
+    skip = _install_blocks(model, ckpt, cfg, plan, dtype, in_features, tp, first) if plan \
         else frozenset()
 
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -150,7 +157,8 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
         if target in filled:
             filled[target][index] = True
 
-    tensors = ckpt.tensors(file_cfg, skip) if skip else ckpt.tensors(file_cfg)
+    # a pipeline stage reads its own layers' tensors only
+    tensors = ckpt.tensors(file_cfg, skip, layers if isinstance(shard, Stage) else None)
     bar = tqdm(tensors, total=len(ckpt) - len(skip), desc="loading weights", unit="tensor",
                disable=not show_progress, leave=False)
     for name, tensor in bar:
@@ -160,10 +168,12 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
             continue
         if name.startswith("model.layers."):
             _, _, idx, rest = name.split(".", 3)
-            if int(idx) >= cfg.num_layers:  # multi-token-prediction layers
+            if int(idx) >= file_cfg.num_layers:  # multi-token-prediction layers
                 skipped.add(int(idx))
                 continue
-            prefix = f"layers.{idx}."
+            if int(idx) not in layers:  # another pipeline stage's layer
+                continue
+            prefix = f"layers.{int(idx) - first}."
             base, _, kind = rest.rpartition(".")
             expert = _EXPERT.fullmatch(rest)
             if cfg.is_mla and rest in _MLA_Q:
@@ -175,12 +185,14 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                 else:
                     half = params.get(f"{prefix}{fused}.{kind}", tensor).shape[0] // 2
                     bounds = [0, half, 2 * half]
-                if shard is not None:
-                    tensor = shard.rows(tensor, bounds[part + 1] - bounds[part])
+                if tp is not None:
+                    tensor = tp.rows(tensor, bounds[part + 1] - bounds[part])
                 copy(f"{prefix}{fused}.{kind}", tensor,
                      (slice(bounds[part], bounds[part + 1]),), name)
             elif expert:
-                e, which = int(expert.group(1)), expert.group(2)
+                e, which = int(expert.group(1)) - lo, expert.group(2)
+                if not 0 <= e < hi - lo:  # another expert-parallel rank's expert
+                    continue
                 inter = cfg.moe_intermediate_size
                 if which == "down":
                     copy(prefix + "moe.experts.down", tensor, (e,), name)
@@ -193,11 +205,13 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                 rows = {"mlp.experts.gate_up_proj": slice(0, 2 * inter),
                         "mlp.experts.gate_proj": slice(0, inter),
                         "mlp.experts.up_proj": slice(inter, 2 * inter)}[rest]
-                copy(prefix + "moe.experts.gate_up", tensor, (slice(None), rows), name)
+                copy(prefix + "moe.experts.gate_up", tensor[lo:hi], (slice(None), rows), name)
             elif rest in _PLAIN:
-                if shard is not None and rest in _ROW_PARALLEL:
-                    tensor = shard.cols(tensor, q if rest.startswith("self_attn") else
-                                        cfg.intermediate_size)
+                if rest == "mlp.experts.down_proj":  # fused [E, H, I]: this rank's experts
+                    tensor = tensor[lo:hi]
+                if tp is not None and rest in _ROW_PARALLEL:
+                    tensor = tp.cols(tensor, q if rest.startswith("self_attn") else
+                                     cfg.intermediate_size)
                 copy(prefix + _PLAIN[rest], tensor, (), name)
             else:
                 raise ModelLoadError(f"{source}: tensor {name!r} is not part of a "
@@ -229,12 +243,12 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelConfig,
                     plan: dict[str, tuple[int | None, list[str]]], dtype: torch.dtype,
-                    in_features: dict[str, int | None], shard: Shard | None = None
-                    ) -> frozenset[str]:
+                    in_features: dict[str, int | None], shard: Shard | None = None,
+                    first: int = 0) -> frozenset[str]:
     """Put GGUF-block layers where ``plan`` says; returns the GGUF tensors they took.
     With ``shard``, each layer keeps this rank's rows or input columns of the blocks."""
     shared: dict[str, torch.Tensor] = {}
-    file_cfg = shard.full if shard is not None else cfg
+    file_cfg = shard.full if shard is not None else cfg  # (``first``: a pipeline stage's)
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     local_rows = {"qkv_proj": (q, kv, kv), "gate_up_proj": (cfg.intermediate_size,) * 2}
 
@@ -258,7 +272,8 @@ def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelCon
         if path.endswith(".moe.experts"):  # [gate, up, down] of every expert
             # read straight from the mapped file: the gate/up concatenation (or the K-quant
             # rewrite) is the one copy made; 90% of an MoE file's bytes are here
-            gate, up, down = (ckpt.view(n) for n in names)
+            lo, hi = cfg.local_experts or (0, cfg.num_experts)  # this rank's experts
+            gate, up, down = (ckpt.view(n)[lo:hi] for n in names)
             h, inter = cfg.hidden_size, cfg.moe_intermediate_size
             gtype, dtype_ = ckpt.tensor_type(names[0]), ckpt.tensor_type(names[2])
 

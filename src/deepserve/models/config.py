@@ -54,6 +54,8 @@ class ModelConfig:
     v_head_dim: int = 0
     rope_interleave: bool = False  # checkpoint rotates adjacent pairs (rows are reordered)
     skipped_layers: int = 0  # MTP layers in the checkpoint past num_layers, not loaded
+    # expert parallelism: the routed experts [lo, hi) this rank holds (None: all)
+    local_experts: tuple[int, int] | None = None
 
     @property
     def is_mla(self) -> bool:

@@ -165,8 +165,11 @@ class LlamaForCausalLM(KernelLayer, nn.Module):
                                       cfg.rope_scaling, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[LayerKV], meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+                kv_caches: list[LayerKV], meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states after the layers this module holds; ``hidden``: a pipeline
+        stage's input from the stage before (instead of embedding ``input_ids``)."""
+        x = self.embed_tokens(input_ids) if hidden is None else hidden
         cos, sin = self.rotary.tables(positions)
         if self.use_kernel and self._fusable():
             for layer, cache in zip(self.layers, kv_caches, strict=True):

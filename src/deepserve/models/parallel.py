@@ -1,6 +1,6 @@
-"""What a model needs to run split across tensor-parallel ranks (``engine/parallel.py``
-starts the ranks): its shard of the configuration and weights, and the all-reduce after
-each row-parallel projection."""
+"""What a model needs to run split across ranks (``engine/parallel.py`` starts them):
+a tensor-parallel rank's shard of the configuration and weights and the all-reduce
+after each row-parallel projection; a pipeline stage's range of layers."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class Shard:
                                    num_kv_heads=f.num_kv_heads // self.size,
                                    intermediate_size=f.intermediate_size // self.size)
 
+    first = 0  # every tensor-parallel rank holds a share of every layer
+
     def rows(self, t: torch.Tensor, local: int) -> torch.Tensor:
         """This rank's ``local`` rows of a column-parallel weight (or bias)."""
         return t[self.rank * local:(self.rank + 1) * local]
@@ -37,6 +39,49 @@ class Shard:
         bytes per column for GGUF blocks (``local`` a whole number of blocks)."""
         lo = self.rank * local * per_col
         return t[:, lo:lo + local * per_col].contiguous()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: the layers ``first`` .. ``last - 1`` of the model, whole."""
+
+    rank: int
+    size: int
+    full: ModelConfig
+
+    @property
+    def first(self) -> int:
+        return self.full.num_layers * self.rank // self.size
+
+    @property
+    def last(self) -> int:
+        return self.full.num_layers * (self.rank + 1) // self.size
+
+    @property
+    def local(self) -> ModelConfig:
+        f = self.full
+        return dataclasses.replace(f, num_layers=self.last - self.first, moe_layers=tuple(
+            i - self.first for i in f.moe_layers if self.first <= i < self.last))
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """An expert-parallel rank: every layer whole (attention replicated) but only the
+    routed experts ``lo`` .. ``hi - 1`` of each MoE layer."""
+
+    rank: int
+    size: int
+    full: ModelConfig
+    first = 0
+
+    @property
+    def experts(self) -> tuple[int, int]:
+        per = self.full.num_experts // self.size
+        return self.rank * per, (self.rank + 1) * per
+
+    @property
+    def local(self) -> ModelConfig:
+        return dataclasses.replace(self.full, local_experts=self.experts)
 
 
 def all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
@@ -49,6 +94,11 @@ def all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
     return t if wide is t else t.copy_(wide)
 
 
-def set_group(model: torch.nn.Module, group: Any) -> None:
+def set_group(model: torch.nn.Module, group: Any, mode: str = "tensor") -> None:
+    """Tensor parallelism: every layer sums its output projection and MLP over the
+    group; expert parallelism: every MoE layer sums its experts' outputs."""
     for layer in model.layers:
-        layer.tp_group = group
+        if mode == "tensor":
+            layer.tp_group = group
+        elif getattr(layer, "moe", None) is not None:
+            layer.moe.ep_group = group
