@@ -27,17 +27,20 @@ def _tokens(llm: LLM, prompts: list[str]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
 
 
+@pytest.mark.parametrize("kind", ["tensor", "pipeline"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_two_ranks_equal_one_process_on_tiny_random_models(arch, tiny_llama_dir,
+def test_two_ranks_equal_one_process_on_tiny_random_models(kind, arch, tiny_llama_dir,
                                                            tiny_qwen2_dir):
     path = str(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)
     one = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB")
     two = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB",
-              tensor_parallel_size=2, num_threads=1)
+              num_threads=1, **{f"{kind}_parallel_size": 2})
     try:
-        assert two.engine.model.layers[0].num_heads == 2  # each rank: half the heads
-        prompts = PROMPTS[:4]
-        assert _tokens(two, prompts) == _tokens(one, prompts)
+        if kind == "tensor":
+            assert two.engine.model.layers[0].num_heads == 2  # each rank: half the heads
+        else:
+            assert len(two.engine.model.layers) == 1  # stage 0: the first of two layers
+        assert _tokens(two, PROMPTS[:4]) == _tokens(one, PROMPTS[:4])
     finally:
         two.engine.parallel.close()
 
@@ -74,20 +77,6 @@ def test_gguf_blocks_split_three_ways_are_as_close_to_float32_as_unsplit_blocks(
             assert split <= 1.5 * unsplit + 0.02, (float(split), float(unsplit))
     finally:
         three.engine.parallel.close()
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_two_pipeline_stages_equal_one_process_on_tiny_random_models(arch, tiny_llama_dir,
-                                                                     tiny_qwen2_dir):
-    path = str(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)
-    one = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB")
-    two = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB",
-              pipeline_parallel_size=2, num_threads=1)
-    try:
-        assert len(two.engine.model.layers) == 1  # stage 0: the first of two layers
-        assert _tokens(two, PROMPTS[:4]) == _tokens(one, PROMPTS[:4])
-    finally:
-        two.engine.parallel.close()
 
 
 def test_the_default_model_in_three_stages_equals_one_process_on_its_blocks():
