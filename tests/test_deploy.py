@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -84,6 +85,34 @@ def test_manifests_validate_against_kubernetes_schemas(variant):
         c = lite["spec"]["template"]["spec"]["containers"][0]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert "--device" in c["args"] and c["args"][c["args"].index("--device") + 1] == "cuda"
+
+
+def test_the_multihost_manifests_validate_and_deploy_one_replica_across_pods():
+    """deploy/k8s/multihost: a Ray head and worker StatefulSet behind a headless
+    Service; the ray.toml it mounts parses, and its tier reserves one bundle per stage,
+    one per pod (the Ray test runs the same configuration on two real Ray nodes)."""
+    import kubernetes_validate
+
+    from deepserve.deploy.ray_serve import RayServeConfig
+
+    d = DEPLOY / "k8s" / "multihost"
+    kust = yaml.safe_load((d / "kustomization.yaml").read_text())
+    resources = [r for name in kust["resources"] for r in docs(d / name)]
+    for r in resources:
+        kubernetes_validate.validate(r, K8S_VERSION, strict=True)
+    by_name = {(r["kind"], r["metadata"]["name"]): r for r in resources}
+    assert by_name[("Service", "deepserve-ray")]["spec"]["clusterIP"] == "None"
+    toml_text = by_name[("ConfigMap", "deepserve-ray")]["data"]["ray.toml"]
+    cfg = RayServeConfig.from_dict(tomllib.loads(toml_text))
+    tier = cfg.tiers[0]
+    workers = by_name[("StatefulSet", "deepserve-ray-worker")]["spec"]["replicas"]
+    assert tier.ranks == workers + 1  # rank 0 on the head, one stage per worker pod
+    options = tier.deployment_options()
+    assert options["placement_group_strategy"] == "STRICT_SPREAD"
+    assert len(options["placement_group_bundles"]) == tier.ranks
+    head = by_name[("StatefulSet", "deepserve-ray-head")]["spec"]["template"]["spec"]
+    assert "deepserve ray-serve --config /etc/deepserve/ray.toml" in head["containers"][0][
+        "args"][0]
 
 
 def test_manifest_args_are_real_cli_flags():

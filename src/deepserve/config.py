@@ -46,6 +46,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # processes that split each layer (engine/parallel.py)
     pipeline_parallel_size: int = 1  # processes that each hold a range of whole layers
     expert_parallel_size: int = 1  # processes that each hold a share of the MoE experts
+    distributed_executor_backend: str = "mp"  # the other ranks: local processes, or "ray"
 
     def __post_init__(self) -> None:
         """Checks that need no model (those that do run when the engine loads)."""
@@ -57,6 +58,9 @@ class EngineConfig:
 
         if self.quantization not in QUANTIZATIONS:
             raise bad("quantization", f"use one of {', '.join(QUANTIZATIONS)}")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise bad("distributed_executor_backend", "use mp (processes on this host) or "
+                      "ray (Ray actors, on any node of the cluster)")
         if self.kv_cache_dtype not in KV_DTYPES:
             raise bad("kv_cache_dtype", f"use one of {', '.join(KV_DTYPES)}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",

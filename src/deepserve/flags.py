@@ -45,6 +45,9 @@ ENGINE_HELP = {
     "expert_parallel_size": "processes on this host that each hold a share of every MoE "
                             "layer's routed experts (attention replicated); their outputs "
                             "are summed with one all-reduce per MoE layer",
+    "distributed_executor_backend": "where the other ranks of a split model run: mp "
+                                    "(processes on this host) or ray (Ray actors on any "
+                                    "node of the cluster: a replica spans machines)",
     "quantization": "weights: auto (a GGUF's own Q4_0/Q4_1/Q8_0 blocks as stored, else "
                     "none) | none | int8 (Q8_0) | int4 (Q4_1) | mixed (MLP Q4_1, "
                     "attention Q8_0)",

@@ -17,9 +17,12 @@ requests, and an ingress deployment with the OpenAI routes in front.
     max_replicas = 4
     target_ongoing_requests = 8     # autoscaling target per replica
     num_cpus = 1                    # Ray CPUs reserved per replica
+    placement_strategy = "PACK"     # a split model's ranks: PACK, SPREAD, STRICT_SPREAD
     [tiers.lite.engine]             # EngineConfig fields
     kv_cache_memory = "512MiB"
     num_threads = 1
+    # pipeline_parallel_size = 2    # one replica across ranks (tensor_/expert_ too);
+    # distributed_executor_backend = "ray"   # its ranks as Ray actors, on any node
 
     deepserve ray-serve --config ray.toml
 
@@ -31,6 +34,12 @@ With ``ledger`` (and ``api_keys``, ``pricing``, ``redis``) each replica meters l
 ``deepserve serve``: it writes a usage row per request and its uptime into the same
 ledger, tagged with its tier, and with ``redis`` every replica draws on the same key
 budgets and quotas.
+
+A tier whose engine splits the model (a ``*_parallel_size`` above 1) with
+``distributed_executor_backend = "ray"`` is deployed with one placement-group bundle
+per rank (``num_cpus`` each): the replica is rank 0 in bundle 0 and starts its other
+ranks as Ray actors in the others, so with ``placement_strategy = "SPREAD"`` (or
+``"STRICT_SPREAD"``) one replica spans nodes.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from deepserve.errors import DeepserveError
 logger = logging.getLogger(__name__)
 
 
+PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 BILLING_FIELDS = ("ledger", "redis", "api_keys", "pricing", "pricing_clock",
                   "hourly_cost", "hardware")
 
@@ -62,6 +72,22 @@ class RayTier:
     target_ongoing_requests: float = 8.0
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    placement_strategy: str = "PACK"  # where a split model's ranks go (Ray's strategies)
+
+    @property
+    def ranks(self) -> int:
+        """Processes one replica spans (1 unless the engine splits the model)."""
+        return max(int(self.engine.get(f"{k}_parallel_size", 1))
+                   for k in ("tensor", "pipeline", "expert"))
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Ray Serve options: a split model on Ray actors gets one bundle per rank."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+        if self.ranks > 1 and self.engine.get("distributed_executor_backend") == "ray":
+            options["placement_group_bundles"] = [{"CPU": self.num_cpus}] * self.ranks
+            options["placement_group_strategy"] = self.placement_strategy
+        return options
 
 
 @dataclass(frozen=True)
@@ -90,7 +116,11 @@ class RayServeConfig:
             tiers.append(RayTier(name, tuple(t.get("models", [name])), engine,
                                  int(t.get("min_replicas", 1)), int(t.get("max_replicas", 2)),
                                  float(t.get("target_ongoing_requests", 8)),
-                                 float(t.get("num_cpus", 1)), float(t.get("num_gpus", 0))))
+                                 float(t.get("num_cpus", 1)), float(t.get("num_gpus", 0)),
+                                 str(t.get("placement_strategy", "PACK"))))
+            if tiers[-1].placement_strategy not in PLACEMENT:
+                raise DeepserveError(f"tiers.{name}.placement_strategy must be one of "
+                                     f"{', '.join(PLACEMENT)}", param="config")
         if not tiers:
             raise DeepserveError("ray config defines no [tiers.NAME]", param="config")
         ray = data.get("ray", {})
@@ -222,8 +252,7 @@ def build_app(cfg: RayServeConfig) -> Any:
     aliases = {}
     for t in cfg.tiers:
         dep = serve.deployment(
-            TierReplica, name=f"tier-{t.name}",
-            ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
+            TierReplica, name=f"tier-{t.name}", **t.deployment_options(),
             autoscaling_config={"min_replicas": t.min_replicas,
                                 "max_replicas": t.max_replicas,
                                 "target_ongoing_requests": t.target_ongoing_requests},

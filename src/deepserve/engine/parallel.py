@@ -78,20 +78,24 @@ def check_sizes(cfg: ModelConfig, tp: int) -> None:
             param="tensor_parallel_size")
 
 
-def _store(port: int, size: int, master: bool) -> Any:
-    """The rendezvous: rank 0 serves a TCP store on loopback (``port`` 0: a free one)."""
+def _store(port: int, size: int, master: bool, host: str = "127.0.0.1") -> Any:
+    """The rendezvous: rank 0 serves a TCP store (``port`` 0: a free one) on loopback, or
+    on its node's address when the ranks are Ray actors."""
     import torch.distributed as dist
 
-    return dist.TCPStore("127.0.0.1", port, size, master, timedelta(seconds=JOIN_TIMEOUT_S),
+    return dist.TCPStore(host, port, size, master, timedelta(seconds=JOIN_TIMEOUT_S),
                          wait_for_workers=False)
 
 
-def _group(store: Any, rank: int, size: int) -> Any:
+def _group(store: Any, rank: int, size: int, prefix: str = "",
+           timeout: timedelta = timedelta(seconds=JOIN_TIMEOUT_S)) -> Any:
     """This replica's own gloo group (not torch's default group: one process may hold
     several replicas, as the tests do)."""
     import torch.distributed as dist
 
-    return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=JOIN_TIMEOUT_S))
+    if prefix:
+        store = dist.PrefixStore(prefix, store)
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
 
 
 def threads_per_rank(config: Any, size: int) -> int:
@@ -139,12 +143,26 @@ class Parallel:
         self.shard = part(self.mode, 0, size, full)
         self.failed: str | None = None
         self.on_fail: Any = None  # called from the watcher thread when a rank dies
+        self.backend = config.distributed_executor_backend
+        threads = threads_per_rank(config, size)
+        torch.set_num_threads(threads)
+        self.conns, self.procs, self.actors = [], [], []
+        if self.backend == "ray":  # ranks as Ray actors, on any node (engine/ray_ranks.py)
+            from deepserve.engine import ray_ranks
+
+            host = _ray_host()
+            store = _store(0, size, master=True, host=host)
+            self.actors, self._loops = ray_ranks.start_ranks(
+                self.mode, size, host, store.port, config, path, kind, max_model_len,
+                threads)
+            self.group = _group(store, 0, size)
+            self.control = _group(store, 0, size, "control", ray_ranks.CONTROL_TIMEOUT)
+            self._store = store
+            self._start_watch()
+            return
         store = _store(0, size, master=True)
         port = store.port
         ctx = multiprocessing.get_context("spawn")
-        self.conns, self.procs = [], []
-        threads = threads_per_rank(config, size)
-        torch.set_num_threads(threads)
         for rank in range(1, size):
             here, there = ctx.Pipe()
             proc = ctx.Process(target=_worker, name=f"deepserve-rank{rank}", daemon=True,
@@ -156,8 +174,10 @@ class Parallel:
             self.procs.append(proc)
         self.group = _group(store, 0, size)
         self._store = store
-        self._lock = threading.Lock()
-        self._watcher = threading.Thread(target=self._watch, name="deepserve-tp-watch",
+        self._start_watch()
+
+    def _start_watch(self) -> None:
+        self._watcher = threading.Thread(target=self._watch, name="deepserve-rank-watch",
                                          daemon=True)
         self._watcher.start()
         import atexit
@@ -166,13 +186,12 @@ class Parallel:
 
     def start(self, num_blocks: int, dtype: torch.dtype, kv_kind: str) -> None:
         """Give every rank the KV pool's size; wait until each has loaded its shard."""
-        for conn in self.conns:
-            conn.send_bytes(pickle.dumps(("pool", (num_blocks, dtype, kv_kind))))
-        for rank, conn in enumerate(self.conns, 1):
-            try:
-                status, detail = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                status, detail = "error", "it exited while loading"
+        self.send(("pool", (num_blocks, dtype, kv_kind)))
+        for rank, (status, detail) in enumerate(self._replies(), 1):
+            if status == "ready" and self.backend == "ray":
+                from deepserve.engine.ray_ranks import nodes
+
+                self.nodes = nodes(self._store, self.size)  # where ranks 1.. run
             if status != "ready":
                 self.close()
                 raise DeepserveError(f"{self.mode}-parallel rank {rank} failed: {detail}",
@@ -207,18 +226,59 @@ class Parallel:
 
         model.forward = forward  # type: ignore[method-assign]
 
+    def _replies(self) -> list[tuple[str, Any]]:
+        """Each rank's start-up reply: down its pipe, or (Ray) through the store."""
+        if self.backend == "ray":
+            from deepserve.engine import ray_ranks
+
+            while not self.failed:
+                try:
+                    return ray_ranks.replies(self._store, self.size, 1.0)
+                except RuntimeError:  # not all there yet
+                    continue
+            return [("error", self.failed)] * (self.size - 1)
+        out = []
+        for conn in self.conns:
+            try:
+                out.append(pickle.loads(conn.recv_bytes()))
+            except (EOFError, OSError):
+                out.append(("error", "it exited while loading"))
+        return out
+
     def send(self, message: tuple) -> None:
         if self.failed:
             raise RankFailed(self.failed)
         blob = pickle.dumps(message)
         try:
+            if self.backend == "ray":
+                from deepserve.engine.ray_ranks import send_step
+
+                send_step(self.control, blob)
             for conn in self.conns:
                 conn.send_bytes(blob)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             self.failed = self.failed or f"a {self.mode}-parallel rank is gone ({exc})"
             raise RankFailed(self.failed) from exc
 
     def _watch(self) -> None:
+        if self.backend == "ray":
+            import ray
+
+            done, _ = ray.wait(self._loops, num_returns=1, timeout=None)
+            if getattr(self, "_closing", False):
+                return
+            try:
+                ray.get(done[0])
+                why = "returned"
+            except Exception as exc:  # the actor or its node died
+                why = f"failed: {str(exc).strip().splitlines()[0][:200]}"
+            rank = self._loops.index(done[0]) + 1
+            self.failed = (f"{self.mode}-parallel rank {rank} (a Ray actor) {why}; this "
+                           "replica cannot compute and stops")
+            logger.error("%s", self.failed)
+            if self.on_fail is not None:
+                self.on_fail()
+            return
         from multiprocessing.connection import wait
 
         sentinels = {p.sentinel: (rank, p) for rank, p in enumerate(self.procs, 1)}
@@ -238,6 +298,11 @@ class Parallel:
         if getattr(self, "_closing", False):
             return
         self._closing = True
+        if self.actors:
+            import ray
+
+            for actor in self.actors:
+                ray.kill(actor)
         for conn in self.conns:
             try:
                 conn.send_bytes(pickle.dumps(("stop", None)))
@@ -250,15 +315,30 @@ class Parallel:
                 proc.kill()
 
 
+def _ray_host() -> str:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="auto", log_to_driver=False)
+    return ray.util.get_node_ip_address()
+
+
 def _worker(mode: str, rank: int, size: int, port: int, conn: Any, config: Any, path: Path,
             kind: str, max_model_len: int, threads: int) -> None:
-    """Rank ``rank``: load its part, build its KV pool, run every step it is sent."""
+    """A local rank process: join the group, then ``serve_rank``."""
+    group = _group(_store(port, size, master=False), rank, size)
+    serve_rank(mode, rank, size, group, conn, config, path, kind, max_model_len, threads)
+
+
+def serve_rank(mode: str, rank: int, size: int, group: Any, conn: Any, config: Any,
+               path: Path, kind: str, max_model_len: int, threads: int) -> None:
+    """Rank ``rank``: load its part, build its KV pool, run every step it is sent
+    (``conn``: a pipe, or a Ray rank's ``StoreChannel``)."""
     from deepserve.engine import setup
     from deepserve.layers.kv_cache import cache_for
     from deepserve.loader.weights import open_checkpoint
 
     torch.set_num_threads(threads)
-    group = _group(_store(port, size, master=False), rank, size)
     try:
         ckpt = open_checkpoint(path, kind)
         shard = part(mode, rank, size, ckpt.model_config())
@@ -280,7 +360,7 @@ def _worker(mode: str, rank: int, size: int, port: int, conn: Any, config: Any, 
         while True:
             try:
                 what, payload = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):
+            except (EOFError, OSError, RuntimeError):
                 return  # rank 0 is gone
             if what == "stop":
                 return
