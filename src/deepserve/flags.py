@@ -35,14 +35,16 @@ ENGINE_HELP = {
     "seed": "seed of the generator that requests without their own seed draw from",
     "num_threads": "torch CPU threads (default: torch's choice; with tensor parallelism, "
                    "per rank: the cores shared out)",
-    "tensor_parallel_size": "processes on this host that split every layer's heads and "
-                            "MLP (torch.distributed, gloo), started by deepserve itself; "
-                            "the scheduler and sampler stay on rank 0",
-    "pipeline_parallel_size": "processes on this host that each hold a contiguous range of "
+    "tensor_parallel_size": "ranks that split every layer's heads and MLP "
+                            "(torch.distributed, gloo), started by deepserve itself as "
+                            "processes on this host (or Ray actors, see "
+                            "--distributed-executor-backend); the scheduler and sampler "
+                            "stay on rank 0",
+    "pipeline_parallel_size": "ranks that each hold a contiguous range of "
                               "whole layers (and their KV cache); hidden states pass from "
                               "stage to stage (gloo); not combined with tensor parallelism "
                               "yet",
-    "expert_parallel_size": "processes on this host that each hold a share of every MoE "
+    "expert_parallel_size": "ranks that each hold a share of every MoE "
                             "layer's routed experts (attention replicated); their outputs "
                             "are summed with one all-reduce per MoE layer",
     "distributed_executor_backend": "where the other ranks of a split model run: mp "
