@@ -108,18 +108,16 @@ def test_admin_chats_creates_and_revokes_a_key_and_a_tenant_sees_its_usage(
     tenant.screenshot(path=str(out / "console-usage.png"))
 
     # back as admin: spend per key, the margin report, live stats; then revoke the key
-    page.click("nav button[data-tab=spend]")
-    page.wait_for_function("document.querySelector('#spend-table').textContent"
-                           ".includes('browser-tenant')")
-    page.screenshot(path=str(out / "console-spend.png"))
-    page.click("nav button[data-tab=report]")
-    page.wait_for_function("document.querySelectorAll('#report-cards .card').length > 3")
+    for tab, shown in (
+            ("spend", "document.querySelector('#spend-table').textContent"
+                      ".includes('browser-tenant')"),
+            ("report", "document.querySelectorAll('#report-cards .card').length > 3"),
+            ("live", "document.querySelector('#live-cards').textContent"
+                     ".includes('KV cache')")):
+        page.click(f"nav button[data-tab={tab}]")
+        page.wait_for_function(shown)
+        page.screenshot(path=str(out / f"console-{tab}.png"))
     assert "margin" in page.text_content("#report-cards")
-    page.screenshot(path=str(out / "console-report.png"))
-    page.click("nav button[data-tab=live]")
-    page.wait_for_function("document.querySelector('#live-cards').textContent"
-                           ".includes('KV cache')")
-    page.screenshot(path=str(out / "console-live.png"))
     page.click("nav button[data-tab=keys]")
     row = page.locator("tr[data-key=browser-tenant]")
     row.get_by_role("button", name="Revoke").click()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -101,6 +101,7 @@ class AdminContext:
     front: str  # "server" or "gateway", recorded with each audit entry
     stats: Callable[[], dict[str, Any]]  # live load, for the console
     single_key: str | None = None  # a server's --api-key (one key, no key store)
+    _reader: KeyTable | None = field(default=None, init=False, repr=False)
 
     @property
     def ledger_url(self) -> str | None:
@@ -114,7 +115,7 @@ class AdminContext:
         if self.ledger_url is None:
             raise DeepserveError("this needs a ledger: start with --ledger PATH (a SQLite "
                                  "file or a postgresql:// URL)", status=404, code="no_ledger")
-        if getattr(self, "_reader", None) is None:
+        if self._reader is None:  # a ledger without a key table: a connection to read
             self._reader = KeyTable(self.ledger_url)
         return self._reader
 

@@ -50,8 +50,8 @@ class RateLimiter:
 
 
 def make_limiter(rpm: int, tpm: int, redis: str | None = None) -> Any:
-    # tokens are counted even with both limits 0: a key's own TPM may need them
-    """The limiter for these settings: shared through ``redis`` when given."""
+    """The limiter for these settings: shared through ``redis`` when given. It counts
+    tokens even with both limits 0: a key's own TPM may need them."""
     if redis:
         from deepserve.billing.shared import SharedRateLimiter
 
