@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["Q4_1", "Q4_1x8", "Q8_0"],
                     choices=list(TYPES))
     ap.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES])
+    ap.add_argument("--shape", action="append", default=[], metavar="NAME:IN:OUT",
+                    help="another projection shape, e.g. gate_up_1b:2048:11264 (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,15 +60,21 @@ def main() -> None:
     for isa in isas:
         kernels.load(isa)
     torch.manual_seed(0)
+    onednn = torch.backends.mkldnn.is_available() and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
     print(f"ISA builds: {', '.join(isas)}; threads {args.threads}")
-    header = ["shape", "type", "rows", *isas, "torch fp32", "torch bf16"]
+    header = ["shape", "type", "rows", *isas, "torch fp32", "torch bf16",
+              *(["oneDNN bf16"] if onednn else [])]
     print("| " + " | ".join(header) + " |")
     print("|---|---|" + "---:|" * (len(header) - 2))
-    for name, k, n in SHAPES:
-        if name not in args.shapes:
+    extra = [(name, int(k), int(n)) for name, k, n in (s.split(":") for s in args.shape)]
+    for name, k, n in SHAPES + extra:
+        if name not in args.shapes and (name, k, n) not in extra:
             continue
         w = torch.randn(n, k) * 0.05
         wb = w.to(torch.bfloat16)
+        # the engine's large-batch bf16 copy: oneDNN's packed weight (gguf_linear.keep_dense)
+        packed = torch.ops.mkldnn._reorder_linear_weight(wb) if onednn else None
         for tname in args.types:
             qtype = TYPES[tname] % X8
             if qtype in kquants.REWRITTEN:
@@ -87,6 +95,9 @@ def main() -> None:
                     cells.append(flop / timed(op, x, blocks, TYPES[tname], None) / 1e9)
                 cells.append(flop / timed(torch.matmul, x, w.T) / 1e9)
                 cells.append(flop / timed(torch.matmul, xb, wb.T) / 1e9)
+                if onednn:
+                    cells.append(flop / timed(torch.ops.mkldnn._linear_pointwise, xb, packed,
+                                              None, "none", [], "") / 1e9)
                 print(f"| {name} {k}x{n} | {tname} | {m} | " +
                       " | ".join(f"{c:.0f}" for c in cells) + " |", flush=True)
 

@@ -200,6 +200,7 @@ def test_dense_copy_for_large_batches_gives_the_same_tokens(monkeypatch):
     both sides of DENSE_ROWS compute the same checkpoint weights."""
     from deepserve.engine import setup
 
+    monkeypatch.setenv("DEEPSERVE_DENSE_COPY", "1")  # always, not measured (copies_pay)
     if not (kernels.available() and setup.dense_for_batches()):
         pytest.skip("no native bf16 GEMM here: block layers keep no dense copy")
     llm = LLM(dtype="bfloat16", show_progress=False, kv_cache_memory="64MiB")
@@ -230,6 +231,37 @@ def test_bf16_copies_for_large_batches_only_within_their_memory_budget(caplog):
         # (oneDNN packs bf16 copies only where this CPU has bf16)
         assert keep_dense_copies(model, torch.bfloat16, free=4 * 3 * 64 * 128 * 2)
         assert all(m.dense is not None for m in model)
+
+
+def test_copies_are_kept_only_where_they_measured_faster(caplog, monkeypatch):
+    """DEEPSERVE_DENSE_COPY unset: one block layer is timed on its blocks and on a bf16
+    copy at 32 rows, and the copies are kept only when the copy was 1.25x faster; the
+    log gives both figures. A wrong setting is refused with the three it takes."""
+    import re
+
+    from deepserve.engine import setup
+    from deepserve.errors import DeepserveError
+
+    if not (kernels.available() and setup.dense_for_batches()):
+        pytest.skip("no native bf16 GEMM here: block layers keep no dense copy")
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(*[gl.GGUFLinear(gl.quantize(torch.randn(256, 512), gl.Q4_1),
+                                                gl.Q4_1, 512) for _ in range(2)])
+    for m in model:
+        m.use_kernel = True
+        m.interleave_blocks()
+    caplog.set_level("INFO", logger="deepserve.engine.llm_engine")
+    pays = setup.copies_pay(model, torch.bfloat16)
+    found = re.search(r"blocks (\d+) GFLOP/s, bf16 copy (\d+) GFLOP/s", caplog.text)
+    assert found, caplog.text
+    blocks, copy = (float(v) for v in found.groups())
+    assert all(m.dense is None for m in model)  # the probe's copy is not kept
+    if abs(copy / blocks - setup.COPY_MARGIN) > 0.1:  # clear of rounding in the log
+        assert pays == (copy > setup.COPY_MARGIN * blocks), caplog.text
+    assert ("kept, faster on this CPU" in caplog.text) == pays
+    monkeypatch.setenv("DEEPSERVE_DENSE_COPY", "sometimes")
+    with pytest.raises(DeepserveError, match=r"auto .* 1 .* 0"):
+        setup.dense_mode()
 
 
 @pytest.mark.parametrize("qtype", [2, 3, 6, 12])

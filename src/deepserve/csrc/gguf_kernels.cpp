@@ -658,11 +658,117 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
 #endif
 }
 
+#if DSQ_ISA == 2
+// AVX-512: two neighbouring groups of eight rows side by side in 512-bit vectors, so one
+// vpdpbusd does 16 output columns' work and each block's scales, conversions and
+// activation broadcasts serve twice the columns (a 256-bit version left the multiply
+// units idle about half the time on batches; BENCHMARKS.md, "Batched GEMM on blocks").
+// Output columns 16p .. 16p + 15; wg is group 2p's first chunk, group 2p + 1's follows
+// `chunk` bytes later. Same arithmetic as group_x8, lane for lane.
+inline __m512i cat256(const uint8_t* a, const uint8_t* b) {
+  return _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+}
+
+inline __m512 cat_ps(__m256 a, __m256 b) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1);
+}
+
+inline __m512 halves_ps(const uint8_t* a, const uint8_t* b) {  // 8 + 8 fp16 -> 16 floats
+  return _mm512_cvtph_ps(_mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)),
+                                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(a))));
+}
+
+inline __m512i fifth_bits16(__m512i h, __m512i h4, int k) {
+  const __m512i v = k < 4 ? _mm512_srli_epi16(h4, k) : _mm512_srli_epi16(h, k - 4);
+  return _mm512_and_si512(v, _mm512_set1_epi8(0x10));
+}
+
+template <int64_t T, int R>
+inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const float* xd,
+                      const float* xs, int64_t nb, float* out, int64_t out_stride) {
+  constexpr bool q5 = T == kQ5_0, f16m = T == kQ4_1 || q5;
+  const int64_t cb = 8 * block_bytes(T), hb = f16m ? 32 : 16;
+  const uint8_t* wg2 = wg + chunk;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t *c, *c2;
+    __m512 vd, vm;
+    if (T == kQ4_K) {
+      const int64_t off = (b >> 3) * kQ4KChunk, j = b & 7;
+      const uint8_t *u = wg + off, *u2 = wg2 + off;
+      vd = _mm512_mul_ps(cat_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u)),
+                                _mm256_loadu_ps(reinterpret_cast<const float*>(u2))),
+                         cat_ps(bytes_ps(u + 64 + 8 * j), bytes_ps(u2 + 64 + 8 * j)));
+      vm = _mm512_mul_ps(cat_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u + 32)),
+                                _mm256_loadu_ps(reinterpret_cast<const float*>(u2 + 32))),
+                         cat_ps(bytes_ps(u + 128 + 8 * j), bytes_ps(u2 + 128 + 8 * j)));
+      c = u + 192 + 128 * j;
+      c2 = u2 + 192 + 128 * j;
+    } else {
+      const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
+      vd = halves_ps(u, u2);
+      vm = f16m ? halves_ps(u + 16, u2 + 16) : _mm512_mul_ps(vd, _mm512_set1_ps(-8.f));
+      c = u + hb;
+      c2 = u2 + hb;
+    }
+    __m512i h = _mm512_setzero_si512(), h4 = h;
+    if (q5) {
+      h = cat256(c + 128, c2 + 128);
+      h4 = _mm512_slli_epi16(h, 4);
+    }
+    __m512i s[R];
+    for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
+    for (int t = 0; t < 4; ++t) {
+      const __m512i v = cat256(c + 32 * t, c2 + 32 * t);
+      __m512i lo = _mm512_and_si512(v, low);
+      __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      if (q5) {
+        lo = _mm512_or_si512(lo, fifth_bits16(h, h4, 2 * t));
+        hi = _mm512_or_si512(hi, fifth_bits16(h, h4, 2 * t + 1));
+      }
+      for (int r = 0; r < R; ++r) {
+        const int8_t* x = xq + (r * nb + b) * QK + 4 * t;
+        s[r] = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(s[r], lo, _mm512_set1_epi32(load_i32(x))), hi,
+            _mm512_set1_epi32(load_i32(x + 16)));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t xi = r * nb + b;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]),
+                               _mm512_mul_ps(vd, _mm512_set1_ps(xd[xi])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(vm, _mm512_set1_ps(xs[xi]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
+}
+#endif
+
 template <int64_t T>
 void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t N,
                float* out) {
   const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(T);
-  for_row_tiles(M, N / 8, K + nb * 8, [&](int64_t g, int64_t m, int64_t rows) {
+  int64_t g0 = 0;  // the first group left for the eight-column kernel
+#if DSQ_ISA == 2
+  g0 = N / 16 * 2;
+  for_row_tiles(M, N / 16, K + nb * 8, [&](int64_t p, int64_t m, int64_t rows) {
+    const uint8_t* wg = w + 2 * p * chunk;
+    const int8_t* q = xq.q.data() + m * K;
+    const float* d = xq.d.data() + m * nb;
+    const float* s = xq.s.data() + m * nb;
+    float* o = out + m * N + 16 * p;
+    with_rows(rows, [&](auto r) {
+      group_x16<T, decltype(r)::value>(wg, chunk, q, d, s, nb, o, N);
+    });
+  });
+  if (g0 == N / 8) return;
+#endif
+  for_row_tiles(M, N / 8 - g0, K + nb * 8, [&](int64_t g, int64_t m, int64_t rows) {
+    g += g0;
     const uint8_t* wg = w + g * chunk;
     const int8_t* q = xq.q.data() + m * K;
     const float* d = xq.d.data() + m * nb;

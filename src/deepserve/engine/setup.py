@@ -132,32 +132,92 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
                        keep_blocks=keep_blocks, shard=shard)
     quantize_model(model, config.quantization, dtype)
     enable_kernels(model, use_kernels)
+    if use_kernels and kernels.isa() != "portable":
+        interleave_blocks(model)
     if use_kernels and dtype == torch.bfloat16 and dense_for_batches():
         if mcfg.num_experts:
             # experts never get copies, and the attention's alone measured slower than
             # the block kernels at 32 streams (benchmarks/decode_step.py, BENCHMARKS.md)
             logger.info("mixture-of-experts model: every layer runs on its blocks, no bf16 "
                         "copies for large batches")
-        else:
+        elif dense_mode() == "on" or copies_pay(model, dtype):
             keep_dense_copies(model, dtype)
-    if use_kernels and kernels.isa() != "portable":
-        interleave_blocks(model)
     if config.cpu_kernels:
         pack_weights(model)
     return model
 
 
+def dense_mode() -> str:
+    """DEEPSERVE_DENSE_COPY: "auto" (the default: measured at load, ``copies_pay``), "on"
+    (always, within the memory budget) or "off" (never; the file's blocks serve every
+    batch)."""
+    value = os.environ.get("DEEPSERVE_DENSE_COPY", "auto").strip().lower()
+    for mode, spellings in (("auto", ("", "auto")), ("on", ("1", "on", "true", "yes")),
+                            ("off", ("0", "off", "false", "no"))):
+        if value in spellings:
+            return mode
+    raise DeepserveError(f"DEEPSERVE_DENSE_COPY={value!r} is not a setting: use auto "
+                         "(measure at load), 1 (always keep bf16 copies for large batches, "
+                         "within the memory budget) or 0 (never)", param="DEEPSERVE_DENSE_COPY")
+
+
 def dense_for_batches() -> bool:
-    """Whether GGUF-block layers also keep a bf16 copy for large batches: where bf16
+    """Whether GGUF-block layers may also keep a bf16 copy for large batches: where bf16
     GEMMs run natively (oneDNN) and the kernels run AVX-512, unless
-    DEEPSERVE_DENSE_COPY=0 saves the memory."""
-    if os.environ.get("DEEPSERVE_DENSE_COPY", "1") in ("0", "false", "off"):
+    DEEPSERVE_DENSE_COPY=0."""
+    if dense_mode() == "off":
         return False
     # Only with the avx512 kernels (a forced avx2 path computes everything on blocks, as
     # an AVX2 CPU does, so its results match one).
     native = kernels.isa() == "avx512" or "amx_bf16" in kernels.cpu_flags()
     return native and torch.backends.mkldnn.is_available() and \
         torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# A bf16 copy must run a 32-row batch this many times faster than the blocks to be kept:
+# it costs four times the blocks' memory (Q4) and every byte of it is read per step.
+COPY_MARGIN = 1.25
+CALIBRATION_ROWS = 32
+
+
+def copies_pay(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Whether oneDNN's bf16 GEMM beats the block kernels on this CPU: one decoder
+    layer's largest block projection timed both ways at 32 rows (best of three, about
+    0.1 s). CPUs with AMX run bf16 tiles far faster than 8-bit dots on AVX-512; without
+    AMX the 16-column VNNI kernel wins by 2-4x (BENCHMARKS.md, "Batched GEMM on
+    blocks"). The figures go to the log."""
+    import time
+
+    from deepserve.layers.gguf_linear import GGUFLinear
+
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear) and m.use_kernel]
+    if not layers:
+        return False
+    layer = max(layers[:8], key=lambda m: m.in_features * m.out_features)
+    x = torch.randn(CALIBRATION_ROWS, layer.in_features, dtype=dtype)
+    layer.keep_dense(dtype)
+    copy, copy_bias = layer.dense, layer.dense_bias
+    layer.dense = layer.dense_bias = None
+
+    def best(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    blocks = best(lambda: kernels.linear_gguf(x, layer.blocks, layer.kernel_qtype, layer.bias))
+    dense = best(lambda: torch.ops.mkldnn._linear_pointwise(x, copy, copy_bias, "none", [], ""))
+    flop = 2 * CALIBRATION_ROWS * layer.in_features * layer.out_features
+    pays = blocks > COPY_MARGIN * dense
+    logger.info("bf16 copies for large batches: %s (%d rows through a %dx%d layer: blocks "
+                "%.0f GFLOP/s, bf16 copy %.0f GFLOP/s; DEEPSERVE_DENSE_COPY=1 or 0 decides "
+                "instead)", "kept, faster on this CPU" if pays else "none, the blocks are as fast",
+                CALIBRATION_ROWS, layer.in_features, layer.out_features, flop / blocks / 1e9,
+                flop / dense / 1e9)
+    return pays
 
 
 # The most memory the large-batch bf16 copies may take: a quarter of what is free, and at
