@@ -96,6 +96,39 @@ def test_linear_gguf_matches_float64_on_each_isa(name, dtype, k, each_isa):
         assert err < (0.02 if dtype == torch.float32 else 0.025), (rows, err.item())
 
 
+@pytest.mark.parametrize("k", [96, 576, 1536])
+def test_interleaved_q8_0_for_batches_matches_float64(k):
+    """The output head's Q8_0 copy for batches (qtype 108): 8-bit rows against signed
+    codes on the AVX-512 VNNI kernel, against the file's blocks in float64; a layer
+    with the copy runs it only above DENSE_ROWS rows."""
+    if "avx512" not in kernels.supported_isas() or not kernels.load("avx512"):
+        pytest.skip("interleaved Q8_0 runs on the AVX-512 VNNI kernels only")
+    op = kernels.ops("avx512").linear_gguf
+    torch.manual_seed(4)
+    n = 208  # 13 pairs of interleaved groups
+    w = torch.randn(n, k)
+    blocks = gguf_blocks(w, "Q8_0")
+    deq = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT["Q8_0"])).double()
+    packed = gl.interleave(blocks, gl.Q8_0, k)
+    assert torch.equal(gl.deinterleave(packed, gl.Q8_0, k), blocks)
+    bias = torch.randn(n)
+    for rows in (1, 8, 9, 13, 70):
+        x = torch.randn(rows, k)
+        ref = x.double() @ deq.t() + bias.double()
+        got = op(x, packed, gl.Q8_0 + gl.X8, bias)
+        err = (got.double() - ref).abs().max() / ref.abs().max()
+        assert err < 0.02, (rows, err.item())
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        op(torch.randn(2, k), packed[:8], gl.Q8_0 + gl.X8, None)
+    layer = gl.GGUFLinear(blocks, gl.Q8_0, k, bias)
+    layer.use_kernel = True
+    assert layer.keep_batch_blocks() == (kernels.isa() == "avx512")
+    for rows in (gl.DENSE_ROWS, gl.DENSE_ROWS + 1):
+        x = torch.randn(rows, k)
+        err = (layer(x).double() - (x.double() @ deq.t() + bias.double())).abs().max()
+        assert err / (x.double() @ deq.t()).abs().max() < 0.02
+
+
 @pytest.mark.parametrize("name", list(TYPES))
 def test_gguf_rows_equal_the_dequantized_table_on_each_isa(name, each_isa):
     torch.manual_seed(2)

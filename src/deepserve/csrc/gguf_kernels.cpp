@@ -513,6 +513,10 @@ void linear_blocks(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int6
 // vector: no horizontal sums, and one scale multiply serves eight blocks. On AVX2 the 16
 // products of a row's eight steps add up in int16 lanes (at most 16 * 15 * 127 = 30480).
 constexpr int64_t kQ4_0x8 = 102, kQ4_1x8 = 103, kQ5_0x8 = 106, kQ5_1x8 = 107, kQ4_Kx8 = 112;
+// Q8_0 interleaved the same way (8 fp16 d, then eight code vectors, word r of vector t
+// holding row r's codes 4t .. 4t + 3): the output head's copy for batches, AVX-512 only
+// (group_x16 with T = kQ8_0).
+constexpr int64_t kQ8_0x8 = 108;
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -694,6 +698,29 @@ inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const 
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0f);
+  if constexpr (T == kQ8_0) {
+    // signed codes: the rows' codes come with 128 added (q8_flip), and each block's dots
+    // lose 128 times the sum of its codes, one vpdpbusd of 128s per code vector
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
+      const __m512 vd = halves_ps(u, u2);
+      __m512i corr = _mm512_setzero_si512(), s[R];
+      for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
+      for (int t = 0; t < 8; ++t) {
+        const __m512i v = cat256(u + 16 + 32 * t, u2 + 16 + 32 * t);
+        corr = _mm512_dpbusd_epi32(corr, flip, v);
+        for (int r = 0; r < R; ++r)
+          s[r] = _mm512_dpbusd_epi32(
+              s[r], _mm512_set1_epi32(load_i32(xq + (r * nb + b) * QK + 4 * t)), v);
+      }
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[r], corr)),
+                                 _mm512_mul_ps(vd, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
+    return;
+  }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t *c, *c2;
     __m512 vd, vm;
@@ -765,7 +792,7 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
       group_x16<T, decltype(r)::value>(wg, chunk, q, d, s, nb, o, N);
     });
   });
-  if (g0 == N / 8) return;
+  if (g0 == N / 8 || T == kQ8_0) return;  // (Q8_0 rows come in multiples of 16)
 #endif
   for_row_tiles(M, N / 8 - g0, K + nb * 8, [&](int64_t g, int64_t m, int64_t rows) {
     g += g0;
@@ -774,7 +801,8 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
     const float* d = xq.d.data() + m * nb;
     const float* s = xq.s.data() + m * nb;
     float* o = out + m * N + 8 * g;
-    with_rows(rows, [&](auto r) { group_x8<T, decltype(r)::value>(wg, q, d, s, nb, o, N); });
+    if constexpr (T != kQ8_0)
+      with_rows(rows, [&](auto r) { group_x8<T, decltype(r)::value>(wg, q, d, s, nb, o, N); });
   });
 }
 
@@ -787,6 +815,9 @@ void linear_codes(const QRows& q, const uint8_t* w, int64_t M, int64_t K, int64_
     case kQ4_1x8: linear_x8<kQ4_1>(q, w, M, K, N, out); break;
     case kQ4_Kx8: linear_x8<kQ4_K>(q, w, M, K, N, out); break;
     case kQ5_0x8: case kQ5_1x8: linear_x8<kQ5_0>(q, w, M, K, N, out); break;
+#if DSQ_ISA == 2
+    case kQ8_0x8: linear_x8<kQ8_0>(q, w, M, K, N, out); break;
+#endif
     default: linear_blocks<kQ4_1>(q, w, M, K, N, out); break;
   }
 }
@@ -795,14 +826,17 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "linear_gguf: x [M,K] and weight [N,bytes]");
   TORCH_CHECK(weight.scalar_type() == at::kByte, "linear_gguf: weight must be uint8 blocks");
+  TORCH_CHECK(qtype != kQ8_0x8 || (DSQ_ISA == 2 && weight.size(0) % 16 == 0),
+              "linear_gguf: interleaved Q8_0 (108) runs on the AVX-512 VNNI kernels only, "
+              "with a multiple of 16 rows");
   const bool x8 = qtype == kQ4_0x8 || qtype == kQ4_1x8 || qtype == kQ5_0x8 ||
-                  qtype == kQ5_1x8 || qtype == kQ4_Kx8;
+                  qtype == kQ5_1x8 || qtype == kQ4_Kx8 || qtype == kQ8_0x8;
   const int64_t base = x8 ? qtype - 100 : qtype;
   const bool x8_only = base == kQ5_0 || base == kQ5_1 || base == kQ4_K;
   const int64_t bb = x8_only && !x8 ? 0 : block_bytes(base);
   TORCH_CHECK(bb > 0, "linear_gguf: GGUF type ", qtype,
               " is not Q4_0 (2), Q4_1 (3), Q8_0 (8), Q6_K as kept (14), or an interleaved Q4_0 / "
-              "Q4_1 / Q5_0 / Q5_1 / Q4_K (102, 103, 106, 107, 112)");
+              "Q4_1 / Q5_0 / Q5_1 / Q4_K / Q8_0 (102, 103, 106, 107, 112, 108)");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(!x8 || N % 8 == 0, "linear_gguf: interleaved blocks need a multiple of 8 rows, "
               "not ", N);
@@ -830,6 +864,8 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
     case at::kHalf: quantize_rows(xc.data_ptr<at::Half>(), M, K, q); break;
     default: TORCH_CHECK(false, "linear_gguf: x must be float32, bfloat16 or float16");
   }
+  if (qtype == kQ8_0x8)  // unsigned codes for vpdpbusd: c + 128 (group_x16)
+    for (auto& c : q.q) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80u);
   at::Tensor out = at::empty({M, N}, xc.options().dtype(at::kFloat));
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();

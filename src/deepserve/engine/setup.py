@@ -260,6 +260,10 @@ def interleave_blocks(model: torch.nn.Module) -> None:
         if (isinstance(module, GGUFLinear) and module.blocks.data_ptr() not in shared) or \
                 isinstance(module, Experts):
             module.interleave_blocks()
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, GGUFLinear) and head.keep_batch_blocks():
+        logger.info("output head: its Q8_0 blocks also interleaved for batches (%.0f MiB)",
+                    head.batch_blocks.numel() / 2**20)
 
 
 def parallel(config: EngineConfig, path: Path, kind: str, mcfg: ModelConfig,
