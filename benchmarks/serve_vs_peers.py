@@ -50,6 +50,21 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> float:
     raise TimeoutError("server did not become ready")
 
 
+def vllm_preload(vllm_python: str) -> list[str]:
+    """What vLLM's CPU docs ask to preload: tcmalloc (Debian's libtcmalloc-minimal4) and
+    Intel's OpenMP (the intel-openmp wheel in vLLM's venv), where found."""
+    import glob
+
+    venv = Path(vllm_python).resolve().parent.parent
+    found = []
+    for pattern in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4*",
+                    "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4*", f"{venv}/lib/libiomp5.so"):
+        hits = sorted(glob.glob(pattern))
+        if hits and not (found and "tcmalloc" in hits[0] and "tcmalloc" in found[0]):
+            found.append(hits[0])
+    return found
+
+
 def peak_rss_mib(pid: int) -> float:
     """Peak resident memory (VmHWM) of the server and every process it started (vLLM
     runs its engine in a child), summed: an upper bound when their peaks differ in time."""
@@ -113,7 +128,12 @@ def main() -> None:
         if system == "vllm":  # GiB of KV cache: the same tokens as the others, in bf16
             kv_gib = args.kv_tokens * 30 * 2 * 3 * 64 * 2 / 2**30
             env.update(VLLM_CPU_KVCACHE_SPACE=str(max(1, round(kv_gib + 0.49))),
-                       OMP_NUM_THREADS=str(args.threads))
+                       OMP_NUM_THREADS=str(args.threads),
+                       VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}")
+            preload = vllm_preload(args.vllm_python)
+            if preload:
+                env["LD_PRELOAD"] = ":".join(preload)
+            print("vLLM preloads:", ", ".join(preload) or "nothing found", flush=True)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             load = wait_ready(url, proc)

@@ -98,9 +98,10 @@ def test_linear_gguf_matches_float64_on_each_isa(name, dtype, k, each_isa):
 
 @pytest.mark.parametrize("k", [96, 576, 1536])
 def test_interleaved_q8_0_for_batches_matches_float64(k):
-    """The output head's Q8_0 copy for batches (qtype 108): 8-bit rows against signed
-    codes on the AVX-512 VNNI kernel, against the file's blocks in float64; a layer
-    with the copy runs it only above DENSE_ROWS rows."""
+    """The output head's Q8_0 copy for batches (qtype 108): rows as two 8-bit parts
+    against signed codes on the AVX-512 VNNI kernel, against the file's blocks in
+    float64. Measured 2e-5 of the output scale (one 8-bit part gives about 5e-3, a
+    bf16 output 3e-3); a layer with the copy runs it only above DENSE_ROWS rows."""
     if "avx512" not in kernels.supported_isas() or not kernels.load("avx512"):
         pytest.skip("interleaved Q8_0 runs on the AVX-512 VNNI kernels only")
     op = kernels.ops("avx512").linear_gguf
@@ -117,7 +118,7 @@ def test_interleaved_q8_0_for_batches_matches_float64(k):
         ref = x.double() @ deq.t() + bias.double()
         got = op(x, packed, gl.Q8_0 + gl.X8, bias)
         err = (got.double() - ref).abs().max() / ref.abs().max()
-        assert err < 0.02, (rows, err.item())
+        assert err < 2e-4, (rows, err.item())
     with pytest.raises(RuntimeError, match="multiple of 16"):
         op(torch.randn(2, k), packed[:8], gl.Q8_0 + gl.X8, None)
     layer = gl.GGUFLinear(blocks, gl.Q8_0, k, bias)
@@ -126,7 +127,7 @@ def test_interleaved_q8_0_for_batches_matches_float64(k):
     for rows in (gl.DENSE_ROWS, gl.DENSE_ROWS + 1):
         x = torch.randn(rows, k)
         err = (layer(x).double() - (x.double() @ deq.t() + bias.double())).abs().max()
-        assert err / (x.double() @ deq.t()).abs().max() < 0.02
+        assert err / (x.double() @ deq.t()).abs().max() < 2e-4
 
 
 @pytest.mark.parametrize("name", list(TYPES))

@@ -31,14 +31,16 @@ def test_quantized_kv_round_trip(kind):
 
 
 # Mean KL (nats) of next-token distributions against float32 over the test prompts,
-# 16 teacher-forced positions each, read back through the KV cache. Measured here:
-# bf16 0.0013, the GGUF's own Q4_1 blocks (auto) 0.0015, int8 (Q8_0) 0.0028, int4
-# (Q4_1) 0.0015, mixed 0.0020, KV int8 0.0017, KV fp8 0.0062
-# (benchmarks/quality.py gives the same order over 32 prompts x 64 tokens). Bounds are
-# about 2.5x those: a broken kernel, scale or packing (KL 0.1 and up) fails, while
-# rounding noise from another CPU's kernels passes.
-KL_BOUNDS = {("none", "auto"): 0.0035, ("auto", "auto"): 0.004, ("int8", "auto"): 0.012,
-             ("int4", "auto"): 0.006, ("mixed", "auto"): 0.008, ("none", "int8"): 0.004,
+# 16 teacher-forced positions each, read back through the KV cache. Measured on an
+# AVX-512 Xeon: bf16 0.0013, int8 (Q8_0) 0.0028, KV int8 0.0016, KV fp8 0.0064; 4-bit
+# blocks (the GGUF's own Q4_1 = auto, int4, and mixed) 0.0039 / 0.0039 / 0.0030 on the
+# block kernels, which round each row to 8 bits per 32 values as single-stream decoding
+# always has (with DEEPSERVE_DENSE_COPY=1 these 16-row batches ran on bf16 copies
+# instead: 0.0016 / 0.0016 / 0.0019). benchmarks/quality.py gives the same order over
+# 32 prompts x 64 tokens. Bounds are about 2-2.5x those: a broken kernel, scale or
+# packing (KL 0.1 and up) fails, while rounding noise from another CPU's kernels passes.
+KL_BOUNDS = {("none", "auto"): 0.0035, ("auto", "auto"): 0.008, ("int8", "auto"): 0.012,
+             ("int4", "auto"): 0.008, ("mixed", "auto"): 0.008, ("none", "int8"): 0.004,
              ("none", "fp8"): 0.016, ("none", "fp16"): 0.0035}
 
 

@@ -515,7 +515,7 @@ void linear_blocks(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int6
 constexpr int64_t kQ4_0x8 = 102, kQ4_1x8 = 103, kQ5_0x8 = 106, kQ5_1x8 = 107, kQ4_Kx8 = 112;
 // Q8_0 interleaved the same way (8 fp16 d, then eight code vectors, word r of vector t
 // holding row r's codes 4t .. 4t + 3): the output head's copy for batches, AVX-512 only
-// (group_x16 with T = kQ8_0).
+// (group_q8x16).
 constexpr int64_t kQ8_0x8 = 108;
 
 inline int32_t load_i32(const int8_t* p) {
@@ -698,29 +698,6 @@ inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const 
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0f);
-  if constexpr (T == kQ8_0) {
-    // signed codes: the rows' codes come with 128 added (q8_flip), and each block's dots
-    // lose 128 times the sum of its codes, one vpdpbusd of 128s per code vector
-    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
-      const __m512 vd = halves_ps(u, u2);
-      __m512i corr = _mm512_setzero_si512(), s[R];
-      for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
-      for (int t = 0; t < 8; ++t) {
-        const __m512i v = cat256(u + 16 + 32 * t, u2 + 16 + 32 * t);
-        corr = _mm512_dpbusd_epi32(corr, flip, v);
-        for (int r = 0; r < R; ++r)
-          s[r] = _mm512_dpbusd_epi32(
-              s[r], _mm512_set1_epi32(load_i32(xq + (r * nb + b) * QK + 4 * t)), v);
-      }
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[r], corr)),
-                                 _mm512_mul_ps(vd, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
-    }
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
-    return;
-  }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t *c, *c2;
     __m512 vd, vm;
@@ -773,6 +750,74 @@ inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const 
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
 }
+
+// Interleaved Q8_0 (the output head's copy for batches) against rows given as two 8-bit
+// parts, x = d1 c1 + d2 c2 per block: c1 the rows' codes, c2 the codes of what c1 left
+// (at most d1 / 2 per value, so two parts keep about 15 bits: a single 8-bit part moved
+// the head's next-token distributions by 0.003 nats KL on the default model, and two do
+// not measurably). vpdpbusd multiplies unsigned by signed bytes, so the codes come with
+// 128 added (a sign-bit flip) and each block's dots lose 128 times the sum of its weight
+// codes: one more vpdpbusd per code vector, shared by every row. 16 output columns as
+// group_x16: weight rows 16p .. 16p + 15.
+template <int R>
+inline void group_q8x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const float* xd,
+                        const int8_t* xq2, const float* xd2, int64_t nb, float* out,
+                        int64_t out_stride) {
+  const int64_t cb = 8 * block_bytes(kQ8_0);
+  const uint8_t* wg2 = wg + chunk;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
+    const __m512 vd = halves_ps(u, u2);
+    __m512i corr = _mm512_setzero_si512(), s[R], s2[R];
+    for (int r = 0; r < R; ++r) s[r] = s2[r] = _mm512_setzero_si512();
+    for (int t = 0; t < 8; ++t) {
+      const __m512i v = cat256(u + 16 + 32 * t, u2 + 16 + 32 * t);
+      corr = _mm512_dpbusd_epi32(corr, flip, v);
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (r * nb + b) * QK + 4 * t;
+        s[r] = _mm512_dpbusd_epi32(s[r], _mm512_set1_epi32(load_i32(xq + at)), v);
+        s2[r] = _mm512_dpbusd_epi32(s2[r], _mm512_set1_epi32(load_i32(xq2 + at)), v);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t xi = r * nb + b;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[r], corr)),
+                               _mm512_mul_ps(vd, _mm512_set1_ps(xd[xi])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s2[r], corr)),
+                               _mm512_mul_ps(vd, _mm512_set1_ps(xd2[xi])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
+}
+
+// y = x W^T for interleaved Q8_0 (N a multiple of 16) and float rows x, as group_q8x16
+// describes.
+template <typename T>
+void linear_q8x16(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* out) {
+  const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(kQ8_0);
+  QRows q, q2;
+  quantize_rows(x, M, K, q);
+  std::vector<float> rest(M * K);
+  at::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int j = 0; j < QK; ++j)
+        rest[i * QK + j] = to_f(x[i * QK + j]) - q.d[i] * static_cast<float>(q.q[i * QK + j]);
+  });
+  quantize_rows(rest.data(), M, K, q2);
+  for (auto* codes : {&q.q, &q2.q})
+    for (auto& c : *codes) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80u);
+  for_row_tiles(M, N / 16, 2 * (K + nb * 4), [&](int64_t p, int64_t m, int64_t rows) {
+    const uint8_t* wg = w + 2 * p * chunk;
+    float* o = out + m * N + 16 * p;
+    with_rows(rows, [&](auto r) {
+      group_q8x16<decltype(r)::value>(wg, chunk, q.q.data() + m * K, q.d.data() + m * nb,
+                                      q2.q.data() + m * K, q2.d.data() + m * nb, nb, o, N);
+    });
+  });
+}
 #endif
 
 template <int64_t T>
@@ -792,7 +837,7 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
       group_x16<T, decltype(r)::value>(wg, chunk, q, d, s, nb, o, N);
     });
   });
-  if (g0 == N / 8 || T == kQ8_0) return;  // (Q8_0 rows come in multiples of 16)
+  if (g0 == N / 8) return;
 #endif
   for_row_tiles(M, N / 8 - g0, K + nb * 8, [&](int64_t g, int64_t m, int64_t rows) {
     g += g0;
@@ -801,8 +846,7 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
     const float* d = xq.d.data() + m * nb;
     const float* s = xq.s.data() + m * nb;
     float* o = out + m * N + 8 * g;
-    if constexpr (T != kQ8_0)
-      with_rows(rows, [&](auto r) { group_x8<T, decltype(r)::value>(wg, q, d, s, nb, o, N); });
+    with_rows(rows, [&](auto r) { group_x8<T, decltype(r)::value>(wg, q, d, s, nb, o, N); });
   });
 }
 
@@ -815,9 +859,6 @@ void linear_codes(const QRows& q, const uint8_t* w, int64_t M, int64_t K, int64_
     case kQ4_1x8: linear_x8<kQ4_1>(q, w, M, K, N, out); break;
     case kQ4_Kx8: linear_x8<kQ4_K>(q, w, M, K, N, out); break;
     case kQ5_0x8: case kQ5_1x8: linear_x8<kQ5_0>(q, w, M, K, N, out); break;
-#if DSQ_ISA == 2
-    case kQ8_0x8: linear_x8<kQ8_0>(q, w, M, K, N, out); break;
-#endif
     default: linear_blocks<kQ4_1>(q, w, M, K, N, out); break;
   }
 }
@@ -857,6 +898,21 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
     if (bias.has_value()) out.add_(bias->to(at::kFloat));
     return xc.scalar_type() == at::kFloat ? out : out.to(xc.scalar_type());
   }
+#if DSQ_ISA == 2
+  if (qtype == kQ8_0x8) {
+    at::Tensor out = at::empty({M, N}, xc.options().dtype(at::kFloat));
+    const uint8_t* wp = wc.data_ptr<uint8_t>();
+    float* op = out.data_ptr<float>();
+    switch (xc.scalar_type()) {
+      case at::kFloat: linear_q8x16(xc.data_ptr<float>(), M, K, wp, N, op); break;
+      case at::kBFloat16: linear_q8x16(xc.data_ptr<at::BFloat16>(), M, K, wp, N, op); break;
+      case at::kHalf: linear_q8x16(xc.data_ptr<at::Half>(), M, K, wp, N, op); break;
+      default: TORCH_CHECK(false, "linear_gguf: x must be float32, bfloat16 or float16");
+    }
+    if (bias.has_value()) out.add_(bias->to(at::kFloat));
+    return xc.scalar_type() == at::kFloat ? out : out.to(xc.scalar_type());
+  }
+#endif
   QRows q;
   switch (xc.scalar_type()) {
     case at::kFloat: quantize_rows(xc.data_ptr<float>(), M, K, q); break;
@@ -864,8 +920,6 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
     case at::kHalf: quantize_rows(xc.data_ptr<at::Half>(), M, K, q); break;
     default: TORCH_CHECK(false, "linear_gguf: x must be float32, bfloat16 or float16");
   }
-  if (qtype == kQ8_0x8)  // unsigned codes for vpdpbusd: c + 128 (group_x16)
-    for (auto& c : q.q) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80u);
   at::Tensor out = at::empty({M, N}, xc.options().dtype(at::kFloat));
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
