@@ -233,12 +233,18 @@ def test_embeddings_equal_transformers_pooled_hidden_states(client, hf_model):
     texts = ["The cat sat on the mat.", "Stock prices fell sharply on Monday.",
              "Write a haiku about autumn. " * 400]  # ~2,800 tokens: two prefill chunks
     r = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    cosines = []
     for text, got in zip(texts, r.data, strict=True):
         with torch.inference_mode():
             hidden = model(tok(text, return_tensors="pt").input_ids,
                            output_hidden_states=True).hidden_states[-1][0]
         want = torch.nn.functional.normalize(hidden.mean(0), dim=0)
-        assert float(want @ torch.tensor(got.embedding)) > 0.999
+        cosines.append(float(want @ torch.tensor(got.embedding)))
+    # The GGUF's 4-bit blocks against rows rounded to 8 bits per 32 values (as llama.cpp
+    # computes them): measured 0.9982 / 0.9997 / 0.9998 on an AVX-512 Xeon, and 0.9999 on
+    # bf16 copies (DEEPSERVE_DENSE_COPY=1). A wrong pooling, norm or chunk join gives 0.9
+    # and below.
+    assert min(cosines) > 0.997, cosines
 
 
 def test_a_server_for_embeddings_only(tmp_path):
