@@ -107,6 +107,40 @@ def test_engine_tokens_equal_with_and_without_kernels():
     assert outs[0] == outs[1]
 
 
+@needs_kernels
+def test_a_decode_layer_in_one_call_equals_its_kernels_one_by_one(monkeypatch):
+    """Decode steps on GGUF blocks run each decoder layer as one C++ call
+    (kernels.decode_layer); the same kernels called one by one from Python give
+    bit-identical logprobs, in bf16 and float32, with the Qwen2 layout's QKV bias too."""
+    from deepserve.models import llama
+
+    monkeypatch.setenv("DEEPSERVE_DENSE_COPY", "0")  # every batch on the blocks
+    calls = []
+    real = kernels.decode_layer
+    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=2)
+    for dtype in ("bfloat16", "float32"):
+        llm = LLM(dtype=dtype, show_progress=False, kv_cache_memory="64MiB",
+                  enable_prefix_caching=False)
+        model = llm.engine.model
+        assert all(layer.decode_weights() is not None for layer in model.layers)
+        if dtype == "float32":  # a QKV bias (Qwen2) goes into the same call
+            qkv = model.layers[0].qkv_proj
+            qkv.bias = torch.nn.Parameter(torch.randn(qkv.out_features) * 0.1,
+                                          requires_grad=False)
+            for layer in model.layers:
+                layer.__dict__.pop("_decode_plan", None)
+        runs = []
+        for fused in (True, False):
+            monkeypatch.setattr(llama, "FUSED_DECODE", fused)
+            del calls[:]
+            outs = llm.generate(PROMPTS[:3], params)
+            assert bool(calls) is fused
+            runs.append([[(x.token_id, x.top) for x in o.outputs[0].logprobs] for o in outs])
+        assert runs[0] == runs[1]
+        del llm
+
+
 def test_kernels_can_be_switched_off_and_say_why():
     env = dict(os.environ, DEEPSERVE_KERNELS="0")
     code = ("from deepserve import kernels; print(kernels.available(), "

@@ -286,6 +286,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return ops().silu_mul(gate_up)
 
 
+def decode_layer(x: torch.Tensor, *args) -> torch.Tensor:
+    """One decoder layer of a decode step on GGUF blocks in one call (norm, QKV, rotary +
+    KV write, paged attention, output projection, residual, norm, gate/up, SwiGLU, down,
+    residual); arguments as ``DecoderLayer.decode_weights`` and ``forward_fused`` give
+    them."""
+    return ops().decode_layer(x, *args)
+
+
 def linear_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] times a weight stored as GGUF blocks ([N, K / 32 * block bytes] uint8)."""

@@ -1370,6 +1370,42 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniform) {
 
 }  // namespace
 
+namespace dsq {  // gguf_kernels.cpp
+at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype,
+                       const c10::optional<at::Tensor>& bias);
+}
+
+namespace {
+
+// One decoder layer of a decode step (one new token per sequence) on GGUF-block
+// projections, in one call: the same kernels, in the same order and with the same
+// rounding points, as DecoderLayer.forward_fused calls one by one from Python, whose
+// ten dispatches per layer cost more than the arithmetic at small batches. Returns the
+// layer's output rows; k and v are written to the caches.
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& in_norm,
+                        const at::Tensor& post_norm, double eps, const at::Tensor& qkv_w,
+                        int64_t qkv_type, const c10::optional<at::Tensor>& qkv_bias,
+                        const at::Tensor& o_w, int64_t o_type, const at::Tensor& gu_w,
+                        int64_t gu_type, const at::Tensor& down_w, int64_t down_type,
+                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
+                        at::Tensor v_cache, const at::Tensor& slots, int64_t heads,
+                        int64_t kv_heads, const at::Tensor& block_table,
+                        const at::Tensor& ctx_lens, int64_t block_size, double scale) {
+  const int64_t t = x.size(0);
+  const at::Tensor h = rms_norm(x, c10::nullopt, in_norm, eps)[0];
+  const at::Tensor qkv = dsq::linear_gguf(h, qkv_w, qkv_type, qkv_bias);
+  const auto qk = rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads);
+  const at::Tensor attn = paged_decode_attention(qk[0], k_cache, v_cache, c10::nullopt,
+                                                 c10::nullopt, block_table, ctx_lens,
+                                                 block_size, scale);
+  const at::Tensor o = dsq::linear_gguf(attn.reshape({t, -1}), o_w, o_type, c10::nullopt);
+  const auto hx = rms_norm(x, o, post_norm, eps);  // [norm(x + o), x + o]
+  const at::Tensor up = dsq::linear_gguf(hx[0], gu_w, gu_type, c10::nullopt);
+  return hx[1] + dsq::linear_gguf(silu_mul(up), down_w, down_type, c10::nullopt);
+}
+
+}  // namespace
+
 // One build per instruction set (kernels.py), each under its own namespace, e.g.
 // torch.ops.deepserve_avx2; DS_NS names it (the extra macro level expands it).
 #ifndef DS_NS
@@ -1392,6 +1428,12 @@ DS_LIBRARY(DS_NS, m) {
   m.def("linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor lows, Tensor? bias) -> Tensor");
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
   m.def("sample_rows(Tensor logits, Tensor uniform) -> Tensor");
+  m.def(
+      "decode_layer(Tensor x, Tensor in_norm, Tensor post_norm, float eps, Tensor qkv_w, "
+      "int qkv_type, Tensor? qkv_bias, Tensor o_w, int o_type, Tensor gu_w, int gu_type, "
+      "Tensor down_w, int down_type, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor slots, int heads, int kv_heads, Tensor block_table, "
+      "Tensor ctx_lens, int block_size, float scale) -> Tensor");
 }
 
 DS_LIBRARY_IMPL(DS_NS, CPU, m) {
@@ -1402,4 +1444,5 @@ DS_LIBRARY_IMPL(DS_NS, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("linear_int4", &linear_int4);
   m.impl("sample_rows", &sample_rows);
+  m.impl("decode_layer", &decode_layer);
 }

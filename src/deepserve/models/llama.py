@@ -37,6 +37,10 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+# Whether decode steps on GGUF blocks run each layer as one C++ call (tests compare both)
+FUSED_DECODE = True
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm attention + SwiGLU MLP (or a sparse MoE). Under tensor parallelism
     (``tp_group`` set) it holds its rank's heads and MLP rows, and sums the output
@@ -92,11 +96,39 @@ class DecoderLayer(nn.Module):
         x = x + all_reduce(self.o_proj(attn.view(t, self.q_size)), self.tp_group)
         return x + all_reduce(mlp(self, self.post_attention_layernorm(x)), self.tp_group)
 
+    def decode_weights(self) -> tuple | None:
+        """The arguments ``kernels.decode_layer`` takes from this layer, when it can run a
+        decode step as one C++ call: all four projections on GGUF blocks (no bf16 copies),
+        no q/k norms, no MoE, no tensor parallelism. Else None."""
+        from deepserve.layers.gguf_linear import GGUFLinear
+
+        projs = [getattr(self, n, None) for n in ("qkv_proj", "o_proj", "gate_up_proj",
+                                                  "down_proj")]
+        if (self.q_norm is not None or self.moe is not None or self.tp_group is not None
+                or not all(isinstance(p, GGUFLinear) and p.use_kernel and p.dense is None
+                           and p.batch_blocks is None for p in projs)
+                or any(p.bias is not None for p in projs[1:])):
+            return None
+        qkv, o, gu, down = projs
+        return (self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                self.input_layernorm.eps, qkv.blocks, qkv.kernel_qtype, qkv.bias, o.blocks,
+                o.kernel_qtype, gu.blocks, gu.kernel_qtype, down.blocks, down.kernel_qtype)
+
     def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
         """The same layer through deepserve's fused CPU kernels (``kernels.py``): norm,
-        rotary + cache write and SwiGLU each in one call; same rounding points."""
+        rotary + cache write and SwiGLU each in one call; same rounding points. A decode
+        step on GGUF blocks runs the whole layer as one call (``decode_weights``)."""
         t = x.shape[0]
+        plan = self.__dict__.get("_decode_plan", False)
+        if plan is False:  # decided once, after loading
+            plan = self._decode_plan = self.decode_weights()
+        if plan is not None and meta.use_kernel and meta.num_decode == t and \
+                not meta.prefills and cache.kind in ("auto", "fp16") and FUSED_DECODE:
+            return kernels.decode_layer(x, *plan, cos, sin, cache.k, cache.v,
+                                        meta.slot_mapping, self.num_heads, self.num_kv_heads,
+                                        meta.decode_table, meta.decode_ctx, meta.block_size,
+                                        self.scale)
         h = kernels.rms_norm(x, None, self.input_layernorm.weight, self.input_layernorm.eps)[0]
         qkv = self.qkv_proj(h)
         if self.q_norm is not None:  # per-head norms through the fused kernel, in place
