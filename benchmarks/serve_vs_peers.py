@@ -55,7 +55,7 @@ def vllm_preload(vllm_python: str) -> list[str]:
     Intel's OpenMP (the intel-openmp wheel in vLLM's venv), where found."""
     import glob
 
-    venv = Path(vllm_python).resolve().parent.parent
+    venv = Path(vllm_python).absolute().parent.parent  # (not resolved: bin/python links out)
     found = []
     for pattern in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4*",
                     "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4*", f"{venv}/lib/libiomp5.so"):
