@@ -250,6 +250,27 @@ def test_dense_copy_for_large_batches_gives_the_same_tokens(monkeypatch):
     assert lean.engine.weight_bytes < llm.engine.weight_bytes
 
 
+def test_warm_up_is_short_when_every_layer_runs_on_blocks(caplog, monkeypatch):
+    """With no bf16 copies the warm-up is a 16-token prefill and one batch of 8; with
+    copies (oneDNN's first calls are slow) it runs the long prefill and batches 1/8/32."""
+    from deepserve.engine import setup
+    from deepserve.engine.warmup import blocks_only, warm_up
+
+    caplog.set_level("INFO", logger="deepserve.engine.warmup")
+    for copies in ("0", "1"):
+        monkeypatch.setenv("DEEPSERVE_DENSE_COPY", copies)
+        if copies == "1" and not (kernels.available() and setup.dense_for_batches()):
+            continue
+        llm = LLM(dtype="bfloat16", show_progress=False, kv_cache_memory="64MiB")
+        caplog.clear()
+        warm_up(llm.engine)
+        assert blocks_only(llm.engine.model) is (copies == "0")
+        short = "1 x 16 tokens, 8 x 4 tokens in" in caplog.text
+        assert short is blocks_only(llm.engine.model), caplog.text
+        assert not llm.engine.has_unfinished()
+        del llm
+
+
 def test_bf16_copies_for_large_batches_only_within_their_memory_budget(caplog):
     """An 8B model's bf16 copies would be 16 GB: the copies are made only when all of
     them fit a quarter of free memory (and 2 GiB); else the blocks serve every batch."""
