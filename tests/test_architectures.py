@@ -91,6 +91,37 @@ def test_experts_stay_in_gguf_blocks(arch, qtype, tiny, tmp_path, default_gguf):
     assert kl < 0.02, kl
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_one_call_decode_layers_equal_their_kernels_one_by_one(arch, tiny, tmp_path,
+                                                               default_gguf, monkeypatch):
+    """Qwen3's q/k norms and an MoE layer's attention half run inside
+    kernels.decode_layer on Q4_0 blocks: bit-identical logprobs to the same kernels
+    called one by one."""
+    from deepserve import kernels
+    from deepserve.models import llama
+
+    if not kernels.available():
+        pytest.skip("no CPU kernels here")
+    _, model, _, _ = tiny(arch)
+    gguf = write_gguf(model, arch, tmp_path / f"{arch}-q4.gguf", default_gguf, 2)
+    llm = LLM(model=str(gguf), dtype="float32", show_progress=False, kv_cache_memory="16MiB",
+              enable_prefix_caching=False)
+    layers = llm.engine.model.layers
+    assert all(layer.decode_weights() is not None for layer in layers)
+    calls = []
+    real = kernels.decode_layer
+    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(llama, "FUSED_DECODE", fused)
+        del calls[:]
+        outs = llm.generate(PROMPTS, params)
+        assert bool(calls) is fused
+        runs.append([[(x.token_id, x.top) for x in o.outputs[0].logprobs] for o in outs])
+    assert runs[0] == runs[1]
+
+
 def test_quantization_puts_experts_into_blocks(tiny):
     path, _, tok, _ = tiny("qwen3_moe")
     ref = LLM(model=str(path), dtype="float32", quantization="none", show_progress=False,

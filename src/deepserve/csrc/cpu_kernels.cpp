@@ -1380,28 +1380,40 @@ namespace {
 // One decoder layer of a decode step (one new token per sequence) on GGUF-block
 // projections, in one call: the same kernels, in the same order and with the same
 // rounding points, as DecoderLayer.forward_fused calls one by one from Python, whose
-// ten dispatches per layer cost more than the arithmetic at small batches. Returns the
-// layer's output rows; k and v are written to the caches.
-at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& in_norm,
-                        const at::Tensor& post_norm, double eps, const at::Tensor& qkv_w,
-                        int64_t qkv_type, const c10::optional<at::Tensor>& qkv_bias,
-                        const at::Tensor& o_w, int64_t o_type, const at::Tensor& gu_w,
-                        int64_t gu_type, const at::Tensor& down_w, int64_t down_type,
-                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
-                        at::Tensor v_cache, const at::Tensor& slots, int64_t heads,
-                        int64_t kv_heads, const at::Tensor& block_table,
-                        const at::Tensor& ctx_lens, int64_t block_size, double scale) {
-  const int64_t t = x.size(0);
+// ten dispatches per layer cost more than the arithmetic at small batches. With q_norm
+// and k_norm (Qwen3) each q and k head is normed before rotary. With gu_w, returns
+// [the layer's output rows]; without (a mixture-of-experts layer, whose MLP Python
+// runs), [norm(x + attention), x + attention]. k and v are written to the caches.
+std::vector<at::Tensor> decode_layer(
+    const at::Tensor& x, const at::Tensor& in_norm, const at::Tensor& post_norm, double eps,
+    const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
+    const at::Tensor& qkv_w, int64_t qkv_type, const c10::optional<at::Tensor>& qkv_bias,
+    const at::Tensor& o_w, int64_t o_type, const c10::optional<at::Tensor>& gu_w,
+    int64_t gu_type, const c10::optional<at::Tensor>& down_w, int64_t down_type,
+    const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
+    const at::Tensor& slots, int64_t heads, int64_t kv_heads, const at::Tensor& block_table,
+    const at::Tensor& ctx_lens, int64_t block_size, double scale) {
+  const int64_t t = x.size(0), dim = k_cache.size(2);
   const at::Tensor h = rms_norm(x, c10::nullopt, in_norm, eps)[0];
   const at::Tensor qkv = dsq::linear_gguf(h, qkv_w, qkv_type, qkv_bias);
+  if (q_norm.has_value() && k_norm.has_value()) {
+    const int64_t widths[2] = {heads * dim, kv_heads * dim};
+    const at::Tensor* norms[2] = {&*q_norm, &*k_norm};
+    for (int64_t i = 0, off = 0; i < 2; off += widths[i], ++i) {
+      at::Tensor part = qkv.narrow(1, off, widths[i]);
+      part.copy_(rms_norm(part.reshape({-1, dim}).contiguous(), c10::nullopt, *norms[i],
+                          eps)[0].view({t, -1}));
+    }
+  }
   const auto qk = rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads);
   const at::Tensor attn = paged_decode_attention(qk[0], k_cache, v_cache, c10::nullopt,
                                                  c10::nullopt, block_table, ctx_lens,
                                                  block_size, scale);
   const at::Tensor o = dsq::linear_gguf(attn.reshape({t, -1}), o_w, o_type, c10::nullopt);
-  const auto hx = rms_norm(x, o, post_norm, eps);  // [norm(x + o), x + o]
-  const at::Tensor up = dsq::linear_gguf(hx[0], gu_w, gu_type, c10::nullopt);
-  return hx[1] + dsq::linear_gguf(silu_mul(up), down_w, down_type, c10::nullopt);
+  auto hx = rms_norm(x, o, post_norm, eps);  // [norm(x + o), x + o]
+  if (!gu_w.has_value() || !down_w.has_value()) return hx;
+  const at::Tensor up = dsq::linear_gguf(hx[0], *gu_w, gu_type, c10::nullopt);
+  return {hx[1] + dsq::linear_gguf(silu_mul(up), *down_w, down_type, c10::nullopt)};
 }
 
 }  // namespace
@@ -1429,11 +1441,11 @@ DS_LIBRARY(DS_NS, m) {
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
   m.def("sample_rows(Tensor logits, Tensor uniform) -> Tensor");
   m.def(
-      "decode_layer(Tensor x, Tensor in_norm, Tensor post_norm, float eps, Tensor qkv_w, "
-      "int qkv_type, Tensor? qkv_bias, Tensor o_w, int o_type, Tensor gu_w, int gu_type, "
-      "Tensor down_w, int down_type, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, Tensor slots, int heads, int kv_heads, Tensor block_table, "
-      "Tensor ctx_lens, int block_size, float scale) -> Tensor");
+      "decode_layer(Tensor x, Tensor in_norm, Tensor post_norm, float eps, Tensor? q_norm, "
+      "Tensor? k_norm, Tensor qkv_w, int qkv_type, Tensor? qkv_bias, Tensor o_w, int o_type, "
+      "Tensor? gu_w, int gu_type, Tensor? down_w, int down_type, Tensor cos, Tensor sin, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, int heads, int kv_heads, "
+      "Tensor block_table, Tensor ctx_lens, int block_size, float scale) -> Tensor[]");
 }
 
 DS_LIBRARY_IMPL(DS_NS, CPU, m) {

@@ -98,21 +98,28 @@ class DecoderLayer(nn.Module):
 
     def decode_weights(self) -> tuple | None:
         """The arguments ``kernels.decode_layer`` takes from this layer, when it can run a
-        decode step as one C++ call: all four projections on GGUF blocks (no bf16 copies),
-        no q/k norms, no MoE, no tensor parallelism. Else None."""
+        decode step as one C++ call: its projections on GGUF blocks (no bf16 copies), no
+        tensor parallelism. Qwen3's q/k norms go into the call; an MoE layer's MLP stays
+        in Python (the call then stops after the post-attention norm). Else None."""
         from deepserve.layers.gguf_linear import GGUFLinear
 
-        projs = [getattr(self, n, None) for n in ("qkv_proj", "o_proj", "gate_up_proj",
-                                                  "down_proj")]
-        if (self.q_norm is not None or self.moe is not None or self.tp_group is not None
+        names = ("qkv_proj", "o_proj") + (("gate_up_proj", "down_proj") if self.moe is None
+                                          else ())
+        projs = [getattr(self, n, None) for n in names]
+        if (self.tp_group is not None
                 or not all(isinstance(p, GGUFLinear) and p.use_kernel and p.dense is None
                            and p.batch_blocks is None for p in projs)
-                or any(p.bias is not None for p in projs[1:])):
+                or any(p.bias is not None for p in projs[1:])
+                or (self.q_norm is not None and self.q_norm.eps != self.input_layernorm.eps)):
             return None
-        qkv, o, gu, down = projs
+        qkv, o = projs[:2]
+        mlp = (None, 0, None, 0) if self.moe is not None else \
+            (projs[2].blocks, projs[2].kernel_qtype, projs[3].blocks, projs[3].kernel_qtype)
+        norms = (None, None) if self.q_norm is None else (self.q_norm.weight,
+                                                          self.k_norm.weight)
         return (self.input_layernorm.weight, self.post_attention_layernorm.weight,
-                self.input_layernorm.eps, qkv.blocks, qkv.kernel_qtype, qkv.bias, o.blocks,
-                o.kernel_qtype, gu.blocks, gu.kernel_qtype, down.blocks, down.kernel_qtype)
+                self.input_layernorm.eps, *norms, qkv.blocks, qkv.kernel_qtype, qkv.bias,
+                o.blocks, o.kernel_qtype, *mlp)
 
     def forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
@@ -125,10 +132,11 @@ class DecoderLayer(nn.Module):
             plan = self._decode_plan = self.decode_weights()
         if plan is not None and meta.use_kernel and meta.num_decode == t and \
                 not meta.prefills and cache.kind in ("auto", "fp16") and FUSED_DECODE:
-            return kernels.decode_layer(x, *plan, cos, sin, cache.k, cache.v,
-                                        meta.slot_mapping, self.num_heads, self.num_kv_heads,
-                                        meta.decode_table, meta.decode_ctx, meta.block_size,
-                                        self.scale)
+            out = kernels.decode_layer(x, *plan, cos, sin, cache.k, cache.v,
+                                       meta.slot_mapping, self.num_heads, self.num_kv_heads,
+                                       meta.decode_table, meta.decode_ctx, meta.block_size,
+                                       self.scale)
+            return out[0] if self.moe is None else out[1] + self.moe(out[0])
         h = kernels.rms_norm(x, None, self.input_layernorm.weight, self.input_layernorm.eps)[0]
         qkv = self.qkv_proj(h)
         if self.q_norm is not None:  # per-head norms through the fused kernel, in place
