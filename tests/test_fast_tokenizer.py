@@ -184,3 +184,76 @@ def test_folders_it_cannot_reproduce_go_to_transformers(pair, tmp_path, monkeypa
         assert FastTokenizer.open(tmp_path) is None, key
     monkeypatch.setenv("DEEPSERVE_TOKENIZER", "transformers")
     assert not isinstance(load_tokenizer(fast.folder, "hf"), FastTokenizer)
+
+
+def test_a_class_that_rebuilds_its_pipeline_is_certified_then_served_fast(
+        default_gguf, tmp_path, monkeypatch):
+    """A qwen3 GGUF's tokenizer is transformers' Qwen2Tokenizer: read back from a saved
+    folder it rebuilds its own pre-tokenizer (newlines split otherwise) instead of the
+    one it built from the file. The first start checks the file's pipeline against the
+    tokenizers library and saves it; later starts serve it without transformers, with
+    the ids and text of the first start on every sample and these tests' texts. A
+    cache entry from before certificates is rebuilt from the file once."""
+    import gguf
+    from tiny_models import _tokenizer_fields
+
+    from deepserve.loader import tokenizer as T
+    from deepserve.loader.fast_tokenizer import CERTIFIED, samples
+
+    path = tmp_path / "qwen3-tokenizer.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    for name, value, vtype, sub in _tokenizer_fields(default_gguf):
+        w.add_key_value(name, value, vtype, sub_type=sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    monkeypatch.setenv("DEEPSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    hf = T.load_tokenizer(path, "gguf")
+    assert type(hf).__name__ == "Qwen2Tokenizer"
+    folder = T._cache_dir(path)
+    assert (folder / CERTIFIED).is_file()
+    texts = TEXTS + samples(list(hf.all_special_tokens))
+    reread = T._hf_tokenizer(folder)
+    assert any(reread.encode(t) != hf.encode(t) for t in texts)  # why the file decides
+    for rebuilt in (False, True):
+        if rebuilt:  # a cache saved before certificates: rebuilt, certified again
+            (folder / CERTIFIED).unlink()
+            assert type(T.load_tokenizer(path, "gguf")).__name__ == "Qwen2Tokenizer"
+            assert (folder / CERTIFIED).is_file()
+        fast = T.load_tokenizer(path, "gguf")
+        assert isinstance(fast, FastTokenizer)
+        for text in texts:
+            ids = hf.encode(text)
+            assert fast.encode(text) == ids, text
+            assert fast.decode(ids) == hf.decode(ids)
+        assert (fast.eos_token_id, fast.chat_template) == (hf.eos_token_id, hf.chat_template)
+
+
+def test_no_certificate_where_transformers_differs(pair, tmp_path):
+    """One sample encoded differently and nothing is saved: transformers keeps
+    serving that folder."""
+    import shutil
+
+    from deepserve.loader.fast_tokenizer import CERTIFIED
+
+    fast, hf = pair
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(fast.folder / name, tmp_path / name)
+
+    class Off:  # transformers' tokenizer, one id off on one text
+        def __getattr__(self, name):
+            return getattr(hf, name)
+
+        def __len__(self):
+            return len(hf)
+
+        def encode(self, text, add_special_tokens=True):
+            ids = hf.encode(text, add_special_tokens=add_special_tokens)
+            return [*ids, 0] if text == "1234567 + 89 = 0.5e-3" else ids
+
+    assert FastTokenizer.certify(tmp_path, hf)
+    (tmp_path / CERTIFIED).unlink()
+    assert not FastTokenizer.certify(tmp_path, Off())
+    assert not (tmp_path / CERTIFIED).exists()
+

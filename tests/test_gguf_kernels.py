@@ -251,8 +251,8 @@ def test_dense_copy_for_large_batches_gives_the_same_tokens(monkeypatch):
 
 
 def test_warm_up_is_short_when_every_layer_runs_on_blocks(caplog, monkeypatch):
-    """With no bf16 copies the warm-up is a 16-token prefill and one batch of 8; with
-    copies (oneDNN's first calls are slow) it runs the long prefill and batches 1/8/32."""
+    """With no bf16 copies the warm-up is one 16-token request; with copies (oneDNN's
+    first calls are slow) it runs the long prefill and batches 1/8/32."""
     from deepserve.engine import setup
     from deepserve.engine.warmup import blocks_only, warm_up
 
@@ -265,7 +265,7 @@ def test_warm_up_is_short_when_every_layer_runs_on_blocks(caplog, monkeypatch):
         caplog.clear()
         warm_up(llm.engine)
         assert blocks_only(llm.engine.model) is (copies == "0")
-        short = "1 x 16 tokens, 8 x 4 tokens in" in caplog.text
+        short = "warm-up: 1 x 16 tokens in" in caplog.text
         assert short is blocks_only(llm.engine.model), caplog.text
         assert not llm.engine.has_unfinished()
         del llm
@@ -338,3 +338,21 @@ def test_interleave_kernel_equals_the_torch_reordering(qtype, each_isa):
     finally:
         kernels._state["ok"] = state
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("qtype", [2, 3, 8])
+def test_experts_interleaved_straight_into_place(qtype, each_isa):
+    """The loader's one copy for experts: gate and up blocks [E, I, bytes] written into
+    the two halves of gate_up [E, 2I, bytes] (strided slices), equal to interleaving
+    each expert's concatenated rows."""
+    torch.manual_seed(2)
+    e, inter, k = 3, 16, 256
+    nbytes = k // gl.QK * gl.BLOCK_BYTES[qtype]
+    gate, up = (torch.randint(0, 256, (e, inter, nbytes), dtype=torch.uint8) for _ in "gu")
+    out = torch.full((e, 2 * inter, nbytes), 7, dtype=torch.uint8)
+    gl.interleave_into(gate, out[:, :inter], qtype, k)
+    gl.interleave_into(up, out[:, inter:], qtype, k)
+    for x in range(e):
+        assert torch.equal(out[x], gl.interleave(torch.cat([gate[x], up[x]]), qtype, k))
+    with pytest.raises(RuntimeError, match="rows"):  # 8-row groups only
+        gl.interleave_into(gate[:, :12], out[:, :12], qtype, k)

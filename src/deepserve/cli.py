@@ -92,8 +92,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from deepserve.server.config import ServerConfig
     from deepserve.server.run import run_server
-    from deepserve.server.state import ServerConfig
 
     return run_server(engine_config(args), from_args(ServerConfig, args))
 
@@ -101,7 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     """One flag per ServerConfig field, as for the engine."""
     from deepserve.config import parse_bytes
-    from deepserve.server.state import (
+    from deepserve.server.config import (
+        POOLINGS,
         PREFIX_CACHE_SCOPES,
         REASONING_PARSERS,
         SERVER_HELP,
@@ -118,7 +119,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         group, ServerConfig, SERVER_HELP, skip=("plugins",),
         choices={"prefix_cache_scope": list(PREFIX_CACHE_SCOPES),
                  "reasoning_parser": list(REASONING_PARSERS), "task": list(TASKS),
-                 "embedding_pooling": ["auto", "mean", "last"]},
+                 "embedding_pooling": list(POOLINGS)},
         types={"max_request_bytes": lambda v: parse_bytes(v, "max_request_bytes")})
 
 

@@ -316,6 +316,12 @@ def interleave_blocks(blocks: torch.Tensor, fields: list[int], units: int,
     return ops().interleave_blocks(blocks, fields, units, unit_bytes)
 
 
+def interleave_blocks_into(blocks: torch.Tensor, out: torch.Tensor, fields: list[int],
+                           units: int, unit_bytes: int) -> None:
+    """``interleave_blocks`` of [A, R, bytes] blocks written into ``out`` (same shape)."""
+    ops().interleave_blocks_into(blocks, out, fields, units, unit_bytes)
+
+
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, sigmoid: bool,
               n_group: int, topk_group: int, top2: bool, norm: bool,
               scale: float) -> list[torch.Tensor]:

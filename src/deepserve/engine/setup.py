@@ -128,11 +128,12 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
     is then its local configuration), quantize them, and prepare them for the kernel
     decision."""
     keep_blocks = config.quantization == "auto" and device.type == "cpu"
+    interleave = use_kernels and kernels.isa() != "portable"
     model = load_model(ckpt, mcfg, max_model_len, dtype, device, show_progress=show_progress,
-                       keep_blocks=keep_blocks, shard=shard)
+                       keep_blocks=keep_blocks, shard=shard, interleave=interleave)
     quantize_model(model, config.quantization, dtype)
     enable_kernels(model, use_kernels)
-    if use_kernels and kernels.isa() != "portable":
+    if interleave:
         interleave_blocks(model)
     if use_kernels and dtype == torch.bfloat16 and dense_for_batches():
         if mcfg.num_experts:

@@ -96,6 +96,19 @@ def interleave(blocks: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     return out.reshape(n, nu * ub)
 
 
+def interleave_into(blocks: torch.Tensor, out: torch.Tensor, qtype: int, k: int) -> None:
+    """``interleave`` of ``blocks`` [A, R, bytes] (e.g. a mapped file's expert tensor)
+    written into ``out`` of the same shape (e.g. a slice of a larger tensor): the one copy
+    an interleaved layer's blocks take from the file."""
+    if kernels.loaded():
+        nu, ub, _ = _units(qtype, k)
+        kernels.interleave_blocks_into(blocks, out, [x for f in LAYOUT[qtype] for x in f],
+                                       nu, ub)
+        return
+    for a in range(blocks.shape[0]):
+        out[a].copy_(interleave(blocks[a], qtype, k))
+
+
 def deinterleave(packed: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """The inverse of ``interleave``: the file's own block order."""
     n, g = packed.shape[0], packed.shape[0] // 8

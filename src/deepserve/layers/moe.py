@@ -85,8 +85,9 @@ class Experts(KernelLayer, nn.Module):
             self.register_buffer(name, None, persistent=False)
 
     def to_blocks(self, gate_up: torch.Tensor, gu_type: int, down: torch.Tensor,
-                  down_type: int) -> None:
-        """Keep GGUF blocks ``[E, rows, bytes]`` instead of dense weights."""
+                  down_type: int, interleaved: bool = False) -> None:
+        """Keep GGUF blocks ``[E, rows, bytes]`` instead of dense weights (``interleaved``:
+        already in ``interleave_blocks``' order, written so by the loader)."""
         for name, blocks, qtype, k, rows in (("gate_up", gate_up, gu_type, self.hidden,
                                               2 * self.inter),
                                              ("down", down, down_type, self.inter, self.hidden)):
@@ -102,7 +103,9 @@ class Experts(KernelLayer, nn.Module):
             self.register_buffer(name, blocks.contiguous(), persistent=False)
         self.qtypes = (gu_type, down_type)
         self.kernel_qtypes = self.qtypes
-        if gu_type in X8_ONLY or down_type in X8_ONLY:
+        if interleaved:
+            self.kernel_qtypes = self.interleaved_types()
+        elif gu_type in X8_ONLY or down_type in X8_ONLY:
             # Q4_K and Q5_x are read only in the interleaved order (as GGUFLinear does)
             self.interleave_blocks()
 
@@ -119,17 +122,23 @@ class Experts(KernelLayer, nn.Module):
         are a multiple of 8, so interleaving all rows at once interleaves each expert)."""
         if self.qtypes is None or self.kernel_qtypes != self.qtypes:
             return
-        new = []
-        for name, qtype, k in (("gate_up", self.qtypes[0], self.hidden),
-                               ("down", self.qtypes[1], self.inter)):
-            blocks = getattr(self, name)
-            if qtype in HEADS and blocks.shape[1] % 8 == 0:
+        new = self.interleaved_types()
+        for name, qtype, k, kernel_type in (("gate_up", self.qtypes[0], self.hidden, new[0]),
+                                            ("down", self.qtypes[1], self.inter, new[1])):
+            if kernel_type != qtype:
+                blocks = getattr(self, name)
                 flat = blocks.reshape(-1, blocks.shape[2])
                 setattr(self, name, interleave(flat, qtype, k).reshape(blocks.shape))
-                new.append(qtype + X8)
-            else:
-                new.append(qtype)
-        self.kernel_qtypes = (new[0], new[1])
+        self.kernel_qtypes = new
+
+    def interleaved_types(self) -> tuple[int, int]:
+        """The kernel types of (gate_up, down) once interleaved: 4-bit types whose rows
+        per expert are a multiple of 8 take the layout, others keep the file's order."""
+        assert self.qtypes is not None
+        return ((self.qtypes[0] + X8 if self.qtypes[0] in HEADS and self.inter % 4 == 0
+                 else self.qtypes[0]),
+                self.qtypes[1] + X8 if self.qtypes[1] in HEADS and self.hidden % 8 == 0
+                else self.qtypes[1])
 
     def _dense_of(self, name: str, e: int) -> torch.Tensor:
         """Expert ``e``'s weight as float32 (the torch path for blocks)."""

@@ -8,7 +8,10 @@ renders chat templates with jinja2 in the sandbox transformers sets up. Anything
 and any option this class does not render itself, goes to transformers' own tokenizer,
 loaded from the same folder on first use: ``tok.hf`` or any attribute not defined here.
 Only folders whose tokenizer has no Python-side behaviour of its own qualify
-(``open`` returns None for the rest, and the caller uses transformers).
+(``open`` returns None for the rest, and the caller uses transformers), and folders in
+deepserve's own cache that carry a certificate (``certify``): the Rust pipeline that
+transformers' class actually runs (Qwen2Tokenizer rebuilds its own pre-tokenizer, for
+one), saved after it encoded and decoded ``samples()`` exactly as that class did.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 HF_ONLY = ("continue_final_message", "sanitize_control_tokens", "return_assistant_tokens_mask",
            "chat_template", "tokenizer_kwargs", "return_dict", "return_tensors", "padding",
            "truncation", "max_length")
+# in a cache folder: transformers' live Rust pipeline, checked equal to it (``certify``)
+CERTIFIED = "tokenizer.certified.json"
 _GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -166,6 +171,14 @@ class FastTokenizer:
         jinja = folder / "chat_template.jinja"
         if template is None and jinja.is_file():
             template = jinja.read_text()
+        if (folder / CERTIFIED).is_file() and (template is None or isinstance(template, str)):
+            from tokenizers import Tokenizer
+
+            try:
+                backend = Tokenizer.from_file(str(folder / CERTIFIED))
+                return cls(folder, backend, config, template, hf)
+            except Exception as exc:  # a damaged certificate: transformers decides
+                logger.info("tokenizer certificate %s unreadable (%s)", folder, exc)
         extra = [config.get("extra_special_tokens"), config.get("additional_special_tokens")]
         # transformers rebuilds the post-processor (BOS / EOS) or the pre-tokenizer from these
         rebuilt = [k for k in ("add_bos_token", "add_eos_token", "add_prefix_space")
@@ -187,6 +200,41 @@ class FastTokenizer:
         if backend.post_processor is None:
             return None  # transformers adds one
         return cls(folder, backend, config, template, hf)
+
+    @classmethod
+    def certify(cls, folder: Path, hf: Any) -> bool:
+        """Save ``hf``'s Rust pipeline in ``folder`` (a deepserve cache folder) as the
+        certificate ``open`` reads, if a ``FastTokenizer`` on it encodes and decodes
+        ``samples()`` exactly as ``hf`` does and has the same special tokens, size and
+        chat template; returns whether it did."""
+        import os
+
+        from tokenizers import Tokenizer
+
+        if getattr(hf, "clean_up_tokenization_spaces", False) or \
+                getattr(hf, "backend_tokenizer", None) is None:
+            return False  # transformers edits decoded text in Python
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        template = hf.chat_template if isinstance(hf.chat_template, (str, type(None))) \
+            else None
+        fast = cls(folder, Tokenizer.from_str(hf.backend_tokenizer.to_str()), config,
+                   template, hf)
+        if len(fast) != len(hf) or fast.chat_template != hf.chat_template or any(
+                getattr(fast, a + "_id") != getattr(hf, a + "_id", None) for a in SPECIAL_ATTRS
+                if a in fast.special_tokens_map or getattr(hf, a, None) is not None):
+            return False
+        for text in samples(list(hf.all_special_tokens)):
+            for special in (True, False):
+                ids = hf.encode(text, add_special_tokens=special)
+                if fast.encode(text, add_special_tokens=special) != ids:
+                    return False
+                if fast.decode(ids, skip_special_tokens=special) != \
+                        hf.decode(ids, skip_special_tokens=special):
+                    return False
+        tmp = folder / f"{CERTIFIED}.tmp{os.getpid()}"
+        fast.backend_tokenizer.save(str(tmp))
+        os.replace(tmp, folder / CERTIFIED)
+        return True
 
     # -- transformers, for what is not here --------------------------------------------
     @property
@@ -268,3 +316,22 @@ class FastTokenizer:
                                          tools=_plain(tools), documents=_plain(documents),
                                          add_generation_prompt=add_generation_prompt,
                                          **variables)
+
+
+def samples(special: list[str]) -> list[str]:
+    """Texts a certificate must encode and decode as transformers does: prose, code,
+    numbers, runs of spaces and newlines, many scripts, emoji, the special tokens inside
+    text, and 200 strings drawn at random (fixed seed) from all of those characters."""
+    import random
+
+    fixed = ["Hello world", " leading space", "trailing space ", "don't I'll we've they'RE",
+             "def f(x):\n    return x ** 2  # square\n\n\n\tprint(f(3))", "1234567 + 89 = 0.5e-3",
+             "naïve café ünïcödé façade", "日本語のテキストと中文文本",
+             "한국어 текст العربية हिन्दी",
+             "emoji 😀👍🏽🇫🇷 family 👨‍👩‍👧", "a\n\n  b\t\tc\r\n d   \n\n\n e", "", " ", "\n",
+             "<think>\nstep\n</think>\n\nanswer", "ÅΩ≈ç√∫ ∑∆ ½ ™ © ® ‰ ¶", "\u200b\u00a0\ufeff"]
+    fixed += [f"x{t}y {t} {t}{t}\n{t}" for t in special[:32]]
+    pool = "".join(fixed) + "abcdefghijklmnopqrstuvwxyz ABCXYZ 0123456789 .,;:!?'\"-_()[]{}"
+    rng = random.Random(0)
+    fixed += ["".join(rng.choice(pool) for _ in range(rng.randint(1, 80))) for _ in range(200)]
+    return fixed

@@ -9,6 +9,7 @@ plain ``struct`` and ``numpy.frombuffer``. Tensors are views of one read-only
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,12 @@ class GGUFFile:
             return self._str()
         if vtype == _ARRAY:
             etype, count = self._u32(), self._u64()
+            if etype == _STRING:  # a vocabulary: its strings decoded when first read
+                start, pos, buf, unpack = self._pos, self._pos, self._buf, _U64.unpack_from
+                for _ in range(count):
+                    pos += 8 + unpack(buf, pos)[0]
+                self._pos = pos
+                return _Strings(buf, start, count)
             if etype in _NUMPY:
                 dt = np.dtype(_NUMPY[etype])
                 arr = np.frombuffer(self._buf, dtype=dt, count=count, offset=self._pos)
@@ -121,6 +128,42 @@ class GGUFFile:
         (v,) = struct.unpack_from(fmt, self._buf, self._pos)
         self._pos += struct.calcsize(fmt)
         return v
+
+
+_U64 = struct.Struct("<Q")
+
+
+class _Strings(Sequence):
+    """A GGUF string array (a tokenizer's tokens or merges, 100k+ strings): its length is
+    known at once, its strings decoded on first use (0.2 s a start that needs none of
+    them, when the tokenizer comes from deepserve's cache)."""
+
+    def __init__(self, buf: memoryview, start: int, count: int) -> None:
+        self._buf, self._start, self._count = buf, start, count
+        self._items: list[str] | None = None
+
+    def _list(self) -> list[str]:
+        if self._items is None:
+            items, pos, buf, unpack = [], self._start, self._buf, _U64.unpack_from
+            for _ in range(self._count):
+                n = unpack(buf, pos)[0]
+                items.append(bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8",
+                                                                  errors="replace"))
+                pos += 8 + n
+            self._items = items
+        return self._items
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._list()[i]
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == (list(other) if isinstance(other, Sequence) else other)
+
+    def __repr__(self) -> str:
+        return repr(self._list())
 
 
 def _typed() -> dict[Any, Any]:

@@ -308,12 +308,19 @@ class GGUFCheckpoint:
                 # V; put it back together: [H * (nope + v), kv_lora_rank]
                 _, layer, rest = name.split(".", 2)
                 parts = split_kv.setdefault(layer, {})
-                parts[rest[5]] = self._dequantized(name, t)
+                parts[rest[5]] = (name, t)
                 if len(parts) == 2:
-                    k_b, v_b = parts["k"].transpose(1, 2), parts["v"]
-                    kv_b = torch.cat([k_b, v_b], dim=1)
+                    # copied once, from the mapped file into place (these are float32
+                    # in llama.cpp's files: 216 MB for a DeepSeek-V2-Lite half)
+                    k_b, v_b = (self._floats(*parts[x]) for x in "kv")
+                    heads, rank, nope = k_b.shape
+                    kv_b = torch.empty(heads, nope + v_b.shape[1], rank)
+                    kv_b[:, :nope].copy_(k_b.transpose(1, 2))
+                    kv_b[:, nope:].copy_(v_b)
+                    for _, info in parts.values():
+                        self.reader.release(info.data)
                     yield (f"model.layers.{layer}.self_attn.kv_b_proj.weight",
-                           kv_b.reshape(-1, kv_b.shape[-1]).contiguous())
+                           kv_b.reshape(-1, rank))
                 continue
             if hf is None:
                 if name.startswith("rope_freqs"):
@@ -326,6 +333,15 @@ class GGUFCheckpoint:
                 heads = config.num_heads if "attn_q" in name else config.num_kv_heads
                 tensor = _unpermute_rotary(tensor, heads)
             yield hf, tensor
+
+    def _floats(self, name: str, t: Any) -> torch.Tensor:
+        """A tensor as float32: a view of the mapped file where it is stored so (the
+        caller copies it, then releases the pages), else dequantized."""
+        import gguf
+
+        if t.tensor_type != gguf.GGMLQuantizationType.F32:
+            return self._dequantized(name, t)
+        return self.view(name)
 
     def _dequantized(self, name: str, t: Any) -> torch.Tensor:
         import gguf

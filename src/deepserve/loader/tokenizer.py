@@ -45,26 +45,57 @@ def _hf_tokenizer(folder: Path, **kwargs: Any) -> Any:
     return transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
 
 
-def _fast_or_hf(folder: Path, hf: Any = None) -> Any:
+def _forced_hf() -> bool:
+    return os.environ.get("DEEPSERVE_TOKENIZER", "auto") == "transformers"
+
+
+# in a cache folder: transformers' pipeline differed from the tokenizers library's
+UNCERTIFIED = "tokenizer.uncertified"
+
+
+def _fast_or_hf(folder: Path, hf: Any = None, cache: bool = False) -> Any:
     """The ``tokenizers``-backed tokenizer where it reproduces transformers' exactly,
-    otherwise transformers' own (``DEEPSERVE_TOKENIZER=transformers`` forces that)."""
-    if os.environ.get("DEEPSERVE_TOKENIZER", "auto") != "transformers":
-        fast = FastTokenizer.open(folder, hf)
-        if fast is not None:
-            return fast
-    return hf if hf is not None else _hf_tokenizer(folder)
+    otherwise transformers' own (``DEEPSERVE_TOKENIZER=transformers`` forces that). With
+    ``cache`` (deepserve's cache folder, ``hf`` just built from the GGUF), a tokenizer
+    only transformers opens is checked against the ``tokenizers`` library and, where
+    equal, certified for later starts."""
+    if _forced_hf():
+        return hf if hf is not None else _hf_tokenizer(folder)
+    fast = FastTokenizer.open(folder, hf)
+    if fast is not None:
+        return fast
+    hf = hf if hf is not None else _hf_tokenizer(folder)
+    if cache:
+        try:
+            certified = FastTokenizer.certify(folder, hf)
+        except Exception as exc:  # never fatal: transformers serves as before
+            logger.info("tokenizer %s not certified (%s)", folder.name, exc)
+            certified = False
+        if certified:
+            logger.info("tokenizer %s certified: later starts read it without "
+                        "transformers", folder.name)
+        else:
+            (folder / UNCERTIFIED).touch()
+    return hf
 
 
 def load_tokenizer(path: Path, kind: str) -> Any:
     """The checkpoint's tokenizer. A GGUF's is rebuilt by transformers from the file's
     metadata once, saved in deepserve's cache, and read back from there with the
-    ``tokenizers`` library (``FastTokenizer``) on every later start."""
+    ``tokenizers`` library (``FastTokenizer``) on every later start. A cache entry that
+    only transformers could read, saved before certificates existed, is rebuilt from the
+    file once: transformers reading the saved folder can rebuild a class's pipeline
+    differently from the one it built from the file (Qwen2Tokenizer's pre-tokenizer)."""
     try:
         if kind == "gguf":
             cached = _cache_dir(path)
             if cached is not None and (cached / "tokenizer_config.json").is_file():
                 try:
-                    return _fast_or_hf(cached)
+                    if _forced_hf() or (cached / UNCERTIFIED).is_file():
+                        return _fast_or_hf(cached)
+                    fast = FastTokenizer.open(cached)
+                    if fast is not None:
+                        return fast
                 except Exception as exc:  # a damaged cache: rebuild it
                     logger.warning("tokenizer cache %s unreadable (%s); rebuilding", cached, exc)
             try:
@@ -79,7 +110,7 @@ def load_tokenizer(path: Path, kind: str) -> Any:
                     tok.save_pretrained(str(tmp))
                     shutil.rmtree(cached, ignore_errors=True)
                     os.replace(tmp, cached)
-                    return _fast_or_hf(cached, tok)
+                    return _fast_or_hf(cached, tok, cache=True)
                 except OSError as exc:
                     logger.info("tokenizer not cached (%s)", exc)
             return tok

@@ -14,12 +14,14 @@ from deepserve.errors import ModelLoadError
 from deepserve.layers import kquants
 from deepserve.layers.gguf_linear import (
     BLOCK_BYTES,
+    HEADS,
     NAMES,
     QK,
     UNIT,
     GGUFEmbedding,
     GGUFLinear,
     GGUFParts,
+    interleave_into,
 )
 from deepserve.layers.rotary import RotaryEmbedding
 from deepserve.loader.gguf_loader import K_TYPES, GGUFCheckpoint
@@ -74,7 +76,8 @@ def open_checkpoint(path: Path, kind: str) -> GGUFCheckpoint | HFCheckpoint:
 def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positions: int,
                dtype: torch.dtype, device: torch.device,
                show_progress: bool = True, keep_blocks: bool = False,
-               shard: Shard | Stage | ExpertShard | None = None) -> LlamaForCausalLM:
+               shard: Shard | Stage | ExpertShard | None = None,
+               interleave: bool = False) -> LlamaForCausalLM:
     """Create the module on ``device`` in ``dtype`` and copy every checkpoint tensor in.
 
     ``keep_blocks``: a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K projections and experts
@@ -86,7 +89,10 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
     configuration): its heads' rows of Q/K/V, its rows of gate/up, its input columns of
     the output projection and down; GGUF blocks are cut at block boundaries. A pipeline
     ``Stage`` builds its range of layers alone (``cfg``: that many layers); an
-    ``ExpertShard`` every layer, with only its routed experts (``cfg.local_experts``)."""
+    ``ExpertShard`` every layer, with only its routed experts (``cfg.local_experts``).
+
+    ``interleave``: the SIMD kernels will run the blocks (``setup.interleave_blocks``);
+    4-bit experts then go from the mapped file to that order in one copy."""
     from deepserve.layers.moe import Experts, SparseMoE
     from deepserve.models.deepseek import rope_row_order
 
@@ -121,7 +127,8 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                                    cfg.rope_scaling, dtype).to(device)
     if cfg.tie_word_embeddings and "lm_head" not in plan:
         model.lm_head.weight = model.embed_tokens.weight
-    skip = _install_blocks(model, ckpt, cfg, plan, dtype, in_features, tp, first) if plan \
+    skip = _install_blocks(model, ckpt, cfg, plan, dtype, in_features, tp, first,
+                           interleave) if plan \
         else frozenset()
 
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -244,9 +251,10 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelConfig,
                     plan: dict[str, tuple[int | None, list[str]]], dtype: torch.dtype,
                     in_features: dict[str, int | None], shard: Shard | None = None,
-                    first: int = 0) -> frozenset[str]:
+                    first: int = 0, interleave: bool = False) -> frozenset[str]:
     """Put GGUF-block layers where ``plan`` says; returns the GGUF tensors they took.
-    With ``shard``, each layer keeps this rank's rows or input columns of the blocks."""
+    With ``shard``, each layer keeps this rank's rows or input columns of the blocks.
+    ``interleave``: experts are written straight into the kernels' interleaved order."""
     shared: dict[str, torch.Tensor] = {}
     file_cfg = shard.full if shard is not None else cfg  # (``first``: a pipeline stage's)
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -284,13 +292,24 @@ def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelCon
                 flat = kquants.keep(raw.reshape(-1, raw.shape[-1]).clone(), t, k)
                 return flat.reshape(raw.shape[0], raw.shape[1], -1)
 
-            gate_up = torch.cat([keep3(gate, gtype, h), keep3(up, gtype, h)], dim=1)
-            down_kept = keep3(down, dtype_, inter)
-            if down_kept is down:
-                down_kept = down.clone()
+            direct = interleave and gtype in HEADS and dtype_ in HEADS and \
+                not {gtype, dtype_} & set(K_TYPES) and inter % 8 == 0 and h % 8 == 0
+            if direct:
+                # the kernels' order written straight from the file: one pass, one copy
+                gate_up = torch.empty(hi - lo, 2 * inter, gate.shape[2], dtype=torch.uint8)
+                interleave_into(gate, gate_up[:, :inter], gtype, h)
+                interleave_into(up, gate_up[:, inter:], gtype, h)
+                down_kept = torch.empty(down.shape, dtype=torch.uint8)
+                interleave_into(down, down_kept, dtype_, inter)
+            else:
+                gate_up = torch.cat([keep3(gate, gtype, h), keep3(up, gtype, h)], dim=1)
+                down_kept = keep3(down, dtype_, inter)
+                if down_kept is down:
+                    down_kept = down.clone()
             for n in names:
                 ckpt.release(n)
-            model.get_submodule(path).to_blocks(gate_up, gtype, down_kept, dtype_)
+            model.get_submodule(path).to_blocks(gate_up, gtype, down_kept, dtype_,
+                                                interleaved=direct)
             continue
         k = in_features.get(path) or cfg.hidden_size
         bias = (torch.zeros(q + 2 * kv) if path.endswith("qkv_proj")

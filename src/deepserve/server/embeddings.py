@@ -28,7 +28,6 @@ from deepserve.errors import DeepserveError
 from deepserve.protocol.models import EmbeddingRequest
 from deepserve.sampling_params import SamplingParams
 
-POOLINGS = ("auto", "mean", "last")
 MAX_INPUTS = 2048  # OpenAI's limit per request
 
 

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepserve.config import EngineConfig
-from deepserve.engine.async_engine import AsyncEngine
-from deepserve.server.app import create_app
-from deepserve.server.state import ServerConfig, ServerState
+from deepserve.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from deepserve.server.state import ServerState
 
 logger = logging.getLogger(__name__)
+
+
+def _import_http() -> None:
+    import uvicorn  # noqa: F401
+
+    import deepserve.server.app  # noqa: F401
 
 
 def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
@@ -24,9 +31,20 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
     import signal
     import threading
 
+    from deepserve.engine.async_engine import AsyncEngine
+
+    # The HTTP side (FastAPI, pydantic, uvicorn: 0.3 s of imports) is imported while the
+    # weights load: the loader's copies run in C++ without the GIL.
+    http_imports = threading.Thread(target=_import_http, name="deepserve-imports")
+    http_imports.start()
+    try:
+        engine = AsyncEngine(engine_cfg)
+    finally:
+        http_imports.join()
     import uvicorn
 
-    engine = AsyncEngine(engine_cfg)
+    from deepserve.server.app import create_app
+
     app = create_app(engine, cfg)
     state: ServerState = app.state.deepserve
     from deepserve.protocol.transport import http_protocol
