@@ -81,6 +81,9 @@ def test_experts_stay_in_gguf_blocks(arch, qtype, tiny, tmp_path, default_gguf):
     assert f"experts {name} x 2" in weight_formats(blocks.engine.model)
     experts = blocks.engine.model.layers[2].moe.experts
     assert experts.gate_up.dtype == torch.uint8 and experts.down.dtype == torch.uint8
+    if arch.startswith("deepseek") and blocks.engine.use_kernels:
+        # MLA's W_UK / W_UV per head on Q8_0 blocks too (kernels.bmm_gguf)
+        assert all(layer.latent_blocks is not None for layer in blocks.engine.model.layers)
     dense = LLM(model=str(gguf), dtype="float32", quantization="none", show_progress=False,
                 kv_cache_memory="16MiB")
     assert "experts dense" in weight_formats(dense.engine.model)

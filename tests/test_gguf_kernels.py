@@ -96,6 +96,30 @@ def test_linear_gguf_matches_float64_on_each_isa(name, dtype, k, each_isa):
         assert err < (0.02 if dtype == torch.float32 else 0.025), (rows, err.item())
 
 
+def test_per_head_q8_0_products_match_float64(each_isa):
+    """kernels.bmm_gguf (MLA's W_UK / W_UV per head): x [H, M, K] from a strided view
+    times each head's Q8_0 blocks, against float64 on the dequantized blocks; on
+    AVX-512 also the interleaved layout (every head in one parallel loop)."""
+    torch.manual_seed(9)
+    h, n, k = 5, 48, 128
+    blocks = gguf_blocks(torch.randn(h * n, k), "Q8_0")
+    deq = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT["Q8_0"])).double()
+    deq = deq.view(h, n, k)
+    layouts = [(blocks.view(h, n, -1), gl.Q8_0)]
+    if each_isa == "avx512":
+        layouts.append((gl.interleave(blocks, gl.Q8_0, k).view(h, n, -1), gl.Q8_0 + gl.X8))
+    for packed, qtype in layouts:
+        for m in (1, 3, 9):
+            x = torch.randn(m, h, k).transpose(0, 1)  # [H, M, K], not contiguous
+            for dtype in (torch.float32, torch.bfloat16):
+                xd = x.to(dtype)
+                ref = torch.bmm(xd.double(), deq.transpose(1, 2))
+                got = kernels.bmm_gguf(xd, packed, qtype)
+                assert got.dtype == dtype and got.shape == (h, m, n)
+                err = (got.double() - ref).abs().max() / ref.abs().max()
+                assert err < (2e-4 if dtype == torch.float32 else 8e-3), (qtype, m, err)
+
+
 @pytest.mark.parametrize("k", [96, 576, 1536])
 def test_interleaved_q8_0_for_batches_matches_float64(k):
     """The output head's Q8_0 copy for batches (qtype 108): rows as two 8-bit parts

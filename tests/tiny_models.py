@@ -29,8 +29,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
                         moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
                         n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
                         norm_topk_prob=True, routed_scaling_factor=2.5, q_lora_rank=48,
-                        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
-                        v_head_dim=24,
+                        # whole 32-value blocks: W_UK / W_UV run on Q8_0 blocks
+                        kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                        v_head_dim=32,
                         rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                       "original_max_position_embeddings": 128,
                                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,

@@ -300,6 +300,12 @@ def linear_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int,
     return ops().linear_gguf(x, blocks, qtype, bias)
 
 
+def bmm_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """``linear_gguf`` per head in one call: x [H, M, K] times blocks [H, N, bytes]^T ->
+    [H, M, N] in x's dtype."""
+    return ops().bmm_gguf(x, blocks, qtype)
+
+
 def moe_gguf(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
              gu_type: int, down: torch.Tensor, down_type: int) -> torch.Tensor:
     """A mixture-of-experts SwiGLU in one call: x [T, H], the chosen experts ``ids`` and

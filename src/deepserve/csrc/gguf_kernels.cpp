@@ -793,30 +793,39 @@ inline void group_q8x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, cons
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
 }
 
-// y = x W^T for interleaved Q8_0 (N a multiple of 16) and float rows x, as group_q8x16
-// describes.
+// y[h] = x[h] W[h]^T for H heads (H = 1: one matrix) of interleaved Q8_0 (N a multiple of
+// 16) and float rows x [H * M, K], as group_q8x16 describes; W [H, N, bytes], y [H * M, N].
+// Every head's column groups share one parallel loop.
 template <typename T>
-void linear_q8x16(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* out) {
-  const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(kQ8_0);
+void bmm_q8x16(const T* x, int64_t H, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+               float* out) {
+  const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(kQ8_0), R = H * M;
+  const int64_t per_head = N * nb * block_bytes(kQ8_0), G = N / 16;
   QRows q, q2;
-  quantize_rows(x, M, K, q);
-  std::vector<float> rest(M * K);
-  at::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
+  quantize_rows(x, R, K, q);
+  std::vector<float> rest(R * K);
+  at::parallel_for(0, R * nb, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       for (int j = 0; j < QK; ++j)
         rest[i * QK + j] = to_f(x[i * QK + j]) - q.d[i] * static_cast<float>(q.q[i * QK + j]);
   });
-  quantize_rows(rest.data(), M, K, q2);
+  quantize_rows(rest.data(), R, K, q2);
   for (auto* codes : {&q.q, &q2.q})
     for (auto& c : *codes) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80u);
-  for_row_tiles(M, N / 16, 2 * (K + nb * 4), [&](int64_t p, int64_t m, int64_t rows) {
-    const uint8_t* wg = w + 2 * p * chunk;
-    float* o = out + m * N + 16 * p;
+  for_row_tiles(M, H * G, 2 * (K + nb * 4), [&](int64_t hp, int64_t m, int64_t rows) {
+    const int64_t h = hp / G, p = hp % G, r0 = h * M + m;
+    const uint8_t* wg = w + h * per_head + 2 * p * chunk;
+    float* o = out + r0 * N + 16 * p;
     with_rows(rows, [&](auto r) {
-      group_q8x16<decltype(r)::value>(wg, chunk, q.q.data() + m * K, q.d.data() + m * nb,
-                                      q2.q.data() + m * K, q2.d.data() + m * nb, nb, o, N);
+      group_q8x16<decltype(r)::value>(wg, chunk, q.q.data() + r0 * K, q.d.data() + r0 * nb,
+                                      q2.q.data() + r0 * K, q2.d.data() + r0 * nb, nb, o, N);
     });
   });
+}
+
+template <typename T>
+void linear_q8x16(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* out) {
+  bmm_q8x16(x, 1, M, K, w, N, out);
 }
 #endif
 
@@ -1179,6 +1188,36 @@ void interleave_blocks_into(const at::Tensor& blocks, const at::Tensor& out,
   interleave_into(blocks, o, fields, units, unit_bytes);
 }
 
+// A batch of block matrices, one per head: x [H, M, K] (any strides) times weight
+// [H, N, bytes]^T -> [H, M, N] in x's dtype. MLA's absorbed W_UK / W_UV per head: one
+// call a layer instead of a dense bf16 bmm (twice the bytes) or H calls from Python.
+at::Tensor bmm_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype) {
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && x.size(0) == weight.size(0),
+              "bmm_gguf: x [H, M, K] and weight [H, N, bytes] with the same H");
+#if DSQ_ISA == 2
+  if (qtype == kQ8_0x8) {  // every head in one parallel loop
+    const int64_t H = x.size(0), M = x.size(1), K = x.size(2), N = weight.size(1);
+    TORCH_CHECK(N % 16 == 0 && K % QK == 0 && weight.size(2) == K / QK * block_bytes(kQ8_0),
+                "bmm_gguf: interleaved Q8_0 weight [H, 16n, K / 32 * 34] for K = ", K);
+    at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+    at::Tensor out = at::empty({H, M, N}, xc.options().dtype(at::kFloat));
+    const uint8_t* wp = wc.data_ptr<uint8_t>();
+    float* op = out.data_ptr<float>();
+    switch (xc.scalar_type()) {
+      case at::kFloat: bmm_q8x16(xc.data_ptr<float>(), H, M, K, wp, N, op); break;
+      case at::kBFloat16: bmm_q8x16(xc.data_ptr<at::BFloat16>(), H, M, K, wp, N, op); break;
+      case at::kHalf: bmm_q8x16(xc.data_ptr<at::Half>(), H, M, K, wp, N, op); break;
+      default: TORCH_CHECK(false, "bmm_gguf: x must be float32, bfloat16 or float16");
+    }
+    return xc.scalar_type() == at::kFloat ? out : out.to(xc.scalar_type());
+  }
+#endif
+  at::Tensor out = at::empty({x.size(0), x.size(1), weight.size(1)}, x.options());
+  for (int64_t h = 0; h < x.size(0); ++h)
+    out[h].copy_(linear_gguf(x[h], weight[h], qtype, c10::nullopt));
+  return out;
+}
+
 // Rows `ids` of a block matrix as floats (an embedding lookup in a GGUF table).
 at::Tensor gguf_rows(const at::Tensor& weight, const at::Tensor& ids, int64_t qtype, int64_t K) {
   const int64_t bb = qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 ? block_bytes(qtype) : 0;
@@ -1230,6 +1269,7 @@ int64_t gguf_isa() { return DSQ_ISA; }
 DSQ_FRAGMENT(DS_NS, m) {
   m.def("linear_gguf(Tensor x, Tensor weight, int qtype, Tensor? bias) -> Tensor");
   m.def("gguf_rows(Tensor weight, Tensor ids, int qtype, int k) -> Tensor");
+  m.def("bmm_gguf(Tensor x, Tensor weight, int qtype) -> Tensor");
   m.def("interleave_blocks(Tensor blocks, int[] fields, int units, int unit_bytes) -> Tensor");
   m.def("interleave_blocks_into(Tensor blocks, Tensor(a!) out, int[] fields, int units, "
         "int unit_bytes) -> ()");
@@ -1243,6 +1283,7 @@ DSQ_FRAGMENT(DS_NS, m) {
 DSQ_IMPL(DS_NS, CPU, m) {
   m.impl("linear_gguf", &dsq::linear_gguf);
   m.impl("gguf_rows", &dsq::gguf_rows);
+  m.impl("bmm_gguf", &dsq::bmm_gguf);
   m.impl("moe_gguf", &dsq::moe_gguf);
   m.impl("moe_route", &dsq::moe_route);
   m.impl("interleave_blocks", &dsq::interleave_blocks);

@@ -135,6 +135,8 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
     enable_kernels(model, use_kernels)
     if interleave:
         interleave_blocks(model)
+    if use_kernels:
+        latent_blocks(model)
     if use_kernels and dtype == torch.bfloat16 and dense_for_batches():
         if mcfg.num_experts:
             # experts never get copies, and the attention's alone measured slower than
@@ -265,6 +267,17 @@ def interleave_blocks(model: torch.nn.Module) -> None:
     if isinstance(head, GGUFLinear) and head.keep_batch_blocks():
         logger.info("output head: its Q8_0 blocks also interleaved for batches (%.0f MiB)",
                     head.batch_blocks.numel() / 2**20)
+
+
+def latent_blocks(model: torch.nn.Module) -> None:
+    """MLA layers whose projections run on GGUF blocks keep W_UK / W_UV as Q8_0 blocks
+    too (``MLADecoderLayer.keep_blocks``)."""
+    from deepserve.layers.gguf_linear import GGUFLinear
+    from deepserve.models.deepseek import MLADecoderLayer
+
+    for module in model.modules():
+        if isinstance(module, MLADecoderLayer) and isinstance(module.o_proj, GGUFLinear):
+            module.keep_blocks(kernels.isa() == "avx512")
 
 
 def parallel(config: EngineConfig, path: Path, kind: str, mcfg: ModelConfig,

@@ -66,6 +66,9 @@ class MLADecoderLayer(nn.Module):
                                       requires_grad=False)
         self.w_uk: torch.Tensor | None = None  # [H, nope, lora]
         self.w_uv_t: torch.Tensor | None = None  # [H, lora, v]
+        # or, on the block kernels (keep_blocks): Q8_0 blocks of W_UK^T [H, lora, nope]
+        # and W_UV [H, v, lora], with their kernel types
+        self.latent_blocks: tuple[torch.Tensor, int, torch.Tensor, int] | None = None
         self.o_proj = Linear(h * self.v_dim, cfg.hidden_size, bias=False)
         init_mlp(self, cfg, index)
 
@@ -76,6 +79,28 @@ class MLADecoderLayer(nn.Module):
         self.w_uk = w[:, :self.nope].contiguous()
         self.w_uv_t = w[:, self.nope:].transpose(1, 2).contiguous()
         del self.kv_b_proj
+
+    def keep_blocks(self, interleave: bool) -> None:
+        """W_UK and W_UV per head as Q8_0 blocks, run by ``kernels.bmm_gguf``: half the
+        bytes of bf16 read each decode step, on the kernels the layer's other
+        projections use (``interleave``: the AVX-512 8-bit-activation layout). 108 MB a
+        token of the DeepSeek-V2-Lite-half file's 52 ms step went to these in bf16."""
+        from deepserve.layers import gguf_linear as gl
+
+        if self.nope % gl.QK or self.lora % gl.QK:
+            return  # rows of whole 32-value blocks only; these stay dense
+        if self.w_uk is None:
+            self.absorb()
+        parts = []
+        for w in (self.w_uk.transpose(1, 2), self.w_uv_t.transpose(1, 2)):  # [H, N, K]
+            h, n, k = w.shape
+            blocks = gl.quantize(w.reshape(h * n, k).float(), gl.Q8_0)
+            if interleave and n % 16 == 0:
+                parts += [gl.interleave(blocks, gl.Q8_0, k).view(h, n, -1), gl.Q8_0 + gl.X8]
+            else:
+                parts += [blocks.view(h, n, -1), gl.Q8_0]
+        self.latent_blocks = (parts[0], parts[1], parts[2], parts[3])
+        self.w_uk = self.w_uv_t = None
 
     def _queries(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         if self.q_proj is not None:
@@ -93,9 +118,13 @@ class MLADecoderLayer(nn.Module):
         k_pe = apply_rotary(k_pe.reshape(t, 1, self.rope), cos, sin)
         latent = torch.cat([c.reshape(t, 1, self.lora), k_pe], dim=-1)  # [T, 1, lora + rope]
         cache.write(latent, latent, meta.slot_mapping)
-        if self.w_uk is None:
-            self.absorb()
-        q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, lora]
+        lb = self.latent_blocks
+        if lb is not None:
+            q_lat = kernels.bmm_gguf(q_nope.transpose(0, 1), lb[0], lb[1]).transpose(0, 1)
+        else:
+            if self.w_uk is None:
+                self.absorb()
+            q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, lora]
         query = torch.cat([q_lat, q_pe], dim=-1)
         b = meta.num_decode
         if b and meta.use_kernel and cache.kind in ("auto", "fp16"):
@@ -108,7 +137,8 @@ class MLADecoderLayer(nn.Module):
         else:
             out = paged_attention(query, latent, latent, cache, meta, self.scale)
         o_lat = out[..., :self.lora].transpose(0, 1)  # [H, T, lora]
-        o = torch.bmm(o_lat, self.w_uv_t)  # [H, T, v]
+        o = kernels.bmm_gguf(o_lat, lb[2], lb[3]) if lb is not None else \
+            torch.bmm(o_lat, self.w_uv_t)  # [H, T, v]
         return self.o_proj(o.transpose(0, 1).reshape(t, h * self.v_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
