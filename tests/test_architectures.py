@@ -125,6 +125,41 @@ def test_one_call_decode_layers_equal_their_kernels_one_by_one(arch, tiny, tmp_p
     assert runs[0] == runs[1]
 
 
+def test_mla_decode_kernel_agrees_with_the_torch_path(tiny, tmp_path, default_gguf,
+                                                      monkeypatch):
+    """bf16 MLA decode attention in one C++ call (kernels.latent_decode) against the
+    torch ops it replaces, in the engine on the tiny DeepSeek-V3 file: the same greedy
+    tokens up to genuine near-ties (top-2 within 0.1 nats where they part), chosen
+    tokens' logprobs within 0.05 before that."""
+    from deepserve import kernels
+    from deepserve.models import deepseek
+
+    if not kernels.available() or kernels.isa() != "avx512":
+        pytest.skip("the latent decode kernel runs on the AVX-512 build")
+    _, model, _, _ = tiny("deepseek_v3")
+    gguf = write_gguf(model, "deepseek_v3", tmp_path / "v3-q8.gguf", default_gguf, 8)
+    llm = LLM(model=str(gguf), dtype="bfloat16", show_progress=False, kv_cache_memory="16MiB",
+              enable_prefix_caching=False)
+    calls = []
+    real = kernels.latent_decode
+    monkeypatch.setattr(kernels, "latent_decode", lambda *a: calls.append(1) or real(*a))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(deepseek, "LATENT_KERNEL", on)
+        del calls[:]
+        runs.append(llm.generate(PROMPTS, params))
+        assert bool(calls) is on
+    for kernel, torch_path in zip(*runs, strict=True):
+        for a, b in zip(kernel.outputs[0].logprobs, torch_path.outputs[0].logprobs,
+                        strict=True):
+            if a.token_id != b.token_id:
+                top = sorted(a.top.values(), reverse=True)
+                assert top[0] - top[1] < 0.1, (a, b)
+                break
+            assert abs(a.logprob - b.logprob) < 0.05, (a, b)
+
+
 def test_quantization_puts_experts_into_blocks(tiny):
     path, _, tok, _ = tiny("qwen3_moe")
     ref = LLM(model=str(path), dtype="float32", quantization="none", show_progress=False,

@@ -63,9 +63,36 @@ def _decode_case(kind, dtype, head_dim, seed=0, heads=6):
 
 
 @needs_kernels
+def test_latent_decode_matches_float64(each_isa):
+    """MLA's decode attention in one call (kernels.latent_decode): 16 heads against one
+    shared latent head of 576 values (values: the first 512), contexts of 1 to 70 tokens
+    scattered over cache blocks, against float64 on the same bf16 values."""
+    torch.manual_seed(5)
+    bs, d = 16, 576
+    cache = torch.randn(40 * bs, d).to(torch.bfloat16)
+    ctx = torch.tensor([1, 17, 70])
+    table = torch.tensor([[3, 0, 0, 0, 0], [7, 2, 0, 0, 0], [9, 1, 30, 12, 5]])
+    for h, v in ((16, 512), (6, 72)):  # and a part-filled group of heads, a value tail
+        q = torch.randn(3, h, d).to(torch.bfloat16)
+        got = kernels.latent_decode(q, cache, table, ctx, bs, 0.07, v)
+        assert got.shape == (3, h, v) and got.dtype == torch.bfloat16
+        for b in range(3):
+            slots = torch.cat([torch.arange(blk * bs, blk * bs + bs) for blk in table[b]])
+            kv = cache[slots[:ctx[b]]].double()
+            p = torch.softmax(q[b].double() @ kv.t() * 0.07, dim=-1)
+            ref = p @ kv[:, :v]
+            err = (got[b].double() - ref).abs().max() / ref.abs().max()
+            assert err < 1e-2, (h, b, err.item())  # bf16 output rounding: 2^-8
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.latent_decode(q, cache, table + 100, ctx, bs, 0.07, v)
+
+
+@needs_kernels
 @pytest.mark.parametrize("kind", ["auto", "fp16", "int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 24])  # 24: AVX-512 takes the portable loop
+
+
 @pytest.mark.parametrize("heads", [6, 14])  # 3 and 7 query heads per KV head
 def test_paged_decode_attention_matches_gather_path(kind, dtype, head_dim, heads, each_isa):
     q, cache, table, ctx, bs = _decode_case(kind, dtype, head_dim, heads=heads)

@@ -274,6 +274,15 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     return ops().rms_norm(x, residual, weight, eps)
 
 
+def latent_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                  ctx_lens: torch.Tensor, block_size: int, scale: float,
+                  value_dim: int) -> torch.Tensor:
+    """MLA decode attention: q [B, H, D] (bf16) against one shared latent head, the cache
+    [slots, D] read through the block table; values are each row's first ``value_dim``
+    entries. Returns [B, H, value_dim]."""
+    return ops().latent_decode(q, cache, block_table, ctx_lens, block_size, scale, value_dim)
+
+
 def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                   heads: int, kv_heads: int) -> list[torch.Tensor]:

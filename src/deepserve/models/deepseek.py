@@ -35,6 +35,8 @@ from deepserve.models.llama import RMSNorm, init_mlp, mlp, mlp_fused
 
 # The reference implementations norm the low-rank latents with this epsilon.
 LATENT_EPS = 1e-6
+# bf16 decode attention on the AVX-512 kernels runs in one C++ call (kernels.latent_decode)
+LATENT_KERNEL = True
 
 
 class MLADecoderLayer(nn.Module):
@@ -174,6 +176,12 @@ def latent_decode(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, scal
     b, _, d = q.shape
     bs = meta.block_size
     table, ctx = meta.decode_table, meta.decode_ctx
+    if LATENT_KERNEL and q.dtype == cache.k.dtype == torch.bfloat16 and \
+            kernels.isa() == "avx512":
+        # the same in one C++ call, the cache read in place (52 -> 47 ms a step of the
+        # DeepSeek-V2-Lite-half file at one sequence; BENCHMARKS.md)
+        return kernels.latent_decode(q, cache.k.view(-1, d), table, ctx, bs, scale,
+                                     value_dim)
     length = table.shape[1] * bs
     kv = cache.k.view(-1, bs, d).index_select(0, table.reshape(-1)).view(b, length, d)
     if kv.dtype != q.dtype:  # an fp16 cache under another compute dtype
