@@ -275,7 +275,7 @@ def test_dense_copy_for_large_batches_gives_the_same_tokens(monkeypatch):
 
 
 def test_warm_up_is_short_when_every_layer_runs_on_blocks(caplog, monkeypatch):
-    """With no bf16 copies the warm-up is one 16-token request; with copies (oneDNN's
+    """With no bf16 copies the warm-up is one 4-token request; with copies (oneDNN's
     first calls are slow) it runs the long prefill and batches 1/8/32."""
     from deepserve.engine import setup
     from deepserve.engine.warmup import blocks_only, warm_up
@@ -289,7 +289,7 @@ def test_warm_up_is_short_when_every_layer_runs_on_blocks(caplog, monkeypatch):
         caplog.clear()
         warm_up(llm.engine)
         assert blocks_only(llm.engine.model) is (copies == "0")
-        short = "warm-up: 1 x 16 tokens in" in caplog.text
+        short = "warm-up: 1 x 4 tokens in" in caplog.text
         assert short is blocks_only(llm.engine.model), caplog.text
         assert not llm.engine.has_unfinished()
         del llm

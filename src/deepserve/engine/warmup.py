@@ -6,7 +6,7 @@ The shapes: one long prefill (a full token budget's chunk, up to 256 tokens), th
 decode steps at batch sizes 1, 8 and 32 (capped at ``max_num_seqs``) over 4-token
 prompts, two generated tokens each: what the first requests meet, at the least cost to
 load time (the longer 512 / 24-token version took 2.3 s on an AVX2 path). A model on
-GGUF blocks alone (no bf16 copies; ``blocks_only``) gets one 16-token prompt and one
+GGUF blocks alone (no bf16 copies; ``blocks_only``) gets one 4-token prompt and one
 generated token (its kernels have no per-shape first-call cost). Prompts are
 token ids that no chat request produces; afterwards the warm-up's prefix-cache entries
 are dropped and the counters that ``/metrics`` reads are reset, so the server starts as
@@ -40,8 +40,8 @@ def blocks_only(model) -> bool:
     """Whether every projection runs on GGUF blocks with no bf16 copy: deepserve's own
     kernels have no per-shape first-call cost, so one short request stands in for the
     shapes above (on a 1.1B model, a 200-token prompt then a batch of 8 took 1239 ms
-    cold, 1150-1180 ms later; after one 16-token request the first took 1154-1167 ms,
-    as later ones)."""
+    cold, 1150-1180 ms later; after one 4-token request the first took 1147-1174 ms,
+    later ones 1113-1154; a 16-token one costs a DeepSeek-V2-Lite-half start 0.2 s)."""
     from deepserve.layers.gguf_linear import GGUFLinear
 
     blocks = [m for m in model.modules() if isinstance(m, GGUFLinear)]
@@ -63,7 +63,7 @@ def warm_up(engine: LLMEngine) -> float:
 
     shapes = [(1, limit)] + [(b, 4) for b in BATCHES if b <= cfg.max_num_seqs]
     if blocks_only(engine.model):
-        shapes = [(1, 16)]
+        shapes = [(1, 4)]
     for n, (batch, length) in enumerate(shapes):
         for i in range(batch):
             engine.add_request(f"warmup-{n}-{i}", None, params,

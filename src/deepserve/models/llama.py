@@ -28,7 +28,9 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        # filled by the loader (a checkpoint without it is refused); torch.ones cost 1 ms
+        # a norm on the meta device the model is built on
+        self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,8 +203,10 @@ class LlamaForCausalLM(KernelLayer, nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
-                                      cfg.rope_scaling, dtype)
+        # built on the meta device, the loader makes the tables (once, 0.1 s)
+        self.rotary = None if torch.get_default_device().type == "meta" else \
+            RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling,
+                            dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[LayerKV], meta: AttentionMetadata,

@@ -15,12 +15,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _import_http() -> None:
-    import uvicorn  # noqa: F401
-
-    import deepserve.server.app  # noqa: F401
-
-
 def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
     """Load the model, serve until SIGTERM/SIGINT, drain, exit 0.
 
@@ -31,17 +25,11 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
     import signal
     import threading
 
+    import uvicorn
+
     from deepserve.engine.async_engine import AsyncEngine
 
-    # The HTTP side (FastAPI, pydantic, uvicorn: 0.3 s of imports) is imported while the
-    # weights load: the loader's copies run in C++ without the GIL.
-    http_imports = threading.Thread(target=_import_http, name="deepserve-imports")
-    http_imports.start()
-    try:
-        engine = AsyncEngine(engine_cfg)
-    finally:
-        http_imports.join()
-    import uvicorn
+    engine = AsyncEngine(engine_cfg)
 
     from deepserve.server.app import create_app
 
