@@ -122,10 +122,10 @@ def test_per_head_q8_0_products_match_float64(each_isa):
 
 @pytest.mark.parametrize("k", [96, 576, 1536])
 def test_interleaved_q8_0_for_batches_matches_float64(k):
-    """The output head's Q8_0 copy for batches (qtype 108): rows as two 8-bit parts
+    """The output head's Q8_0 blocks interleaved (qtype 108): rows as two 8-bit parts
     against signed codes on the AVX-512 VNNI kernel, against the file's blocks in
     float64. Measured 2e-5 of the output scale (one 8-bit part gives about 5e-3, a
-    bf16 output 3e-3); a layer with the copy runs it only above DENSE_ROWS rows."""
+    bf16 output 3e-3); a head runs every batch on them."""
     if "avx512" not in kernels.supported_isas() or not kernels.load("avx512"):
         pytest.skip("interleaved Q8_0 runs on the AVX-512 VNNI kernels only")
     op = kernels.ops("avx512").linear_gguf
@@ -145,13 +145,18 @@ def test_interleaved_q8_0_for_batches_matches_float64(k):
         assert err < 2e-4, (rows, err.item())
     with pytest.raises(RuntimeError, match="multiple of 16"):
         op(torch.randn(2, k), packed[:8], gl.Q8_0 + gl.X8, None)
-    layer = gl.GGUFLinear(blocks, gl.Q8_0, k, bias)
-    layer.use_kernel = True
-    assert layer.keep_batch_blocks() == (kernels.isa() == "avx512")
-    for rows in (gl.DENSE_ROWS, gl.DENSE_ROWS + 1):
-        x = torch.randn(rows, k)
-        err = (layer(x).double() - (x.double() @ deq.t() + bias.double())).abs().max()
-        assert err / (x.double() @ deq.t()).abs().max() < 2e-4
+    for shared in (True, False):  # a copy beside the embedding's blocks, or in place
+        layer = gl.GGUFLinear(blocks, gl.Q8_0, k, bias)
+        layer.use_kernel = True
+        assert layer.keep_batch_blocks(shared) == (kernels.isa() == "avx512")
+        if kernels.isa() == "avx512":
+            assert (layer.batch_blocks is not None) is shared
+            assert layer.kernel_qtype == (gl.Q8_0 if shared else gl.Q8_0 + gl.X8)
+        assert torch.equal(layer.file_blocks(), blocks)
+        for rows in (1, gl.DENSE_ROWS, gl.DENSE_ROWS + 1):
+            x = torch.randn(rows, k)
+            err = (layer(x).double() - (x.double() @ deq.t() + bias.double())).abs().max()
+            assert err / (x.double() @ deq.t()).abs().max() < 2e-4
 
 
 @pytest.mark.parametrize("name", list(TYPES))

@@ -264,9 +264,12 @@ def interleave_blocks(model: torch.nn.Module) -> None:
                 isinstance(module, Experts):
             module.interleave_blocks()
     head = getattr(model, "lm_head", None)
-    if isinstance(head, GGUFLinear) and head.keep_batch_blocks():
-        logger.info("output head: its Q8_0 blocks also interleaved for batches (%.0f MiB)",
-                    head.batch_blocks.numel() / 2**20)
+    if isinstance(head, GGUFLinear):
+        tied = head.blocks.data_ptr() in shared
+        if head.keep_batch_blocks(shared=tied):
+            logger.info("output head: its Q8_0 blocks interleaved for the 8-bit kernel%s",
+                        f" (a {head.batch_blocks.numel() / 2**20:.0f} MiB copy: the "
+                        "embedding reads the file's order)" if tied else "")
 
 
 def latent_blocks(model: torch.nn.Module) -> None:
