@@ -145,6 +145,14 @@ def test_interleaved_q8_0_for_batches_matches_float64(k):
         assert err < 2e-4, (rows, err.item())
     with pytest.raises(RuntimeError, match="multiple of 16"):
         op(torch.randn(2, k), packed[:8], gl.Q8_0 + gl.X8, None)
+    layer = gl.GGUFLinear(blocks, gl.Q8_0, k, bias)  # any Q8_0 layer (a Q8_0 file)
+    assert layer.interleave_blocks() == (kernels.isa() == "avx512")
+    assert torch.equal(layer.file_blocks(), blocks)
+    layer.use_kernel = True
+    for rows in (1, 9):
+        x = torch.randn(rows, k)
+        err = (layer(x).double() - (x.double() @ deq.t() + bias.double())).abs().max()
+        assert err / (x.double() @ deq.t()).abs().max() < 2e-4
     for shared in (True, False):  # a copy beside the embedding's blocks, or in place
         layer = gl.GGUFLinear(blocks, gl.Q8_0, k, bias)
         layer.use_kernel = True
