@@ -94,6 +94,24 @@ def test_experts_stay_in_gguf_blocks(arch, qtype, tiny, tmp_path, default_gguf):
     assert kl < 0.02, kl
 
 
+def with_and_without(llm, monkeypatch, kernel: str, module, flag: str, max_tokens: int):
+    """Greedy outputs (top-2 logprobs) of PROMPTS with ``module.flag`` on, then off,
+    checking that the kernel ``kernel`` ran exactly when it was on."""
+    from deepserve import kernels
+
+    calls = []
+    real = getattr(kernels, kernel)
+    monkeypatch.setattr(kernels, kernel, lambda *a: calls.append(1) or real(*a))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(module, flag, on)
+        del calls[:]
+        runs.append(llm.generate(PROMPTS, params))
+        assert bool(calls) is on
+    return runs
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
 def test_one_call_decode_layers_equal_their_kernels_one_by_one(arch, tiny, tmp_path,
                                                                default_gguf, monkeypatch):
@@ -111,17 +129,9 @@ def test_one_call_decode_layers_equal_their_kernels_one_by_one(arch, tiny, tmp_p
               enable_prefix_caching=False)
     layers = llm.engine.model.layers
     assert all(layer.decode_weights() is not None for layer in layers)
-    calls = []
-    real = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1) or real(*a))
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
-    runs = []
-    for fused in (True, False):
-        monkeypatch.setattr(llama, "FUSED_DECODE", fused)
-        del calls[:]
-        outs = llm.generate(PROMPTS, params)
-        assert bool(calls) is fused
-        runs.append([[(x.token_id, x.top) for x in o.outputs[0].logprobs] for o in outs])
+    runs = [[[(x.token_id, x.top) for x in o.outputs[0].logprobs] for o in outs]
+            for outs in with_and_without(llm, monkeypatch, "decode_layer", llama,
+                                         "FUSED_DECODE", max_tokens=6)]
     assert runs[0] == runs[1]
 
 
@@ -140,16 +150,8 @@ def test_mla_decode_kernel_agrees_with_the_torch_path(tiny, tmp_path, default_gg
     gguf = write_gguf(model, "deepseek_v3", tmp_path / "v3-q8.gguf", default_gguf, 8)
     llm = LLM(model=str(gguf), dtype="bfloat16", show_progress=False, kv_cache_memory="16MiB",
               enable_prefix_caching=False)
-    calls = []
-    real = kernels.latent_decode
-    monkeypatch.setattr(kernels, "latent_decode", lambda *a: calls.append(1) or real(*a))
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
-    runs = []
-    for on in (True, False):
-        monkeypatch.setattr(deepseek, "LATENT_KERNEL", on)
-        del calls[:]
-        runs.append(llm.generate(PROMPTS, params))
-        assert bool(calls) is on
+    runs = with_and_without(llm, monkeypatch, "latent_decode", deepseek, "LATENT_KERNEL",
+                            max_tokens=8)
     for kernel, torch_path in zip(*runs, strict=True):
         for a, b in zip(kernel.outputs[0].logprobs, torch_path.outputs[0].logprobs,
                         strict=True):
