@@ -13,7 +13,10 @@
 //   float32 accumulation and an exact two-pass softmax. K/V may be stored in the
 //   compute dtype, int8 with per-slot scales, or fp8 e4m3.
 //
-// Both use at::parallel_for, so they share torch's thread pool and thread count.
+// * latent_decode: MLA's decode attention, every query head against one shared latent
+//   head, the cache read in place through the block table.
+//
+// All use at::parallel_for, so they share torch's thread pool and thread count.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -6,7 +6,9 @@
 //   Q8_0  fp16 d, 32 signed bytes             w = d * q            34 bytes
 // Nibble i of a block holds weight i (low half) and weight i + 16 (high half).
 //
-// Q8_0 multiplies float rows (row_dot_q8f). For Q4_0 / Q4_1 each input row is quantized
+// Q8_0 multiplies float rows (row_dot_q8f), or on AVX-512, interleaved like the 4-bit types
+// (type 108), rows split into two 8-bit parts (group_q8x16; bmm_gguf runs one such matrix
+// per head, MLA's W_UK / W_UV). For Q4_0 / Q4_1 each input row is quantized
 // once per call to 8 bits per block of 32 (one float scale and the sum of the block's
 // codes), as llama.cpp does, so a block's dot product is an integer dot of 32 bytes
 // plus two multiply-adds:
