@@ -263,13 +263,12 @@ def interleave_blocks(model: torch.nn.Module) -> None:
         if (isinstance(module, GGUFLinear) and module.blocks.data_ptr() not in shared) or \
                 isinstance(module, Experts):
             module.interleave_blocks()
-    head = getattr(model, "lm_head", None)
-    if isinstance(head, GGUFLinear):
-        tied = head.blocks.data_ptr() in shared
-        if head.keep_batch_blocks(shared=tied):
-            logger.info("output head: its Q8_0 blocks interleaved for the 8-bit kernel%s",
-                        f" (a {head.batch_blocks.numel() / 2**20:.0f} MiB copy: the "
-                        "embedding reads the file's order)" if tied else "")
+    head = getattr(model, "lm_head", None)  # an untied one was interleaved above
+    if isinstance(head, GGUFLinear) and head.blocks.data_ptr() in shared and \
+            head.keep_batch_blocks(shared=True):
+        logger.info("output head: its Q8_0 blocks also interleaved for the 8-bit kernel "
+                    "(%.0f MiB: the embedding reads the file's order)",
+                    head.batch_blocks.numel() / 2**20)
 
 
 def latent_blocks(model: torch.nn.Module) -> None:

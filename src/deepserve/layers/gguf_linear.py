@@ -221,15 +221,15 @@ class GGUFLinear(KernelLayer, nn.Module):
         2.2x the float-row kernel's speed at one row (the default model's head: 1.29 ->
         0.59 ms a token), 2x at 8. With ``shared`` (an embedding reads the same blocks)
         the interleaved blocks are a copy, ``batch_blocks``; otherwise they replace the
-        file's order. False where that does not apply."""
-        if not (self.use_kernel and self.qtype == Q8_0 and self.out_features % 16 == 0
-                and self.kernel_qtype == Q8_0 and kernels.isa() == "avx512"):
+        file's order, as ``interleave_blocks`` does for any Q8_0 layer. False where that
+        does not apply."""
+        if not (self.use_kernel and self.qtype == Q8_0 and self.kernel_qtype == Q8_0):
             return False
-        packed = interleave(self.blocks, Q8_0, self.in_features)
-        if shared:
-            self.batch_blocks = packed
-        else:
-            self.blocks, self.kernel_qtype = packed, Q8_0 + X8
+        if not shared:
+            return self.interleave_blocks()
+        if self.out_features % 16 or kernels.isa() != "avx512":
+            return False
+        self.batch_blocks = interleave(self.blocks, Q8_0, self.in_features)
         return True
 
     def extra_repr(self) -> str:
