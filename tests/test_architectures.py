@@ -347,3 +347,88 @@ def test_k_quant_experts_kernel_matches_the_torch_path(each_isa):
     experts.use_kernel = True
     got = experts(x, ids, w)
     torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+def test_mapped_experts_kernel_then_laid_out(each_isa):
+    """Experts run as a file maps them (gate and up apart, the file's order) through
+    kernels.moe_gguf, against the torch path; then ``lay_out`` / ``adopt`` moves them to
+    the kernels' interleaved order, the outputs stay the same and the file's pages are
+    released once."""
+    import gguf
+
+    from deepserve.layers.moe import Experts
+
+    torch.manual_seed(0)
+    e, h, inter, t, k = 6, 64, 32, 9, 2
+
+    def q4_0(w: torch.Tensor) -> torch.Tensor:
+        blocks = gguf.quants.quantize(w.reshape(-1, w.shape[-1]).numpy(),
+                                      gguf.GGMLQuantizationType.Q4_0)
+        return torch.from_numpy(blocks).reshape(w.shape[0], w.shape[1], -1)
+
+    gate, up = q4_0(torch.randn(e, inter, h) * 0.2), q4_0(torch.randn(e, inter, h) * 0.2)
+    down = q4_0(torch.randn(e, h, inter) * 0.2)
+    released = []
+    experts = Experts(e, h, inter)
+    experts.to_blocks(gate, 2, down, 2, up=up, release=lambda: released.append(1))
+    experts.interleave_blocks()  # a no-op on mapped experts: the layout comes later
+    assert experts.up is not None and experts.kernel_qtypes == (2, 2)
+    x = torch.randn(t, h)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    w = torch.rand(t, k)
+    experts.use_kernel = False
+    ref = experts(x, ids, w)
+    fused = Experts(e, h, inter)  # the same weights as one gate_up tensor
+    fused.to_blocks(torch.cat([gate, up], dim=1), 2, down.clone(), 2)
+    fused.use_kernel = False
+    torch.testing.assert_close(fused(x, ids, w), ref)
+    experts.use_kernel = True
+    mapped = experts(x, ids, w)
+    torch.testing.assert_close(mapped, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    experts.adopt(*experts.lay_out())
+    assert experts.up is None and released == [1]
+    assert experts.kernel_qtypes == experts.interleaved_types() != (2, 2)
+    torch.testing.assert_close(experts(x, ids, w), mapped, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_experts_laid_out_beside_the_serving(arch, tiny, tmp_path, default_gguf, monkeypatch):
+    """DEEPSERVE_EXPERT_LAYOUT=background: a Q4_0 file's experts serve as mapped, a
+    thread writes the kernels' order, the engine adopts it between steps; the greedy
+    tokens and logprobs before, after, and with the layout written at load agree."""
+    from deepserve import kernels
+    from deepserve.engine.layout import expert_layout
+
+    if not kernels.available() or kernels.isa() == "portable":
+        pytest.skip("the interleaved layout is the SIMD kernels'")
+    _, model, _, _ = tiny(arch)
+    gguf = write_gguf(model, arch, tmp_path / f"{arch}-q4.gguf", default_gguf, 2)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+
+    def outputs(llm: LLM) -> list:
+        return [[(x.token_id, dict(x.top)) for x in o.outputs[0].logprobs]
+                for o in llm.generate(PROMPTS, params)]
+
+    monkeypatch.setenv("DEEPSERVE_EXPERT_LAYOUT", "background")
+    llm = LLM(model=str(gguf), dtype="float32", show_progress=False, kv_cache_memory="16MiB",
+              enable_prefix_caching=False)
+    experts = [layer.moe.experts for layer in llm.engine.model.layers
+               if getattr(layer, "moe", None) is not None]
+    assert experts and all(x.up is not None for x in experts)
+    layout, llm.engine.runner.layout = llm.engine.runner.layout, None  # held back
+    mapped = outputs(llm)
+    layout.finish()
+    assert all(x.up is None and x.kernel_qtypes != x.qtypes for x in experts)
+    laid_out = outputs(llm)
+    monkeypatch.setenv("DEEPSERVE_EXPERT_LAYOUT", "load")
+    at_load = outputs(LLM(model=str(gguf), dtype="float32", show_progress=False,
+                          kv_cache_memory="16MiB", enable_prefix_caching=False))
+    for run in (mapped, laid_out):
+        for seq, ref in zip(run, at_load, strict=True):
+            assert [t for t, _ in seq] == [t for t, _ in ref]
+            for (_, top), (_, top_ref) in zip(seq, ref, strict=True):
+                for tok, lp in top_ref.items():
+                    assert abs(top[tok] - lp) < 1e-3
+    monkeypatch.setenv("DEEPSERVE_EXPERT_LAYOUT", "later")
+    with pytest.raises(Exception, match="DEEPSERVE_EXPERT_LAYOUT='later' is not a setting"):
+        expert_layout()

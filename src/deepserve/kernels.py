@@ -316,12 +316,14 @@ def bmm_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
 
 
 def moe_gguf(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-             gu_type: int, down: torch.Tensor, down_type: int) -> torch.Tensor:
+             gu_type: int, down: torch.Tensor, down_type: int,
+             up: torch.Tensor | None = None) -> torch.Tensor:
     """A mixture-of-experts SwiGLU in one call: x [T, H], the chosen experts ``ids`` and
     their ``weights`` [T, k], expert blocks gate_up [E, 2I, bytes] and down [E, H, bytes]
     of kernel types ``gu_type`` / ``down_type``; each chosen expert runs once over its
-    rows. Returns [T, H] in x's dtype."""
-    return ops().moe_gguf(x, ids, weights, gate_up, gu_type, down, down_type)
+    rows. Returns [T, H] in x's dtype. With ``up`` [E, I, bytes], ``gate_up`` is the
+    gate's rows alone [E, I, bytes] (a file's tensors as mapped)."""
+    return ops().moe_gguf(x, ids, weights, gate_up, gu_type, down, down_type, up)
 
 
 def interleave_blocks(blocks: torch.Tensor, fields: list[int], units: int,

@@ -963,10 +963,11 @@ int64_t kernel_block_bytes(int64_t qtype) {
 // for them (ids [T, k]), each chosen expert's SwiGLU run once over its rows on its
 // blocks (gate_up [E, 2I, bytes], down [E, H, bytes]), and the results added back
 // weighted (weights [T, k]). Only chosen experts' blocks are read. Returns [T, H] in x's
-// dtype; intermediate values stay float32.
+// dtype; intermediate values stay float32. With `up`, gate_up holds the gate's rows
+// alone [E, I, bytes] and `up` the up projection's: the file's own tensors, as mapped.
 at::Tensor moe_gguf(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
                     const at::Tensor& gate_up, int64_t gu_type, const at::Tensor& down,
-                    int64_t down_type) {
+                    int64_t down_type, const c10::optional<at::Tensor>& up) {
   TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes() &&
                   ids.size(0) == x.size(0),
               "moe_gguf: x [T,H], ids and weights [T,k]");
@@ -975,7 +976,11 @@ at::Tensor moe_gguf(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
                   down.scalar_type() == at::kByte && gate_up.size(0) == down.size(0),
               "moe_gguf: gate_up [E,2I,bytes] and down [E,H,bytes] uint8 blocks");
   const int64_t T = x.size(0), H = x.size(1), k = ids.size(1), E = gate_up.size(0);
-  const int64_t N1 = gate_up.size(1), I = N1 / 2;
+  const bool split = up.has_value();
+  TORCH_CHECK(!split || (up->dim() == 3 && up->sizes() == gate_up.sizes() &&
+                         up->scalar_type() == at::kByte),
+              "moe_gguf: gate and up blocks [E, I, bytes] of one shape");
+  const int64_t N1 = split ? 2 * gate_up.size(1) : gate_up.size(1), I = N1 / 2;
   TORCH_CHECK(kernel_block_bytes(gu_type) > 0 && kernel_block_bytes(down_type) > 0,
               "moe_gguf: expert types ", gu_type, " / ", down_type, " are not ones the kernels "
               "read (Q5_x and Q4_K only interleaved: 106, 107, 112)");
@@ -987,6 +992,7 @@ at::Tensor moe_gguf(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
   at::Tensor idc = ids.contiguous();
   at::Tensor wf = weights.to(at::kFloat).contiguous();
   at::Tensor gu = gate_up.contiguous(), dn = down.contiguous();
+  at::Tensor upc = split ? up->contiguous() : gu;
   const int64_t* idp = idc.data_ptr<int64_t>();
   const float* wp = wf.data_ptr<float>();
   // rows of each expert, in token order
@@ -1010,11 +1016,17 @@ at::Tensor moe_gguf(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
     y.resize(n * H);
     for (int64_t r = 0; r < n; ++r)
       std::memcpy(xe.data() + r * H, xp + rows[e][r] / k * H, H * sizeof(float));
-    linear_rows(xe.data(), n, H, gu.data_ptr<uint8_t>() + e * gu_stride, N1, gu_type, h.data());
+    // rows of h: [gate | up] per token, or (split) every token's gate then every up
+    linear_rows(xe.data(), n, H, gu.data_ptr<uint8_t>() + e * gu_stride, split ? I : N1,
+                gu_type, h.data());
+    if (split)
+      linear_rows(xe.data(), n, H, upc.data_ptr<uint8_t>() + e * gu_stride, I, gu_type,
+                  h.data() + n * I);
     for (int64_t r = 0; r < n; ++r) {
-      const float* g = h.data() + r * N1;
+      const float* g = h.data() + r * (split ? I : N1);
+      const float* u = split ? h.data() + (n + r) * I : g + I;
       float* a = act.data() + r * I;
-      for (int64_t j = 0; j < I; ++j) a[j] = g[j] / (1.f + std::exp(-g[j])) * g[I + j];
+      for (int64_t j = 0; j < I; ++j) a[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
     }
     linear_rows(act.data(), n, I, dn.data_ptr<uint8_t>() + e * dn_stride, H, down_type,
                 y.data());
@@ -1278,7 +1290,7 @@ DSQ_FRAGMENT(DS_NS, m) {
   m.def("moe_route(Tensor logits, Tensor? bias, int k, bool sigmoid, int n_group, "
         "int topk_group, bool top2, bool norm, float scale) -> Tensor[]");
   m.def("moe_gguf(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, int gu_type, "
-        "Tensor down, int down_type) -> Tensor");
+        "Tensor down, int down_type, Tensor? up=None) -> Tensor");
   m.def("isa() -> int", &dsq::gguf_isa);
 }
 

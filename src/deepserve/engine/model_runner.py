@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from deepserve.engine.layout import BackgroundLayout
 from deepserve.engine.sampler import Sampler
 from deepserve.engine.sequence import Logprob, Sequence
 from deepserve.engine.utilization import Utilization
@@ -39,6 +40,7 @@ class ModelRunner:
                                                      getattr(kv, "v_scale", None))
                                   if t is not None}.values())
         self.utilization = Utilization(model, per_token)
+        self.layout = BackgroundLayout.of(model)  # experts laid out beside the first steps
         self.step_observers: list[Callable[..., None]] = []  # (items, started, ended)
         # Seconds spent per phase since start; the benchmark reports the shares.
         self.timings = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0,
@@ -125,6 +127,8 @@ class ModelRunner:
         """Run the batch; return {index into items: sampled token} for sequences that
         reached the end of their known tokens this step."""
         t0 = time.perf_counter()
+        if self.layout is not None and self.layout.poll():
+            self.layout = None
         input_ids, positions, meta, rows, which = self.prepare(items)
         t1 = time.perf_counter()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)

@@ -13,6 +13,7 @@ import torch
 
 from deepserve import kernels
 from deepserve.config import EngineConfig, parse_bytes
+from deepserve.engine.layout import expert_layout
 from deepserve.errors import DeepserveError
 from deepserve.layers.linear import enable_kernels, pack_weights
 from deepserve.layers.quantized import quantize_model, weight_formats
@@ -130,7 +131,8 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
     keep_blocks = config.quantization == "auto" and device.type == "cpu"
     interleave = use_kernels and kernels.isa() != "portable"
     model = load_model(ckpt, mcfg, max_model_len, dtype, device, show_progress=show_progress,
-                       keep_blocks=keep_blocks, shard=shard, interleave=interleave)
+                       keep_blocks=keep_blocks, shard=shard, interleave=interleave,
+                       expert_layout=expert_layout())
     quantize_model(model, config.quantization, dtype)
     enable_kernels(model, use_kernels)
     if interleave:

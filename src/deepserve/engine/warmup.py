@@ -64,12 +64,18 @@ def warm_up(engine: LLMEngine) -> float:
     shapes = [(1, limit)] + [(b, 4) for b in BATCHES if b <= cfg.max_num_seqs]
     if blocks_only(engine.model):
         shapes = [(1, 4)]
-    for n, (batch, length) in enumerate(shapes):
-        for i in range(batch):
-            engine.add_request(f"warmup-{n}-{i}", None, params,
-                               prompt_ids=ids(length, n * 100 + i))
-        while engine.has_unfinished():
-            engine.step()
+    layout, engine.runner.layout = engine.runner.layout, None  # not beside the warm-up
+    try:
+        for n, (batch, length) in enumerate(shapes):
+            for i in range(batch):
+                engine.add_request(f"warmup-{n}-{i}", None, params,
+                                   prompt_ids=ids(length, n * 100 + i))
+            while engine.has_unfinished():
+                engine.step()
+    finally:
+        engine.runner.layout = layout
+    if layout is not None:
+        layout.start()
     bm = engine.block_manager
     bm.reset_prefix_cache()
     u = engine.runner.utilization

@@ -9,10 +9,13 @@ chosen runs once over its rows on the same per-ISA block kernels as every other
 projection, and the weighted results are added back. With the CPU kernels all of that is
 one C++ call per layer (``kernels.moe_gguf``: grouping, both projections, SwiGLU and the
 weighted sum); without them, the same steps in torch ops. A single decode token reads
-only its k experts' bytes.
+only its k experts' bytes. A large file's experts can run as mapped, gate and up apart,
+while ``lay_out`` writes the kernels' order beside the serving (``engine.layout``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +79,10 @@ class Experts(KernelLayer, nn.Module):
         self.down = nn.Parameter(torch.empty(num_experts, hidden, inter), requires_grad=False)
         self.qtypes: tuple[int, int] | None = None  # (gate_up, down) GGUF types in blocks
         self.kernel_qtypes: tuple[int, int] | None = None
+        # experts run from the mapped file: ``gate_up`` holds the gate's rows alone, ``up``
+        # the up projection's, until ``adopt`` puts the kernels' layout in their place
+        self.register_buffer("up", None, persistent=False)
+        self.release_mapped: Callable[[], None] | None = None
 
     def drop_dense(self) -> None:
         """Forget the dense parameters before any memory is given to them (the loader
@@ -85,12 +92,18 @@ class Experts(KernelLayer, nn.Module):
             self.register_buffer(name, None, persistent=False)
 
     def to_blocks(self, gate_up: torch.Tensor, gu_type: int, down: torch.Tensor,
-                  down_type: int, interleaved: bool = False) -> None:
+                  down_type: int, interleaved: bool = False, up: torch.Tensor | None = None,
+                  release: Callable[[], None] | None = None) -> None:
         """Keep GGUF blocks ``[E, rows, bytes]`` instead of dense weights (``interleaved``:
-        already in ``interleave_blocks``' order, written so by the loader)."""
-        for name, blocks, qtype, k, rows in (("gate_up", gate_up, gu_type, self.hidden,
-                                              2 * self.inter),
-                                             ("down", down, down_type, self.inter, self.hidden)):
+        already in ``interleave_blocks``' order, written so by the loader). With ``up``,
+        ``gate_up`` is the gate's rows alone: the file's tensors, run as mapped until
+        ``lay_out`` / ``adopt`` (then ``release`` drops the file's pages)."""
+        parts = [("gate_up", gate_up, gu_type, self.hidden,
+                  self.inter if up is not None else 2 * self.inter),
+                 ("down", down, down_type, self.inter, self.hidden)]
+        if up is not None:
+            parts.append(("up", up, gu_type, self.hidden, self.inter))
+        for name, blocks, qtype, k, rows in parts:
             if qtype not in BLOCK_BYTES:
                 raise ValueError(f"expert GGUF type {qtype} is not one of "
                                  f"{', '.join(NAMES.values())}")
@@ -103,6 +116,9 @@ class Experts(KernelLayer, nn.Module):
             self.register_buffer(name, blocks.contiguous(), persistent=False)
         self.qtypes = (gu_type, down_type)
         self.kernel_qtypes = self.qtypes
+        self.release_mapped = release
+        if up is not None:
+            return
         if interleaved:
             self.kernel_qtypes = self.interleaved_types()
         elif gu_type in X8_ONLY or down_type in X8_ONLY:
@@ -120,8 +136,8 @@ class Experts(KernelLayer, nn.Module):
     def interleave_blocks(self) -> None:
         """The 8-row interleaved layout the SIMD kernels read fastest (each expert's rows
         are a multiple of 8, so interleaving all rows at once interleaves each expert)."""
-        if self.qtypes is None or self.kernel_qtypes != self.qtypes:
-            return
+        if self.qtypes is None or self.kernel_qtypes != self.qtypes or self.up is not None:
+            return  # (mapped experts: ``lay_out`` writes the order beside the serving)
         new = self.interleaved_types()
         for name, qtype, k, kernel_type in (("gate_up", self.qtypes[0], self.hidden, new[0]),
                                             ("down", self.qtypes[1], self.inter, new[1])):
@@ -130,6 +146,29 @@ class Experts(KernelLayer, nn.Module):
                 flat = blocks.reshape(-1, blocks.shape[2])
                 setattr(self, name, interleave(flat, qtype, k).reshape(blocks.shape))
         self.kernel_qtypes = new
+
+    def lay_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mapped experts' (gate_up, down) in the kernels' interleaved order, in new memory
+        (reads the mapped blocks only: safe beside a forward that runs them)."""
+        from deepserve.layers.gguf_linear import interleave_into
+
+        assert self.up is not None and self.qtypes is not None
+        gu_type, down_type = self.qtypes
+        gate_up = torch.empty(self.num_experts, 2 * self.inter, self.up.shape[2],
+                              dtype=torch.uint8)
+        interleave_into(self.gate_up, gate_up[:, :self.inter], gu_type, self.hidden)
+        interleave_into(self.up, gate_up[:, self.inter:], gu_type, self.hidden)
+        down = torch.empty(self.down.shape, dtype=torch.uint8)
+        interleave_into(self.down, down, down_type, self.inter)
+        return gate_up, down
+
+    def adopt(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Run ``lay_out``'s blocks from now on (between forwards) and drop the file's."""
+        self.gate_up, self.down, self.up = gate_up, down, None
+        self.kernel_qtypes = self.interleaved_types()
+        release, self.release_mapped = self.release_mapped, None
+        if release is not None:
+            release()
 
     def interleaved_types(self) -> tuple[int, int]:
         """The kernel types of (gate_up, down) once interleaved: 4-bit types whose rows
@@ -148,6 +187,8 @@ class Experts(KernelLayer, nn.Module):
         qtype, k = self.qtypes[i], self.hidden if i == 0 else self.inter
         if self.kernel_qtypes[i] != qtype:
             blocks = deinterleave(blocks, qtype, k)
+        if i == 0 and self.up is not None:  # mapped: the gate's rows, then up's
+            blocks = torch.cat([blocks, self.up[e]])
         return dequantize(blocks, qtype, k)
 
     def _mlp(self, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -164,7 +205,7 @@ class Experts(KernelLayer, nn.Module):
         """x [T, H]; ids, weights [T, k] -> sum over k of weight * expert(x)."""
         if self.qtypes is not None and self.use_kernel:
             return kernels.moe_gguf(x, ids, weights, self.gate_up, self.kernel_qtypes[0],
-                                    self.down, self.kernel_qtypes[1])
+                                    self.down, self.kernel_qtypes[1], self.up)
         k = ids.shape[1]
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)

@@ -69,6 +69,9 @@ _MLA_Q = {"self_attn.q_proj.weight": "q_proj.weight"}
 _ROPE_ROWS = {"q_proj.weight": "q", "q_b_proj.weight": "q", "kv_a_proj_with_mqa.weight": "kv_a"}
 # row-parallel under tensor parallelism: each rank takes its input columns
 _ROW_PARALLEL = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+# experts bigger than this run as mapped at first, the kernels' layout written after the
+# load (the copy is about a third of a second per GB, page faults included)
+MAPPED_EXPERTS_OVER = 1 << 30
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
@@ -80,7 +83,7 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                dtype: torch.dtype, device: torch.device,
                show_progress: bool = True, keep_blocks: bool = False,
                shard: Shard | Stage | ExpertShard | None = None,
-               interleave: bool = False) -> LlamaForCausalLM:
+               interleave: bool = False, expert_layout: str = "load") -> LlamaForCausalLM:
     """Create the module on ``device`` in ``dtype`` and copy every checkpoint tensor in.
 
     ``keep_blocks``: a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K projections and experts
@@ -95,7 +98,8 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
     ``ExpertShard`` every layer, with only its routed experts (``cfg.local_experts``).
 
     ``interleave``: the SIMD kernels will run the blocks (``setup.interleave_blocks``);
-    4-bit experts then go from the mapped file to that order in one copy."""
+    4-bit experts then go from the mapped file to that order in one copy, at load or (one
+    process alone) in the background (``expert_layout``: load | background | auto)."""
     from deepserve.layers.moe import Experts, SparseMoE
     from deepserve.models.deepseek import rope_row_order
 
@@ -130,9 +134,8 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                                    cfg.rope_scaling, dtype).to(device)
     if cfg.tie_word_embeddings and "lm_head" not in plan:
         model.lm_head.weight = model.embed_tokens.weight
-    skip = _install_blocks(model, ckpt, cfg, plan, dtype, in_features, tp, first,
-                           interleave) if plan \
-        else frozenset()
+    skip = _install_blocks(model, ckpt, cfg, plan, dtype, in_features, tp, first, interleave,
+                           expert_layout if shard is None else "load") if plan else frozenset()
 
     params = dict(model.named_parameters(remove_duplicate=False))
     # what has been filled: per parameter, its leading dims (rows; experts x rows)
@@ -270,12 +273,19 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelConfig,
                     plan: dict[str, tuple[int | None, list[str]]], dtype: torch.dtype,
                     in_features: dict[str, int | None], shard: Shard | None = None,
-                    first: int = 0, interleave: bool = False) -> frozenset[str]:
+                    first: int = 0, interleave: bool = False,
+                    expert_layout: str = "load") -> frozenset[str]:
     """Put GGUF-block layers where ``plan`` says; returns the GGUF tensors they took.
     With ``shard``, each layer keeps this rank's rows or input columns of the blocks.
-    ``interleave``: experts are written straight into the kernels' interleaved order."""
+    ``interleave``: experts are written straight into the kernels' interleaved order, at
+    load or (``expert_layout`` "background", or "auto" past ``MAPPED_EXPERTS_OVER`` bytes)
+    after it: until then they run as mapped (``engine.layout``)."""
     shared: dict[str, torch.Tensor] = {}
     file_cfg = shard.full if shard is not None else cfg  # (``first``: a pipeline stage's)
+    experts = [n for p, (_, ns) in plan.items() if p.endswith(".moe.experts") for n in ns]
+    mapped = expert_layout == "background" or (
+        expert_layout == "auto" and
+        sum(ckpt.view(n).nbytes for n in experts) > MAPPED_EXPERTS_OVER)
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     local_rows = {"qkv_proj": (q, kv, kv), "gate_up_proj": (cfg.intermediate_size,) * 2}
 
@@ -313,6 +323,12 @@ def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelCon
 
             direct = interleave and gtype in HEADS and dtype_ in HEADS and \
                 not {gtype, dtype_} & set(K_TYPES) and inter % 8 == 0 and h % 8 == 0
+            if direct and mapped:
+                # run as mapped; the kernels' order is written beside the serving
+                model.get_submodule(path).to_blocks(
+                    gate, gtype, down, dtype_, up=up,
+                    release=lambda names=names: [ckpt.release(n) for n in names])
+                continue
             if direct:
                 # the kernels' order written straight from the file: one pass, one copy
                 gate_up = torch.empty(hi - lo, 2 * inter, gate.shape[2], dtype=torch.uint8)
