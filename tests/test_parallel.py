@@ -131,6 +131,35 @@ def test_two_expert_parallel_ranks_equal_one_process(which, tiny_moe):
         two.engine.parallel.close()
 
 
+def test_a_step_that_fails_on_rank_0_stops_the_ranks_at_once(tiny_llama_dir, monkeypatch):
+    """Rank 0's forward raising part-way leaves rank 1 inside that step's all-reduces:
+    rank 0 kills it at once (not after the 120 s gloo timeout) and the engine fails,
+    rather than sending the next step to a rank still in the old one."""
+    from deepserve.engine.parallel import RankFailed
+
+    two = LLM(model=str(tiny_llama_dir), dtype="float32", show_progress=False,
+              kv_cache_memory="16MiB", num_threads=1, tensor_parallel_size=2)
+    try:
+        assert _tokens(two, PROMPTS[:1])  # the ranks work
+        layer = two.engine.model.layers[1]
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected fault in layer 1")
+        monkeypatch.setattr(layer, "forward", broken)
+        monkeypatch.setattr(layer, "forward_fused", broken)
+        started = time.monotonic()
+        with pytest.raises(RankFailed, match="rank 0's step failed part-way"):
+            _tokens(two, PROMPTS[:2])
+        proc = two.engine.parallel.procs[0]
+        proc.join(10)
+        assert not proc.is_alive()
+        assert time.monotonic() - started < 20
+        with pytest.raises(RankFailed):  # and stays stopped
+            _tokens(two, PROMPTS[:1])
+    finally:
+        two.engine.parallel.close()
+
+
 def test_sizes_that_cannot_work_are_refused(tiny_llama_dir):
     with pytest.raises(DeepserveError, match="more than this model's 2 layers"):
         LLM(model=str(tiny_llama_dir), show_progress=False, pipeline_parallel_size=3)

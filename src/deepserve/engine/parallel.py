@@ -28,7 +28,9 @@ the all-reduce; not an all-to-all).
 - **Failure**: a rank that dies closes its pipe and its gloo connections. Rank 0's
   watcher thread sees the process end and marks the group failed: the step in flight
   and every later one raise ``RankFailed``, so the engine reports itself dead (503 on
-  /health) and the server exits; workers exit when rank 0's pipe closes.
+  /health) and the server exits; workers exit when rank 0's pipe closes. A step that
+  fails on rank 0 itself leaves the others inside its exchanges: rank 0 kills them at
+  once and fails the same way.
 """
 
 from __future__ import annotations
@@ -218,11 +220,16 @@ class Parallel:
                 out = torch.empty_like(x)
                 self.group.recv([out], self.size - 1, 0).wait()  # ... back from the last
                 return out
-            except RuntimeError as exc:
-                if self.failed or "Connection" in str(exc) or "Gloo" in str(exc):
-                    raise RankFailed(self.failed or f"a {self.mode}-parallel exchange "
-                                     f"failed: {exc}") from exc
-                raise
+            except Exception as exc:
+                # the other ranks are inside this step's exchanges: none can be trusted to
+                # meet the next one, so the ranks are stopped now, not at a gloo timeout
+                if not self.failed:
+                    self.failed = (f"{self.mode}-parallel rank 0's step failed part-way "
+                                   f"({type(exc).__name__}: {exc}); the ranks are out of "
+                                   "step, so this replica stops")
+                    logger.error("%s", self.failed)
+                self.close(at_once=True)
+                raise RankFailed(self.failed) from exc
 
         model.forward = forward  # type: ignore[method-assign]
 
@@ -294,7 +301,9 @@ class Parallel:
                     self.on_fail()
                 return
 
-    def close(self) -> None:
+    def close(self, at_once: bool = False) -> None:
+        """Stop the other ranks (``at_once``: killed, as they may be blocked inside an
+        exchange that will never complete)."""
         if getattr(self, "_closing", False):
             return
         self._closing = True
@@ -310,9 +319,10 @@ class Parallel:
             except OSError:
                 pass
         for proc in self.procs:
-            proc.join(10)
+            proc.join(0 if at_once else 10)
             if proc.is_alive():
                 proc.kill()
+                proc.join(5)
 
 
 def _ray_host() -> str:
