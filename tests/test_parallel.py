@@ -131,6 +131,37 @@ def test_two_expert_parallel_ranks_equal_one_process(which, tiny_moe):
         two.engine.parallel.close()
 
 
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_micro_batches_of_a_mixed_step_compute_what_the_whole_step_does(tiny_llama_dir,
+                                                                       kernels_on):
+    """A pipeline step cut into micro-batches (decode rows in groups, prefill chunks in
+    groups, each with its own slice of the metadata) gives the hidden states of the
+    whole step, on a step that mixes decodes with a new prompt's prefill."""
+    from deepserve.models.parallel import micro_batches
+
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", show_progress=False,
+              kv_cache_memory="16MiB", cpu_kernels=kernels_on)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(f"r{i}", prompt, params)
+    engine.step()  # three prefills; now they decode
+    for i, prompt in enumerate(PROMPTS[3:5]):
+        engine.add_request(f"n{i}", prompt, params)
+    batch = engine.scheduler.schedule()
+    ids, pos, meta, _, _ = engine.runner.prepare(batch.items)
+    assert meta.num_decode == 3 and len(meta.prefills) == 2
+    caches, model = engine.runner.kv_caches, engine.model
+    with torch.inference_mode():
+        whole = model(ids, pos, caches, meta)
+        parts = micro_batches(ids, pos, meta, 2)
+        assert [p[0] for p in parts] == [slice(0, 1), slice(1, 3),
+                                         slice(3, 3 + meta.prefills[0].num_tokens),
+                                         slice(3 + meta.prefills[0].num_tokens, len(ids))]
+        cut = torch.cat([model(i, p, caches, m) for _, i, p, m in parts])
+    torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_a_step_that_fails_on_rank_0_stops_the_ranks_at_once(tiny_llama_dir, monkeypatch):
     """Rank 0's forward raising part-way leaves rank 1 inside that step's all-reduces:
     rank 0 kills it at once (not after the 120 s gloo timeout) and the engine fails,

@@ -42,8 +42,8 @@ ENGINE_HELP = {
                             "stay on rank 0",
     "pipeline_parallel_size": "ranks that each hold a contiguous range of "
                               "whole layers (and their KV cache); hidden states pass from "
-                              "stage to stage (gloo); not combined with tensor parallelism "
-                              "yet",
+                              "stage to stage (gloo), each step in micro-batches so the "
+                              "stages overlap; not combined with tensor parallelism yet",
     "expert_parallel_size": "ranks that each hold a share of every MoE "
                             "layer's routed experts (attention replicated); their outputs "
                             "are summed with one all-reduce per MoE layer",

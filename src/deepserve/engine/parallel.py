@@ -5,8 +5,10 @@ every layer's attention heads (and their KV cache) and of its MLP, and sum their
 partial outputs with all-reduces. **Pipeline parallelism**
 (``--pipeline-parallel-size N``): N processes each hold a contiguous range of whole
 layers (and their KV cache); each step's hidden states go from stage to stage and back
-to rank 0 (gloo send / recv). Stages run one after the other within a step: no
-micro-batches yet, so a stage waits while the others compute. **Expert parallelism**
+to rank 0 (gloo send / recv). A step is cut into micro-batches (its decode rows in
+``MICRO_BATCHES`` x N groups, its prefill chunks in as many more): a stage runs one
+while the next stage runs the one before, so the stages overlap; the head and the
+sampler wait for the last. **Expert parallelism**
 (``--expert-parallel-size N``, MoE models): N processes each hold 1/N of every MoE
 layer's routed experts and a whole copy of the rest (attention replicated); every rank
 routes every token, runs the tokens routed to its own experts, and one all-reduce per
@@ -48,11 +50,12 @@ import torch
 
 from deepserve.errors import DeepserveError
 from deepserve.models.config import ModelConfig
-from deepserve.models.parallel import ExpertShard, Shard, Stage, set_group
+from deepserve.models.parallel import ExpertShard, Shard, Stage, micro_batches, set_group
 
 logger = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 120.0  # rendezvous and every collective
+MICRO_BATCHES = 1  # per stage; 2 and 4 measured 5% and 21% slower (BENCHMARKS.md)
 
 
 class RankFailed(RuntimeError):
@@ -213,12 +216,19 @@ class Parallel:
                     meta: Any) -> torch.Tensor:
             self.send(("step", (input_ids, positions, meta)))
             try:
-                x = local(input_ids, positions, kv_caches, meta)
                 if self.mode != "pipeline":
-                    return x
-                self.group.send([x.contiguous()], 1, 0).wait()  # on to stage 1 ...
-                out = torch.empty_like(x)
-                self.group.recv([out], self.size - 1, 0).wait()  # ... back from the last
+                    return local(input_ids, positions, kv_caches, meta)
+                # micro-batches: stage 1 runs the first while this rank runs the next
+                out, pending = None, []
+                for i, (rows, ids, pos, m) in enumerate(
+                        micro_batches(input_ids, positions, meta, MICRO_BATCHES * self.size)):
+                    x = local(ids, pos, kv_caches, m).contiguous()
+                    if out is None:
+                        out = torch.empty(input_ids.shape[0], x.shape[1], dtype=x.dtype)
+                    pending += [(x, self.group.send([x], 1, i)),  # on to stage 1 ...
+                                (None, self.group.recv([out[rows]], self.size - 1, i))]
+                for _, work in pending:  # ... and back from the last
+                    work.wait()
                 return out
             except Exception as exc:
                 # the other ranks are inside this step's exchanges: none can be trusted to
@@ -378,7 +388,12 @@ def serve_rank(mode: str, rank: int, size: int, group: Any, conn: Any, config: A
             if mode != "pipeline":
                 model(input_ids, positions, caches, meta)
                 continue
-            hidden = torch.empty(input_ids.shape[0], shard.full.hidden_size, dtype=dtype)
-            group.recv([hidden], rank - 1, 0).wait()
-            out = model(input_ids, positions, caches, meta, hidden=hidden)
-            group.send([out.contiguous()], (rank + 1) % size, 0).wait()
+            sent = []
+            for i, (_, ids, pos, m) in enumerate(
+                    micro_batches(input_ids, positions, meta, MICRO_BATCHES * size)):
+                hidden = torch.empty(ids.shape[0], shard.full.hidden_size, dtype=dtype)
+                group.recv([hidden], rank - 1, i).wait()
+                out = model(ids, pos, caches, m, hidden=hidden).contiguous()
+                sent.append((out, group.send([out], (rank + 1) % size, i)))
+            for _, work in sent:
+                work.wait()

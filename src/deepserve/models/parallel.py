@@ -1,15 +1,18 @@
 """What a model needs to run split across ranks (``engine/parallel.py`` starts them):
 a tensor-parallel rank's shard of the configuration and weights and the all-reduce
-after each row-parallel projection; a pipeline stage's range of layers."""
+after each row-parallel projection; a pipeline stage's range of layers and the
+micro-batches a step is cut into so that stages overlap."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from deepserve.layers.attention import AttentionMetadata
 from deepserve.models.config import ModelConfig
 
 
@@ -82,6 +85,38 @@ class ExpertShard:
     @property
     def local(self) -> ModelConfig:
         return dataclasses.replace(self.full, local_experts=self.experts)
+
+
+def micro_batches(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                  parts: int) -> list[tuple[slice, torch.Tensor, torch.Tensor,
+                                            AttentionMetadata]]:
+    """A step cut for the pipeline into up to ``parts`` micro-batches of decode rows and
+    up to ``parts`` of whole prefill chunks, in row order, each with its own metadata
+    (its rows of the slot mapping, block table and context lengths; chunk starts counted
+    from its first row). Every stage cuts the same step the same way."""
+    b, t = meta.num_decode, input_ids.shape[0]
+    out = []
+    cuts = [b * i // min(parts, b) for i in range(min(parts, b) + 1)] if b else []
+    for lo, hi in itertools.pairwise(cuts):
+        out.append((slice(lo, hi), input_ids[lo:hi], positions[lo:hi], dataclasses.replace(
+            meta, slot_mapping=meta.slot_mapping[lo:hi], num_decode=hi - lo, prefills=[],
+            decode_blocks=None if meta.decode_blocks is None
+            else meta.decode_blocks.view(b, -1)[lo:hi].reshape(-1),
+            decode_bias=None if meta.decode_bias is None else meta.decode_bias[:, lo:hi],
+            decode_table=None if meta.decode_table is None else meta.decode_table[lo:hi],
+            decode_ctx=None if meta.decode_ctx is None else meta.decode_ctx[lo:hi])))
+    chunks = meta.prefills
+    n = min(parts, len(chunks))
+    for g in range(n):
+        group = chunks[len(chunks) * g // n:len(chunks) * (g + 1) // n]
+        lo = group[0].start
+        hi = group[-1].start + group[-1].num_tokens
+        out.append((slice(lo, hi), input_ids[lo:hi], positions[lo:hi], dataclasses.replace(
+            meta, slot_mapping=meta.slot_mapping[lo:hi], num_decode=0, decode_blocks=None,
+            decode_bias=None, decode_table=None, decode_ctx=None,
+            prefills=[dataclasses.replace(c, start=c.start - lo) for c in group])))
+    assert not out or out[-1][0].stop == t
+    return out
 
 
 def all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
