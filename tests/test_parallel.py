@@ -37,7 +37,11 @@ def test_two_ranks_equal_one_process_on_tiny_random_models(kind, arch, tiny_llam
               num_threads=1, **{f"{kind}_parallel_size": 2})
     try:
         if kind == "tensor":
-            assert two.engine.model.layers[0].num_heads == 2  # each rank: half the heads
+            model = two.engine.model
+            assert model.layers[0].num_heads == 2  # each rank: half the heads
+            vocab = model.config.vocab_size  # and half the vocabulary
+            assert (model.embed_tokens.lo, model.embed_tokens.hi) == (0, vocab // 2)
+            assert model.lm_head.weight.shape[0] == vocab // 2
         else:
             assert len(two.engine.model.layers) == 1  # stage 0: the first of two layers
         assert _tokens(two, PROMPTS[:4]) == _tokens(one, PROMPTS[:4])
@@ -189,6 +193,39 @@ def test_a_step_that_fails_on_rank_0_stops_the_ranks_at_once(tiny_llama_dir, mon
             _tokens(two, PROMPTS[:1])
     finally:
         two.engine.parallel.close()
+
+
+def test_logits_gathered_from_uneven_vocabulary_shares():
+    """A vocabulary that does not divide: ranks hold ceil(V / N) columns, the last
+    fewer; rank 0 gets every column in order (three gloo ranks in threads)."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from deepserve.models.parallel import gather_logits, vocab_range
+
+    vocab, size = 10, 3
+    assert [vocab_range(r, size, vocab) for r in range(size)] == [(0, 4), (4, 8), (8, 10)]
+    full = torch.randn(5, vocab)
+    store = dist.TCPStore("127.0.0.1", 0, size, True, timedelta(seconds=30),
+                          wait_for_workers=False)
+    got = {}
+
+    def rank(r: int) -> None:
+        s = store if r == 0 else dist.TCPStore("127.0.0.1", store.port, size, False,
+                                               timedelta(seconds=30))
+        group = dist.ProcessGroupGloo(s, r, size, timedelta(seconds=30))
+        lo, hi = vocab_range(r, size, vocab)
+        got[r] = gather_logits(full[:, lo:hi].clone(), group, size, vocab)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert torch.equal(got[0], full)
+    assert torch.equal(got[2], full[:, 8:])
 
 
 def test_sizes_that_cannot_work_are_refused(tiny_llama_dir):

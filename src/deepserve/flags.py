@@ -35,7 +35,8 @@ ENGINE_HELP = {
     "seed": "seed of the generator that requests without their own seed draw from",
     "num_threads": "torch CPU threads (default: torch's choice; with tensor parallelism, "
                    "per rank: the cores shared out)",
-    "tensor_parallel_size": "ranks that split every layer's heads and MLP "
+    "tensor_parallel_size": "ranks that split every layer's heads and MLP, and the "
+                            "embedding and head by vocabulary "
                             "(torch.distributed, gloo), started by deepserve itself as "
                             "processes on this host (or Ray actors, see "
                             "--distributed-executor-backend); the scheduler and sampler "

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import pickle
 import threading
 from datetime import timedelta
@@ -48,9 +47,10 @@ from typing import Any
 
 import torch
 
+from deepserve.engine.parallel_plan import part, plan, threads_per_rank
 from deepserve.errors import DeepserveError
 from deepserve.models.config import ModelConfig
-from deepserve.models.parallel import ExpertShard, Shard, Stage, micro_batches, set_group
+from deepserve.models.parallel import gather_logits, micro_batches, set_group
 
 logger = logging.getLogger(__name__)
 
@@ -60,27 +60,6 @@ MICRO_BATCHES = 1  # per stage; 2 and 4 measured 5% and 21% slower (BENCHMARKS.m
 
 class RankFailed(RuntimeError):
     """A tensor-parallel rank died: this replica cannot compute any more steps."""
-
-
-def check_sizes(cfg: ModelConfig, tp: int) -> None:
-    """A clear error for a model this many ranks cannot split evenly."""
-    if cfg.is_mla or cfg.num_experts:
-        raise DeepserveError(f"--tensor-parallel-size {tp}: tensor parallelism splits dense "
-                             "Llama-family models (Llama, Qwen2, Qwen3); this model has "
-                             f"{'latent attention' if cfg.is_mla else 'experts'}: serve it "
-                             "with --tensor-parallel-size 1 (an MoE model's experts split "
-                             "with --expert-parallel-size)", param="tensor_parallel_size")
-    works = [n for n in range(1, cfg.num_kv_heads + 1)
-             if cfg.num_heads % n == 0 and cfg.num_kv_heads % n == 0
-             and cfg.intermediate_size % (n * 32) == 0 and (cfg.num_heads // n * cfg.head_dim)
-             % 32 == 0]
-    if tp not in works:
-        raise DeepserveError(
-            f"--tensor-parallel-size {tp} does not split this model evenly: it has "
-            f"{cfg.num_heads} attention heads, {cfg.num_kv_heads} KV heads and an MLP of "
-            f"{cfg.intermediate_size} (each rank needs whole heads and whole 32-wide "
-            f"blocks); sizes that work: {', '.join(map(str, works))}",
-            param="tensor_parallel_size")
 
 
 def _store(port: int, size: int, master: bool, host: str = "127.0.0.1") -> Any:
@@ -101,41 +80,6 @@ def _group(store: Any, rank: int, size: int, prefix: str = "",
     if prefix:
         store = dist.PrefixStore(prefix, store)
     return dist.ProcessGroupGloo(store, rank, size, timeout)
-
-
-def threads_per_rank(config: Any, size: int) -> int:
-    """Each rank's torch threads: the configured number, else the cores shared out."""
-    return config.num_threads or max(1, (os.cpu_count() or 1) // size)
-
-
-def plan(config: Any, full: ModelConfig) -> tuple[str, int]:
-    """("tensor" or "pipeline", ranks) for the configuration, or a clear error."""
-    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
-    ep = config.expert_parallel_size
-    if sum(n > 1 for n in (tp, pp, ep)) > 1:
-        raise DeepserveError("--tensor-parallel-size, --pipeline-parallel-size and "
-                             "--expert-parallel-size cannot be combined yet; give one of "
-                             "them", param="pipeline_parallel_size")
-    if ep > 1:
-        if not full.num_experts or full.num_experts % ep:
-            raise DeepserveError(
-                f"--expert-parallel-size {ep} needs a mixture-of-experts model whose expert "
-                f"count it divides; this model has {full.num_experts or 'no'} experts",
-                param="expert_parallel_size")
-        return "expert", ep
-    if pp > full.num_layers:
-        raise DeepserveError(f"--pipeline-parallel-size {pp} is more than this model's "
-                             f"{full.num_layers} layers; give at most {full.num_layers}",
-                             param="pipeline_parallel_size")
-    if tp > 1:
-        check_sizes(full, tp)
-        return "tensor", tp
-    return "pipeline", pp
-
-
-def part(mode: str, rank: int, size: int, full: ModelConfig) -> Shard | Stage | ExpertShard:
-    kind = {"tensor": Shard, "pipeline": Stage, "expert": ExpertShard}[mode]
-    return kind(rank, size, full)
 
 
 class Parallel:
@@ -231,17 +175,34 @@ class Parallel:
                     work.wait()
                 return out
             except Exception as exc:
-                # the other ranks are inside this step's exchanges: none can be trusted to
-                # meet the next one, so the ranks are stopped now, not at a gloo timeout
-                if not self.failed:
-                    self.failed = (f"{self.mode}-parallel rank 0's step failed part-way "
-                                   f"({type(exc).__name__}: {exc}); the ranks are out of "
-                                   "step, so this replica stops")
-                    logger.error("%s", self.failed)
-                self.close(at_once=True)
-                raise RankFailed(self.failed) from exc
+                raise self._broken(exc) from exc
 
         model.forward = forward  # type: ignore[method-assign]
+        if self.mode == "tensor":  # the head split by vocabulary: every rank its columns
+            local_logits = model.logits
+            vocab = self.shard.full.vocab_size
+
+            def logits(hidden: torch.Tensor) -> torch.Tensor:
+                self.send(("logits", (tuple(hidden.shape), hidden.dtype)))
+                try:  # (sent as float32: exact for every compute dtype)
+                    self.group.broadcast(hidden.float().contiguous(), 0).wait()
+                    return gather_logits(local_logits(hidden), self.group, self.size, vocab)
+                except Exception as exc:
+                    raise self._broken(exc) from exc
+
+            model.logits = logits  # type: ignore[method-assign]
+
+    def _broken(self, exc: Exception) -> RankFailed:
+        """Rank 0 failed inside an exchange: the other ranks are still in it, and none
+        can be trusted to meet the next one, so they are stopped now (not at a gloo
+        timeout) and this replica stops."""
+        if not self.failed:
+            self.failed = (f"{self.mode}-parallel rank 0's step failed part-way "
+                           f"({type(exc).__name__}: {exc}); the ranks are out of step, so "
+                           "this replica stops")
+            logger.error("%s", self.failed)
+        self.close(at_once=True)
+        return RankFailed(self.failed)
 
     def _replies(self) -> list[tuple[str, Any]]:
         """Each rank's start-up reply: down its pipe, or (Ray) through the store."""
@@ -384,6 +345,12 @@ def serve_rank(mode: str, rank: int, size: int, group: Any, conn: Any, config: A
                 return  # rank 0 is gone
             if what == "stop":
                 return
+            if what == "logits":  # this rank's columns of the head, gathered on rank 0
+                shape, h_dtype = payload
+                h = torch.empty(shape, dtype=torch.float32)
+                group.broadcast(h, 0).wait()
+                gather_logits(model.logits(h.to(h_dtype)), group, size, shard.full.vocab_size)
+                continue
             input_ids, positions, meta = payload
             if mode != "pipeline":
                 model(input_ids, positions, caches, meta)

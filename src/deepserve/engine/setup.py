@@ -133,6 +133,10 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
     model = load_model(ckpt, mcfg, max_model_len, dtype, device, show_progress=show_progress,
                        keep_blocks=keep_blocks, shard=shard, interleave=interleave,
                        expert_layout=expert_layout())
+    from deepserve.models.parallel import Shard, split_vocab
+
+    if isinstance(shard, Shard):  # tensor parallelism: this rank's share of the vocabulary
+        split_vocab(model, shard)
     quantize_model(model, config.quantization, dtype)
     enable_kernels(model, use_kernels)
     if interleave:

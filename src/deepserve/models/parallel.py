@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.models.config import ModelConfig
@@ -129,9 +130,84 @@ def all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
     return t if wide is t else t.copy_(wide)
 
 
+def vocab_range(rank: int, size: int, vocab: int) -> tuple[int, int]:
+    """A tensor-parallel rank's rows of the embedding table and the head: equal shares
+    of ceil(vocab / size), the last one shorter when the vocabulary does not divide."""
+    per = -(-vocab // size)
+    return min(rank * per, vocab), min((rank + 1) * per, vocab)
+
+
+class VocabEmbedding(nn.Module):
+    """This rank's rows ``lo`` .. ``hi - 1`` of the embedding table: a token outside
+    them embeds to zeros here, and one all-reduce gives every rank every token's row."""
+
+    def __init__(self, inner: nn.Module, lo: int, hi: int) -> None:
+        super().__init__()
+        self.inner, self.lo, self.hi = inner, lo, hi
+        self.group: Any = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.lo
+        inside = (local >= 0) & (local < self.hi - self.lo)
+        x = self.inner(local.clamp(0, self.hi - self.lo - 1))
+        return all_reduce(x.masked_fill(~inside.unsqueeze(-1), 0), self.group)
+
+
+def split_vocab(model: torch.nn.Module, shard: Shard) -> None:
+    """Keep only this rank's share of the vocabulary in the embedding table and the head
+    (one tensor when tied): ``model.logits`` then gives this rank's columns of the logits
+    (``gather_logits`` puts them together on rank 0)."""
+    from deepserve.layers.gguf_linear import GGUFEmbedding, GGUFLinear
+    from deepserve.layers.linear import Linear
+
+    lo, hi = vocab_range(shard.rank, shard.size, shard.full.vocab_size)
+    emb, head = model.embed_tokens, model.lm_head
+    if isinstance(emb, GGUFEmbedding):
+        table = emb.blocks[lo:hi].clone()
+        inner: nn.Module = GGUFEmbedding(table, emb.qtype, emb.dim, emb.dtype)
+    else:
+        table = emb.weight.data[lo:hi].clone()
+        inner = nn.Embedding.from_pretrained(table, freeze=True)
+    tied = (head.blocks if isinstance(head, GGUFLinear) else head.weight).data_ptr() == \
+        (emb.blocks if isinstance(emb, GGUFEmbedding) else emb.weight).data_ptr()
+    if isinstance(head, GGUFLinear):
+        rows = table if tied else head.blocks[lo:hi].clone()
+        model.lm_head = GGUFLinear(rows, head.qtype, head.in_features)
+    else:
+        model.lm_head = Linear(head.in_features, hi - lo, bias=False, dtype=table.dtype)
+        model.lm_head.weight = inner.weight if tied else \
+            nn.Parameter(head.weight.data[lo:hi].clone(), requires_grad=False)
+    model.embed_tokens = VocabEmbedding(inner, lo, hi)
+
+
+def gather_logits(part: torch.Tensor, group: Any, size: int, vocab: int) -> torch.Tensor:
+    """Every rank's columns of the logits [rows, its share] gathered on rank 0 ->
+    [rows, vocab] there (the other ranks get ``part`` back)."""
+    per = -(-vocab // size)
+    padded = part.new_zeros(part.shape[0], per)
+    padded[:, :part.shape[1]] = part
+    if group.rank() != 0:
+        group.gather([], [padded], _root()).wait()
+        return part
+    out = [torch.empty_like(padded) for _ in range(size)]
+    group.gather([out], [padded], _root()).wait()
+    return torch.cat(out, dim=1)[:, :vocab]
+
+
+def _root() -> Any:
+    import torch.distributed as dist
+
+    opts = dist.GatherOptions()
+    opts.rootRank = 0
+    return opts
+
+
 def set_group(model: torch.nn.Module, group: Any, mode: str = "tensor") -> None:
     """Tensor parallelism: every layer sums its output projection and MLP over the
-    group; expert parallelism: every MoE layer sums its experts' outputs."""
+    group, and the embedding its rows; expert parallelism: every MoE layer sums its
+    experts' outputs."""
+    if mode == "tensor" and isinstance(model.embed_tokens, VocabEmbedding):
+        model.embed_tokens.group = group
     for layer in model.layers:
         if mode == "tensor":
             layer.tp_group = group

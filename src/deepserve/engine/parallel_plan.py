@@ -1,0 +1,68 @@
+"""How a model is split: which kind of parallelism a configuration asks for, whether
+the model divides that many ways (a clear error naming the sizes that work if not),
+each rank's part and its threads (``engine/parallel.py`` starts the ranks)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from deepserve.errors import DeepserveError
+from deepserve.models.config import ModelConfig
+from deepserve.models.parallel import ExpertShard, Shard, Stage
+
+
+def check_sizes(cfg: ModelConfig, tp: int) -> None:
+    """A clear error for a model this many ranks cannot split evenly."""
+    if cfg.is_mla or cfg.num_experts:
+        raise DeepserveError(f"--tensor-parallel-size {tp}: tensor parallelism splits dense "
+                             "Llama-family models (Llama, Qwen2, Qwen3); this model has "
+                             f"{'latent attention' if cfg.is_mla else 'experts'}: serve it "
+                             "with --tensor-parallel-size 1 (an MoE model's experts split "
+                             "with --expert-parallel-size)", param="tensor_parallel_size")
+    works = [n for n in range(1, cfg.num_kv_heads + 1)
+             if cfg.num_heads % n == 0 and cfg.num_kv_heads % n == 0
+             and cfg.intermediate_size % (n * 32) == 0 and (cfg.num_heads // n * cfg.head_dim)
+             % 32 == 0]
+    if tp not in works:
+        raise DeepserveError(
+            f"--tensor-parallel-size {tp} does not split this model evenly: it has "
+            f"{cfg.num_heads} attention heads, {cfg.num_kv_heads} KV heads and an MLP of "
+            f"{cfg.intermediate_size} (each rank needs whole heads and whole 32-wide "
+            f"blocks); sizes that work: {', '.join(map(str, works))}",
+            param="tensor_parallel_size")
+
+
+def threads_per_rank(config: Any, size: int) -> int:
+    """Each rank's torch threads: the configured number, else the cores shared out."""
+    return config.num_threads or max(1, (os.cpu_count() or 1) // size)
+
+
+def plan(config: Any, full: ModelConfig) -> tuple[str, int]:
+    """("tensor" or "pipeline", ranks) for the configuration, or a clear error."""
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    ep = config.expert_parallel_size
+    if sum(n > 1 for n in (tp, pp, ep)) > 1:
+        raise DeepserveError("--tensor-parallel-size, --pipeline-parallel-size and "
+                             "--expert-parallel-size cannot be combined yet; give one of "
+                             "them", param="pipeline_parallel_size")
+    if ep > 1:
+        if not full.num_experts or full.num_experts % ep:
+            raise DeepserveError(
+                f"--expert-parallel-size {ep} needs a mixture-of-experts model whose expert "
+                f"count it divides; this model has {full.num_experts or 'no'} experts",
+                param="expert_parallel_size")
+        return "expert", ep
+    if pp > full.num_layers:
+        raise DeepserveError(f"--pipeline-parallel-size {pp} is more than this model's "
+                             f"{full.num_layers} layers; give at most {full.num_layers}",
+                             param="pipeline_parallel_size")
+    if tp > 1:
+        check_sizes(full, tp)
+        return "tensor", tp
+    return "pipeline", pp
+
+
+def part(mode: str, rank: int, size: int, full: ModelConfig) -> Shard | Stage | ExpertShard:
+    kind = {"tensor": Shard, "pipeline": Stage, "expert": ExpertShard}[mode]
+    return kind(rank, size, full)
