@@ -108,20 +108,24 @@ def tiny_moe(tmp_path_factory, default_gguf):
             "qwen3_moe-gguf": d / "qwen3_moe.gguf"}
 
 
+@pytest.mark.parametrize("dispatch", ["all-reduce", "all-to-all"])
 @pytest.mark.parametrize("which", ["qwen3_moe", "deepseek_v3", "qwen3_moe-gguf"])
-def test_two_expert_parallel_ranks_equal_one_process(which, tiny_moe):
-    """Greedy tokens equal in float32. On Q8_0 expert blocks the kernels round each
-    layer's activations to 8 bits, so the ranks' different order of adding the experts'
-    outputs (1e-7) can flip a rounding; on this random model, whose top two tokens are
-    often 0.02 apart, that changes greedy choices: there every position's logits are
-    compared instead."""
+def test_two_expert_parallel_ranks_equal_one_process(which, dispatch, tiny_moe):
+    """Greedy tokens equal in float32, with either exchange (all-to-all: each rank
+    routes half the tokens, the rows travel to their experts' rank and back; the
+    DeepSeek model's shared experts split too). On Q8_0 expert blocks the kernels round
+    each layer's activations to 8 bits, so the ranks' different order of adding the
+    experts' outputs (1e-7) can flip a rounding; on this random model, whose top two
+    tokens are often 0.02 apart, that changes greedy choices: there every position's
+    logits are compared instead."""
     path = str(tiny_moe[which])
     one = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB")
     two = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB",
-              expert_parallel_size=2, num_threads=1)
+              expert_parallel_size=2, num_threads=1, expert_dispatch=dispatch)
     try:
         moe = next(layer.moe for layer in two.engine.model.layers if layer.moe is not None)
         assert (moe.lo, moe.hi, moe.experts.num_experts) == (0, 4, 4)  # half of 8
+        assert moe.ep_dispatch == dispatch
         if which.endswith("gguf"):
             assert moe.experts.gate_up.dtype == torch.uint8  # its half of the blocks
             for prompt in PROMPTS[:4]:
@@ -131,6 +135,8 @@ def test_two_expert_parallel_ranks_equal_one_process(which, tiny_moe):
                 assert (a - b).abs().max() < 1e-4 * a.abs().max()
         else:
             assert _tokens(two, PROMPTS[:4]) == _tokens(one, PROMPTS[:4])
+            # one sequence: a decode step of one token leaves rank 1 none to route
+            assert _tokens(two, PROMPTS[4:5]) == _tokens(one, PROMPTS[4:5])
     finally:
         two.engine.parallel.close()
 
@@ -236,6 +242,8 @@ def test_sizes_that_cannot_work_are_refused(tiny_llama_dir):
             tensor_parallel_size=2)
     with pytest.raises(DeepserveError, match="needs a mixture-of-experts model"):
         LLM(model=str(tiny_llama_dir), show_progress=False, expert_parallel_size=2)
+    with pytest.raises(DeepserveError, match="expert_dispatch='scatter' is invalid"):
+        LLM(model=str(tiny_llama_dir), show_progress=False, expert_dispatch="scatter")
 
 
 def test_a_size_that_does_not_divide_names_the_sizes_that_work():

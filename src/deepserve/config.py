@@ -47,6 +47,7 @@ class EngineConfig:
     pipeline_parallel_size: int = 1  # processes that each hold a range of whole layers
     expert_parallel_size: int = 1  # processes that each hold a share of the MoE experts
     distributed_executor_backend: str = "mp"  # the other ranks: local processes, or "ray"
+    expert_dispatch: str = "all-reduce"  # expert parallelism's exchange, or "all-to-all"
 
     def __post_init__(self) -> None:
         """Checks that need no model (those that do run when the engine loads)."""
@@ -61,6 +62,10 @@ class EngineConfig:
         if self.distributed_executor_backend not in ("mp", "ray"):
             raise bad("distributed_executor_backend", "use mp (processes on this host) or "
                       "ray (Ray actors, on any node of the cluster)")
+        if self.expert_dispatch not in ("all-reduce", "all-to-all"):
+            raise bad("expert_dispatch", "use all-reduce (every rank routes every token, one "
+                      "sum per MoE layer) or all-to-all (tokens sent to their experts' "
+                      "ranks and back)")
         if self.kv_cache_dtype not in KV_DTYPES:
             raise bad("kv_cache_dtype", f"use one of {', '.join(KV_DTYPES)}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",

@@ -48,6 +48,10 @@ ENGINE_HELP = {
     "expert_parallel_size": "ranks that each hold a share of every MoE "
                             "layer's routed experts (attention replicated); their outputs "
                             "are summed with one all-reduce per MoE layer",
+    "expert_dispatch": "with --expert-parallel-size: all-reduce (every rank routes every "
+                       "token and runs its experts' picks, one sum per MoE layer) or "
+                       "all-to-all (each rank routes its share of the tokens and sends "
+                       "them to their experts' ranks and back, shared experts split too)",
     "distributed_executor_backend": "where the other ranks of a split model run: mp "
                                     "(processes on this host) or ray (Ray actors on any "
                                     "node of the cluster: a replica spans machines)",

@@ -328,7 +328,7 @@ def serve_rank(mode: str, rank: int, size: int, group: Any, conn: Any, config: A
         model = setup.build_model(ckpt, shard.local, config, max_model_len, dtype, device,
                                   setup.use_cpu_kernels(config, device), False, shard=shard)
         if mode != "pipeline":
-            set_group(model, group, mode)
+            set_group(model, group, mode, config.expert_dispatch)
         _, (num_blocks, kv_dtype, kv_kind) = pickle.loads(conn.recv_bytes())
         slots = num_blocks * config.block_size
         caches = [cache_for(shard.local, slots, kv_dtype, kv_kind, device)

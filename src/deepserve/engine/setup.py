@@ -316,7 +316,7 @@ def start_parallel(engine: Any) -> None:
     from deepserve.models.parallel import set_group
 
     if tp.mode != "pipeline":
-        set_group(engine.model, tp.group, tp.mode)
+        set_group(engine.model, tp.group, tp.mode, engine.config.expert_dispatch)
     tp.start(engine.num_blocks, engine.dtype, engine.config.kv_cache_dtype)
     tp.wrap(engine.model)
 

@@ -264,6 +264,7 @@ class SparseMoE(KernelLayer, nn.Module):
         # arrive through the all-reduce over ``ep_group``
         self.lo, self.hi = cfg.local_experts or (0, cfg.num_experts)
         self.ep_group = None
+        self.ep_dispatch = "all-reduce"  # or "all-to-all" (``_all_to_all``)
         self.experts = Experts(self.hi - self.lo, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                        if cfg.n_shared_experts else None)
@@ -283,17 +284,66 @@ class SparseMoE(KernelLayer, nn.Module):
             out.index_add_(0, tokens, part.float())
         return out.to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.gate)
         bias = None if self.correction_bias is None else self.correction_bias.float()
         c = self.cfg
         if self.use_kernel:  # the same choice in one call
-            weights, ids = kernels.moe_route(logits, bias, c.num_experts_per_tok,
-                                             c.scoring_func == "sigmoid", c.n_group,
-                                             c.topk_group, c.group_score == "top2",
-                                             c.norm_topk_prob, c.routed_scaling_factor)
-        else:
-            weights, ids = route(logits, c, bias)
+            return kernels.moe_route(logits, bias, c.num_experts_per_tok,
+                                     c.scoring_func == "sigmoid", c.n_group, c.topk_group,
+                                     c.group_score == "top2", c.norm_topk_prob,
+                                     c.routed_scaling_factor)
+        return route(logits, c, bias)
+
+    def _all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism by dispatch and combine: this rank routes its share of the
+        step's tokens, sends each pick's row to the rank holding its expert (one gloo
+        all-to-all, the expert id riding as an extra column), runs the rows it received
+        on its experts, sends the outputs back (a second all-to-all), weights and adds
+        them per token with its shared experts, and an all-gather gives every rank every
+        token's output (attention, replicated, needs them all)."""
+        import torch.distributed as dist
+
+        group, opts = self.ep_group, dist.AllToAllOptions()
+        n, rank = group.size(), group.rank()
+        t, h, k = x.shape[0], x.shape[1], self.cfg.num_experts_per_tok
+        per_t, per_e = -(-t // n), self.hi - self.lo
+        a, b = min(rank * per_t, t), min((rank + 1) * per_t, t)
+        mine = x[a:b]
+        weights, ids = self._route(mine) if b > a else (
+            torch.empty(0, k), torch.empty(0, k, dtype=torch.long))
+        dest = (ids // per_e).reshape(-1)
+        order = dest.argsort(stable=True)
+        tokens = order // k
+        send = torch.bincount(dest, minlength=n)
+        local = ids.reshape(-1).index_select(0, order) - dest.index_select(0, order) * per_e
+        rows = torch.cat([mine.index_select(0, tokens).float(), local.float().unsqueeze(1)], 1)
+        recv = torch.empty(n, dtype=torch.long)
+        group.alltoall_base(recv, send, [1] * n, [1] * n, opts).wait()
+        sc, rc = send.tolist(), recv.tolist()
+        got = torch.empty(sum(rc), h + 1)
+        group.alltoall_base(got, rows, rc, sc, opts).wait()
+        y = torch.empty(0, h)
+        if got.shape[0]:
+            y = self.experts(got[:, :h].to(x.dtype).contiguous(),
+                             got[:, h].long().unsqueeze(1).contiguous(),
+                             torch.ones(got.shape[0], 1)).float().contiguous()
+        back = torch.empty(rows.shape[0], h)
+        group.alltoall_base(back, y, sc, rc, opts).wait()
+        out = torch.zeros(per_t, h)
+        out[:b - a].index_add_(0, tokens, back * weights.reshape(-1).index_select(0, order)
+                               .float().unsqueeze(1))
+        if self.shared is not None and b > a:
+            out[:b - a] += self.shared(mine).float()
+        parts = [torch.empty(per_t, h) for _ in range(n)]
+        group.allgather([parts], [out]).wait()
+        return torch.cat(parts)[:t].to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ep_group is not None and self.ep_dispatch == "all-to-all":
+            return self._all_to_all(x)
+        weights, ids = self._route(x)
+        c = self.cfg
         if self.hi - self.lo != c.num_experts:
             y = self._local_picks(x, ids, weights)
         else:

@@ -202,14 +202,16 @@ def _root() -> Any:
     return opts
 
 
-def set_group(model: torch.nn.Module, group: Any, mode: str = "tensor") -> None:
+def set_group(model: torch.nn.Module, group: Any, mode: str = "tensor",
+              dispatch: str = "all-reduce") -> None:
     """Tensor parallelism: every layer sums its output projection and MLP over the
     group, and the embedding its rows; expert parallelism: every MoE layer sums its
-    experts' outputs."""
+    experts' outputs (``dispatch`` "all-reduce"), or sends its tokens' rows to their
+    experts' ranks and back ("all-to-all")."""
     if mode == "tensor" and isinstance(model.embed_tokens, VocabEmbedding):
         model.embed_tokens.group = group
     for layer in model.layers:
         if mode == "tensor":
             layer.tp_group = group
         elif getattr(layer, "moe", None) is not None:
-            layer.moe.ep_group = group
+            layer.moe.ep_group, layer.moe.ep_dispatch = group, dispatch
