@@ -41,7 +41,9 @@ class Sampler:
         tokens = torch.empty(n, dtype=torch.long)
         if greedy.any():
             tokens[greedy] = logits[greedy].argmax(dim=-1)
-        if not greedy.all():
+        if not greedy.any():  # no row copy of [N, V] when every row samples
+            tokens = self._sample(logits, seqs)
+        elif not greedy.all():
             rows = (~greedy).nonzero().flatten()
             tokens[rows] = self._sample(logits[rows], [seqs[i] for i in rows.tolist()])
         result = tokens.tolist()
@@ -105,8 +107,8 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]
-        temp = torch.tensor([p.temperature for p in params]).unsqueeze(1)
-        logits = logits / temp
+        if any(p.temperature != 1.0 for p in params):
+            logits = logits / torch.tensor([p.temperature for p in params]).unsqueeze(1)
         top_k = torch.tensor([p.top_k or self.vocab_size for p in params])
         top_p = torch.tensor([p.top_p for p in params])
         min_p = torch.tensor([p.min_p for p in params])
