@@ -88,3 +88,37 @@ def test_every_answer_is_in_the_ledger(served, client):
     row = conn.execute("SELECT prompt_tokens, completion_tokens FROM usage WHERE "
                        "request_id = ?", (r.id,)).fetchone()
     assert row == (r.usage.prompt_tokens, r.usage.completion_tokens)
+
+
+def test_a_server_lays_out_mapped_experts_after_its_warm_up(tmp_path, default_gguf,
+                                                           monkeypatch):
+    """DEEPSERVE_EXPERT_LAYOUT=background through the real server: ready with the
+    experts as the file maps them, the layout written by a thread started after the
+    warm-up and adopted between requests; greedy answers before and after agree."""
+    from tiny_models import write_gguf
+
+    from deepserve import kernels
+
+    if not kernels.available() or kernels.isa() == "portable":
+        pytest.skip("the interleaved layout is the SIMD kernels'")
+    model = write_tiny(tmp_path / "moe", "qwen3_moe", default_gguf)
+    gguf = write_gguf(model, "qwen3_moe", tmp_path / "moe-q4.gguf", default_gguf, 2)
+    monkeypatch.setenv("DEEPSERVE_EXPERT_LAYOUT", "background")
+    srv = ServerProcess("--model", str(gguf), "--dtype", "float32",
+                        "--kv-cache-memory", "32MiB", log_dir=tmp_path)
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        name = client.models.list().data[0].id
+        texts = []
+        for _ in range(40):  # each request's steps adopt what the thread has finished
+            texts.append(client.completions.create(
+                model=name, prompt="The river", max_tokens=8, temperature=0,
+                extra_body={"ignore_eos": True}).choices[0].text)
+            if "experts in the kernels' layout" in srv.log():
+                break
+        log = srv.log()
+        assert "experts run as the file maps them" in log
+        assert log.index("warm-up:") < log.index("experts in the kernels' layout")
+        assert len(set(texts)) == 1, texts
+    finally:
+        assert srv.stop() == 0, srv.log()
