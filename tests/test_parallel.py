@@ -244,6 +244,8 @@ def test_sizes_that_cannot_work_are_refused(tiny_llama_dir):
         LLM(model=str(tiny_llama_dir), show_progress=False, expert_parallel_size=2)
     with pytest.raises(DeepserveError, match="expert_dispatch='scatter' is invalid"):
         LLM(model=str(tiny_llama_dir), show_progress=False, expert_dispatch="scatter")
+    with pytest.raises(DeepserveError, match="add --expert-parallel-size"):
+        LLM(model=str(tiny_llama_dir), show_progress=False, expert_dispatch="all-to-all")
 
 
 def test_a_size_that_does_not_divide_names_the_sizes_that_work():

@@ -66,6 +66,9 @@ class EngineConfig:
             raise bad("expert_dispatch", "use all-reduce (every rank routes every token, one "
                       "sum per MoE layer) or all-to-all (tokens sent to their experts' "
                       "ranks and back)")
+        if self.expert_dispatch == "all-to-all" and self.expert_parallel_size == 1:
+            raise bad("expert_dispatch", "the all-to-all exchanges tokens between "
+                      "expert-parallel ranks: add --expert-parallel-size N (N > 1)")
         if self.kv_cache_dtype not in KV_DTYPES:
             raise bad("kv_cache_dtype", f"use one of {', '.join(KV_DTYPES)}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",

@@ -295,6 +295,9 @@ def parallel(config: EngineConfig, path: Path, kind: str, mcfg: ModelConfig,
     part). Else (None, mcfg, None)."""
     if config.tensor_parallel_size == config.pipeline_parallel_size == \
             config.expert_parallel_size == 1:
+        if config.distributed_executor_backend == "ray":
+            logger.warning("--distributed-executor-backend ray has no other ranks to place: "
+                           "every parallel size is 1, so the model runs in this process")
         return None, mcfg, None
     if config.device not in ("auto", "cpu"):
         raise DeepserveError("tensor and pipeline parallelism run on CPUs (gloo) in this "
