@@ -49,6 +49,26 @@ def test_two_ranks_equal_one_process_on_tiny_random_models(kind, arch, tiny_llam
         two.engine.parallel.close()
 
 
+def test_tensor_and_pipeline_together_equal_one_process(tiny_llama_dir):
+    """TP=2 x PP=2: four ranks, two stages of one layer, each split two ways by heads,
+    MLP rows and vocabulary; hidden states go from each tensor rank to its peer in the
+    next stage. Greedy tokens equal one process's in float32."""
+    one = LLM(model=str(tiny_llama_dir), dtype="float32", show_progress=False,
+              kv_cache_memory="16MiB")
+    four = LLM(model=str(tiny_llama_dir), dtype="float32", show_progress=False,
+               kv_cache_memory="16MiB", num_threads=1, tensor_parallel_size=2,
+               pipeline_parallel_size=2)
+    try:
+        model = four.engine.model
+        assert four.engine.parallel.size == 4 and four.engine.parallel.mode == "tensor+pipeline"
+        assert len(model.layers) == 1 and model.layers[0].num_heads == 2
+        assert model.embed_tokens.hi == model.config.vocab_size // 2
+        assert _tokens(four, PROMPTS[:4]) == _tokens(one, PROMPTS[:4])
+        assert _tokens(four, PROMPTS[4:5]) == _tokens(one, PROMPTS[4:5])
+    finally:
+        four.engine.parallel.close()
+
+
 def test_gguf_blocks_split_three_ways_are_as_close_to_float32_as_unsplit_blocks(llm_fp32):
     """The default model's Q4_1 / Q8_0 blocks, cut at block boundaries. The block
     kernels quantize activations to int8 with scales over each rank's own columns, so
@@ -238,7 +258,7 @@ def test_sizes_that_cannot_work_are_refused(tiny_llama_dir):
     with pytest.raises(DeepserveError, match="more than this model's 2 layers"):
         LLM(model=str(tiny_llama_dir), show_progress=False, pipeline_parallel_size=3)
     with pytest.raises(DeepserveError, match="cannot be combined"):
-        LLM(model=str(tiny_llama_dir), show_progress=False, pipeline_parallel_size=2,
+        LLM(model=str(tiny_llama_dir), show_progress=False, expert_parallel_size=2,
             tensor_parallel_size=2)
     with pytest.raises(DeepserveError, match="needs a mixture-of-experts model"):
         LLM(model=str(tiny_llama_dir), show_progress=False, expert_parallel_size=2)

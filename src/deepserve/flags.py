@@ -44,7 +44,8 @@ ENGINE_HELP = {
     "pipeline_parallel_size": "ranks that each hold a contiguous range of "
                               "whole layers (and their KV cache); hidden states pass from "
                               "stage to stage (gloo), each step in micro-batches so the "
-                              "stages overlap; not combined with tensor parallelism yet",
+                              "stages overlap; with --tensor-parallel-size, each stage is "
+                              "split that many ways",
     "expert_parallel_size": "ranks that each hold a share of every MoE "
                             "layer's routed experts (attention replicated); their outputs "
                             "are summed with one all-reduce per MoE layer",

@@ -8,7 +8,9 @@ layers (and their KV cache); each step's hidden states go from stage to stage an
 to rank 0 (gloo send / recv). A step is cut into micro-batches (its decode rows in
 ``MICRO_BATCHES`` x N groups, its prefill chunks in as many more): a stage runs one
 while the next stage runs the one before, so the stages overlap; the head and the
-sampler wait for the last. **Expert parallelism**
+sampler wait for the last. Both at once: T x P ranks, each stage split T ways (its
+own gloo group), tensor rank t of a stage passing to tensor rank t of the next.
+**Expert parallelism**
 (``--expert-parallel-size N``, MoE models): N processes each hold 1/N of every MoE
 layer's routed experts and a whole copy of the rest (attention replicated); every rank
 routes every token, runs the tokens routed to its own experts, and one all-reduce per
@@ -47,7 +49,7 @@ from typing import Any
 
 import torch
 
-from deepserve.engine.parallel_plan import part, plan, threads_per_rank
+from deepserve.engine.parallel_plan import part, plan, stage_group_size, threads_per_rank
 from deepserve.errors import DeepserveError
 from deepserve.models.config import ModelConfig
 from deepserve.models.parallel import gather_logits, micro_batches, set_group
@@ -89,7 +91,9 @@ class Parallel:
                  max_model_len: int) -> None:
         self.mode, size = plan(config, full)
         self.size = size
-        self.shard = part(self.mode, 0, size, full)
+        self.tp = stage_group_size(self.mode, config)  # ranks that split each layer
+        self.layer_mode = "expert" if self.mode == "expert" else "tensor"
+        self.shard = part(self.mode, 0, size, full, self.tp)
         self.failed: str | None = None
         self.on_fail: Any = None  # called from the watcher thread when a rank dies
         self.backend = config.distributed_executor_backend
@@ -105,6 +109,7 @@ class Parallel:
                 self.mode, size, host, store.port, config, path, kind, max_model_len,
                 threads)
             self.group = _group(store, 0, size)
+            self.layer_group = _layer_group(store, self.mode, 0, self.group, config)
             self.control = _group(store, 0, size, "control", ray_ranks.CONTROL_TIMEOUT)
             self._store = store
             self._start_watch()
@@ -122,6 +127,7 @@ class Parallel:
             self.conns.append(here)
             self.procs.append(proc)
         self.group = _group(store, 0, size)
+        self.layer_group = _layer_group(store, self.mode, 0, self.group, config)
         self._store = store
         self._start_watch()
 
@@ -144,13 +150,14 @@ class Parallel:
             if status != "ready":
                 self.close()
                 raise DeepserveError(f"{self.mode}-parallel rank {rank} failed: {detail}",
-                                     param=f"{self.mode}_parallel_size")
+                                     param=f"{self.mode.split('+')[0]}_parallel_size")
+        stages = self.size // self.tp if self.mode != "expert" else 1
         logger.info("%s parallel: %d ranks on this host (gloo), %d threads each%s", self.mode,
-                    self.size, torch.get_num_threads(), "" if self.mode == "tensor" else
+                    self.size, torch.get_num_threads(), "" if stages == 1 else
                     "; layers " + ", ".join(
-                        f"{s.first}-{s.last - 1}" for s in (part("pipeline", r, self.size,
+                        f"{s.first}-{s.last - 1}" for s in (part("pipeline", r, stages,
                                                                  self.shard.full)
-                                                            for r in range(self.size))))
+                                                            for r in range(stages))))
 
     def wrap(self, model: torch.nn.Module) -> None:
         """Make rank 0's forward hand each step to the other ranks first."""
@@ -160,17 +167,17 @@ class Parallel:
                     meta: Any) -> torch.Tensor:
             self.send(("step", (input_ids, positions, meta)))
             try:
-                if self.mode != "pipeline":
+                if self.mode in ("tensor", "expert"):
                     return local(input_ids, positions, kv_caches, meta)
                 # micro-batches: stage 1 runs the first while this rank runs the next
-                out, pending = None, []
+                out, pending, stages = None, [], self.size // self.tp
                 for i, (rows, ids, pos, m) in enumerate(
-                        micro_batches(input_ids, positions, meta, MICRO_BATCHES * self.size)):
+                        micro_batches(input_ids, positions, meta, MICRO_BATCHES * stages)):
                     x = local(ids, pos, kv_caches, m).contiguous()
                     if out is None:
                         out = torch.empty(input_ids.shape[0], x.shape[1], dtype=x.dtype)
-                    pending += [(x, self.group.send([x], 1, i)),  # on to stage 1 ...
-                                (None, self.group.recv([out[rows]], self.size - 1, i))]
+                    pending += [(x, self.group.send([x], self.tp, i)),  # on to stage 1 ...
+                                (None, self.group.recv([out[rows]], self.size - self.tp, i))]
                 for _, work in pending:  # ... and back from the last
                     work.wait()
                 return out
@@ -178,15 +185,15 @@ class Parallel:
                 raise self._broken(exc) from exc
 
         model.forward = forward  # type: ignore[method-assign]
-        if self.mode == "tensor":  # the head split by vocabulary: every rank its columns
-            local_logits = model.logits
+        if self.tp > 1:  # the head split by vocabulary: stage 0's ranks, their columns
+            local_logits, group = model.logits, self.layer_group
             vocab = self.shard.full.vocab_size
 
             def logits(hidden: torch.Tensor) -> torch.Tensor:
                 self.send(("logits", (tuple(hidden.shape), hidden.dtype)))
                 try:  # (sent as float32: exact for every compute dtype)
-                    self.group.broadcast(hidden.float().contiguous(), 0).wait()
-                    return gather_logits(local_logits(hidden), self.group, self.size, vocab)
+                    group.broadcast(hidden.float().contiguous(), 0).wait()
+                    return gather_logits(local_logits(hidden), group, self.tp, vocab)
                 except Exception as exc:
                     raise self._broken(exc) from exc
 
@@ -307,14 +314,28 @@ def _ray_host() -> str:
 def _worker(mode: str, rank: int, size: int, port: int, conn: Any, config: Any, path: Path,
             kind: str, max_model_len: int, threads: int) -> None:
     """A local rank process: join the group, then ``serve_rank``."""
-    group = _group(_store(port, size, master=False), rank, size)
-    serve_rank(mode, rank, size, group, conn, config, path, kind, max_model_len, threads)
+    store = _store(port, size, master=False)
+    group = _group(store, rank, size)
+    serve_rank(mode, rank, size, group, conn, config, path, kind, max_model_len, threads,
+               _layer_group(store, mode, rank, group, config))
+
+
+def _layer_group(store: Any, mode: str, rank: int, group: Any, config: Any) -> Any:
+    """The group that splits this rank's layers: the replica's for tensor or expert
+    parallelism alone, its stage's tensor ranks with both kinds, none for stages."""
+    if mode != "tensor+pipeline":
+        return None if mode == "pipeline" else group
+    tp = config.tensor_parallel_size
+    return _group(store, rank % tp, tp, f"stage{rank // tp}")
 
 
 def serve_rank(mode: str, rank: int, size: int, group: Any, conn: Any, config: Any,
-               path: Path, kind: str, max_model_len: int, threads: int) -> None:
+               path: Path, kind: str, max_model_len: int, threads: int,
+               layer_group: Any = None) -> None:
     """Rank ``rank``: load its part, build its KV pool, run every step it is sent
-    (``conn``: a pipe, or a Ray rank's ``StoreChannel``)."""
+    (``conn``: a pipe, or a Ray rank's ``StoreChannel``). With tensor and pipeline
+    parallelism, ranks ``s * tp`` .. are stage s; each passes its micro-batches' hidden
+    states to the same tensor rank of the next stage (the last stage's rank 0: to rank 0)."""
     from deepserve.engine import setup
     from deepserve.layers.kv_cache import cache_for
     from deepserve.loader.weights import open_checkpoint
@@ -322,13 +343,15 @@ def serve_rank(mode: str, rank: int, size: int, group: Any, conn: Any, config: A
     torch.set_num_threads(threads)
     try:
         ckpt = open_checkpoint(path, kind)
-        shard = part(mode, rank, size, ckpt.model_config())
+        tp = stage_group_size(mode, config)
+        shard = part(mode, rank, size, ckpt.model_config(), tp)
         device = setup.pick_device(config.device)
         dtype = setup.pick_dtype(config.dtype, device)
         model = setup.build_model(ckpt, shard.local, config, max_model_len, dtype, device,
                                   setup.use_cpu_kernels(config, device), False, shard=shard)
-        if mode != "pipeline":
-            set_group(model, group, mode, config.expert_dispatch)
+        if layer_group is not None:
+            set_group(model, layer_group, "expert" if mode == "expert" else "tensor",
+                      config.expert_dispatch)
         _, (num_blocks, kv_dtype, kv_kind) = pickle.loads(conn.recv_bytes())
         slots = num_blocks * config.block_size
         caches = [cache_for(shard.local, slots, kv_dtype, kv_kind, device)
@@ -346,21 +369,27 @@ def serve_rank(mode: str, rank: int, size: int, group: Any, conn: Any, config: A
             if what == "stop":
                 return
             if what == "logits":  # this rank's columns of the head, gathered on rank 0
-                shape, h_dtype = payload
-                h = torch.empty(shape, dtype=torch.float32)
-                group.broadcast(h, 0).wait()
-                gather_logits(model.logits(h.to(h_dtype)), group, size, shard.full.vocab_size)
+                if rank < tp:  # (stage 0's tensor ranks)
+                    shape, h_dtype = payload
+                    h = torch.empty(shape, dtype=torch.float32)
+                    layer_group.broadcast(h, 0).wait()
+                    gather_logits(model.logits(h.to(h_dtype)), layer_group, tp,
+                                  shard.full.vocab_size)
                 continue
             input_ids, positions, meta = payload
-            if mode != "pipeline":
+            if mode in ("tensor", "expert"):
                 model(input_ids, positions, caches, meta)
                 continue
-            sent = []
+            sent, stage, stages = [], rank // tp, size // tp
+            to = rank + tp if stage < stages - 1 else (0 if rank % tp == 0 else None)
             for i, (_, ids, pos, m) in enumerate(
-                    micro_batches(input_ids, positions, meta, MICRO_BATCHES * size)):
-                hidden = torch.empty(ids.shape[0], shard.full.hidden_size, dtype=dtype)
-                group.recv([hidden], rank - 1, i).wait()
+                    micro_batches(input_ids, positions, meta, MICRO_BATCHES * stages)):
+                hidden = None
+                if stage:  # from the same tensor rank of the stage before
+                    hidden = torch.empty(ids.shape[0], shard.full.hidden_size, dtype=dtype)
+                    group.recv([hidden], rank - tp, i).wait()
                 out = model(ids, pos, caches, m, hidden=hidden).contiguous()
-                sent.append((out, group.send([out], (rank + 1) % size, i)))
+                if to is not None:
+                    sent.append((out, group.send([out], to, i)))
             for _, work in sent:
                 work.wait()

@@ -9,7 +9,7 @@ from typing import Any
 
 from deepserve.errors import DeepserveError
 from deepserve.models.config import ModelConfig
-from deepserve.models.parallel import ExpertShard, Shard, Stage
+from deepserve.models.parallel import ExpertShard, Shard, Stage, StageShard
 
 
 def check_sizes(cfg: ModelConfig, tp: int) -> None:
@@ -39,13 +39,14 @@ def threads_per_rank(config: Any, size: int) -> int:
 
 
 def plan(config: Any, full: ModelConfig) -> tuple[str, int]:
-    """("tensor" or "pipeline", ranks) for the configuration, or a clear error."""
+    """("tensor", "pipeline", "tensor+pipeline" or "expert", ranks) for the
+    configuration, or a clear error."""
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     ep = config.expert_parallel_size
-    if sum(n > 1 for n in (tp, pp, ep)) > 1:
-        raise DeepserveError("--tensor-parallel-size, --pipeline-parallel-size and "
-                             "--expert-parallel-size cannot be combined yet; give one of "
-                             "them", param="pipeline_parallel_size")
+    if ep > 1 and tp * pp > 1:
+        raise DeepserveError("--expert-parallel-size cannot be combined with tensor or "
+                             "pipeline parallelism yet; give it alone",
+                             param="expert_parallel_size")
     if ep > 1:
         if not full.num_experts or full.num_experts % ep:
             raise DeepserveError(
@@ -59,10 +60,20 @@ def plan(config: Any, full: ModelConfig) -> tuple[str, int]:
                              param="pipeline_parallel_size")
     if tp > 1:
         check_sizes(full, tp)
-        return "tensor", tp
+        return ("tensor", tp) if pp == 1 else ("tensor+pipeline", tp * pp)
     return "pipeline", pp
 
 
-def part(mode: str, rank: int, size: int, full: ModelConfig) -> Shard | Stage | ExpertShard:
+def part(mode: str, rank: int, size: int, full: ModelConfig, tp: int = 1
+         ) -> Shard | Stage | ExpertShard:
+    """Rank ``rank``'s part; with tensor and pipeline parallelism together, ranks
+    ``s * tp`` .. ``s * tp + tp - 1`` are stage s's tensor ranks."""
+    if mode == "tensor+pipeline":
+        return StageShard(rank % tp, tp, full, rank // tp, size // tp)
     kind = {"tensor": Shard, "pipeline": Stage, "expert": ExpertShard}[mode]
     return kind(rank, size, full)
+
+
+def stage_group_size(mode: str, config: Any) -> int:
+    """Ranks that split each layer: the tensor-parallel size within a stage."""
+    return config.tensor_parallel_size if mode in ("tensor", "tensor+pipeline") else 1

@@ -57,14 +57,15 @@ class RayRank:
             path: Any, kind: str, max_model_len: int, threads: int) -> None:
         import ray
 
-        from deepserve.engine.parallel import _group, _store, serve_rank
+        from deepserve.engine.parallel import _group, _layer_group, _store, serve_rank
 
         store = _store(port, size, master=False, host=host)
         store.set(f"node{rank}", ray.get_runtime_context().get_node_id())
         group = _group(store, rank, size)
+        layers = _layer_group(store, mode, rank, group, config)
         control = _group(store, rank, size, "control", CONTROL_TIMEOUT)
         serve_rank(mode, rank, size, group, StoreChannel(control, store, rank), config, path,
-                   kind, max_model_len, threads)
+                   kind, max_model_len, threads, layers)
 
 
 def start_ranks(mode: str, size: int, host: str, port: int, config: Any, path: Any,

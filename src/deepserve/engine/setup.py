@@ -318,8 +318,8 @@ def start_parallel(engine: Any) -> None:
         return
     from deepserve.models.parallel import set_group
 
-    if tp.mode != "pipeline":
-        set_group(engine.model, tp.group, tp.mode, engine.config.expert_dispatch)
+    if tp.layer_group is not None:  # tensor ranks (of stage 0), or expert ranks
+        set_group(engine.model, tp.layer_group, tp.layer_mode, engine.config.expert_dispatch)
     tp.start(engine.num_blocks, engine.dtype, engine.config.kv_cache_dtype)
     tp.wrap(engine.model)
 

@@ -31,7 +31,7 @@ from deepserve.loader.gguf_loader import K_TYPES, GGUFCheckpoint
 from deepserve.loader.hf_loader import HFCheckpoint
 from deepserve.models.config import ModelConfig
 from deepserve.models.llama import LlamaForCausalLM
-from deepserve.models.parallel import ExpertShard, Shard, Stage
+from deepserve.models.parallel import ExpertShard, Shard, Stage, StageShard
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
             filled[target][index] = True
 
     # a pipeline stage reads its own layers' tensors only
-    tensors = ckpt.tensors(file_cfg, skip, layers if isinstance(shard, Stage) else None)
+    tensors = ckpt.tensors(file_cfg, skip,
+                           layers if isinstance(shard, Stage | StageShard) else None)
     bar = tqdm(tensors, total=len(ckpt) - len(skip), desc="loading weights", unit="tensor",
                disable=not show_progress, leave=False)
     for name, tensor in bar:

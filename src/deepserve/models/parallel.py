@@ -69,6 +69,28 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class StageShard(Shard):
+    """Tensor parallelism inside a pipeline stage: tensor rank ``rank`` of ``size`` in
+    stage ``stage`` of ``stages``, holding its heads and MLP rows of that stage's layers."""
+
+    stage: int = 0
+    stages: int = 1
+
+    @property
+    def first(self) -> int:  # type: ignore[override]
+        return self.full.num_layers * self.stage // self.stages
+
+    @property
+    def last(self) -> int:
+        return self.full.num_layers * (self.stage + 1) // self.stages
+
+    @property
+    def local(self) -> ModelConfig:
+        return dataclasses.replace(super().local, num_layers=self.last - self.first,
+                                   moe_layers=())  # (tensor parallelism: dense models only)
+
+
+@dataclass(frozen=True)
 class ExpertShard:
     """An expert-parallel rank: every layer whole (attention replicated) but only the
     routed experts ``lo`` .. ``hi - 1`` of each MoE layer."""
