@@ -311,3 +311,18 @@ def test_flops_are_counted_from_the_model_shape(llm_bf16):
     # SmolLM2-135M: 134.5M weights, of which 49152 x 576 in the tied embedding.
     assert u.linear_params == pytest.approx(134.5e6 - 49152 * 576, rel=0.01)
     assert 0.6 * 134.5e6 < u.weight_bytes < 1.2 * 134.5e6  # Q4_1 / Q8_0 blocks
+
+
+def test_a_ray_tier_with_tensor_and_pipeline_reserves_a_bundle_per_rank():
+    """tensor x pipeline: one replica spans T x P ranks, one placement bundle each."""
+    from deepserve.deploy.ray_serve import RayServeConfig
+
+    cfg = RayServeConfig.from_dict({"tiers": {"big": {
+        "engine": {"tensor_parallel_size": 2, "pipeline_parallel_size": 3,
+                   "distributed_executor_backend": "ray"},
+        "num_cpus": 2, "placement_strategy": "SPREAD"}}})
+    tier = cfg.tiers[0]
+    assert tier.ranks == 6
+    options = tier.deployment_options()
+    assert options["placement_group_bundles"] == [{"CPU": 2.0}] * 6
+    assert options["placement_group_strategy"] == "SPREAD"

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,9 +77,10 @@ class RayTier:
 
     @property
     def ranks(self) -> int:
-        """Processes one replica spans (1 unless the engine splits the model)."""
-        return max(int(self.engine.get(f"{k}_parallel_size", 1))
-                   for k in ("tensor", "pipeline", "expert"))
+        """Processes one replica spans (1 unless the engine splits the model; tensor x
+        pipeline when both are given)."""
+        return math.prod(int(self.engine.get(f"{k}_parallel_size", 1))
+                         for k in ("tensor", "pipeline", "expert"))
 
     def deployment_options(self) -> dict[str, Any]:
         """Ray Serve options: a split model on Ray actors gets one bundle per rank."""
