@@ -24,7 +24,8 @@ class Replica:
     def __init__(self, path: str, kind: str) -> None:
         self.llm = LLM(model=path, dtype="float32", show_progress=False,
                        kv_cache_memory="16MiB", num_threads=1,
-                       distributed_executor_backend="ray", **{f"{kind}_parallel_size": 2})
+                       distributed_executor_backend="ray",
+                       **{f"{k}_parallel_size": 2 for k in kind.split("+")})
 
     def generate(self, prompts: list[str]) -> list[list[int]]:
         return [o.outputs[0].token_ids for o in self.llm.generate(prompts, GREEDY)]
@@ -53,8 +54,8 @@ class Replica:
 def cluster():
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    c.add_node(num_cpus=1)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    c.add_node(num_cpus=2)  # (logical CPUs: tensor x pipeline places two ranks a node)
     ray.init(address=c.address, log_to_driver=False)
     # the actor class above travels by value (the tests folder is not importable there)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -87,6 +88,30 @@ def test_one_model_across_two_ray_nodes_equals_one_process(kind, cluster, tiny_l
         # an actor (or its node) lost: the replica fails with a clear error, no hang
         lost = ray.get(actor.lose_rank.remote(), timeout=120)
         assert "rank 1 (a Ray actor)" in lost and "RankFailed" in lost
+    finally:
+        ray.kill(actor)
+        remove_placement_group(pg)
+
+
+def test_tensor_and_pipeline_ranks_across_two_ray_nodes(cluster, tiny_llama_dir):
+    """TP=2 x PP=2 as Ray actors in one placement group over both nodes: the same
+    greedy tokens as one process."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = placement_group([{"CPU": 1}] * 4, strategy="PACK")
+    ray.get(pg.ready(), timeout=120)
+    actor = ray.remote(num_cpus=1)(Replica).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=0)).remote(
+        str(tiny_llama_dir), "tensor+pipeline")
+    try:
+        nodes = ray.get(actor.nodes.remote(), timeout=300)
+        assert len(nodes) == 4 and len(set(nodes)) == 2  # four ranks over both nodes
+        got = ray.get(actor.generate.remote(PROMPTS[:3]), timeout=300)
+        one = LLM(model=str(tiny_llama_dir), dtype="float32", show_progress=False,
+                  kv_cache_memory="16MiB")
+        assert got == [o.outputs[0].token_ids for o in one.generate(PROMPTS[:3], GREEDY)]
     finally:
         ray.kill(actor)
         remove_placement_group(pg)

@@ -77,12 +77,17 @@ class StageShard(Shard):
     stages: int = 1
 
     @property
+    def layers(self) -> Stage:
+        """This rank's stage, as pipeline parallelism alone would cut it."""
+        return Stage(self.stage, self.stages, self.full)
+
+    @property
     def first(self) -> int:  # type: ignore[override]
-        return self.full.num_layers * self.stage // self.stages
+        return self.layers.first
 
     @property
     def last(self) -> int:
-        return self.full.num_layers * (self.stage + 1) // self.stages
+        return self.layers.last
 
     @property
     def local(self) -> ModelConfig:
