@@ -121,6 +121,26 @@ def test_paged_decode_attention_matches_gather_path(kind, dtype, head_dim, heads
 
 
 @needs_kernels
+@pytest.mark.parametrize("head_dim,heads", [(128, 6), (128, 16), (64, 16), (64, 10)])
+def test_paged_decode_attention_bf16_head_groups(head_dim, heads, each_isa):
+    """The bf16 cache path's P.V runs 4 heads (head_dim 64) or 2 heads (128) of a query
+    group at a time: groups of 3, 5 and 8 heads, odd and even contexts, against the gather
+    path."""
+    q, cache, table, ctx, bs = _decode_case("auto", torch.bfloat16, head_dim, seed=1,
+                                            heads=heads)
+    valid = torch.arange(table.shape[1] * bs).unsqueeze(0) < ctx.unsqueeze(1)
+    bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
+    meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(ctx),
+                             decode_blocks=table.flatten(), block_size=bs,
+                             decode_bias=bias.unsqueeze(0).unsqueeze(2))
+    kv = q[:, :cache.k.shape[0]]
+    ref = paged_attention(q, kv, kv, cache, meta, head_dim ** -0.5)
+    got = kernels.paged_decode_attention(q, cache.k, cache.v, None, None, table, ctx, bs,
+                                         head_dim ** -0.5)
+    assert torch.allclose(got.float(), ref.float(), atol=2e-2), (got - ref).abs().max()
+
+
+@needs_kernels
 def test_engine_tokens_equal_with_and_without_kernels():
     """float32 greedy decoding over dense weights: the kernel and torch paths pick the
     same tokens (the GGUF blocks' own check is in test_gguf_kernels.py)."""

@@ -571,6 +571,55 @@ inline void prefetch_row(const uint16_t* row, int64_t dim, int hint) {
   }
 }
 
+// P.V for heads g0 .. g0 + GN of one query group: two tokens per AVX512-BF16
+// dot instruction against the numerators rounded to bf16 (stride apart, zero-padded to
+// an even count), divided by the denominators, written as bf16 rows of out.
+template <int GN, int DP>
+void pv_heads_bf16(int g0, const uint16_t* vp, const int64_t* rows, int64_t ctx,
+                   const uint16_t* probs, int64_t stride, const float* denom, uint16_t* out) {
+  constexpr int64_t D = 32 * DP;
+  __m512 acc[GN][2 * DP];
+  for (int g = 0; g < GN; ++g)
+    for (int c = 0; c < 2 * DP; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < ctx; t += 2) {
+    const bool pair = t + 1 < ctx;
+    const uint16_t* r0 = vp + rows[t];
+    const uint16_t* r1 = pair ? vp + rows[t + 1] : nullptr;
+    __m512bh pg[GN];
+    for (int g = 0; g < GN; ++g) {
+      int32_t both;
+      std::memcpy(&both, probs + (g0 + g) * stride + t, sizeof(both));
+      pg[g] = (__m512bh)_mm512_set1_epi32(both);
+    }
+    for (int c = 0; c < DP; ++c) {
+      const __m512i a = _mm512_loadu_si512(r0 + 32 * c);
+      const __m512i bb = pair ? _mm512_loadu_si512(r1 + 32 * c) : _mm512_setzero_si512();
+      const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, bb);
+      const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(a, bb);
+      for (int g = 0; g < GN; ++g) {
+        acc[g][2 * c] = _mm512_dpbf16_ps(acc[g][2 * c], lo, pg[g]);
+        acc[g][2 * c + 1] = _mm512_dpbf16_ps(acc[g][2 * c + 1], hi, pg[g]);
+      }
+    }
+  }
+  // 128-bit lane L of acc[g][2c] holds d = 32c + 8L + 0..3, of acc[g][2c+1]
+  // d = 32c + 8L + 4..7: two permutes put them in order, then 32 at a time to bf16
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21,
+                                          22, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  for (int g = 0; g < GN; ++g) {
+    uint16_t* orow = out + (g0 + g) * D;
+    const __m512 inv = _mm512_set1_ps(1.0f / denom[g0 + g]);
+    for (int c = 0; c < DP; ++c) {
+      const __m512 lo = _mm512_mul_ps(
+          _mm512_permutex2var_ps(acc[g][2 * c], first, acc[g][2 * c + 1]), inv);
+      const __m512 hi = _mm512_mul_ps(
+          _mm512_permutex2var_ps(acc[g][2 * c], second, acc[g][2 * c + 1]), inv);
+      _mm512_storeu_si512(orow + 32 * c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
+
 // bf16 q and cache, head_dim = 32 * DP: products with AVX512-BF16 dot instructions, which
 // multiply bf16 pairs exactly and accumulate in float32 (as torch's bf16 matmuls do).
 // Scores for 16 tokens are reduced together; P.V takes two tokens per instruction, the
@@ -586,15 +635,20 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
   const int64_t H = KVH * G;
   at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
+    std::vector<uint16_t> probs;  // the numerators rounded to bf16, an even stride per head
     std::vector<int64_t> rows;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / KVH, h = task % KVH;
-      const int64_t ctx = ctx_lens[b];
+      const int64_t ctx = ctx_lens[b], stride = (ctx + 1) & ~int64_t{1};
       const int64_t* blocks = table + b * width;
       scores.resize(G * ctx);
+      probs.resize(G * stride);
       rows.resize(ctx + 1);
-      for (int64_t t = 0; t < ctx; ++t)
-        rows[t] = (h * S + blocks[t / block_size] * block_size + t % block_size) * D;
+      for (int64_t t = 0, blk = 0; t < ctx; ++blk) {  // block by block: no division a row
+        const int64_t base = (h * S + blocks[blk] * block_size) * D;
+        for (int64_t i = 0, n = std::min(block_size, ctx - t); i < n; ++i, ++t)
+          rows[t] = base + i * D;
+      }
       for (int64_t j = 0; j < std::min<int64_t>(ctx, 16); ++j) prefetch_row(kp + rows[j], D, 0);
       __m512bh qv[G][DP];
       for (int g = 0; g < G; ++g)
@@ -625,53 +679,40 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
                                 _mm512_mul_ps(hsum16(part), sc));
         }
       }
-      // 2. softmax numerators and denominators
+      // 2. softmax numerators and denominators; the numerators rounded to bf16 (as the
+      // torch path rounds them before its P.V matmul), 16 at a time
       float denom[G];
       for (int g = 0; g < G; ++g) {
         float* sg = scores.data() + g * ctx;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < ctx; ++t) mx = std::max(mx, sg[t]);
-        denom[g] = exp_sub_sum(sg, ctx, mx);
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < ctx; t += 16) {
+          const __mmask16 mask = ctx - t >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                               : static_cast<__mmask16>((1u << (ctx - t)) - 1);
+          mv = _mm512_mask_max_ps(mv, mask, mv, _mm512_maskz_loadu_ps(mask, sg + t));
+        }
+        denom[g] = exp_sub_sum(sg, ctx, _mm512_reduce_max_ps(mv));
+        uint16_t* pb = probs.data() + g * stride;
+        for (int64_t t = 0; t < ctx; t += 16) {
+          const __mmask16 mask = ctx - t >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                               : static_cast<__mmask16>((1u << (ctx - t)) - 1);
+          _mm256_mask_storeu_epi16(pb + t, mask, (__m256i)_mm512_cvtneps_pbh(
+                                                     _mm512_maskz_loadu_ps(mask, sg + t)));
+        }
+        if (stride > ctx) pb[ctx] = 0;
       }
-      // 3. P.V, two tokens per dot instruction
-      __m512 acc[G][2 * DP];
-      for (int g = 0; g < G; ++g)
-        for (int c = 0; c < 2 * DP; ++c) acc[g][c] = _mm512_setzero_ps();
-      for (int64_t t = 0; t < ctx; t += 2) {
-        const bool pair = t + 1 < ctx;
-        const uint16_t* r0 = vp + rows[t];
-        const uint16_t* r1 = pair ? vp + rows[t + 1] : nullptr;
-        __m512bh pg[G];
-        for (int g = 0; g < G; ++g) {
-          const uint32_t lo = float_to_bf16_bits(scores[g * ctx + t]);
-          const uint32_t hi = pair ? float_to_bf16_bits(scores[g * ctx + t + 1]) : 0u;
-          pg[g] = (__m512bh)_mm512_set1_epi32(static_cast<int>(lo | (hi << 16)));
-        }
-        for (int c = 0; c < DP; ++c) {
-          const __m512i a = _mm512_loadu_si512(r0 + 32 * c);
-          const __m512i bb = pair ? _mm512_loadu_si512(r1 + 32 * c) : _mm512_setzero_si512();
-          const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, bb);
-          const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(a, bb);
-          for (int g = 0; g < G; ++g) {
-            acc[g][2 * c] = _mm512_dpbf16_ps(acc[g][2 * c], lo, pg[g]);
-            acc[g][2 * c + 1] = _mm512_dpbf16_ps(acc[g][2 * c + 1], hi, pg[g]);
-          }
-        }
-      }
-      // acc[g][2c] lane L holds d = 32c + 8L + 0..3, acc[g][2c+1] lane L d = 32c + 8L + 4..7
-      for (int g = 0; g < G; ++g) {
-        alignas(64) float lo[16], hi[16];
-        uint16_t* orow = op + (b * H + h * G + g) * D;
-        const float inv = 1.0f / denom[g];
-        for (int c = 0; c < DP; ++c) {
-          _mm512_store_ps(lo, acc[g][2 * c]);
-          _mm512_store_ps(hi, acc[g][2 * c + 1]);
-          for (int L = 0; L < 4; ++L)
-            for (int m = 0; m < 4; ++m) {
-              orow[32 * c + 8 * L + m] = float_to_bf16_bits(lo[4 * L + m] * inv);
-              orow[32 * c + 8 * L + 4 + m] = float_to_bf16_bits(hi[4 * L + m] * inv);
-            }
-        }
+      // 3. P.V, two tokens per dot instruction, for at most 4 heads at a time (their
+      // accumulators fill the registers; more heads read the V rows again, from L1)
+      constexpr int GC = 8 / DP;  // 16 accumulators
+      for (int g0 = 0; g0 < G; g0 += GC) {
+        const int n = std::min(GC, G - g0);
+        auto run = [&](auto heads) {
+          pv_heads_bf16<decltype(heads)::value, DP>(g0, vp, rows.data(), ctx, probs.data(),
+                                                    stride, denom, op + (b * H + h * G) * D);
+        };
+        if (n >= 4) run(std::integral_constant<int, 4>{});
+        else if (n == 3) run(std::integral_constant<int, 3>{});
+        else if (n == 2) run(std::integral_constant<int, 2>{});
+        else run(std::integral_constant<int, 1>{});
       }
     }
   });
@@ -1251,9 +1292,11 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // ---- sampling ---------------------------------------------------------------------------
 
 // One draw per row from softmax(logits): the row's exp-sum, then a scan of the cumulative
-// mass up to u * sum, 16 entries at a time. -inf entries have probability exactly 0.
-// Two passes over the logits and no [N, V] temporaries (torch's softmax + cumsum +
-// searchsorted took 5.6 ms at 64 x 49k).
+// mass up to u * sum. -inf entries have probability exactly 0. No [N, V] temporaries
+// (torch's softmax + cumsum + searchsorted took 5.6 ms at 64 x 49k). AVX-512 computes
+// each exp once, keeping the values and their sums per 16 and per 256 entries (in
+// double) for the scan, which then steps over whole 256s and 16s: at 64 x 49k, 3.3 ->
+// 0.8 ms against recomputing them in a second pass.
 at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniform) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat,
               "sample_rows: logits must be float32 [N, V]");
@@ -1266,51 +1309,76 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniform) {
   const float* up = uc.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+#if DS_AVX512
+    // one row's exp values, each 16's sum and each 256's (in double), reused by the scan
+    const int64_t nblk = (V + 15) / 16, nsup = (nblk + 15) / 16;
+    std::vector<float> ev(nblk * 16);
+    std::vector<double> blk(nblk), sup(nsup);
+#endif
     for (int64_t r = r0; r < r1; ++r) {
       const float* x = lp + r * V;
       float mx = -INFINITY;
+#if DS_AVX512
+      auto mask_at = [&](int64_t i) {
+        return V - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                           : static_cast<__mmask16>((1u << (V - i)) - 1);
+      };
+      {
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (int64_t i = 0; i < V; i += 16) {
+          const __mmask16 mask = mask_at(i);
+          mv = _mm512_mask_max_ps(mv, mask, mv, _mm512_maskz_loadu_ps(mask, x + i));
+        }
+        mx = _mm512_reduce_max_ps(mv);
+      }
+#else
       for (int64_t i = 0; i < V; ++i) mx = std::max(mx, x[i]);
+#endif
       int64_t pick = 0;
       if (mx == -INFINITY) {  // nothing allowed: keep index 0, as argmax would
         op[r] = 0;
         continue;
       }
 #if DS_AVX512
+      // 1. exp(x - max), zero where the logit is -inf, stored; sums per 16 and per 256
       const __m512 m = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
-      auto block_exp = [&](int64_t i, __mmask16 mask) {
-        const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
-        const __mmask16 live = mask & _mm512_cmp_ps_mask(v, ninf, _CMP_NEQ_OQ);
-        return _mm512_maskz_mov_ps(live, exp_nonpos(_mm512_sub_ps(v, m)));
-      };
-      auto mask_at = [&](int64_t i) {
-        return V - i >= 16 ? static_cast<__mmask16>(0xFFFF)
-                           : static_cast<__mmask16>((1u << (V - i)) - 1);
-      };
       double total = 0.0;
-      for (int64_t i = 0; i < V; i += 16) total += _mm512_reduce_add_ps(block_exp(i, mask_at(i)));
+      for (int64_t s0 = 0; s0 < nsup; ++s0) {
+        __m512d acc = _mm512_setzero_pd();
+        for (int64_t k = s0 * 16; k < std::min(nblk, (s0 + 1) * 16); ++k) {
+          const int64_t i = k * 16;
+          const __mmask16 mask = mask_at(i);
+          const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
+          const __mmask16 live = mask & _mm512_cmp_ps_mask(v, ninf, _CMP_NEQ_OQ);
+          const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpos(_mm512_sub_ps(v, m)));
+          _mm512_storeu_ps(ev.data() + i, e);
+          const __m512d wide = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)),
+                                             _mm512_cvtps_pd(_mm256_castpd_ps(
+                                                 _mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+          blk[k] = _mm512_reduce_add_pd(wide);
+          acc = _mm512_add_pd(acc, wide);
+        }
+        sup[s0] = _mm512_reduce_add_pd(acc);
+        total += sup[s0];
+      }
+      // 2. the first entry where the cumulative mass passes u * total: by 256s, 16s, 1s
       const double target = static_cast<double>(up[r]) * total;
       double run = 0.0;
-      int64_t last_live = -1;
-      bool found = false;
-      for (int64_t i = 0; i < V && !found; i += 16) {
-        alignas(64) float e[16];
-        _mm512_store_ps(e, block_exp(i, mask_at(i)));
-        const int64_t n = std::min<int64_t>(16, V - i);
-        const double block = std::accumulate(e, e + n, 0.0);
-        if (run + block <= target) {
-          run += block;
-          for (int64_t j = n - 1; j >= 0; --j)
-            if (e[j] > 0.f) { last_live = i + j; break; }
-          continue;
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          if (e[j] <= 0.f) continue;
-          last_live = i + j;
-          run += e[j];
-          if (run > target) { found = true; break; }
+      int64_t s0 = 0, k = 0, i = 0;
+      for (; s0 < nsup && run + sup[s0] <= target; ++s0) run += sup[s0];
+      pick = -1;
+      if (s0 < nsup) {
+        for (k = s0 * 16; k < std::min(nblk, (s0 + 1) * 16) && run + blk[k] <= target; ++k)
+          run += blk[k];
+        for (i = k * 16; i < V && pick < 0; ++i) {  // (within block k, but for rounding)
+          if (ev[i] <= 0.f) continue;
+          run += ev[i];
+          if (run > target) pick = i;
         }
       }
-      pick = last_live;  // rounding can leave the target just past the end: last token
+      if (pick < 0)  // rounding left the target past the last allowed entry: take it
+        for (i = V - 1; i >= 0 && pick < 0; --i)
+          if (ev[i] > 0.f) pick = i;
 #elif DS_AVX2
       const __m256 m = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
       auto block_exp = [&](int64_t i) {  // eight lanes, zero where the logit is -inf
