@@ -326,3 +326,16 @@ def test_a_ray_tier_with_tensor_and_pipeline_reserves_a_bundle_per_rank():
     options = tier.deployment_options()
     assert options["placement_group_bundles"] == [{"CPU": 2.0}] * 6
     assert options["placement_group_strategy"] == "SPREAD"
+
+
+def test_a_ray_tier_with_tensor_and_expert_parallelism_reserves_the_tensor_ranks():
+    """Experts spread over the tensor-parallel ranks themselves: T bundles, not T x E."""
+    from deepserve.deploy.ray_serve import RayServeConfig
+
+    cfg = RayServeConfig.from_dict({"tiers": {"moe": {
+        "engine": {"tensor_parallel_size": 2, "expert_parallel_size": 2,
+                   "distributed_executor_backend": "ray"}, "num_cpus": 1}}})
+    assert cfg.tiers[0].ranks == 2
+    alone = RayServeConfig.from_dict({"tiers": {"moe": {
+        "engine": {"expert_parallel_size": 4, "distributed_executor_backend": "ray"}}}})
+    assert alone.tiers[0].ranks == 4

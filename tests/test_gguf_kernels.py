@@ -96,6 +96,21 @@ def test_linear_gguf_matches_float64_on_each_isa(name, dtype, k, each_isa):
         assert err < (0.02 if dtype == torch.float32 else 0.025), (rows, err.item())
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+def test_interleaved_blocks_write_bf16_rows_as_the_float_path_rounds_them(name, each_isa):
+    """bf16 rows in, no bias, a multiple of 16 output columns: the AVX-512 kernel writes
+    bf16 itself; the result is the float path's, rounded to bf16, bit for bit."""
+    torch.manual_seed(2)
+    n, k = 208, 576
+    blocks = gguf_blocks(torch.randn(n, k), name)
+    packed, qtype = gl.interleave(blocks, TYPES[name], k), TYPES[name] + gl.X8
+    for rows in (1, 5, 8, 70):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        got = kernels.linear_gguf(x, packed, qtype, None)
+        want = kernels.linear_gguf(x.float(), packed, qtype, None).to(torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), rows
+
+
 def test_per_head_q8_0_products_match_float64(each_isa):
     """kernels.bmm_gguf (MLA's W_UK / W_UV per head): x [H, M, K] from a strided view
     times each head's Q8_0 blocks, against float64 on the dequantized blocks; on

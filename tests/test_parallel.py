@@ -161,6 +161,69 @@ def test_two_expert_parallel_ranks_equal_one_process(which, dispatch, tiny_moe):
         two.engine.parallel.close()
 
 
+def test_tensor_and_expert_parallel_over_the_same_two_ranks_equal_one_process(tiny_moe):
+    """--tensor-parallel-size 2 --expert-parallel-size 2 on Q8_0 GGUF blocks: attention
+    split by heads, the dense layer's MLP by rows, each rank holding 4 of every MoE
+    layer's 8 experts whole; one all-reduce after each MLP sums the experts' outputs.
+    Every position's logits against one process (blocks: as above)."""
+    path = str(tiny_moe["qwen3_moe-gguf"])
+    one = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB")
+    two = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB",
+              tensor_parallel_size=2, expert_parallel_size=2, num_threads=1)
+    try:
+        layers = two.engine.model.layers
+        assert layers[0].num_heads == 2 and layers[0].num_kv_heads == 1  # of 4 and 2
+        moe = layers[0].moe
+        assert (moe.lo, moe.hi, moe.experts.num_experts, moe.ep_group) == (0, 4, 4, None)
+        assert moe.experts.gate_up.dtype == torch.uint8  # its half of the blocks
+        assert layers[1].moe is None and layers[0].tp_group is not None
+        for prompt in PROMPTS[:4]:
+            ids = one.engine.tokenizer.encode(prompt)
+            a = one.engine.prompt_logits(ids, last_n=len(ids))
+            b = two.engine.prompt_logits(ids, last_n=len(ids))
+            assert (a - b).abs().max() < 1e-4 * a.abs().max()
+    finally:
+        two.engine.parallel.close()
+
+
+def test_a_server_split_by_tensor_and_experts_answers_as_one_process(tiny_moe, tmp_path):
+    """The same split through the real server, float32 safetensors: greedy completions
+    equal one process's."""
+    path = str(tiny_moe["qwen3_moe"])
+    one = LLM(model=path, dtype="float32", show_progress=False, kv_cache_memory="16MiB")
+    want = [o.outputs[0].text for o in one.generate(PROMPTS[:3], GREEDY)]
+    server = ServerProcess("--model", path, "--tensor-parallel-size", "2",
+                           "--expert-parallel-size", "2", "--num-threads", "1", "--dtype",
+                           "float32", "--no-warmup", log_dir=tmp_path)
+    try:
+        for prompt, text in zip(PROMPTS[:3], want, strict=True):
+            r = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+                "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == text
+    finally:
+        server.stop()
+
+
+def test_expert_parallel_combinations_that_cannot_work_are_refused(tiny_moe):
+    qwen, deepseek = str(tiny_moe["qwen3_moe"]), str(tiny_moe["deepseek_v3"])
+    with pytest.raises(DeepserveError, match="add --expert-parallel-size 2"):
+        LLM(model=qwen, show_progress=False, tensor_parallel_size=2)
+    with pytest.raises(DeepserveError, match="cannot be combined with "
+                                             "--pipeline-parallel-size 2"):
+        LLM(model=qwen, show_progress=False, expert_parallel_size=2,
+            pipeline_parallel_size=2)
+    with pytest.raises(DeepserveError, match="themselves: give --expert-parallel-size 2"):
+        LLM(model=qwen, show_progress=False, expert_parallel_size=4, tensor_parallel_size=2)
+    with pytest.raises(DeepserveError, match="latent attention: serve it with "
+                                             "--expert-parallel-size alone"):
+        LLM(model=deepseek, show_progress=False, expert_parallel_size=2,
+            tensor_parallel_size=2)
+    with pytest.raises(DeepserveError, match="drop --expert-dispatch all-to-all"):
+        LLM(model=qwen, show_progress=False, expert_parallel_size=2, tensor_parallel_size=2,
+            expert_dispatch="all-to-all")
+
+
 @pytest.mark.parametrize("kernels_on", [True, False])
 def test_micro_batches_of_a_mixed_step_compute_what_the_whole_step_does(tiny_llama_dir,
                                                                        kernels_on):
@@ -257,7 +320,7 @@ def test_logits_gathered_from_uneven_vocabulary_shares():
 def test_sizes_that_cannot_work_are_refused(tiny_llama_dir):
     with pytest.raises(DeepserveError, match="more than this model's 2 layers"):
         LLM(model=str(tiny_llama_dir), show_progress=False, pipeline_parallel_size=3)
-    with pytest.raises(DeepserveError, match="cannot be combined"):
+    with pytest.raises(DeepserveError, match="needs a mixture-of-experts model"):
         LLM(model=str(tiny_llama_dir), show_progress=False, expert_parallel_size=2,
             tensor_parallel_size=2)
     with pytest.raises(DeepserveError, match="needs a mixture-of-experts model"):

@@ -69,6 +69,10 @@ class EngineConfig:
         if self.expert_dispatch == "all-to-all" and self.expert_parallel_size == 1:
             raise bad("expert_dispatch", "the all-to-all exchanges tokens between "
                       "expert-parallel ranks: add --expert-parallel-size N (N > 1)")
+        if self.expert_dispatch == "all-to-all" and self.tensor_parallel_size > 1:
+            raise bad("expert_dispatch", "with tensor parallelism the experts' outputs are "
+                      "summed by the all-reduce after each MLP: drop --expert-dispatch "
+                      "all-to-all, or --tensor-parallel-size")
         if self.kv_cache_dtype not in KV_DTYPES:
             raise bad("kv_cache_dtype", f"use one of {', '.join(KV_DTYPES)}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",

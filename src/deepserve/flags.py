@@ -48,7 +48,9 @@ ENGINE_HELP = {
                               "split that many ways",
     "expert_parallel_size": "ranks that each hold a share of every MoE "
                             "layer's routed experts (attention replicated); their outputs "
-                            "are summed with one all-reduce per MoE layer",
+                            "are summed with one all-reduce per MoE layer; equal to "
+                            "--tensor-parallel-size, the experts spread over the tensor "
+                            "ranks themselves (attention split by heads)",
     "expert_dispatch": "with --expert-parallel-size: all-reduce (every rank routes every "
                        "token and runs its experts' picks, one sum per MoE layer) or "
                        "all-to-all (each rank routes its share of the tokens and sends "

@@ -693,7 +693,8 @@ inline __m512i fifth_bits16(__m512i h, __m512i h4, int k) {
 
 template <int64_t T, int R>
 inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const float* xd,
-                      const float* xs, int64_t nb, float* out, int64_t out_stride) {
+                      const float* xs, int64_t nb, float* out, int64_t out_stride,
+                      uint16_t* out16 = nullptr) {
   constexpr bool q5 = T == kQ5_0, f16m = T == kQ4_1 || q5;
   const int64_t cb = 8 * block_bytes(T), hb = f16m ? 32 : 16;
   const uint8_t* wg2 = wg + chunk;
@@ -750,7 +751,12 @@ inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const 
       acc[r] = _mm512_fmadd_ps(vm, _mm512_set1_ps(xs[xi]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
+  if (out16)  // bf16 outputs, rounded to nearest even as torch's conversion rounds
+    for (int r = 0; r < R; ++r)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + r * out_stride),
+                          (__m256i)_mm512_cvtneps_pbh(acc[r]));
+  else
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
 }
 
 // Interleaved Q8_0 (the output head's copy for batches) against rows given as two 8-bit
@@ -833,7 +839,7 @@ void linear_q8x16(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
 
 template <int64_t T>
 void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t N,
-               float* out) {
+               float* out, uint16_t* out16 = nullptr) {  // out16: N % 16 == 0, AVX-512
   const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(T);
   int64_t g0 = 0;  // the first group left for the eight-column kernel
 #if DSQ_ISA == 2
@@ -843,9 +849,10 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
     const int8_t* q = xq.q.data() + m * K;
     const float* d = xq.d.data() + m * nb;
     const float* s = xq.s.data() + m * nb;
-    float* o = out + m * N + 16 * p;
+    float* o = out16 ? nullptr : out + m * N + 16 * p;
+    uint16_t* o16 = out16 ? out16 + m * N + 16 * p : nullptr;
     with_rows(rows, [&](auto r) {
-      group_x16<T, decltype(r)::value>(wg, chunk, q, d, s, nb, o, N);
+      group_x16<T, decltype(r)::value>(wg, chunk, q, d, s, nb, o, N, o16);
     });
   });
   if (g0 == N / 8) return;
@@ -862,14 +869,15 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
 }
 
 // Rows already rounded to 8-bit codes against a 4-bit block matrix of kernel type `qtype`.
+// out16 (interleaved types only, N % 16 == 0, AVX-512): the outputs as bf16 there.
 void linear_codes(const QRows& q, const uint8_t* w, int64_t M, int64_t K, int64_t N,
-                  int64_t qtype, float* out) {
+                  int64_t qtype, float* out, uint16_t* out16 = nullptr) {
   switch (qtype) {
     case kQ4_0: linear_blocks<kQ4_0>(q, w, M, K, N, out); break;
-    case kQ4_0x8: linear_x8<kQ4_0>(q, w, M, K, N, out); break;
-    case kQ4_1x8: linear_x8<kQ4_1>(q, w, M, K, N, out); break;
-    case kQ4_Kx8: linear_x8<kQ4_K>(q, w, M, K, N, out); break;
-    case kQ5_0x8: case kQ5_1x8: linear_x8<kQ5_0>(q, w, M, K, N, out); break;
+    case kQ4_0x8: linear_x8<kQ4_0>(q, w, M, K, N, out, out16); break;
+    case kQ4_1x8: linear_x8<kQ4_1>(q, w, M, K, N, out, out16); break;
+    case kQ4_Kx8: linear_x8<kQ4_K>(q, w, M, K, N, out, out16); break;
+    case kQ5_0x8: case kQ5_1x8: linear_x8<kQ5_0>(q, w, M, K, N, out, out16); break;
     default: linear_blocks<kQ4_1>(q, w, M, K, N, out); break;
   }
 }
@@ -931,8 +939,17 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
     case at::kHalf: quantize_rows(xc.data_ptr<at::Half>(), M, K, q); break;
     default: TORCH_CHECK(false, "linear_gguf: x must be float32, bfloat16 or float16");
   }
-  at::Tensor out = at::empty({M, N}, xc.options().dtype(at::kFloat));
   const uint8_t* wp = wc.data_ptr<uint8_t>();
+#if DSQ_ISA == 2
+  if (x8 && N % 16 == 0 && !bias.has_value() && xc.scalar_type() == at::kBFloat16) {
+    // bf16 rows out of the 16-column kernel itself: no float [M, N] and no second pass
+    at::Tensor out16 = at::empty({M, N}, xc.options());
+    linear_codes(q, wp, M, K, N, qtype, nullptr,
+                 reinterpret_cast<uint16_t*>(out16.data_ptr<at::BFloat16>()));
+    return out16;
+  }
+#endif
+  at::Tensor out = at::empty({M, N}, xc.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   linear_codes(q, wp, M, K, N, qtype, op);
   if (bias.has_value()) out.add_(bias->to(at::kFloat));

@@ -78,9 +78,13 @@ class RayTier:
     @property
     def ranks(self) -> int:
         """Processes one replica spans (1 unless the engine splits the model; tensor x
-        pipeline when both are given)."""
-        return math.prod(int(self.engine.get(f"{k}_parallel_size", 1))
-                         for k in ("tensor", "pipeline", "expert"))
+        pipeline when both are given; expert parallelism with tensor parallelism uses
+        the tensor ranks themselves)."""
+        sizes = {k: int(self.engine.get(f"{k}_parallel_size", 1))
+                 for k in ("tensor", "pipeline", "expert")}
+        if sizes["tensor"] > 1:
+            sizes["expert"] = 1
+        return math.prod(sizes.values())
 
     def deployment_options(self) -> dict[str, Any]:
         """Ray Serve options: a split model on Ray actors gets one bundle per rank."""

@@ -15,7 +15,9 @@ own gloo group), tensor rank t of a stage passing to tensor rank t of the next.
 layer's routed experts and a whole copy of the rest (attention replicated); every rank
 routes every token, runs the tokens routed to its own experts, and one all-reduce per
 MoE layer adds the ranks' outputs (the dispatch is the replicated router, the combine
-the all-reduce; not an all-to-all).
+the all-reduce; ``--expert-dispatch all-to-all`` sends the tokens instead). With
+``--tensor-parallel-size N`` too (the same N): attention split by heads as above, the
+experts spread whole over those same ranks; the all-reduce after each MLP sums them.
 
 - **Rank 0** is the engine's own process: scheduler, sampler, detokenizer, the
   replicated embedding and head. Each step it sends the step's inputs (token ids,

@@ -12,25 +12,32 @@ from deepserve.models.config import ModelConfig
 from deepserve.models.parallel import ExpertShard, Shard, Stage, StageShard
 
 
-def check_sizes(cfg: ModelConfig, tp: int) -> None:
-    """A clear error for a model this many ranks cannot split evenly."""
-    if cfg.is_mla or cfg.num_experts:
-        raise DeepserveError(f"--tensor-parallel-size {tp}: tensor parallelism splits dense "
-                             "Llama-family models (Llama, Qwen2, Qwen3); this model has "
-                             f"{'latent attention' if cfg.is_mla else 'experts'}: serve it "
-                             "with --tensor-parallel-size 1 (an MoE model's experts split "
-                             "with --expert-parallel-size)", param="tensor_parallel_size")
+def check_sizes(cfg: ModelConfig, tp: int, experts: bool = False) -> None:
+    """A clear error for a model this many ranks cannot split evenly. ``experts``: the
+    MoE experts are spread whole over the same ranks (``--expert-parallel-size``)."""
+    if cfg.is_mla or (cfg.num_experts and not experts):
+        raise DeepserveError(f"--tensor-parallel-size {tp}: tensor parallelism splits "
+                             "Llama-family attention (Llama, Qwen2, Qwen3, Qwen3-MoE); "
+                             + ("this model has latent attention: serve it with "
+                                "--expert-parallel-size alone (attention replicated)"
+                                if cfg.is_mla else
+                                f"this model's experts go whole to the same ranks: add "
+                                f"--expert-parallel-size {tp}"),
+                             param="tensor_parallel_size")
+    dense = any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers))
     works = [n for n in range(1, cfg.num_kv_heads + 1)
              if cfg.num_heads % n == 0 and cfg.num_kv_heads % n == 0
-             and cfg.intermediate_size % (n * 32) == 0 and (cfg.num_heads // n * cfg.head_dim)
-             % 32 == 0]
+             and (not dense or cfg.intermediate_size % (n * 32) == 0)
+             and (cfg.num_heads // n * cfg.head_dim) % 32 == 0
+             and (not experts or cfg.num_experts % n == 0)]
     if tp not in works:
         raise DeepserveError(
             f"--tensor-parallel-size {tp} does not split this model evenly: it has "
-            f"{cfg.num_heads} attention heads, {cfg.num_kv_heads} KV heads and an MLP of "
-            f"{cfg.intermediate_size} (each rank needs whole heads and whole 32-wide "
-            f"blocks); sizes that work: {', '.join(map(str, works))}",
-            param="tensor_parallel_size")
+            f"{cfg.num_heads} attention heads, {cfg.num_kv_heads} KV heads"
+            + (f", an MLP of {cfg.intermediate_size}" if dense else "")
+            + (f" and {cfg.num_experts} experts" if experts else "")
+            + " (each rank needs whole heads and whole 32-wide blocks); sizes that work: "
+            f"{', '.join(map(str, works))}", param="tensor_parallel_size")
 
 
 def threads_per_rank(config: Any, size: int) -> int:
@@ -43,16 +50,26 @@ def plan(config: Any, full: ModelConfig) -> tuple[str, int]:
     configuration, or a clear error."""
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     ep = config.expert_parallel_size
+    if ep > 1 and (not full.num_experts or full.num_experts % ep):
+        raise DeepserveError(
+            f"--expert-parallel-size {ep} needs a mixture-of-experts model whose expert "
+            f"count it divides; this model has {full.num_experts or 'no'} experts",
+            param="expert_parallel_size")
     if ep > 1 and tp * pp > 1:
-        raise DeepserveError("--expert-parallel-size cannot be combined with tensor or "
-                             "pipeline parallelism yet; give it alone",
-                             param="expert_parallel_size")
-    if ep > 1:
-        if not full.num_experts or full.num_experts % ep:
+        if pp > 1:
             raise DeepserveError(
-                f"--expert-parallel-size {ep} needs a mixture-of-experts model whose expert "
-                f"count it divides; this model has {full.num_experts or 'no'} experts",
-                param="expert_parallel_size")
+                f"--expert-parallel-size {ep} cannot be combined with --pipeline-parallel-size "
+                f"{pp}: expert parallelism runs alone (attention replicated) or over the "
+                f"tensor-parallel ranks themselves (--tensor-parallel-size {ep}); drop "
+                "--pipeline-parallel-size", param="expert_parallel_size")
+        if ep != tp:
+            raise DeepserveError(
+                f"--expert-parallel-size {ep} with --tensor-parallel-size {tp}: with tensor "
+                "parallelism the experts are spread whole over the tensor-parallel ranks "
+                f"themselves: give --expert-parallel-size {tp}", param="expert_parallel_size")
+        check_sizes(full, tp, experts=True)
+        return "tensor", tp
+    if ep > 1:
         return "expert", ep
     if pp > full.num_layers:
         raise DeepserveError(f"--pipeline-parallel-size {pp} is more than this model's "
@@ -67,9 +84,12 @@ def plan(config: Any, full: ModelConfig) -> tuple[str, int]:
 def part(mode: str, rank: int, size: int, full: ModelConfig, tp: int = 1
          ) -> Shard | Stage | ExpertShard:
     """Rank ``rank``'s part; with tensor and pipeline parallelism together, ranks
-    ``s * tp`` .. ``s * tp + tp - 1`` are stage s's tensor ranks."""
+    ``s * tp`` .. ``s * tp + tp - 1`` are stage s's tensor ranks. A tensor-parallel
+    MoE model (checked by ``plan``) spreads its experts over the same ranks."""
     if mode == "tensor+pipeline":
-        return StageShard(rank % tp, tp, full, rank // tp, size // tp)
+        return StageShard(rank % tp, tp, full, stage=rank // tp, stages=size // tp)
+    if mode == "tensor" and full.num_experts:
+        return Shard(rank, size, full, experts=True)
     kind = {"tensor": Shard, "pipeline": Stage, "expert": ExpertShard}[mode]
     return kind(rank, size, full)
 

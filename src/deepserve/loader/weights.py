@@ -199,8 +199,8 @@ def load_model(ckpt: GGUFCheckpoint | HFCheckpoint, cfg: ModelConfig, max_positi
                 else:
                     half = params.get(f"{prefix}{fused}.{kind}", tensor).shape[0] // 2
                     bounds = [0, half, 2 * half]
-                if tp is not None:
-                    tensor = tp.rows(tensor, bounds[part + 1] - bounds[part])
+                if tp is not None and not fused.startswith("moe."):  # (shared experts:
+                    tensor = tp.rows(tensor, bounds[part + 1] - bounds[part])  # whole)
                 copy(f"{prefix}{fused}.{kind}", tensor,
                      (slice(bounds[part], bounds[part + 1]),), name)
             elif expert:
@@ -291,7 +291,7 @@ def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelCon
     local_rows = {"qkv_proj": (q, kv, kv), "gate_up_proj": (cfg.intermediate_size,) * 2}
 
     def kept(name: str, qtype: int, k: int, path: str = "", part: int = 0) -> torch.Tensor:
-        split = path.rpartition(".")[2] if shard is not None else ""
+        split = path.rpartition(".")[2] if shard is not None and ".moe." not in path else ""
         k_file = k * shard.size if split in ("o_proj", "down_proj") else k
         raw = ckpt.blocks(name, file_cfg)  # K-quants rewritten exactly into blocks of 32
         raw = kquants.keep(raw, qtype, k_file) if qtype in K_TYPES else raw

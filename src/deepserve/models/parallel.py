@@ -19,18 +19,24 @@ from deepserve.models.config import ModelConfig
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's part of a model split ``size`` ways by heads and MLP rows."""
+    """This process's part of a model split ``size`` ways by heads and MLP rows; with
+    ``experts``, an MoE model's routed experts spread whole over the same ranks (each
+    holds 1/size of them; the sum after the MoE layer is the all-reduce after its MLP)."""
 
     rank: int
     size: int
     full: ModelConfig
+    experts: bool = False
 
     @property
     def local(self) -> ModelConfig:
         f = self.full
+        per = f.num_experts // self.size
         return dataclasses.replace(f, num_heads=f.num_heads // self.size,
                                    num_kv_heads=f.num_kv_heads // self.size,
-                                   intermediate_size=f.intermediate_size // self.size)
+                                   intermediate_size=f.intermediate_size // self.size,
+                                   local_experts=(self.rank * per, (self.rank + 1) * per)
+                                   if self.experts else None)
 
     first = 0  # every tensor-parallel rank holds a share of every layer
 
