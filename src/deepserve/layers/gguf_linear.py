@@ -238,6 +238,12 @@ class GGUFLinear(KernelLayer, nn.Module):
     def dequantized(self) -> torch.Tensor:
         return dequantize(self.file_blocks(), self.qtype, self.in_features)
 
+    def float_rows_ok(self, rows: int) -> bool:
+        """Whether ``rows`` float32 rows would run on the block kernels (which then return
+        float32) rather than on the bf16 copy or torch."""
+        return (self.dense is None or rows <= DENSE_ROWS) and (
+            self.batch_blocks is not None or self.use_kernel)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)

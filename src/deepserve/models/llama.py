@@ -229,4 +229,9 @@ class LlamaForCausalLM(KernelLayer, nn.Module):
         return w.dtype in (torch.float32, torch.bfloat16) and w.device.type == "cpu"
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden)).float()
+        """float32 logits of the rows; a head on GGUF blocks computes them from float rows,
+        so they are never rounded to bf16 and converted back ([64, 49152]: 3.6 ms)."""
+        head, h = self.lm_head, self.norm(hidden)
+        if getattr(head, "float_rows_ok", False) and head.float_rows_ok(h.shape[0]):
+            return head(h.float())
+        return head(h).float()
