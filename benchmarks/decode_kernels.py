@@ -1,0 +1,70 @@
+"""Time two kernels of a decode step on their own: paged decode attention over a bf16
+cache (scattered 16-token blocks, as the engine's pool) and sampling one token per row.
+
+Best of 7 rounds of 100 calls; attention is quoted per layer and for a whole step of
+``--layers`` layers.
+
+    .venv/bin/python benchmarks/decode_kernels.py                      # the default model
+    .venv/bin/python benchmarks/decode_kernels.py --heads 32 --kv-heads 4 --layers 22 \\
+        --batch 32                                                     # TinyLlama's shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from deepserve import kernels
+
+
+def best_of(fn, calls: int = 100, rounds: int = 7) -> float:
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--context", type=int, nargs="+", default=[140, 256])
+    ap.add_argument("--heads", type=int, default=9)
+    ap.add_argument("--kv-heads", type=int, default=3)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--slots", type=int, default=16384)
+    args = ap.parse_args()
+    if not kernels.load(kernels.isa()):
+        raise SystemExit(f"CPU kernels unavailable: {kernels.unavailable_reason()}")
+    torch.manual_seed(0)
+    b, bs, d = args.batch, 16, args.head_dim
+    k = torch.randn(args.kv_heads, args.slots, d).bfloat16()
+    v = torch.randn(args.kv_heads, args.slots, d).bfloat16()
+    q = torch.randn(b, args.heads, d).bfloat16()
+    print(f"{kernels.isa()} kernels, {torch.get_num_threads()} threads")
+    for ctx in args.context:
+        blocks = -(-ctx // bs)
+        table = torch.randperm(args.slots // bs)[:b * blocks].view(b, blocks)
+        lens = torch.full((b,), ctx, dtype=torch.int64)
+        t = best_of(lambda: kernels.paged_decode_attention(
+            q, k, v, None, None, table, lens, bs, d ** -0.5))  # noqa: B023
+        moved = b * ctx * args.kv_heads * d * 2 * 2
+        print(f"attention, {b} rows x {ctx} tokens, {args.heads}/{args.kv_heads} heads: "
+              f"{t * 1e6:.0f} us a layer, {t * args.layers * 1e3:.2f} ms for {args.layers} "
+              f"layers ({moved / t / 1e9:.1f} GB/s of K and V)")
+    logits, u = torch.randn(b, args.vocab) * 3, torch.rand(b)
+    t = best_of(lambda: kernels.sample_rows(logits, u), calls=50)
+    print(f"sampling, {b} rows x {args.vocab}: {t * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
