@@ -27,6 +27,15 @@ def _tokens(llm: LLM, prompts: list[str]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
 
 
+def _same_logits(one: LLM, two: LLM) -> None:
+    """Every position's logits of four prompts within 1e-4 of their scale."""
+    for prompt in PROMPTS[:4]:
+        ids = one.engine.tokenizer.encode(prompt)
+        a = one.engine.prompt_logits(ids, last_n=len(ids))
+        b = two.engine.prompt_logits(ids, last_n=len(ids))
+        assert (a - b).abs().max() < 1e-4 * a.abs().max()
+
+
 @pytest.mark.parametrize("kind", ["tensor", "pipeline"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_two_ranks_equal_one_process_on_tiny_random_models(kind, arch, tiny_llama_dir,
@@ -148,11 +157,7 @@ def test_two_expert_parallel_ranks_equal_one_process(which, dispatch, tiny_moe):
         assert moe.ep_dispatch == dispatch
         if which.endswith("gguf"):
             assert moe.experts.gate_up.dtype == torch.uint8  # its half of the blocks
-            for prompt in PROMPTS[:4]:
-                ids = one.engine.tokenizer.encode(prompt)
-                a = one.engine.prompt_logits(ids, last_n=len(ids))
-                b = two.engine.prompt_logits(ids, last_n=len(ids))
-                assert (a - b).abs().max() < 1e-4 * a.abs().max()
+            _same_logits(one, two)
         else:
             assert _tokens(two, PROMPTS[:4]) == _tokens(one, PROMPTS[:4])
             # one sequence: a decode step of one token leaves rank 1 none to route
@@ -177,11 +182,7 @@ def test_tensor_and_expert_parallel_over_the_same_two_ranks_equal_one_process(ti
         assert (moe.lo, moe.hi, moe.experts.num_experts, moe.ep_group) == (0, 4, 4, None)
         assert moe.experts.gate_up.dtype == torch.uint8  # its half of the blocks
         assert layers[1].moe is None and layers[0].tp_group is not None
-        for prompt in PROMPTS[:4]:
-            ids = one.engine.tokenizer.encode(prompt)
-            a = one.engine.prompt_logits(ids, last_n=len(ids))
-            b = two.engine.prompt_logits(ids, last_n=len(ids))
-            assert (a - b).abs().max() < 1e-4 * a.abs().max()
+        _same_logits(one, two)
     finally:
         two.engine.parallel.close()
 
