@@ -257,3 +257,31 @@ def test_no_certificate_where_transformers_differs(pair, tmp_path):
     assert not FastTokenizer.certify(tmp_path, Off())
     assert not (tmp_path / CERTIFIED).exists()
 
+
+
+def test_grammar_masks_leave_exactly_the_tokens_llguidance_allows(pair):
+    """apply_grammar_masks unpacks llguidance's bitmask with plain torch ops (no
+    torch.compile kernel): the finite logits are exactly the set bits, read one by one
+    in Python, for two constrained rows of three; the unconstrained row is untouched."""
+    import llguidance.torch as lt
+    import torch
+
+    from deepserve.engine.structured import GrammarCompiler, apply_grammar_masks
+
+    fast, _ = pair
+    compiler = GrammarCompiler(fast, 49152, {fast.eos_token_id})
+    matchers = [compiler.matcher(compiler.compile("choice", ["Paris", "London"])),
+                compiler.matcher(compiler.compile("json", {"type": "integer"}))]
+    bits = lt.allocate_token_bitmask(2, 49152)
+    for k, m in enumerate(matchers):
+        lt.fill_next_token_bitmask(m, bits, k)
+    words = bits.tolist()
+    want = [{32 * w + b for w, word in enumerate(row) for b in range(32)
+             if (word >> b) & 1 and 32 * w + b < 49152} for row in words]
+    assert all(0 < len(w) < 49152 for w in want)
+    logits = torch.randn(3, 49152)
+    before = logits[1].clone()
+    apply_grammar_masks(logits, [(0, matchers[0]), (2, matchers[1])])
+    for row, allowed in ((0, want[0]), (2, want[1])):
+        assert set(torch.isfinite(logits[row]).nonzero().flatten().tolist()) == allowed
+    assert torch.equal(logits[1], before)

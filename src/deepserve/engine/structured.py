@@ -130,14 +130,22 @@ def _regex_escape(text: str) -> str:
                    (f"\\x{{{ord(c):x}}}" if ord(c) > 127 else "\\" + c) for c in text)
 
 
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
 def apply_grammar_masks(logits: torch.Tensor, matchers: list[tuple[int, Any]]) -> None:
-    """Set logits of grammar-forbidden tokens to -inf, in place, for the given rows."""
+    """Set logits of grammar-forbidden tokens to -inf, in place, for the given rows.
+
+    llguidance fills one bit per token; the bits are unpacked here with plain torch ops.
+    (``llguidance.torch.apply_token_bitmask_inplace`` runs a ``torch.compile`` kernel,
+    which on torch 2.13's CPU build corrupted the heap and, with ATen held to AVX2,
+    masked the wrong tokens.)"""
     import llguidance.torch as lt
 
-    mask = lt.allocate_token_bitmask(len(matchers), logits.shape[1])
+    n, vocab = len(matchers), logits.shape[1]
+    mask = lt.allocate_token_bitmask(n, vocab)
     for k, (_, m) in enumerate(matchers):
         lt.fill_next_token_bitmask(m, mask, k)
+    allowed = ((mask.unsqueeze(-1) >> _BITS) & 1).view(n, -1)[:, :vocab].bool()
     rows = torch.tensor([row for row, _ in matchers])
-    sub = logits[rows]
-    lt.apply_token_bitmask_inplace(sub, mask)
-    logits[rows] = sub
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
