@@ -6,6 +6,7 @@ greedy continuation), the free-running greedy prefix shared with fp32, weight me
 KV bytes per token, and offline output tok/s at batch 1 and batch 32.
 
     .venv/bin/python benchmarks/quality.py --prompts 32 --tokens 64
+    .venv/bin/python benchmarks/quality.py --formats bfloat16:auto:auto --skip-speed
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--formats", nargs="+", metavar="DTYPE:WEIGHTS:KV",
+                    help="only these rows, e.g. bfloat16:auto:auto (the default engine: "
+                         "the file's own blocks)")
     ap.add_argument("--out", default="results/quality.json")
     args = ap.parse_args()
 
@@ -48,7 +52,8 @@ def main() -> None:
     del ref
     gc.collect()
     rows = []
-    for dtype, quant, kv in FORMATS:
+    formats = [tuple(f.split(":")) for f in args.formats] if args.formats else FORMATS
+    for dtype, quant, kv in formats:
         llm = LLM(dtype=dtype, quantization=quant, kv_cache_dtype=kv, show_progress=False,
                   kv_cache_memory="256MiB")
         outs = llm.generate(texts, greedy)

@@ -263,3 +263,75 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path,
     kernels.clear_stale_lock(tmp_path)
     assert not lock.exists() and "did not finish" in caplog.text
     kernels.clear_stale_lock(tmp_path)  # no lock: nothing to do
+
+
+@needs_kernels
+def test_short_prompts_attend_on_the_paged_kernel_as_sdpa_does(monkeypatch):
+    """Prompt chunks of at most PAGED_PREFILL tokens of context run on the paged kernel,
+    every prompt token a row (context = its position + 1), in one call with the decode
+    rows; longer ones on SDPA. On float32 weights (the 8-bit activations of block
+    layers would turn 1e-7 into flipped codes) both give every position's logits within
+    1e-4 of their scale, and a batch whose steps mix decodes with prompts (one of which
+    reuses another's cached prefix, so its chunk starts past 0) the same greedy tokens
+    and logprobs. On the default model's blocks such a mixed step is one fused call
+    per layer over all its rows."""
+    from deepserve.engine import model_runner
+
+    calls = []
+    row_tables = model_runner.ModelRunner._row_tables
+    monkeypatch.setattr(model_runner.ModelRunner, "_row_tables",
+                        lambda self, *a: calls.append(a[-1]) or row_tables(self, *a))
+    llm = LLM(dtype="float32", quantization="none", show_progress=False,
+              kv_cache_memory="64MiB")
+    assert llm.engine.runner.paged_prefill
+
+    def paged(on: bool) -> None:
+        monkeypatch.setattr(model_runner, "PAGED_PREFILL", 512 if on else 0)
+
+    tok = llm.engine.tokenizer
+    for ids in (tok.encode(PROMPTS[0] * 3), tok.encode(PROMPTS[1])):
+        paged(True)
+        a = llm.engine.prompt_logits(ids, last_n=len(ids))
+        paged(False)
+        b = llm.engine.prompt_logits(ids, last_n=len(ids))
+        assert (a - b).abs().max() < 1e-4 * b.abs().max()
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    prompts = [PROMPTS[5] * 2, *PROMPTS[:5], PROMPTS[5] * 2 + " " + PROMPTS[0]]
+
+    def run(llm: LLM) -> list[list[tuple[int, float]]]:
+        eng, outs = llm.engine, {}
+        eng.scheduler.bm.reset_prefix_cache()
+        for i, p in enumerate(prompts):  # a prompt joins every two steps
+            eng.add_request(str(i), p, greedy)
+            for _ in range(2):
+                for o in eng.step():
+                    outs[o.request_id] = o
+        while eng.has_unfinished():
+            for o in eng.step():
+                outs[o.request_id] = o
+        return [[(x.token_id, x.logprob) for x in outs[str(i)].outputs[0].logprobs]
+                for i in range(len(prompts))]
+
+    paged(True)
+    calls.clear()
+    got = run(llm)
+    assert any(m.num_decode for m in calls)  # decodes and prompt rows in one step
+    assert any(c.context_len > c.num_tokens for m in calls for c in m.prefills)
+    paged(False)
+    want = run(llm)
+    for g, w in zip(got, want, strict=True):
+        assert [t for t, _ in g] == [t for t, _ in w]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(g, w, strict=True)) < 1e-3
+    paged(True)
+    rows = []
+    decode_layer = kernels.decode_layer
+    monkeypatch.setattr(kernels, "decode_layer",
+                        lambda x, *a: rows.append(x.shape[0]) or decode_layer(x, *a))
+    eng = LLM(show_progress=False, kv_cache_memory="64MiB").engine
+    eng.add_request("a", PROMPTS[0], greedy)
+    eng.step()  # its prompt
+    eng.add_request("b", PROMPTS[1], greedy)
+    rows.clear()
+    eng.step()  # a's decode row and b's prompt rows: one call per layer
+    n = len(eng.tokenizer.encode(PROMPTS[1]))
+    assert rows == [1 + n] * len(eng.model.layers)

@@ -8,7 +8,8 @@
 //
 // Q8_0 multiplies float rows (row_dot_q8f), or on AVX-512, interleaved like the 4-bit types
 // (type 108), rows split into two 8-bit parts (group_q8x16; bmm_gguf runs one such matrix
-// per head, MLA's W_UK / W_UV). For Q4_0 / Q4_1 each input row is quantized
+// per head, MLA's W_UK / W_UV); type 208, the same blocks against rows in one 8-bit part
+// per block of 32, is for output heads. For Q4_0 / Q4_1 each input row is quantized
 // once per call to 8 bits per block of 32 (one float scale and the sum of the block's
 // codes), as llama.cpp does, so a block's dot product is an integer dot of 32 bytes
 // plus two multiply-adds:
@@ -519,6 +520,8 @@ constexpr int64_t kQ4_0x8 = 102, kQ4_1x8 = 103, kQ5_0x8 = 106, kQ5_1x8 = 107, kQ
 // holding row r's codes 4t .. 4t + 3): the output head's copy for batches, AVX-512 only
 // (group_q8x16).
 constexpr int64_t kQ8_0x8 = 108;
+// The same blocks against rows in one 8-bit part (output heads).
+constexpr int64_t kQ8_0x8One = 208;
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -759,15 +762,15 @@ inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const 
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
 }
 
-// Interleaved Q8_0 (the output head's copy for batches) against rows given as two 8-bit
-// parts, x = d1 c1 + d2 c2 per block: c1 the rows' codes, c2 the codes of what c1 left
-// (at most d1 / 2 per value, so two parts keep about 15 bits: a single 8-bit part moved
-// the head's next-token distributions by 0.003 nats KL on the default model, and two do
-// not measurably). vpdpbusd multiplies unsigned by signed bytes, so the codes come with
+// Interleaved Q8_0 against rows quantized to 8 bits per block of 32, in two parts (Q8_0
+// layers, and MLA's absorbed W_UK / W_UV through bmm_gguf) or in one (kQ8_0x8One: an
+// output head, as llama.cpp computes a Q8_0 head, at half the instructions). Two parts
+// are x = d1 c1 + d2 c2 per block, c2 the codes of what c1 left (at most d1 / 2 per value,
+// so about 15 bits). vpdpbusd multiplies unsigned by signed bytes, so the codes come with
 // 128 added (a sign-bit flip) and each block's dots lose 128 times the sum of its weight
 // codes: one more vpdpbusd per code vector, shared by every row. 16 output columns as
 // group_x16: weight rows 16p .. 16p + 15.
-template <int R>
+template <int R, bool Two>
 inline void group_q8x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const float* xd,
                         const int8_t* xq2, const float* xd2, int64_t nb, float* out,
                         int64_t out_stride) {
@@ -787,53 +790,65 @@ inline void group_q8x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, cons
       for (int r = 0; r < R; ++r) {
         const int64_t at = (r * nb + b) * QK + 4 * t;
         s[r] = _mm512_dpbusd_epi32(s[r], _mm512_set1_epi32(load_i32(xq + at)), v);
-        s2[r] = _mm512_dpbusd_epi32(s2[r], _mm512_set1_epi32(load_i32(xq2 + at)), v);
+        if constexpr (Two)
+          s2[r] = _mm512_dpbusd_epi32(s2[r], _mm512_set1_epi32(load_i32(xq2 + at)), v);
       }
     }
     for (int r = 0; r < R; ++r) {
       const int64_t xi = r * nb + b;
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[r], corr)),
                                _mm512_mul_ps(vd, _mm512_set1_ps(xd[xi])), acc[r]);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s2[r], corr)),
-                               _mm512_mul_ps(vd, _mm512_set1_ps(xd2[xi])), acc[r]);
+      if constexpr (Two)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s2[r], corr)),
+                                 _mm512_mul_ps(vd, _mm512_set1_ps(xd2[xi])), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
 }
 
 // y[h] = x[h] W[h]^T for H heads (H = 1: one matrix) of interleaved Q8_0 (N a multiple of
-// 16) and float rows x [H * M, K], as group_q8x16 describes; W [H, N, bytes], y [H * M, N].
-// Every head's column groups share one parallel loop.
+// 16) and float rows x [H * M, K], as group_q8x16 describes (`two`: two 8-bit parts);
+// W [H, N, bytes], y [H * M, N]. Every head's column groups share one parallel loop.
 template <typename T>
 void bmm_q8x16(const T* x, int64_t H, int64_t M, int64_t K, const uint8_t* w, int64_t N,
-               float* out) {
+               float* out, bool two = true) {
   const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(kQ8_0), R = H * M;
   const int64_t per_head = N * nb * block_bytes(kQ8_0), G = N / 16;
   QRows q, q2;
   quantize_rows(x, R, K, q);
-  std::vector<float> rest(R * K);
-  at::parallel_for(0, R * nb, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      for (int j = 0; j < QK; ++j)
-        rest[i * QK + j] = to_f(x[i * QK + j]) - q.d[i] * static_cast<float>(q.q[i * QK + j]);
-  });
-  quantize_rows(rest.data(), R, K, q2);
-  for (auto* codes : {&q.q, &q2.q})
-    for (auto& c : *codes) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80u);
-  for_row_tiles(M, H * G, 2 * (K + nb * 4), [&](int64_t hp, int64_t m, int64_t rows) {
+  if (two) {
+    std::vector<float> rest(R * K);
+    at::parallel_for(0, R * nb, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        for (int j = 0; j < QK; ++j)
+          rest[i * QK + j] =
+              to_f(x[i * QK + j]) - q.d[i] * static_cast<float>(q.q[i * QK + j]);
+    });
+    quantize_rows(rest.data(), R, K, q2);
+    for (auto& c : q2.q) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80u);
+  }
+  for (auto& c : q.q) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80u);
+  const int64_t parts = two ? 2 : 1;
+  for_row_tiles(M, H * G, parts * (K + nb * 4), [&](int64_t hp, int64_t m, int64_t rows) {
     const int64_t h = hp / G, p = hp % G, r0 = h * M + m;
     const uint8_t* wg = w + h * per_head + 2 * p * chunk;
     float* o = out + r0 * N + 16 * p;
+    const int8_t* c1 = q.q.data() + r0 * K;
+    const float* d1 = q.d.data() + r0 * nb;
     with_rows(rows, [&](auto r) {
-      group_q8x16<decltype(r)::value>(wg, chunk, q.q.data() + r0 * K, q.d.data() + r0 * nb,
-                                      q2.q.data() + r0 * K, q2.d.data() + r0 * nb, nb, o, N);
+      if (two)
+        group_q8x16<decltype(r)::value, true>(wg, chunk, c1, d1, q2.q.data() + r0 * K,
+                                              q2.d.data() + r0 * nb, nb, o, N);
+      else
+        group_q8x16<decltype(r)::value, false>(wg, chunk, c1, d1, nullptr, nullptr, nb, o, N);
     });
   });
 }
 
 template <typename T>
-void linear_q8x16(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* out) {
-  bmm_q8x16(x, 1, M, K, w, N, out);
+void linear_q8x16(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* out,
+                  bool two) {
+  bmm_q8x16(x, 1, M, K, w, N, out, two);
 }
 #endif
 
@@ -885,9 +900,11 @@ void linear_codes(const QRows& q, const uint8_t* w, int64_t M, int64_t K, int64_
 at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype,
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "linear_gguf: x [M,K] and weight [N,bytes]");
+  const bool one_part = qtype == kQ8_0x8One;
+  if (one_part) qtype = kQ8_0x8;
   TORCH_CHECK(weight.scalar_type() == at::kByte, "linear_gguf: weight must be uint8 blocks");
   TORCH_CHECK(qtype != kQ8_0x8 || (DSQ_ISA == 2 && weight.size(0) % 16 == 0),
-              "linear_gguf: interleaved Q8_0 (108) runs on the AVX-512 VNNI kernels only, "
+              "linear_gguf: interleaved Q8_0 (108, 208) runs on the AVX-512 VNNI kernels only, "
               "with a multiple of 16 rows");
   const bool x8 = qtype == kQ4_0x8 || qtype == kQ4_1x8 || qtype == kQ5_0x8 ||
                   qtype == kQ5_1x8 || qtype == kQ4_Kx8 || qtype == kQ8_0x8;
@@ -896,7 +913,7 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
   const int64_t bb = x8_only && !x8 ? 0 : block_bytes(base);
   TORCH_CHECK(bb > 0, "linear_gguf: GGUF type ", qtype,
               " is not Q4_0 (2), Q4_1 (3), Q8_0 (8), Q6_K as kept (14), or an interleaved Q4_0 / "
-              "Q4_1 / Q5_0 / Q5_1 / Q4_K / Q8_0 (102, 103, 106, 107, 112, 108)");
+              "Q4_1 / Q5_0 / Q5_1 / Q4_K / Q8_0 (102, 103, 106, 107, 112, 108; 208 one part)");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(!x8 || N % 8 == 0, "linear_gguf: interleaved blocks need a multiple of 8 rows, "
               "not ", N);
@@ -923,9 +940,11 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
     const uint8_t* wp = wc.data_ptr<uint8_t>();
     float* op = out.data_ptr<float>();
     switch (xc.scalar_type()) {
-      case at::kFloat: linear_q8x16(xc.data_ptr<float>(), M, K, wp, N, op); break;
-      case at::kBFloat16: linear_q8x16(xc.data_ptr<at::BFloat16>(), M, K, wp, N, op); break;
-      case at::kHalf: linear_q8x16(xc.data_ptr<at::Half>(), M, K, wp, N, op); break;
+      case at::kFloat: linear_q8x16(xc.data_ptr<float>(), M, K, wp, N, op, !one_part); break;
+      case at::kBFloat16:
+        linear_q8x16(xc.data_ptr<at::BFloat16>(), M, K, wp, N, op, !one_part);
+        break;
+      case at::kHalf: linear_q8x16(xc.data_ptr<at::Half>(), M, K, wp, N, op, !one_part); break;
       default: TORCH_CHECK(false, "linear_gguf: x must be float32, bfloat16 or float16");
     }
     if (bias.has_value()) out.add_(bias->to(at::kFloat));

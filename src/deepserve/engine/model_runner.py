@@ -12,7 +12,7 @@ from deepserve.engine.layout import BackgroundLayout
 from deepserve.engine.sampler import Sampler
 from deepserve.engine.sequence import Logprob, Sequence
 from deepserve.engine.utilization import Utilization
-from deepserve.layers.attention import AttentionMetadata, PrefillChunk
+from deepserve.layers.attention import PAGED_PREFILL, AttentionMetadata, PrefillChunk
 from deepserve.layers.kv_cache import cache_for
 from deepserve.models.llama import LlamaForCausalLM
 
@@ -35,6 +35,8 @@ class ModelRunner:
                           for _ in range(cfg.num_layers)]
         self._offsets = torch.arange(block_size, device=device)
         self.use_kernels = use_kernels
+        # short prompts' attention on the paged kernel, in one call with the decodes
+        self.paged_prefill = use_kernels and kv_kind in ("auto", "fp16") and not cfg.is_mla
         per_token = sum(t.element_size() * t.shape[0] * t.shape[2] for kv in self.kv_caches
                         for t in {id(t): t for t in (kv.k, kv.v, getattr(kv, "k_scale", None),
                                                      getattr(kv, "v_scale", None))
@@ -117,10 +119,33 @@ class ModelRunner:
                 sample_rows.append(start + n - 1)
                 sample_items.append(i)
 
+        if self.paged_prefill and meta.prefills and \
+                all(c.context_len <= PAGED_PREFILL for c in meta.prefills):
+            self._row_tables(items, decodes, prefills, meta)
         meta.slot_mapping = torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
         return input_ids, positions, meta, sample_rows, sample_items
+
+    def _row_tables(self, items: list[tuple[Sequence, int]], decodes: list[int],
+                    prefills: list[int], meta: AttentionMetadata) -> None:
+        """Every row's block table and context length (``AttentionMetadata.row_table``):
+        a decode row's context is its sequence's, a prompt token's its position + 1."""
+        bs = self.block_size
+        order = decodes + prefills
+        counts = [1] * len(decodes) + [c.num_tokens for c in meta.prefills]
+        ends = [items[i][0].num_computed + 1 for i in decodes] + \
+            [c.context_len for c in meta.prefills]
+        width = -(-max(ends) // bs)
+        tables = [items[i][0].block_table[:width] for i in order]
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long,
+                             device=self.device)
+        meta.row_table = table.repeat_interleave(
+            torch.tensor(counts, device=self.device), dim=0)
+        meta.row_ctx = torch.cat(
+            [torch.tensor(ends[:len(decodes)], dtype=torch.long, device=self.device)]
+            + [torch.arange(c.context_len - c.num_tokens + 1, c.context_len + 1,
+                            device=self.device) for c in meta.prefills])
 
     @torch.inference_mode()
     def execute(self, items: list[tuple[Sequence, int]]) -> dict[int, int]:

@@ -139,8 +139,8 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
         split_vocab(model, shard)
     quantize_model(model, config.quantization, dtype)
     enable_kernels(model, use_kernels)
-    if interleave:
-        interleave_blocks(model)
+    if interleave:  # float32: the head's rows in two 8-bit parts (15 bits), bf16 in one
+        interleave_blocks(model, one_part_head=dtype != torch.float32)
     if use_kernels:
         latent_blocks(model)
     if use_kernels and dtype == torch.bfloat16 and dense_for_batches():
@@ -256,12 +256,12 @@ def keep_dense_copies(model: torch.nn.Module, dtype: torch.dtype,
     return True
 
 
-def interleave_blocks(model: torch.nn.Module) -> None:
-    """Reorder every 4-bit GGUF-block layer's blocks eight rows at a time, the layout the
-    SIMD kernels run fastest (``gguf_linear.interleave``); blocks an embedding shares
-    (tied weights) stay as they are. The portable build keeps the file's order, which
-    its plain loops handle better."""
-    from deepserve.layers.gguf_linear import GGUFEmbedding, GGUFLinear
+def interleave_blocks(model: torch.nn.Module, one_part_head: bool = True) -> None:
+    """Reorder every 4-bit GGUF-block layer's blocks eight rows at a time for the SIMD
+    kernels (``gguf_linear.interleave``); blocks an embedding shares (tied weights) stay
+    as they are; a Q8_0 head's rows go in one 8-bit part with ``one_part_head``
+    (``Q8_0_HEAD``). The portable build keeps the file's order."""
+    from deepserve.layers.gguf_linear import Q8_0, Q8_0_HEAD, X8, GGUFEmbedding, GGUFLinear
     from deepserve.layers.moe import Experts
 
     shared = {m.blocks.data_ptr() for m in model.modules() if isinstance(m, GGUFEmbedding)}
@@ -270,11 +270,12 @@ def interleave_blocks(model: torch.nn.Module) -> None:
                 isinstance(module, Experts):
             module.interleave_blocks()
     head = getattr(model, "lm_head", None)  # an untied one was interleaved above
+    if isinstance(head, GGUFLinear) and head.kernel_qtype == Q8_0 + X8 and one_part_head:
+        head.kernel_qtype = Q8_0_HEAD
     if isinstance(head, GGUFLinear) and head.blocks.data_ptr() in shared and \
-            head.keep_batch_blocks(shared=True):
-        logger.info("output head: its Q8_0 blocks also interleaved for the 8-bit kernel "
-                    "(%.0f MiB: the embedding reads the file's order)",
-                    head.batch_blocks.numel() / 2**20)
+            head.keep_batch_blocks(shared=True, one_part=one_part_head):
+        logger.info("output head: its Q8_0 blocks also interleaved for the 8-bit kernel (%.0f "
+                    "MiB: the embedding reads the file's order)", head.batch_blocks.numel() / 2**20)
 
 
 def latent_blocks(model: torch.nn.Module) -> None:

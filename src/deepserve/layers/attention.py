@@ -10,7 +10,12 @@ padding, and runs two batched matmuls: on this CPU that beat SDPA's flash kernel
 2x for one-token queries. On CPU with deepserve's kernels built, decode attention
 instead reads K/V in place through the block table (``paged_decode_attention``: no
 copy of the context, 1.5-10x faster than the gather depending on the KV dtype). Each
-prefill chunk runs its own causal SDPA call over its cached prefix plus the new tokens.
+prefill chunk runs its own causal SDPA call over its cached prefix plus the new tokens,
+except where the model runner gives every row of the step a block table and a context
+length (``row_table``: short prompts on the kernels); then each prompt token is a row of
+the same kernel, its context its position + 1 (the chunk's K/V are written first), and
+the whole step is one call: 32 prompts of 128 tokens, 5.6 vs 10.1 ms a layer for 32
+SDPA calls. SDPA stays faster past about 1024 tokens of context (``PAGED_PREFILL``).
 """
 
 from __future__ import annotations
@@ -48,6 +53,15 @@ class AttentionMetadata:
     use_kernel: bool = False  # decode attention through kernels.paged_decode_attention
     block_size: int = 16
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # every row's block table [T, max_blocks] and context length [T] (decode rows, then
+    # each prefill token): the kernel then runs the whole step's attention
+    row_table: torch.Tensor | None = None
+    row_ctx: torch.Tensor | None = None
+
+
+# Prefill chunks run on the paged kernel (with the decode rows, one call) while every
+# chunk's context is at most this many tokens; SDPA's tiles win on longer ones.
+PAGED_PREFILL = 512
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV,
@@ -60,6 +74,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     kv_heads = k.shape[1]
     group = heads // kv_heads
     b = meta.num_decode
+    if meta.row_table is not None:
+        return kernels.paged_decode_attention(
+            q, cache.k, cache.v, getattr(cache, "k_scale", None),
+            getattr(cache, "v_scale", None), meta.row_table, meta.row_ctx, meta.block_size,
+            scale)
     if b and meta.use_kernel:
         od = kernels.paged_decode_attention(
             q[:b], cache.k, cache.v, getattr(cache, "k_scale", None),

@@ -43,6 +43,11 @@ QK = 32
 # The kernels' code for a 4-bit type's blocks interleaved eight rows at a time (see
 # ``interleave``): the GGUF type plus this.
 X8 = 100
+# Interleaved Q8_0 against rows in one 8-bit part per block of 32, as llama.cpp computes a
+# Q8_0 head (other Q8_0 layers' rows go in two parts, about 15 bits): the output head of
+# a bf16 model, half the instructions at batches, at the cost of 0.0006 nats of mean KL
+# to float32 on the default model (0.0034 -> 0.0040, benchmarks/quality.py).
+Q8_0_HEAD = 200 + Q8_0
 # Rows above which a layer with a dense bf16 copy uses it. Measured on a 2-core AVX-512
 # BF16 CPU over a whole decode step (benchmarks/decode_step.py, Q4_1 model): the
 # 8-bit dot kernel wins at 1-8 rows, oneDNN's bf16 GEMM from about 16 up.
@@ -170,6 +175,7 @@ class GGUFLinear(KernelLayer, nn.Module):
         self.register_buffer("dense", None, persistent=False)  # oneDNN copy, large batches
         # Q8_0 interleaved, for batches of more than DENSE_ROWS rows (keep_batch_blocks)
         self.register_buffer("batch_blocks", None, persistent=False)
+        self.batch_qtype = Q8_0 + X8
         self.dense_bias: torch.Tensor | None = None
         if qtype in X8_ONLY:
             if self.out_features % 8:
@@ -214,22 +220,28 @@ class GGUFLinear(KernelLayer, nn.Module):
             self.dense = torch.ops.mkldnn._reorder_linear_weight(w)
             self.dense_bias = None if self.bias is None else self.bias.to(dtype)
 
-    def keep_batch_blocks(self, shared: bool = True) -> bool:
+    def keep_batch_blocks(self, shared: bool = True, one_part: bool = True) -> bool:
         """A Q8_0 layer (the output head: a large vocabulary, often tied to the embedding
         table, which reads the file's order) runs on its blocks interleaved for the
-        AVX-512 VNNI kernel, against rows as two 8-bit parts (2e-5 of the output scale):
-        2.2x the float-row kernel's speed at one row (the default model's head: 1.29 ->
-        0.59 ms a token), 2x at 8. With ``shared`` (an embedding reads the same blocks)
+        AVX-512 VNNI kernel, against rows in one 8-bit part (``one_part``: ``Q8_0_HEAD``,
+        5e-3 of the output scale; the default model's head at 64 rows 5.7 ms, half of two
+        parts' time, and at one row its 30 MB of blocks at memory speed) or two (2e-5).
+        With ``shared`` (an embedding reads the same blocks)
         the interleaved blocks are a copy, ``batch_blocks``; otherwise they replace the
         file's order, as ``interleave_blocks`` does for any Q8_0 layer. False where that
         does not apply."""
         if not (self.use_kernel and self.qtype == Q8_0 and self.kernel_qtype == Q8_0):
             return False
+        kind = Q8_0_HEAD if one_part else Q8_0 + X8
         if not shared:
-            return self.interleave_blocks()
+            if not self.interleave_blocks():
+                return False
+            self.kernel_qtype = kind
+            return True
         if self.out_features % 16 or kernels.isa() != "avx512":
             return False
         self.batch_blocks = interleave(self.blocks, Q8_0, self.in_features)
+        self.batch_qtype = kind
         return True
 
     def extra_repr(self) -> str:
@@ -251,7 +263,7 @@ class GGUFLinear(KernelLayer, nn.Module):
             y = torch.ops.mkldnn._linear_pointwise(x2, self.dense, self.dense_bias, "none",
                                                    [], "")
         elif self.batch_blocks is not None:
-            y = kernels.linear_gguf(x2, self.batch_blocks, Q8_0 + X8, self.bias)
+            y = kernels.linear_gguf(x2, self.batch_blocks, self.batch_qtype, self.bias)
         elif self.use_kernel:
             y = kernels.linear_gguf(x2, self.blocks, self.kernel_qtype, self.bias)
         else:

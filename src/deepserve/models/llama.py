@@ -127,17 +127,20 @@ class DecoderLayer(nn.Module):
                       cache: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
         """The same layer through deepserve's fused CPU kernels (``kernels.py``): norm,
         rotary + cache write and SwiGLU each in one call; same rounding points. A decode
-        step on GGUF blocks runs the whole layer as one call (``decode_weights``)."""
+        step on GGUF blocks, or a step whose every row has a block table (short prompts
+        beside the decodes: ``AttentionMetadata.row_table``), runs the whole layer as one
+        call (``decode_weights``)."""
         t = x.shape[0]
         plan = self.__dict__.get("_decode_plan", False)
         if plan is False:  # decided once, after loading
             plan = self._decode_plan = self.decode_weights()
-        if plan is not None and meta.use_kernel and meta.num_decode == t and \
-                not meta.prefills and cache.kind in ("auto", "fp16") and FUSED_DECODE:
+        rows = (meta.row_table, meta.row_ctx) if meta.row_table is not None else \
+            (meta.decode_table, meta.decode_ctx) if meta.num_decode == t else None
+        if plan is not None and meta.use_kernel and rows is not None and \
+                cache.kind in ("auto", "fp16") and FUSED_DECODE:
             out = kernels.decode_layer(x, *plan, cos, sin, cache.k, cache.v,
                                        meta.slot_mapping, self.num_heads, self.num_kv_heads,
-                                       meta.decode_table, meta.decode_ctx, meta.block_size,
-                                       self.scale)
+                                       *rows, meta.block_size, self.scale)
             return out[0] if self.moe is None else out[1] + self.moe(out[0])
         h = kernels.rms_norm(x, None, self.input_layernorm.weight, self.input_layernorm.eps)[0]
         qkv = self.qkv_proj(h)

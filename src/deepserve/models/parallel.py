@@ -138,7 +138,9 @@ def micro_batches(input_ids: torch.Tensor, positions: torch.Tensor, meta: Attent
             else meta.decode_blocks.view(b, -1)[lo:hi].reshape(-1),
             decode_bias=None if meta.decode_bias is None else meta.decode_bias[:, lo:hi],
             decode_table=None if meta.decode_table is None else meta.decode_table[lo:hi],
-            decode_ctx=None if meta.decode_ctx is None else meta.decode_ctx[lo:hi])))
+            decode_ctx=None if meta.decode_ctx is None else meta.decode_ctx[lo:hi],
+            row_table=None if meta.row_table is None else meta.row_table[lo:hi],
+            row_ctx=None if meta.row_ctx is None else meta.row_ctx[lo:hi])))
     chunks = meta.prefills
     n = min(parts, len(chunks))
     for g in range(n):
@@ -148,6 +150,8 @@ def micro_batches(input_ids: torch.Tensor, positions: torch.Tensor, meta: Attent
         out.append((slice(lo, hi), input_ids[lo:hi], positions[lo:hi], dataclasses.replace(
             meta, slot_mapping=meta.slot_mapping[lo:hi], num_decode=0, decode_blocks=None,
             decode_bias=None, decode_table=None, decode_ctx=None,
+            row_table=None if meta.row_table is None else meta.row_table[lo:hi],
+            row_ctx=None if meta.row_ctx is None else meta.row_ctx[lo:hi],
             prefills=[dataclasses.replace(c, start=c.start - lo) for c in group])))
     assert not out or out[-1][0].stop == t
     return out
