@@ -3,7 +3,7 @@
 Fills the batch with 128-token random prompts, runs prefill, then times decode steps
 (each sequence has 128-160 tokens of context) and splits them into the engine's phases
 (schedule, prepare, forward, sample, postprocess). ``--profile`` adds torch.profiler's
-top ops. Sampling is temperature 1.0, as an OpenAI request's default.
+top ops. Sampling is temperature 1.0, as an OpenAI request's default (``--temperature``).
 
     .venv/bin/python benchmarks/decode_step.py --batch 1 32 64
     .venv/bin/python benchmarks/decode_step.py --batch 32 --no-cpu-kernels --profile
@@ -20,11 +20,12 @@ from deepserve.engine.llm_engine import LLMEngine
 from deepserve.sampling_params import SamplingParams
 
 
-def measure(batch: int, steps: int, profile: bool, **engine: object) -> None:
+def measure(batch: int, steps: int, profile: bool, temperature: float = 1.0,
+            **engine: object) -> None:
     eng = LLMEngine(EngineConfig(max_num_seqs=batch, enable_prefix_caching=False, **engine),
                     show_progress=False)
     rng = random.Random(0)
-    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=temperature)
     for _ in range(batch):
         eng.add_request(None, [rng.randint(100, 40000) for _ in range(128)], params)
     while eng.scheduler.waiting or any(s.num_computed < 128 for s in eng.scheduler.running):
@@ -58,11 +59,13 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="0: greedy, as deepserve bench serve asks by default")
     ap.add_argument("--model", default=None, help="a local model (default: the packaged one)")
     args = ap.parse_args()
     extra = {"model": args.model} if args.model else {}
     for b in args.batch:
-        measure(b, args.steps, args.profile, quantization=args.quantization,
+        measure(b, args.steps, args.profile, args.temperature, quantization=args.quantization,
                 kv_cache_dtype=args.kv_cache_dtype, cpu_kernels=args.cpu_kernels, **extra)
 
 

@@ -335,3 +335,22 @@ def test_short_prompts_attend_on_the_paged_kernel_as_sdpa_does(monkeypatch):
     eng.step()  # a's decode row and b's prompt rows: one call per layer
     n = len(eng.tokenizer.encode(PROMPTS[1]))
     assert rows == [1 + n] * len(eng.model.layers)
+
+
+@needs_kernels
+def test_argmax_rows_picks_as_torch_argmax(each_isa):
+    """Greedy picks (kernels.argmax_rows) against torch.argmax: random rows, ties (the
+    first maximum wins), -inf masks, a row of only -inf, NaN (torch counts it largest),
+    and widths that leave a tail past the vector loops."""
+    torch.manual_seed(3)
+    for v in (1, 7, 37, 49152, 49155):
+        x = torch.randn(9, v)
+        x[1] = x[1].round()  # ties
+        x[2, ::2] = float("-inf")
+        x[3] = float("-inf")
+        x[4, v // 2] = float("nan")
+        x[5, -1] = 1e30
+        x[6] = torch.full((v,), 2.0)
+        assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1)), v
+    x = torch.randn(64, 1000)[:, ::2]  # a strided view
+    assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1))

@@ -1439,6 +1439,78 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniform) {
   return out;
 }
 
+// Greedy picks: each row's first index of its largest value, as torch.argmax gives it (a
+// NaN, which no logit should be, counts as the largest, and the first one wins). One pass
+// for the maximum and one for its first position, vectorized; torch.argmax keeps an index
+// beside every lane's running maximum (64 x 49152: 2.7 ms against 0.3 ms here).
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0,
+              "argmax_rows: logits must be float32 [N, V], V > 0");
+  at::Tensor lc = logits.contiguous();
+  const int64_t rows = lc.size(0), V = lc.size(1);
+  at::Tensor out = at::empty({rows}, lc.options().dtype(at::kLong));
+  const float* lp = lc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = lp + r * V;
+      float mx = -INFINITY;
+      bool nan = false;
+      int64_t i = 0;
+#if DS_AVX512
+      __m512 mv = _mm512_set1_ps(-INFINITY);
+      __mmask16 unordered = 0;
+      for (; i + 16 <= V; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        mv = _mm512_max_ps(mv, v);
+      }
+      mx = _mm512_reduce_max_ps(mv);
+      nan = unordered != 0;
+#elif DS_AVX2
+      __m256 mv = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+      for (; i + 8 <= V; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        mv = _mm256_max_ps(mv, v);
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, mv);
+      for (float v : lanes) mx = std::max(mx, v);
+      nan = _mm256_movemask_ps(unordered) != 0;
+#endif
+      for (; i < V; ++i) {
+        nan = nan || std::isnan(x[i]);
+        mx = std::max(mx, x[i]);
+      }
+      int64_t pick = -1;
+      i = 0;
+      if (nan) {
+        while (!std::isnan(x[i])) ++i;
+        pick = i;
+      }
+#if DS_AVX512
+      const __m512 target = _mm512_set1_ps(mx);
+      for (; i + 16 <= V && pick < 0; i += 16) {
+        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), target, _CMP_EQ_OQ);
+        if (hit) pick = i + __builtin_ctz(hit);
+      }
+#elif DS_AVX2
+      const __m256 target = _mm256_set1_ps(mx);
+      for (; i + 8 <= V && pick < 0; i += 8) {
+        const int hit = _mm256_movemask_ps(
+            _mm256_cmp_ps(_mm256_loadu_ps(x + i), target, _CMP_EQ_OQ));
+        if (hit) pick = i + __builtin_ctz(hit);
+      }
+#endif
+      for (; i < V && pick < 0; ++i)
+        if (x[i] == mx) pick = i;
+      op[r] = pick;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 namespace dsq {  // gguf_kernels.cpp
@@ -1651,6 +1723,7 @@ DS_LIBRARY(DS_NS, m) {
   m.def("linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor lows, Tensor? bias) -> Tensor");
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
   m.def("sample_rows(Tensor logits, Tensor uniform) -> Tensor");
+  m.def("argmax_rows(Tensor logits) -> Tensor");
   m.def(
       "decode_layer(Tensor x, Tensor in_norm, Tensor post_norm, float eps, Tensor? q_norm, "
       "Tensor? k_norm, Tensor qkv_w, int qkv_type, Tensor? qkv_bias, Tensor o_w, int o_type, "
@@ -1668,5 +1741,6 @@ DS_LIBRARY_IMPL(DS_NS, CPU, m) {
   m.impl("latent_decode", &latent_decode);
   m.impl("linear_int4", &linear_int4);
   m.impl("sample_rows", &sample_rows);
+  m.impl("argmax_rows", &argmax_rows);
   m.impl("decode_layer", &decode_layer);
 }

@@ -37,13 +37,15 @@ class Sampler:
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_min_tokens(logits, seqs)
 
-        greedy = torch.tensor([p.greedy for p in params])
-        tokens = torch.empty(n, dtype=torch.long)
-        if greedy.any():
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
-        if not greedy.any():  # no row copy of [N, V] when every row samples
+        flags = [p.greedy for p in params]
+        if all(flags):  # no row copy of [N, V] when every row is greedy, or none
+            tokens = self._argmax(logits)
+        elif not any(flags):
             tokens = self._sample(logits, seqs)
-        elif not greedy.all():
+        else:
+            greedy = torch.tensor(flags)
+            tokens = torch.empty(n, dtype=torch.long)
+            tokens[greedy] = self._argmax(logits[greedy])
             rows = (~greedy).nonzero().flatten()
             tokens[rows] = self._sample(logits[rows], [seqs[i] for i in rows.tolist()])
         result = tokens.tolist()
@@ -53,6 +55,11 @@ class Sampler:
                     seq.logprobs.append(self._logprob(raw_logprobs[i], result[i],
                                                       seq.params.logprobs or 0))
         return result
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and logits.dtype == torch.float32:
+            return kernels.argmax_rows(logits)
+        return logits.argmax(dim=-1)
 
     @staticmethod
     def _logprob(row: torch.Tensor, token: int, k: int) -> Logprob:
