@@ -84,7 +84,7 @@ def test_linear_gguf_matches_float64_on_each_isa(name, dtype, k, each_isa):
         blocks, qtype = gl.interleave(blocks, qtype, k), qtype + gl.X8
     bias = torch.randn(n)
     # 1-13: the row counts of one weight-row pass (4 or 8 rows) and their remainders;
-    # 70: several L1-sized tiles of input rows, with a remainder
+    # 70: more than one tile of input rows (64 at most), with a remainder
     for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 70):
         x = torch.randn(rows, k).to(dtype)
         ref = x.double() @ deq.t() + bias.double()

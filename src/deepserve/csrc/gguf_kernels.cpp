@@ -429,8 +429,12 @@ inline void row_dot_q8f(const uint8_t* wrow, const float* x, int64_t K, float* o
 // row passes, weight rows split over threads with enough rows per task to pay for it and
 // several tasks per thread, and `dot(n, m, rows)` for up to kRows input rows at a time
 // against weight row n. (Float rows for Q8_0 take four times the bytes of 8-bit codes:
-// with 64-row tiles they spilled to L2 and halved the speed at 32 rows and more.)
+// with 64-row tiles they spilled to L2 and halved the speed at 32 rows and more.) Rows
+// as 8-bit codes take tiles of up to kCodeTile bytes, from L2: with 24 KB tiles a 2048-wide
+// layer ran 8 rows a pass, and a 1.1B model's weights were read from memory four times
+// for 32 rows (10% slower a GEMM; BENCHMARKS.md, "Weights read once a step").
 constexpr int64_t kRows = DSQ_ISA == 2 ? 8 : 4;
+constexpr int64_t kCodeTile = 262144;
 
 // f(std::integral_constant<int, R>{}) for R = rows, 1 .. kRows: the microkernels take their
 // row count as a template parameter.
@@ -454,10 +458,11 @@ inline void with_rows(int64_t rows, F&& f) {
 
 
 template <typename Dot>
-void for_row_tiles(int64_t M, int64_t N, int64_t x_row_bytes, Dot dot) {
-  // as many input rows as keep about 24 KB of them in L1 while weight rows stream by
+void for_row_tiles(int64_t M, int64_t N, int64_t x_row_bytes, Dot dot,
+                   int64_t tile_bytes = 24576) {
+  // as many input rows as keep `tile_bytes` of them in cache while weight rows stream by
   const int64_t kTile =
-      std::max(kRows, std::min<int64_t>(64, 24576 / x_row_bytes / kRows * kRows));
+      std::max(kRows, std::min<int64_t>(64, tile_bytes / x_row_bytes / kRows * kRows));
   for (int64_t t0 = 0; t0 < M; t0 += kTile) {
     const int64_t t1 = std::min(M, t0 + kTile);
     const int64_t per_thread = N / (4 * at::get_num_threads()) + 1;
@@ -501,7 +506,7 @@ void linear_blocks(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int6
     const float* s = xq.s.data() + m * nb;
     float* o = out + m * N + n;
     with_rows(rows, [&](auto r) { row_dot<T, decltype(r)::value>(wrow, q, d, s, K, o, N); });
-  });
+  }, kCodeTile);
 }
 
 // ---- 4-bit blocks interleaved eight weight rows at a time ("x8" layouts) --------------
@@ -842,7 +847,7 @@ void bmm_q8x16(const T* x, int64_t H, int64_t M, int64_t K, const uint8_t* w, in
       else
         group_q8x16<decltype(r)::value, false>(wg, chunk, c1, d1, nullptr, nullptr, nb, o, N);
     });
-  });
+  }, kCodeTile);
 }
 
 template <typename T>
@@ -869,7 +874,7 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
     with_rows(rows, [&](auto r) {
       group_x16<T, decltype(r)::value>(wg, chunk, q, d, s, nb, o, N, o16);
     });
-  });
+  }, kCodeTile);
   if (g0 == N / 8) return;
 #endif
   for_row_tiles(M, N / 8 - g0, K + nb * 8, [&](int64_t g, int64_t m, int64_t rows) {
@@ -880,7 +885,7 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
     const float* s = xq.s.data() + m * nb;
     float* o = out + m * N + 8 * g;
     with_rows(rows, [&](auto r) { group_x8<T, decltype(r)::value>(wg, q, d, s, nb, o, N); });
-  });
+  }, kCodeTile);
 }
 
 // Rows already rounded to 8-bit codes against a 4-bit block matrix of kernel type `qtype`.
