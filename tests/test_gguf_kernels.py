@@ -114,14 +114,14 @@ def test_interleaved_blocks_write_bf16_rows_as_the_float_path_rounds_them(name, 
 def test_per_head_q8_0_products_match_float64(each_isa):
     """kernels.bmm_gguf (MLA's W_UK / W_UV per head): x [H, M, K] from a strided view
     times each head's Q8_0 blocks, against float64 on the dequantized blocks; on
-    AVX-512 also the interleaved layout (every head in one parallel loop)."""
+    AVX-512 and AVX2 also the interleaved layout (every head in one parallel loop)."""
     torch.manual_seed(9)
     h, n, k = 5, 48, 128
     blocks = gguf_blocks(torch.randn(h * n, k), "Q8_0")
     deq = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT["Q8_0"])).double()
     deq = deq.view(h, n, k)
     layouts = [(blocks.view(h, n, -1), gl.Q8_0)]
-    if each_isa == "avx512":
+    if each_isa in ("avx512", "avx2"):
         layouts.append((gl.interleave(blocks, gl.Q8_0, k).view(h, n, -1), gl.Q8_0 + gl.X8))
     for packed, qtype in layouts:
         for m in (1, 3, 9):
@@ -139,23 +139,27 @@ def test_the_default_models_head_rows_go_in_one_part_in_bf16_and_two_in_float32(
     """The default model's Q8_0 head (tied to the embedding): a bf16 engine runs it on
     rows in one 8-bit part (Q8_0_HEAD, as llama.cpp), a float32 engine, asked for
     precision, on two."""
-    if kernels.isa() != "avx512":
-        pytest.skip("the interleaved Q8_0 head runs on the AVX-512 VNNI kernels only")
+    if kernels.isa() not in ("avx512", "avx2"):
+        pytest.skip("the interleaved Q8_0 head runs on the AVX-512 and AVX2 kernels only")
     for dtype, want in (("bfloat16", gl.Q8_0_HEAD), ("float32", gl.Q8_0 + gl.X8)):
         head = LLM(dtype=dtype, show_progress=False, kv_cache_memory="16MiB").engine.model.lm_head
         assert head.batch_blocks is not None and head.batch_qtype == want, dtype
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("k", [96, 576, 1536])
-def test_interleaved_q8_0_for_batches_matches_float64(k):
+def test_interleaved_q8_0_for_batches_matches_float64(k, isa):
     """Q8_0 blocks interleaved (qtype 108): rows as two 8-bit parts against signed
-    codes on the AVX-512 VNNI kernel, against the file's blocks in float64, measured
-    2e-5 of the output scale; and as an output head runs them (qtype 208, Q8_0_HEAD):
-    rows in one 8-bit part per block of 32, as llama.cpp's Q8_0 head, measured 5e-3 (a
-    bf16 output gives 3e-3; a wrong scale, offset or column order 30% and more)."""
-    if "avx512" not in kernels.supported_isas() or not kernels.load("avx512"):
-        pytest.skip("interleaved Q8_0 runs on the AVX-512 VNNI kernels only")
-    op = kernels.ops("avx512").linear_gguf
+    codes on the AVX-512 VNNI kernel and the AVX2 one (vpmaddubsw on the codes'
+    magnitudes, the rows given their signs), against the file's blocks in float64,
+    measured 2e-5 of the output scale; and as an output head runs them (qtype 208,
+    Q8_0_HEAD): rows in one 8-bit part per block of 32, as llama.cpp's Q8_0 head, measured
+    5e-3 (a bf16 output gives 3e-3; a wrong scale, offset or column order 30% and more).
+    Both builds take the same exact integer dots and the same float steps: where the CPU
+    runs both, their outputs agree to float rounding."""
+    if isa not in kernels.supported_isas() or not kernels.load(isa):
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    op = kernels.ops(isa).linear_gguf
     torch.manual_seed(4)
     n = 208  # 13 pairs of interleaved groups
     w = torch.randn(n, k)
@@ -164,7 +168,9 @@ def test_interleaved_q8_0_for_batches_matches_float64(k):
     packed = gl.interleave(blocks, gl.Q8_0, k)
     assert torch.equal(gl.deinterleave(packed, gl.Q8_0, k), blocks)
     bias = torch.randn(n)
-    for rows in (1, 8, 9, 13, 70):
+    other = kernels.ops("avx512").linear_gguf if isa == "avx2" and \
+        "avx512" in kernels.supported_isas() and kernels.load("avx512") else None
+    for rows in (1, 3, 4, 8, 9, 13, 70):
         x = torch.randn(rows, k)
         ref = x.double() @ deq.t() + bias.double()
         got = op(x, packed, gl.Q8_0 + gl.X8, bias)
@@ -173,10 +179,15 @@ def test_interleaved_q8_0_for_batches_matches_float64(k):
         head = op(x, packed, gl.Q8_0_HEAD, bias)
         err = (head.double() - ref).abs().max() / ref.abs().max()
         assert 2e-4 < err < 1e-2, (rows, err.item())  # one part: coarser than two
+        if other is not None:
+            for qtype, want in ((gl.Q8_0 + gl.X8, got), (gl.Q8_0_HEAD, head)):
+                torch.testing.assert_close(other(x, packed, qtype, bias), want, rtol=1e-5,
+                                           atol=1e-5 * ref.abs().max().item())
     with pytest.raises(RuntimeError, match="multiple of 16"):
         op(torch.randn(2, k), packed[:8], gl.Q8_0 + gl.X8, None)
+    interleaves = kernels.isa() in ("avx512", "avx2")  # the build the engine picked
     layer = gl.GGUFLinear(blocks, gl.Q8_0, k, bias)  # any Q8_0 layer (a Q8_0 file)
-    assert layer.interleave_blocks() == (kernels.isa() == "avx512")
+    assert layer.interleave_blocks() == interleaves
     assert torch.equal(layer.file_blocks(), blocks)
     layer.use_kernel = True
     for rows in (1, 9):
@@ -186,8 +197,8 @@ def test_interleaved_q8_0_for_batches_matches_float64(k):
     for shared in (True, False):  # a copy beside the embedding's blocks, or in place
         layer = gl.GGUFLinear(blocks, gl.Q8_0, k, bias)
         layer.use_kernel = True
-        assert layer.keep_batch_blocks(shared) == (kernels.isa() == "avx512")
-        if kernels.isa() == "avx512":
+        assert layer.keep_batch_blocks(shared) == interleaves
+        if interleaves:
             assert (layer.batch_blocks is not None) is shared
             assert layer.kernel_qtype == (gl.Q8_0 if shared else gl.Q8_0_HEAD)
         assert torch.equal(layer.file_blocks(), blocks)
@@ -195,8 +206,8 @@ def test_interleaved_q8_0_for_batches_matches_float64(k):
             x = torch.randn(rows, k)
             want = x.double() @ deq.t()
             got = layer(x)
-            if kernels.isa() == "avx512":  # the head's kernel, exactly
-                assert torch.equal(got, op(x, packed, gl.Q8_0_HEAD, bias))
+            if interleaves:  # the head's kernel, exactly
+                assert torch.equal(got, kernels.linear_gguf(x, packed, gl.Q8_0_HEAD, bias))
             assert (got.double() - want - bias.double()).abs().max() / want.abs().max() < 1e-2
 
 

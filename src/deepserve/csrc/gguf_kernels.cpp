@@ -6,8 +6,9 @@
 //   Q8_0  fp16 d, 32 signed bytes             w = d * q            34 bytes
 // Nibble i of a block holds weight i (low half) and weight i + 16 (high half).
 //
-// Q8_0 multiplies float rows (row_dot_q8f), or on AVX-512, interleaved like the 4-bit types
-// (type 108), rows split into two 8-bit parts (group_q8x16; bmm_gguf runs one such matrix
+// Q8_0 multiplies float rows (row_dot_q8f), or on AVX-512 and AVX2, interleaved like the
+// 4-bit types (type 108), rows split into two 8-bit parts (group_q8x16 on AVX-512,
+// group_q8x8 on AVX2: 2.5x the float-row kernel's speed there; bmm_gguf runs one such matrix
 // per head, MLA's W_UK / W_UV); type 208, the same blocks against rows in one 8-bit part
 // per block of 32, is for output heads. For Q4_0 / Q4_1 each input row is quantized
 // once per call to 8 bits per block of 32 (one float scale and the sum of the block's
@@ -811,14 +812,63 @@ inline void group_q8x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, cons
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * out_stride, acc[r]);
 }
 
+#endif
+
+#if DSQ_ISA == 1
+// AVX2: the same arithmetic eight output columns at a time (one interleaved group), with
+// vpmaddubsw for vpdpbusd. It multiplies unsigned by signed bytes: the weight codes'
+// magnitudes against the activation codes given the weights' signs (vpsignb). Activation
+// codes lie within +-127, so a pair's sum stays within 2 * 128 * 127, clear of int16
+// saturation; each block's integer dots are exact, as the AVX-512 kernel's.
+template <int R, bool Two>
+inline void group_q8x8(const uint8_t* wg, const int8_t* xq, const float* xd,
+                       const int8_t* xq2, const float* xd2, int64_t nb, float* out,
+                       int64_t out_stride) {
+  const int64_t cb = 8 * block_bytes(kQ8_0);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* u = wg + b * cb;
+    const __m256 vd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
+    __m256i s[R], s2[R];
+    for (int r = 0; r < R; ++r) s[r] = s2[r] = _mm256_setzero_si256();
+    for (int t = 0; t < 8; ++t) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 16 + 32 * t));
+      const __m256i mag = _mm256_abs_epi8(v);
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (r * nb + b) * QK + 4 * t;
+        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(_mm256_maddubs_epi16(
+            mag, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xq + at)), v)), ones));
+        if constexpr (Two)
+          s2[r] = _mm256_add_epi32(s2[r], _mm256_madd_epi16(_mm256_maddubs_epi16(
+              mag, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xq2 + at)), v)), ones));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t xi = r * nb + b;
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]),
+                               _mm256_mul_ps(vd, _mm256_set1_ps(xd[xi])), acc[r]);
+      if constexpr (Two)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2[r]),
+                                 _mm256_mul_ps(vd, _mm256_set1_ps(xd2[xi])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * out_stride, acc[r]);
+}
+#endif
+
+#if DSQ_ISA >= 1
 // y[h] = x[h] W[h]^T for H heads (H = 1: one matrix) of interleaved Q8_0 (N a multiple of
-// 16) and float rows x [H * M, K], as group_q8x16 describes (`two`: two 8-bit parts);
-// W [H, N, bytes], y [H * M, N]. Every head's column groups share one parallel loop.
+// 16) and float rows x [H * M, K], as group_q8x16 (AVX-512, 16 columns a call) and
+// group_q8x8 (AVX2, 8) describe (`two`: two 8-bit parts); W [H, N, bytes], y [H * M, N].
+// Every head's column groups share one parallel loop.
 template <typename T>
 void bmm_q8x16(const T* x, int64_t H, int64_t M, int64_t K, const uint8_t* w, int64_t N,
                float* out, bool two = true) {
+  constexpr int64_t cols = DSQ_ISA == 2 ? 16 : 8;
   const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(kQ8_0), R = H * M;
-  const int64_t per_head = N * nb * block_bytes(kQ8_0), G = N / 16;
+  const int64_t per_head = N * nb * block_bytes(kQ8_0), G = N / cols;
   QRows q, q2;
   quantize_rows(x, R, K, q);
   if (two) {
@@ -830,22 +880,31 @@ void bmm_q8x16(const T* x, int64_t H, int64_t M, int64_t K, const uint8_t* w, in
               to_f(x[i * QK + j]) - q.d[i] * static_cast<float>(q.q[i * QK + j]);
     });
     quantize_rows(rest.data(), R, K, q2);
+#if DSQ_ISA == 2
     for (auto& c : q2.q) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80u);
+#endif
   }
+#if DSQ_ISA == 2
   for (auto& c : q.q) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80u);
+#endif
   const int64_t parts = two ? 2 : 1;
   for_row_tiles(M, H * G, parts * (K + nb * 4), [&](int64_t hp, int64_t m, int64_t rows) {
     const int64_t h = hp / G, p = hp % G, r0 = h * M + m;
-    const uint8_t* wg = w + h * per_head + 2 * p * chunk;
-    float* o = out + r0 * N + 16 * p;
+    const uint8_t* wg = w + h * per_head + cols / 8 * p * chunk;
+    float* o = out + r0 * N + cols * p;
     const int8_t* c1 = q.q.data() + r0 * K;
     const float* d1 = q.d.data() + r0 * nb;
+    const int8_t* c2 = two ? q2.q.data() + r0 * K : nullptr;
+    const float* d2 = two ? q2.d.data() + r0 * nb : nullptr;
     with_rows(rows, [&](auto r) {
-      if (two)
-        group_q8x16<decltype(r)::value, true>(wg, chunk, c1, d1, q2.q.data() + r0 * K,
-                                              q2.d.data() + r0 * nb, nb, o, N);
-      else
-        group_q8x16<decltype(r)::value, false>(wg, chunk, c1, d1, nullptr, nullptr, nb, o, N);
+      constexpr int Rn = decltype(r)::value;
+#if DSQ_ISA == 2
+      if (two) group_q8x16<Rn, true>(wg, chunk, c1, d1, c2, d2, nb, o, N);
+      else group_q8x16<Rn, false>(wg, chunk, c1, d1, nullptr, nullptr, nb, o, N);
+#else
+      if (two) group_q8x8<Rn, true>(wg, c1, d1, c2, d2, nb, o, N);
+      else group_q8x8<Rn, false>(wg, c1, d1, nullptr, nullptr, nb, o, N);
+#endif
     });
   }, kCodeTile);
 }
@@ -908,9 +967,9 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
   const bool one_part = qtype == kQ8_0x8One;
   if (one_part) qtype = kQ8_0x8;
   TORCH_CHECK(weight.scalar_type() == at::kByte, "linear_gguf: weight must be uint8 blocks");
-  TORCH_CHECK(qtype != kQ8_0x8 || (DSQ_ISA == 2 && weight.size(0) % 16 == 0),
-              "linear_gguf: interleaved Q8_0 (108, 208) runs on the AVX-512 VNNI kernels only, "
-              "with a multiple of 16 rows");
+  TORCH_CHECK(qtype != kQ8_0x8 || (DSQ_ISA >= 1 && weight.size(0) % 16 == 0),
+              "linear_gguf: interleaved Q8_0 (108, 208) runs on the AVX-512 and AVX2 kernels "
+              "only, with a multiple of 16 rows");
   const bool x8 = qtype == kQ4_0x8 || qtype == kQ4_1x8 || qtype == kQ5_0x8 ||
                   qtype == kQ5_1x8 || qtype == kQ4_Kx8 || qtype == kQ8_0x8;
   const int64_t base = x8 ? qtype - 100 : qtype;
@@ -939,7 +998,7 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
     if (bias.has_value()) out.add_(bias->to(at::kFloat));
     return xc.scalar_type() == at::kFloat ? out : out.to(xc.scalar_type());
   }
-#if DSQ_ISA == 2
+#if DSQ_ISA >= 1
   if (qtype == kQ8_0x8) {
     at::Tensor out = at::empty({M, N}, xc.options().dtype(at::kFloat));
     const uint8_t* wp = wc.data_ptr<uint8_t>();
@@ -1249,7 +1308,7 @@ void interleave_blocks_into(const at::Tensor& blocks, const at::Tensor& out,
 at::Tensor bmm_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype) {
   TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && x.size(0) == weight.size(0),
               "bmm_gguf: x [H, M, K] and weight [H, N, bytes] with the same H");
-#if DSQ_ISA == 2
+#if DSQ_ISA >= 1
   if (qtype == kQ8_0x8) {  // every head in one parallel loop
     const int64_t H = x.size(0), M = x.size(1), K = x.size(2), N = weight.size(1);
     TORCH_CHECK(N % 16 == 0 && K % QK == 0 && weight.size(2) == K / QK * block_bytes(kQ8_0),

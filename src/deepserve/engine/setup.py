@@ -286,7 +286,7 @@ def latent_blocks(model: torch.nn.Module) -> None:
 
     for module in model.modules():
         if isinstance(module, MLADecoderLayer) and isinstance(module.o_proj, GGUFLinear):
-            module.keep_blocks(kernels.isa() == "avx512")
+            module.keep_blocks(kernels.isa() in ("avx512", "avx2"))
 
 
 def parallel(config: EngineConfig, path: Path, kind: str, mcfg: ModelConfig,

@@ -185,11 +185,12 @@ class GGUFLinear(KernelLayer, nn.Module):
 
     def interleave_blocks(self) -> bool:
         """Reorder 4-bit blocks eight rows at a time for the kernels (``interleave``), and
-        Q8_0 blocks for the AVX-512 VNNI kernel (rows as two 8-bit parts, 2e-5 of the
-        output scale: 2.2x the float-row kernel at one row, 2x at 8); False where the
-        layout does not apply (rows not a multiple of 8, or of 16 for Q8_0)."""
+        Q8_0 blocks for the 8-bit-activation kernels of AVX-512 and AVX2 (rows as two 8-bit
+        parts, 2e-5 of the output scale: 2.2x the float-row kernel at one row, 2x at 8);
+        False where the layout does not apply (rows not a multiple of 8, or of 16 for
+        Q8_0)."""
         if self.qtype == Q8_0 and self.kernel_qtype == Q8_0 and self.out_features % 16 == 0 \
-                and kernels.loaded() and kernels.isa() == "avx512":
+                and kernels.loaded() and kernels.isa() in ("avx512", "avx2"):
             self.blocks = interleave(self.blocks, Q8_0, self.in_features)
             self.kernel_qtype = Q8_0 + X8
             return True
@@ -223,10 +224,10 @@ class GGUFLinear(KernelLayer, nn.Module):
     def keep_batch_blocks(self, shared: bool = True, one_part: bool = True) -> bool:
         """A Q8_0 layer (the output head: a large vocabulary, often tied to the embedding
         table, which reads the file's order) runs on its blocks interleaved for the
-        AVX-512 VNNI kernel, against rows in one 8-bit part (``one_part``: ``Q8_0_HEAD``,
-        5e-3 of the output scale; the default model's head at 64 rows 5.7 ms, half of two
-        parts' time, and at one row its 30 MB of blocks at memory speed) or two (2e-5).
-        With ``shared`` (an embedding reads the same blocks)
+        8-bit-activation kernels (AVX-512 or AVX2), against rows in one 8-bit part
+        (``one_part``: ``Q8_0_HEAD``, 5e-3 of the output scale; the default model's head at
+        64 rows 5.7 ms, half of two parts' time, and at one row its 30 MB of blocks at
+        memory speed) or two (2e-5). With ``shared`` (an embedding reads the same blocks)
         the interleaved blocks are a copy, ``batch_blocks``; otherwise they replace the
         file's order, as ``interleave_blocks`` does for any Q8_0 layer. False where that
         does not apply."""
@@ -238,7 +239,7 @@ class GGUFLinear(KernelLayer, nn.Module):
                 return False
             self.kernel_qtype = kind
             return True
-        if self.out_features % 16 or kernels.isa() != "avx512":
+        if self.out_features % 16 or kernels.isa() not in ("avx512", "avx2"):
             return False
         self.batch_blocks = interleave(self.blocks, Q8_0, self.in_features)
         self.batch_qtype = kind

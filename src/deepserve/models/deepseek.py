@@ -85,7 +85,7 @@ class MLADecoderLayer(nn.Module):
     def keep_blocks(self, interleave: bool) -> None:
         """W_UK and W_UV per head as Q8_0 blocks, run by ``kernels.bmm_gguf``: half the
         bytes of bf16 read each decode step, on the kernels the layer's other
-        projections use (``interleave``: the AVX-512 8-bit-activation layout). 108 MB a
+        projections use (``interleave``: the 8-bit-activation layout of AVX-512 and AVX2). 108 MB a
         token of the DeepSeek-V2-Lite-half file's 52 ms step went to these in bf16."""
         from deepserve.layers import gguf_linear as gl
 
