@@ -39,8 +39,11 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default=None, help="compute dtype (default: the engine's pick)")
     args = ap.parse_args()
     extra = {"model": args.model} if args.model else {}
+    if args.dtype:
+        extra["dtype"] = args.dtype
     eng = LLMEngine(EngineConfig(max_num_seqs=args.batch, enable_prefix_caching=False,
                                  **extra), show_progress=False)
     rng = random.Random(0)

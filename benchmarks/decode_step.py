@@ -62,8 +62,11 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0,
                     help="0: greedy, as deepserve bench serve asks by default")
     ap.add_argument("--model", default=None, help="a local model (default: the packaged one)")
+    ap.add_argument("--dtype", default=None, help="compute dtype (default: the engine's pick)")
     args = ap.parse_args()
     extra = {"model": args.model} if args.model else {}
+    if args.dtype:
+        extra["dtype"] = args.dtype
     for b in args.batch:
         measure(b, args.steps, args.profile, args.temperature, quantization=args.quantization,
                 kv_cache_dtype=args.kv_cache_dtype, cpu_kernels=args.cpu_kernels, **extra)

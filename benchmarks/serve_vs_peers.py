@@ -153,6 +153,8 @@ def main() -> None:
                     "output_tok_s": round(s["output_throughput"], 1),
                     "tpot_p50_ms": round(s["tpot_ms"]["p50"], 1),
                     "ttft_p50_ms": round(s["ttft_ms"]["p50"], 1), "errors": s["errors"]}
+                if s["errors"]:  # what went wrong, so a failing peer is not a slow one
+                    row["by_concurrency"][c]["error_samples"] = s.get("error_samples")
                 print(system, c, row["by_concurrency"][c], flush=True)
             row["peak_rss_mib"] = round(peak_rss_mib(proc.pid))
             rows.append(row)

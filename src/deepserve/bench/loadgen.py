@@ -140,7 +140,11 @@ async def discover_model(client: aiohttp.ClientSession, cfg: LoadConfig) -> str:
 async def run_load(cfg: LoadConfig, requests: list[BenchRequest]
                    ) -> tuple[list[RequestResult], float, str]:
     """Send every request; returns (results, wall seconds of the measured part, model)."""
-    connector = aiohttp.TCPConnector(limit=0)  # as many connections as requests in flight
+    # As many connections as requests in flight, each request on a new one: a pooled
+    # connection the server closed while idle (llama-server drops keep-alive connections
+    # after 5 s, and requests queued behind a full batch wait longer) failed requests
+    # with "Can not write request body" (5-7 of 64 at 32 streams).
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     # read_bufsize: a first chunk (echo, logprobs) may be one long line
     async with aiohttp.ClientSession(connector=connector, read_bufsize=2**20,
                                      timeout=aiohttp.ClientTimeout(total=cfg.timeout_s)
