@@ -162,6 +162,15 @@ inline const uint8_t* block_codes(const uint8_t* blk) {
 }
 
 #if DSQ_ISA >= 1
+// The weight bytes kAhead past a block in use, asked for into L1 while this block is
+// computed: a decode step streams every weight once, mostly from L3 or memory, and the
+// hardware prefetchers stop at each 4 KB page.
+constexpr int64_t kAhead = 2048;
+inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + o), _MM_HINT_T0);
+}
+
 // 32 codes of a 4-bit block as unsigned bytes 0..15, in weight order.
 inline __m256i unpack_nibbles(const uint8_t* qs) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
@@ -583,6 +592,7 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
       c = u + 192 + 128 * j;
     } else {
       const uint8_t* u = wg + b * cb;
+      prefetch_ahead(u, cb);
       vd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
       vm = f16m ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16)))
                 : _mm256_mul_ps(vd, _mm256_set1_ps(-8.f));
@@ -727,6 +737,8 @@ inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const 
       c2 = u2 + 192 + 128 * j;
     } else {
       const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
+      prefetch_ahead(u, cb);
+      prefetch_ahead(u2, cb);
       vd = halves_ps(u, u2);
       vm = f16m ? halves_ps(u + 16, u2 + 16) : _mm512_mul_ps(vd, _mm512_set1_ps(-8.f));
       c = u + hb;
@@ -788,6 +800,8 @@ inline void group_q8x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, cons
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
+    prefetch_ahead(u, cb);
+    prefetch_ahead(u2, cb);
     const __m512 vd = halves_ps(u, u2);
     __m512i corr = _mm512_setzero_si512(), s[R], s2[R];
     for (int r = 0; r < R; ++r) s[r] = s2[r] = _mm512_setzero_si512();
@@ -831,6 +845,7 @@ inline void group_q8x8(const uint8_t* wg, const int8_t* xq, const float* xd,
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* u = wg + b * cb;
+    prefetch_ahead(u, cb);
     const __m256 vd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
     __m256i s[R], s2[R];
     for (int r = 0; r < R; ++r) s[r] = s2[r] = _mm256_setzero_si256();
