@@ -326,3 +326,16 @@ def test_a_tenants_prefill_takes_at_most_its_share_of_the_step():
     alone = Scheduler(BlockManager(256, 4, False), 8, 64, True)
     alone.add(_tenant(list(range(200)), "big"))
     assert alone.schedule().items[0][1] == 64  # one tenant: the whole budget
+
+
+def test_an_auto_cache_is_fp16_where_auto_compute_fell_back_to_float32():
+    """kv_cache_dtype auto follows the compute dtype, except on a CPU without native bf16
+    (dtype auto gave float32): fp16 there, as llama.cpp's cache. An explicit float32, a
+    bf16 engine and an explicit cache type stay as asked."""
+    from deepserve.config import EngineConfig
+
+    assert EngineConfig().with_auto_kv(torch.float32).kv_cache_dtype == "fp16"
+    assert EngineConfig().with_auto_kv(torch.bfloat16).kv_cache_dtype == "auto"
+    assert EngineConfig(dtype="float32").with_auto_kv(torch.float32).kv_cache_dtype == "auto"
+    assert EngineConfig(kv_cache_dtype="int8").with_auto_kv(torch.float32).kv_cache_dtype \
+        == "int8"

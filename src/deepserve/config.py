@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None
     quantization: str = "auto"  # auto | none | int8 | int4 | mixed (FFN int4, attention int8)
-    kv_cache_dtype: str = "auto"  # auto (= compute dtype) | fp16 | int8 | fp8
+    kv_cache_dtype: str = "auto"  # auto (compute dtype; see with_auto_kv) | fp16 | int8 | fp8
     cpu_kernels: bool = True  # deepserve's C++ kernels on CPU (built on first use)
     slo_ttft_ms: float | None = None  # targets: the scheduler adapts each step's budget
     slo_tpot_ms: float | None = None  # and batch size to them (engine/slo.py)
@@ -88,6 +88,18 @@ class EngineConfig:
                 raise bad(name, "give a target in milliseconds > 0")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise bad("kv_cache_memory_fraction", "give a share in (0, 1]")
+
+    def with_auto_kv(self, dtype: Any) -> EngineConfig:
+        """The config with ``kv_cache_dtype="auto"`` made concrete where it is not the
+        compute dtype: where ``dtype="auto"`` gave float32 because the CPU runs bf16 only
+        emulated (the AVX2 path), the cache is fp16, as llama.cpp's is by default: half
+        the bytes a decode step's attention reads (the default model's AVX2 step 8-10%
+        faster, BENCHMARKS.md) and finer than the bf16 cache AVX-512 CPUs get. An
+        explicit float32 keeps a float32 cache."""
+        if self.kv_cache_dtype == "auto" and self.dtype == "auto" and \
+                str(dtype) == "torch.float32":
+            return replace(self, kv_cache_dtype="fp16")
+        return self
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineConfig:

@@ -61,7 +61,8 @@ ENGINE_HELP = {
     "quantization": "weights: auto (a GGUF's own Q4_0/Q4_1/Q8_0 blocks as stored, else "
                     "none) | none | int8 (Q8_0) | int4 (Q4_1) | mixed (MLP Q4_1, "
                     "attention Q8_0)",
-    "kv_cache_dtype": "KV cache storage: auto (compute dtype) | fp16 | int8 (with scales) | fp8",
+    "kv_cache_dtype": "KV cache storage: auto (compute dtype; fp16 where dtype auto fell "
+                      "back to float32) | fp16 | int8 (with scales) | fp8",
     "cpu_kernels": "use deepserve's C++ CPU kernels (small-batch matmul, paged decode "
                    "attention; compiled once on first use); --no-cpu-kernels: torch ops only",
 }

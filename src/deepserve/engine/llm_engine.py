@@ -55,12 +55,12 @@ class LLMEngine:
     """One model replica: owns tokenizer, model runner, scheduler and KV blocks."""
 
     def __init__(self, config: EngineConfig | None = None, show_progress: bool = True) -> None:
-        self.config = config = config or EngineConfig()
-        started = time.perf_counter()
+        config, started = config or EngineConfig(), time.perf_counter()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = setup.pick_device(config.device)
         self.dtype = setup.pick_dtype(config.dtype, self.device)
+        self.config = config = config.with_auto_kv(self.dtype)
         path, kind = resolve_model(config.model)
         self.model_path = path
         self.model_name = setup.served_name(config, path, kind)
