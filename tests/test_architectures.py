@@ -112,12 +112,13 @@ def with_and_without(llm, monkeypatch, kernel: str, module, flag: str, max_token
     return runs
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
-def test_one_call_decode_layers_equal_their_kernels_one_by_one(arch, tiny, tmp_path,
+@pytest.mark.parametrize(("arch", "call"), [("qwen3", "decode_layers"),
+                                            ("qwen3_moe", "decode_layer")])
+def test_one_call_decode_layers_equal_their_kernels_one_by_one(arch, call, tiny, tmp_path,
                                                                default_gguf, monkeypatch):
-    """Qwen3's q/k norms and an MoE layer's attention half run inside
-    kernels.decode_layer on Q4_0 blocks: bit-identical logprobs to the same kernels
-    called one by one."""
+    """Qwen3's q/k norms run inside one call for every layer (kernels.decode_layers) and
+    an MoE layer's attention half inside kernels.decode_layer, on Q4_0 blocks:
+    bit-identical logprobs to the same kernels called one by one."""
     from deepserve import kernels
     from deepserve.models import llama
 
@@ -130,7 +131,7 @@ def test_one_call_decode_layers_equal_their_kernels_one_by_one(arch, tiny, tmp_p
     layers = llm.engine.model.layers
     assert all(layer.decode_weights() is not None for layer in layers)
     runs = [[[(x.token_id, x.top) for x in o.outputs[0].logprobs] for o in outs]
-            for outs in with_and_without(llm, monkeypatch, "decode_layer", llama,
+            for outs in with_and_without(llm, monkeypatch, call, llama,
                                          "FUSED_DECODE", max_tokens=6)]
     assert runs[0] == runs[1]
 

@@ -156,15 +156,22 @@ def test_engine_tokens_equal_with_and_without_kernels():
 
 @needs_kernels
 def test_a_decode_layer_in_one_call_equals_its_kernels_one_by_one(monkeypatch):
-    """Decode steps on GGUF blocks run each decoder layer as one C++ call
-    (kernels.decode_layer); the same kernels called one by one from Python give
-    bit-identical logprobs, in bf16 and float32, with the Qwen2 layout's QKV bias too."""
+    """Decode steps on GGUF blocks run every decoder layer in one C++ call
+    (kernels.decode_layers), or each layer as one (kernels.decode_layer, as a model with
+    an MoE layer does); the same kernels called one by one from Python give bit-identical
+    logprobs, in bf16 and float32, with the Qwen2 layout's QKV bias too."""
     from deepserve.models import llama
 
     monkeypatch.setenv("DEEPSERVE_DENSE_COPY", "0")  # every batch on the blocks
-    calls = []
-    real = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    calls: dict[str, int] = {}
+    for name in ("decode_layer", "decode_layers"):
+        real = getattr(kernels, name)
+
+        def counted(*a, name=name, real=real):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*a)
+
+        monkeypatch.setattr(kernels, name, counted)
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=2)
     for dtype in ("bfloat16", "float32"):
         llm = LLM(dtype=dtype, show_progress=False, kv_cache_memory="64MiB",
@@ -178,13 +185,16 @@ def test_a_decode_layer_in_one_call_equals_its_kernels_one_by_one(monkeypatch):
             for layer in model.layers:
                 layer.__dict__.pop("_decode_plan", None)
         runs = []
-        for fused in (True, False):
-            monkeypatch.setattr(llama, "FUSED_DECODE", fused)
-            del calls[:]
+        for mode in ("decode_layers", "decode_layer", "unfused"):
+            monkeypatch.setattr(llama, "FUSED_DECODE", mode != "unfused")
+            model.__dict__.pop("_plans", None)
+            if mode == "decode_layer":
+                model._plans = None  # no whole-step plan: one call a layer
+            calls.clear()
             outs = llm.generate(PROMPTS[:3], params)
-            assert bool(calls) is fused
+            assert set(calls) == ({mode} if mode != "unfused" else set()), (mode, calls)
             runs.append([[(x.token_id, x.top) for x in o.outputs[0].logprobs] for o in outs])
-        assert runs[0] == runs[1]
+        assert runs[0] == runs[1] == runs[2]
         del llm
 
 
@@ -274,7 +284,7 @@ def test_short_prompts_attend_on_the_paged_kernel_as_sdpa_does(monkeypatch):
     position's logits within 1e-4 of their scale, and a batch whose steps mix decodes
     with prompts (one of which reuses another's cached prefix, so its chunk starts past
     0) the same greedy tokens and logprobs. On the default model's blocks such a mixed
-    step is one fused call per layer over all its rows, where the policy picks it."""
+    step is one fused call over all its rows and layers, where the policy picks it."""
     from deepserve.engine import model_runner
 
     calls = []
@@ -326,9 +336,9 @@ def test_short_prompts_attend_on_the_paged_kernel_as_sdpa_does(monkeypatch):
         assert max(abs(a - b) for (_, a), (_, b) in zip(g, w, strict=True)) < 1e-3
     paged(True)
     rows = []
-    decode_layer = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer",
-                        lambda x, *a: rows.append(x.shape[0]) or decode_layer(x, *a))
+    decode_layers = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers",
+                        lambda x, *a: rows.append(x.shape[0]) or decode_layers(x, *a))
     eng = LLM(show_progress=False, kv_cache_memory="64MiB").engine
     paged = kernels.isa() == "avx512" and eng.dtype == torch.bfloat16
     assert eng.runner.paged_prefill == paged
@@ -336,9 +346,9 @@ def test_short_prompts_attend_on_the_paged_kernel_as_sdpa_does(monkeypatch):
     eng.step()  # its prompt
     eng.add_request("b", PROMPTS[1], greedy)
     rows.clear()
-    eng.step()  # a's decode row and b's prompt rows: one call per layer (else op by op)
+    eng.step()  # a's decode row and b's prompt rows: one call for every layer (else op by op)
     n = len(eng.tokenizer.encode(PROMPTS[1]))
-    assert rows == ([1 + n] * len(eng.model.layers) if paged else [])
+    assert rows == ([1 + n] if paged else [])
 
 
 @needs_kernels

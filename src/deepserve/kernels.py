@@ -304,6 +304,12 @@ def decode_layer(x: torch.Tensor, *args) -> torch.Tensor:
     return ops().decode_layer(x, *args)
 
 
+def decode_layers(x: torch.Tensor, *args) -> torch.Tensor:
+    """Every layer of a dense model's decode step in one call: ``decode_layer`` per layer,
+    each argument that differs by layer given as a list (``LlamaModel.decode_plans``)."""
+    return ops().decode_layers(x, *args)
+
+
 def linear_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] times a weight stored as GGUF blocks ([N, K / 32 * block bytes] uint8)."""

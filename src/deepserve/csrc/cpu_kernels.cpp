@@ -1559,6 +1559,37 @@ std::vector<at::Tensor> decode_layer(
   return {hx[1] + dsq::linear_gguf(silu_mul(up), *down_w, down_type, c10::nullopt)};
 }
 
+// Every layer of a dense model's decode step in one call: decode_layer for layer i on the
+// i-th entry of each list, its output the next layer's input. One dispatch a step instead
+// of one a layer (each carries 26 arguments through the dispatcher and Python).
+at::Tensor decode_layers(
+    const at::Tensor& x, at::TensorList in_norms, at::TensorList post_norms, double eps,
+    const c10::List<c10::optional<at::Tensor>>& q_norms,
+    const c10::List<c10::optional<at::Tensor>>& k_norms, at::TensorList qkv_ws,
+    at::IntArrayRef qkv_types, const c10::List<c10::optional<at::Tensor>>& qkv_biases,
+    at::TensorList o_ws, at::IntArrayRef o_types, at::TensorList gu_ws,
+    at::IntArrayRef gu_types, at::TensorList down_ws, at::IntArrayRef down_types,
+    const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_caches,
+    at::TensorList v_caches, const at::Tensor& slots, int64_t heads, int64_t kv_heads,
+    const at::Tensor& block_table, const at::Tensor& ctx_lens, int64_t block_size,
+    double scale) {
+  const size_t n = in_norms.size();
+  TORCH_CHECK(post_norms.size() == n && q_norms.size() == n && k_norms.size() == n &&
+                  qkv_ws.size() == n && qkv_types.size() == n && qkv_biases.size() == n &&
+                  o_ws.size() == n && o_types.size() == n && gu_ws.size() == n &&
+                  gu_types.size() == n && down_ws.size() == n && down_types.size() == n &&
+                  k_caches.size() == n && v_caches.size() == n,
+              "decode_layers: every per-layer list needs one entry a layer");
+  at::Tensor h = x;
+  for (size_t i = 0; i < n; ++i)
+    h = decode_layer(h, in_norms[i], post_norms[i], eps, q_norms.get(i), k_norms.get(i),
+                     qkv_ws[i], qkv_types[i], qkv_biases.get(i), o_ws[i], o_types[i],
+                     gu_ws[i], gu_types[i], down_ws[i], down_types[i], cos, sin, k_caches[i],
+                     v_caches[i], slots, heads, kv_heads, block_table, ctx_lens, block_size,
+                     scale)[0];
+  return h;
+}
+
 // ---- latent_decode ---------------------------------------------------------------------
 // MLA decode attention (models/deepseek.py): H query heads [B, H, D] against one shared
 // latent head, the cache [slots, D] read in place through the block table; values are the
@@ -1730,6 +1761,13 @@ DS_LIBRARY(DS_NS, m) {
       "Tensor? gu_w, int gu_type, Tensor? down_w, int down_type, Tensor cos, Tensor sin, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, int heads, int kv_heads, "
       "Tensor block_table, Tensor ctx_lens, int block_size, float scale) -> Tensor[]");
+  m.def(
+      "decode_layers(Tensor x, Tensor[] in_norms, Tensor[] post_norms, float eps, "
+      "Tensor?[] q_norms, Tensor?[] k_norms, Tensor[] qkv_ws, int[] qkv_types, "
+      "Tensor?[] qkv_biases, Tensor[] o_ws, int[] o_types, Tensor[] gu_ws, int[] gu_types, "
+      "Tensor[] down_ws, int[] down_types, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, "
+      "Tensor(b!)[] v_caches, Tensor slots, int heads, int kv_heads, Tensor block_table, "
+      "Tensor ctx_lens, int block_size, float scale) -> Tensor");
 }
 
 DS_LIBRARY_IMPL(DS_NS, CPU, m) {
@@ -1743,4 +1781,5 @@ DS_LIBRARY_IMPL(DS_NS, CPU, m) {
   m.impl("sample_rows", &sample_rows);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("decode_layer", &decode_layer);
+  m.impl("decode_layers", &decode_layers);
 }

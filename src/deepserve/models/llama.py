@@ -219,12 +219,48 @@ class LlamaForCausalLM(KernelLayer, nn.Module):
         x = self.embed_tokens(input_ids) if hidden is None else hidden
         cos, sin = self.rotary.tables(positions)
         if self.use_kernel and self._fusable():
+            whole = self._whole_step(x, cos, sin, kv_caches, meta)
+            if whole is not None:
+                return whole
             for layer, cache in zip(self.layers, kv_caches, strict=True):
                 x = layer.forward_fused(x, cos, sin, cache, meta)
             return x
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, cache, meta)
         return x
+
+    def _whole_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    kv_caches: list[LayerKV], meta: AttentionMetadata) -> torch.Tensor | None:
+        """A step whose every layer ``forward_fused`` would run as one ``decode_layer``
+        call runs as one ``kernels.decode_layers`` call: one dispatch instead of one a
+        layer. None where that does not apply."""
+        plans = self.__dict__.get("_plans", False)
+        if plans is False:  # decided once, after loading
+            plans = self._plans = self.decode_plans()
+        rows = (meta.row_table, meta.row_ctx) if meta.row_table is not None else \
+            (meta.decode_table, meta.decode_ctx) if meta.num_decode == x.shape[0] else None
+        if plans is None or rows is None or not meta.use_kernel or not FUSED_DECODE or \
+                kv_caches[0].kind not in ("auto", "fp16"):
+            return None
+        first = self.layers[0]
+        return kernels.decode_layers(x, *plans, cos, sin, [c.k for c in kv_caches],
+                                     [c.v for c in kv_caches], meta.slot_mapping,
+                                     first.num_heads, first.num_kv_heads, *rows,
+                                     meta.block_size, first.scale)
+
+    def decode_plans(self) -> tuple | None:
+        """``kernels.decode_layers``' per-layer arguments (``DecoderLayer.decode_weights``
+        of each layer, field by field, as lists) where every layer is dense with such a
+        plan and all share one norm epsilon; else None."""
+        layers = list(self.layers)
+        if not layers or not all(isinstance(m, DecoderLayer) and m.moe is None
+                                 for m in layers):
+            return None
+        plans = [m.decode_weights() for m in layers]
+        if any(p is None for p in plans) or len({p[2] for p in plans}) != 1:
+            return None
+        fields = [list(f) for f in zip(*plans, strict=True)]
+        return (fields[0], fields[1], plans[0][2], *fields[3:])
 
     def _fusable(self) -> bool:
         # The fused kernels handle float32 and bfloat16 with same-dtype norm weights.
