@@ -138,10 +138,12 @@ def test_per_head_q8_0_products_match_float64(each_isa):
 def test_the_default_models_head_rows_go_in_one_part_in_bf16_and_two_in_float32():
     """The default model's Q8_0 head (tied to the embedding): a bf16 engine runs it on
     rows in one 8-bit part (Q8_0_HEAD, as llama.cpp), a float32 engine, asked for
-    precision, on two."""
+    precision, on two; dtype auto (bf16, or float32 where the CPU lacks native bf16) on
+    one."""
     if kernels.isa() not in ("avx512", "avx2"):
         pytest.skip("the interleaved Q8_0 head runs on the AVX-512 and AVX2 kernels only")
-    for dtype, want in (("bfloat16", gl.Q8_0_HEAD), ("float32", gl.Q8_0 + gl.X8)):
+    for dtype, want in (("bfloat16", gl.Q8_0_HEAD), ("float32", gl.Q8_0 + gl.X8),
+                        ("auto", gl.Q8_0_HEAD)):
         head = LLM(dtype=dtype, show_progress=False, kv_cache_memory="16MiB").engine.model.lm_head
         assert head.batch_blocks is not None and head.batch_qtype == want, dtype
 

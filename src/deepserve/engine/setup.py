@@ -139,8 +139,8 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
         split_vocab(model, shard)
     quantize_model(model, config.quantization, dtype)
     enable_kernels(model, use_kernels)
-    if interleave:  # float32: the head's rows in two 8-bit parts (15 bits), bf16 in one
-        interleave_blocks(model, one_part_head=dtype != torch.float32)
+    if interleave:  # a head's rows in two 8-bit parts where float32 was asked for, else one
+        interleave_blocks(model, one_part_head=dtype != torch.float32 or config.dtype == "auto")
     if use_kernels:
         latent_blocks(model)
     if use_kernels and dtype == torch.bfloat16 and dense_for_batches():
@@ -257,10 +257,10 @@ def keep_dense_copies(model: torch.nn.Module, dtype: torch.dtype,
 
 
 def interleave_blocks(model: torch.nn.Module, one_part_head: bool = True) -> None:
-    """Reorder every 4-bit GGUF-block layer's blocks eight rows at a time for the SIMD
-    kernels (``gguf_linear.interleave``); blocks an embedding shares (tied weights) stay
-    as they are; a Q8_0 head's rows go in one 8-bit part with ``one_part_head``
-    (``Q8_0_HEAD``). The portable build keeps the file's order."""
+    """Reorder 4-bit GGUF-block layers eight rows at a time for the SIMD kernels
+    (``gguf_linear.interleave``; the portable build keeps the file's order; blocks an
+    embedding shares stay); a Q8_0 head's rows go in one 8-bit part (``Q8_0_HEAD``) with
+    ``one_part_head``: all but an asked-for float32 (two parts, 15 bits)."""
     from deepserve.layers.gguf_linear import Q8_0, Q8_0_HEAD, X8, GGUFEmbedding, GGUFLinear
     from deepserve.layers.moe import Experts
 
