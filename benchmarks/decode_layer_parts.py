@@ -54,6 +54,7 @@ def main() -> None:
         eng.step()  # every prompt in: the next step is decode rows only
     eng.step()
     captured: list[tuple] = []
+    eng.model._plans = None  # one call a layer (not decode_layers), to capture a layer's
     fused = kernels.decode_layer
     kernels.decode_layer = lambda x, *a: captured.append((x, a)) or fused(x, *a)
     eng.step()
