@@ -134,10 +134,8 @@ class DecoderLayer(nn.Module):
         plan = self.__dict__.get("_decode_plan", False)
         if plan is False:  # decided once, after loading
             plan = self._decode_plan = self.decode_weights()
-        rows = (meta.row_table, meta.row_ctx) if meta.row_table is not None else \
-            (meta.decode_table, meta.decode_ctx) if meta.num_decode == t else None
-        if plan is not None and meta.use_kernel and rows is not None and \
-                cache.kind in ("auto", "fp16") and FUSED_DECODE:
+        rows = fused_rows(meta, t, cache)
+        if plan is not None and rows is not None:
             out = kernels.decode_layer(x, *plan, cos, sin, cache.k, cache.v,
                                        meta.slot_mapping, self.num_heads, self.num_kv_heads,
                                        *rows, meta.block_size, self.scale)
@@ -162,6 +160,18 @@ class DecoderLayer(nn.Module):
         h, x = kernels.rms_norm(x, all_reduce(self.o_proj(attn.view(t, self.q_size)),
                                               self.tp_group), norm.weight, norm.eps)
         return x + all_reduce(mlp_fused(self, h), self.tp_group)
+
+
+def fused_rows(meta: AttentionMetadata, t: int, cache: LayerKV) -> tuple | None:
+    """The block table and context lengths a one-call layer (``kernels.decode_layer`` /
+    ``decode_layers``) attends with, where a step of ``t`` rows can run as one: the
+    kernels on, every row with a table (decodes, or short prompts' row tables) and a
+    cache the fused rotary writes (bf16/fp32 or fp16). Else None."""
+    if not (meta.use_kernel and FUSED_DECODE and cache.kind in ("auto", "fp16")):
+        return None
+    if meta.row_table is not None:
+        return meta.row_table, meta.row_ctx
+    return (meta.decode_table, meta.decode_ctx) if meta.num_decode == t else None
 
 
 def init_mlp(layer: nn.Module, cfg: ModelConfig, index: int) -> None:
@@ -237,10 +247,8 @@ class LlamaForCausalLM(KernelLayer, nn.Module):
         plans = self.__dict__.get("_plans", False)
         if plans is False:  # decided once, after loading
             plans = self._plans = self.decode_plans()
-        rows = (meta.row_table, meta.row_ctx) if meta.row_table is not None else \
-            (meta.decode_table, meta.decode_ctx) if meta.num_decode == x.shape[0] else None
-        if plans is None or rows is None or not meta.use_kernel or not FUSED_DECODE or \
-                kv_caches[0].kind not in ("auto", "fp16"):
+        rows = fused_rows(meta, x.shape[0], kv_caches[0])
+        if plans is None or rows is None:
             return None
         first = self.layers[0]
         return kernels.decode_layers(x, *plans, cos, sin, [c.k for c in kv_caches],
