@@ -154,3 +154,18 @@ def redis_server(tmp_path_factory):
     r = Redis(tmp_path_factory.mktemp("redis"))
     yield r
     r.stop()
+
+
+@pytest.fixture
+def amx_tiles():
+    """The AMX tile kernels on for a test (skipped where this CPU, or Linux, offers none),
+    and back as they were after it."""
+    from deepserve import kernels
+
+    if not kernels.available() or kernels.isa() != "avx512":
+        pytest.skip("the AMX kernels are part of the avx512 build, not in use here")
+    before = kernels.amx()
+    if not kernels.set_amx(True):
+        pytest.skip("no AMX tiles here (the CPU lacks AMX-BF16 or Linux did not grant them)")
+    yield
+    kernels.set_amx(before)

@@ -297,6 +297,59 @@ def test_default_gguf_keeps_its_blocks_and_says_so(caplog):
     assert "Paris" in out.text
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q8_0 one part"])
+def test_amx_tiles_match_float64_and_leave_other_shapes_to_vnni(name, amx_tiles):
+    """16 bf16 rows and more against interleaved blocks run on AMX bf16 tiles (each panel
+    of 16 columns dequantized to bf16 once): the float64 product within bf16's rounding,
+    and not the VNNI kernel's bits (a different path ran). Fewer rows, float32 rows or a
+    width that is not a multiple of 32 stay on the VNNI kernel, bit for bit."""
+    torch.manual_seed(4)
+    base = name.split()[0]
+    n, k = 96, 576  # three pairs of 16-column panels
+    blocks = gguf_blocks(torch.randn(n, k), base)
+    deq = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT[base])).double()
+    packed = gl.interleave(blocks, TYPES[base], k)
+    qtype = 208 if name.endswith("one part") else TYPES[base] + gl.X8
+
+    def vnni(x, w):
+        kernels.set_amx(False)
+        try:
+            return kernels.linear_gguf(x, w, qtype)
+        finally:
+            kernels.set_amx(True)
+
+    for rows in (16, 17, 40):  # one row tile; one and a row; two pairs of tiles, one short
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        ref = x.double() @ deq.t()
+        got = kernels.linear_gguf(x, packed, qtype)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        err = (got.double() - ref).abs().max() / ref.abs().max()
+        assert err < 0.01, (rows, err.item())  # bf16 rows and weights: about 0.3%
+        assert not torch.equal(got, vnni(x, packed)), rows
+    for x, w in ((torch.randn(15, k).to(torch.bfloat16), packed), (torch.randn(40, k), packed),
+                 (torch.randn(40, k).to(torch.bfloat16), packed[:80])):
+        assert torch.equal(kernels.linear_gguf(x, w, qtype), vnni(x, w))
+
+
+def test_amx_tiles_give_the_default_models_greedy_tokens(amx_tiles):
+    """The default model in bf16 with its batches on AMX tiles (bf16 activations) and on
+    the VNNI kernel (8-bit activations): the same first greedy tokens for nearly every
+    prompt (rounding moves only near-ties), 21 prompts at once so decode steps have 16
+    rows and more."""
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = PROMPTS * 3
+    llm = LLM(dtype="bfloat16", show_progress=False, kv_cache_memory="64MiB")
+    tiles = [o.token_ids for o in llm.generate(prompts, greedy)]
+    kernels.set_amx(False)
+    try:
+        vnni = [o.token_ids for o in llm.generate(prompts, greedy)]
+    finally:
+        kernels.set_amx(True)
+    agree = sum(a[:4] == b[:4] for a, b in zip(tiles, vnni, strict=True))
+    assert agree >= len(prompts) - 3, (agree, len(prompts))
+    assert "Paris" in llm.tokenizer.decode(tiles[0])
+
+
 @pytest.mark.skipif(not kernels.available(), reason="needs the CPU kernels")
 def test_q8_0_blocks_give_the_float32_greedy_tokens():
     """Q8_0 through the 8-bit kernel against float32 matmuls over the very same

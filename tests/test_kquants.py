@@ -56,6 +56,30 @@ def test_test_quantizers_write_blocks_the_gguf_package_reads(name):
     assert (back - w).abs().max() < (0.6 if name == "Q4_K" else 0.25)
 
 
+@pytest.mark.parametrize("name", ["Q5_0", "Q5_1", "Q4_K"])
+def test_kept_k_quants_on_amx_tiles_match_float64(name, amx_tiles):
+    """Kept Q5_0 / Q5_1 / Q4_K against 16 bf16 rows and more run on AMX bf16 tiles, their
+    fifth bits and sub-block scales dequantized per panel: float64 within bf16's rounding,
+    and other bits than the VNNI kernel's."""
+    n, k = 64, 768
+    raw = random_blocks(name, n, k, seed=5)
+    deq = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), GT[name])).double()
+    layer = gl.GGUFLinear(kquants.keep(raw, NAMES[name], k), NAMES[name], k, None)
+    layer.use_kernel = True
+    torch.manual_seed(6)
+    for rows in (16, 33):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        ref = x.double() @ deq.t()
+        got = layer(x)
+        err = (got.double() - ref).abs().max() / ref.abs().max()
+        assert err < 0.01, (rows, err.item())
+        kernels.set_amx(False)
+        try:
+            assert not torch.equal(got, layer(x))
+        finally:
+            kernels.set_amx(True)
+
+
 @pytest.mark.parametrize("name", list(NAMES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_on_kept_k_quants_matches_float64_on_each_isa(name, dtype, each_isa):

@@ -193,7 +193,8 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     from deepserve import kernels
 
     if kernels.available():
-        print(f"deepserve CPU kernels: ready, {kernels.isa()} "
+        tiles = ", AMX tiles for batches" if kernels.amx() else ""
+        print(f"deepserve CPU kernels: ready, {kernels.isa()}{tiles} "
               f"(this CPU runs: {', '.join(kernels.supported_isas())}; {kernels.build_dir()})")
         return 0
     print(f"deepserve CPU kernels: unavailable ({kernels.unavailable_reason()}); "

@@ -27,7 +27,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -932,6 +936,276 @@ void linear_q8x16(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
 }
 #endif
 
+// ---- AMX tiles for batches (Intel Xeon since Sapphire Rapids) ----------------------------
+//
+// Interleaved blocks (Q4_0, Q4_1, Q5_0 / Q5_1 and Q4_K as kept, Q8_0) against 16 input rows
+// and more run on the tile unit in bf16: each panel of 16 output columns is dequantized once
+// per call into bf16 B tiles (per block of 32: 16 rows of 16 columns x 2 weights, d * q + m
+// rounded to nearest even, as a bf16 copy of the weights would hold them), then every 16
+// input rows (bf16, as tiles load them) run tdpbf16ps against it, accumulating in float32
+// tiles over the whole row. The vector units only dequantize, once per 16 columns for all
+// the rows; nothing is scaled per block. (8-bit tiles, tdpbsud on the blocks' own codes,
+// must take every block's 16 x 16 integer sums out through memory to scale them: that
+// bound them at 1.1-1.5x the VNNI kernel, where bf16 tiles give 1.6x at 32 rows and 2.3x
+// at 64; BENCHMARKS.md, "AMX tiles".) Two panels and two row tiles go together: four
+// accumulator tiles. Linux grants the tile registers per process on request (arch_prctl);
+// where that fails (no AMX, an old kernel) or set_amx(false) was called, the VNNI kernels
+// run. The build needs GCC 11+ (the tile intrinsics); other compilers leave AMX out.
+#if DSQ_ISA == 2 && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define DSQ_AMX 1
+#else
+#define DSQ_AMX 0
+#endif
+
+bool amx_permitted() {
+#if DSQ_AMX
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool> g_amx{false};
+
+// Turns the tile kernels on (where this process may use them) or off; returns whether
+// they are on.
+bool set_amx(bool on) {
+  g_amx = on && amx_permitted();
+  return g_amx;
+}
+
+// Input rows from which a block matrix runs on tiles (below, the VNNI kernels were as fast
+// or faster: BENCHMARKS.md, "AMX tiles").
+constexpr int64_t kAmxRows = 16;
+
+#if DSQ_AMX
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8,amx-bf16,avx512vbmi")
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Byte indices for a maskz vpermb that leaves one code byte in each int32 lane: lane
+// 2n' + j' of half h takes byte 4(8h + n') + 2j + j' (pair j of column 8h + n').
+inline __m512i pair_bytes(int j, int h, int at = 0) {
+  alignas(64) int8_t idx[64] = {};
+  for (int lane = 0; lane < 16; ++lane)
+    idx[4 * lane + at] = static_cast<int8_t>(4 * (8 * h + lane / 2) + 2 * j + lane % 2);
+  return _mm512_load_si512(idx);
+}
+
+// The same bytes in each lane's top byte (signed codes).
+inline __m512i top_bytes(int j, int h) { return pair_bytes(j, h, 3); }
+
+// Q8_0: eight code vectors a block, signed codes (put in each lane's top byte and shifted
+// down, which extends the sign).
+inline void amx_dequant_q8(const uint8_t* wg, int64_t chunk, int64_t nb, uint16_t* out) {
+  const int64_t cb = 8 * block_bytes(kQ8_0);
+  const uint8_t* wg2 = wg + chunk;
+  const __m512i pick[2][2] = {{top_bytes(0, 0), top_bytes(0, 1)},
+                              {top_bytes(1, 0), top_bytes(1, 1)}};
+  const __m512i half0 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i half1 = _mm512_add_epi32(half0, _mm512_set1_epi32(8));
+  constexpr __mmask64 every4 = 0x8888888888888888ULL;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
+    prefetch_ahead(u, cb);
+    prefetch_ahead(u2, cb);
+    const __m512 vd = halves_ps(u, u2);
+    const __m512 d0 = _mm512_permutexvar_ps(half0, vd), d1 = _mm512_permutexvar_ps(half1, vd);
+    uint16_t* o = out + 512 * b;
+    for (int t = 0; t < 8; ++t) {  // codes 4t .. 4t + 3: rows 2t and 2t + 1
+      const __m512i v = cat256(u + 16 + 32 * t, u2 + 16 + 32 * t);
+      for (int j = 0; j < 2; ++j) {
+        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(
+            _mm512_maskz_permutexvar_epi8(every4, pick[j][0], v), 24)), d0);
+        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(
+            _mm512_maskz_permutexvar_epi8(every4, pick[j][1], v), 24)), d1);
+        _mm512_store_si512(o + 32 * (2 * t + j), (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+      }
+    }
+  }
+}
+
+// Panel wg (group 2p's first chunk; group 2p + 1 is `chunk` bytes on) as bf16 B tiles,
+// 1 KB a block.
+template <int64_t T>
+void amx_dequant(const uint8_t* wg, int64_t chunk, int64_t nb, uint16_t* out) {
+  if constexpr (T == kQ8_0) return amx_dequant_q8(wg, chunk, nb, out);
+  constexpr bool q5 = T == kQ5_0, f16m = T == kQ4_1 || q5;
+  const int64_t cb = 8 * block_bytes(T), hb = f16m ? 32 : 16;
+  const uint8_t* wg2 = wg + chunk;
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  const __m512i pick[2][2] = {{pair_bytes(0, 0), pair_bytes(0, 1)},
+                              {pair_bytes(1, 0), pair_bytes(1, 1)}};
+  const __m512i half0 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i half1 = _mm512_add_epi32(half0, _mm512_set1_epi32(8));
+  constexpr __mmask64 every4 = 0x1111111111111111ULL;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t *c, *c2;
+    __m512 vd, vm;
+    if (T == kQ4_K) {
+      const int64_t off = (b >> 3) * kQ4KChunk, j = b & 7;
+      const uint8_t *u = wg + off, *u2 = wg2 + off;
+      vd = _mm512_mul_ps(cat_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u)),
+                                _mm256_loadu_ps(reinterpret_cast<const float*>(u2))),
+                         cat_ps(bytes_ps(u + 64 + 8 * j), bytes_ps(u2 + 64 + 8 * j)));
+      vm = _mm512_mul_ps(cat_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u + 32)),
+                                _mm256_loadu_ps(reinterpret_cast<const float*>(u2 + 32))),
+                         cat_ps(bytes_ps(u + 128 + 8 * j), bytes_ps(u2 + 128 + 8 * j)));
+      c = u + 192 + 128 * j;
+      c2 = u2 + 192 + 128 * j;
+    } else {
+      const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
+      prefetch_ahead(u, cb);
+      prefetch_ahead(u2, cb);
+      vd = halves_ps(u, u2);
+      vm = f16m ? halves_ps(u + 16, u2 + 16) : _mm512_mul_ps(vd, _mm512_set1_ps(-8.f));
+      c = u + hb;
+      c2 = u2 + hb;
+    }
+    const __m512 d0 = _mm512_permutexvar_ps(half0, vd), d1 = _mm512_permutexvar_ps(half1, vd);
+    const __m512 m0 = _mm512_permutexvar_ps(half0, vm), m1 = _mm512_permutexvar_ps(half1, vm);
+    __m512i h = _mm512_setzero_si512(), h4 = h;
+    if (q5) {
+      h = cat256(c + 128, c2 + 128);
+      h4 = _mm512_slli_epi16(h, 4);
+    }
+    uint16_t* o = out + 512 * b;  // 16 rows of 32 bf16
+    for (int t = 0; t < 4; ++t) {
+      const __m512i v = cat256(c + 32 * t, c2 + 32 * t);
+      __m512i nib[2] = {_mm512_and_si512(v, low),
+                        _mm512_and_si512(_mm512_srli_epi16(v, 4), low)};
+      if (q5) {
+        nib[0] = _mm512_or_si512(nib[0], fifth_bits16(h, h4, 2 * t));
+        nib[1] = _mm512_or_si512(nib[1], fifth_bits16(h, h4, 2 * t + 1));
+      }
+      for (int hi = 0; hi < 2; ++hi)    // codes 4t .. 4t + 3, or 16 + 4t .. 19 + 4t
+        for (int j = 0; j < 2; ++j) {  // the pair (4t + 2j, 4t + 2j + 1): row 2t + j
+          const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(
+              every4, pick[j][0], nib[hi])), d0, m0);
+          const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(
+              every4, pick[j][1], nib[hi])), d1, m1);
+          _mm512_store_si512(o + 32 * (8 * hi + 2 * t + j),
+                             (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+        }
+    }
+  }
+}
+
+// Tiles 0-3: C (16 x 16 float32), 4 / 5: A (16 rows x 32 bf16), 6 / 7: B (16 x 32 bf16).
+inline void amx_bf16_configure() {
+  TileConfig c{};
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// Panel pairs q0 .. q1 - 1 (output columns 32q .. 32q + 31) against every row tile of a
+// (bf16 rows packed per 16 rows and block, 1 KB each); one thread's share.
+template <int64_t T>
+void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const uint8_t* w, int64_t K,
+                     int64_t N, int64_t q0, int64_t q1, float* out, uint16_t* out16) {
+  const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(T);
+  uint16_t* bt = static_cast<uint16_t*>(std::aligned_alloc(64, 2 * nb * 1024));
+  uint16_t* bt2 = bt + 512 * nb;
+  alignas(64) float c[4][256];
+  amx_bf16_configure();
+  for (int64_t q = q0; q < q1; ++q) {
+    amx_dequant<T>(w + 4 * q * chunk, chunk, nb, bt);
+    amx_dequant<T>(w + (4 * q + 2) * chunk, chunk, nb, bt2);
+    for (int64_t mt = 0; mt < tiles; mt += 2) {
+      const bool two = mt + 1 < tiles;
+      const uint16_t* a0 = a + mt * nb * 512;
+      const uint16_t* a1 = a0 + nb * 512;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t b = 0; b < nb; ++b) {
+        _tile_loadd(4, a0 + 512 * b, 64);
+        _tile_loadd(6, bt + 512 * b, 64);
+        _tile_loadd(7, bt2 + 512 * b, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, a1 + 512 * b, 64);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      if (two) {
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+      }
+      for (int64_t i = 0; i < (two ? 2 : 1); ++i)
+        for (int64_t r = 0; r < 16 && 16 * (mt + i) + r < M; ++r) {
+          const int64_t row = 16 * (mt + i) + r;
+          const __m512 lo = _mm512_load_ps(c[2 * i] + 16 * r);
+          const __m512 hi = _mm512_load_ps(c[2 * i + 1] + 16 * r);
+          if (out16)
+            _mm512_storeu_si512(out16 + row * N + 32 * q, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+          else {
+            _mm512_storeu_ps(out + row * N + 32 * q, lo);
+            _mm512_storeu_ps(out + row * N + 32 * q + 16, hi);
+          }
+        }
+    }
+  }
+  _tile_release();
+  std::free(bt);
+}
+
+#pragma GCC pop_options
+
+// bf16 rows [M, K] as A tiles: per 16 rows and block, 16 x 32 values (missing rows zero).
+std::vector<uint16_t> amx_pack_rows(const uint16_t* x, int64_t M, int64_t K) {
+  const int64_t nb = K / QK, tiles = (M + 15) / 16;
+  std::vector<uint16_t> packed(tiles * 16 * K, 0);
+  at::parallel_for(0, tiles * nb, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / nb, b = i % nb;
+      for (int64_t r = 0; r < 16 && 16 * t + r < M; ++r)
+        std::memcpy(packed.data() + (t * nb + b) * 512 + 32 * r,
+                    x + (16 * t + r) * K + b * QK, 64);
+    }
+  });
+  return packed;
+}
+
+// y = x W^T on AMX-BF16 tiles: x bf16 [M, K], N % 32 == 0; false for a type it lacks.
+bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64_t M,
+                     int64_t K, int64_t N, float* out, uint16_t* out16) {
+  const std::vector<uint16_t> a =
+      amx_pack_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K);
+  const int64_t tiles = (M + 15) / 16, Q = N / 32;
+  const int64_t grain = std::max<int64_t>(1, Q / (4 * at::get_num_threads()));
+  auto run = [&](auto t) {
+    constexpr int64_t TT = decltype(t)::value;
+    at::parallel_for(0, Q, grain, [&](int64_t q0, int64_t q1) {
+      amx_bf16_panels<TT>(a.data(), tiles, M, w, K, N, q0, q1, out, out16);
+    });
+  };
+  switch (qtype) {
+    case kQ4_0x8: run(std::integral_constant<int64_t, kQ4_0>{}); break;
+    case kQ4_1x8: run(std::integral_constant<int64_t, kQ4_1>{}); break;
+    case kQ4_Kx8: run(std::integral_constant<int64_t, kQ4_K>{}); break;
+    case kQ5_0x8: case kQ5_1x8: run(std::integral_constant<int64_t, kQ5_0>{}); break;
+    case kQ8_0x8: case kQ8_0x8One: run(std::integral_constant<int64_t, kQ8_0>{}); break;
+    default: return false;
+  }
+  return true;
+}
+
+#endif
+
 template <int64_t T>
 void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t N,
                float* out, uint16_t* out16 = nullptr) {  // out16: N % 16 == 0, AVX-512
@@ -1014,6 +1288,20 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
     if (bias.has_value()) out.add_(bias->to(at::kFloat));
     return xc.scalar_type() == at::kFloat ? out : out.to(xc.scalar_type());
   }
+#if DSQ_AMX
+  // bf16 rows only: float32 rows asked for float32 precision, which bf16 tiles would drop
+  if (g_amx && x8 && M >= kAmxRows && N % 32 == 0 && xc.scalar_type() == at::kBFloat16) {
+    const bool bf16_out = !bias.has_value();
+    at::Tensor o = at::empty({M, N}, xc.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+    float* op = bf16_out ? nullptr : o.data_ptr<float>();
+    uint16_t* o16 = bf16_out ? reinterpret_cast<uint16_t*>(o.data_ptr<at::BFloat16>()) : nullptr;
+    if (linear_amx_bf16(xc, wc.data_ptr<uint8_t>(), qtype, M, K, N, op, o16)) {
+      if (bf16_out) return o;
+      if (bias.has_value()) o.add_(bias->to(at::kFloat));
+      return o.to(at::kBFloat16);
+    }
+  }
+#endif
 #if DSQ_ISA >= 1
   if (qtype == kQ8_0x8) {
     at::Tensor out = at::empty({M, N}, xc.options().dtype(at::kFloat));
@@ -1388,6 +1676,8 @@ at::Tensor gguf_rows(const at::Tensor& weight, const at::Tensor& ids, int64_t qt
 
 int64_t gguf_isa() { return DSQ_ISA; }
 
+bool gguf_set_amx(bool on) { return set_amx(on); }
+
 }  // namespace dsq
 
 #ifndef DS_NS
@@ -1408,6 +1698,7 @@ DSQ_FRAGMENT(DS_NS, m) {
   m.def("moe_gguf(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, int gu_type, "
         "Tensor down, int down_type, Tensor? up=None) -> Tensor");
   m.def("isa() -> int", &dsq::gguf_isa);
+  m.def("set_amx(bool on) -> bool", &dsq::gguf_set_amx);
 }
 
 DSQ_IMPL(DS_NS, CPU, m) {

@@ -346,7 +346,7 @@ def kv_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int,
 def log_loaded(engine: Any, seconds: float) -> None:
     config, mcfg = engine.config, engine.model_config
     if engine.use_kernels:
-        status = f"on ({kernels.isa()})"
+        status = f"on ({kernels.isa()}{', AMX tiles for batches' if kernels.amx() else ''})"
     elif not config.cpu_kernels or engine.device.type != "cpu":
         status = "off"
     else:
