@@ -299,10 +299,11 @@ def test_default_gguf_keeps_its_blocks_and_says_so(caplog):
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q8_0 one part"])
 def test_amx_tiles_match_float64_and_leave_other_shapes_to_vnni(name, amx_tiles):
-    """16 bf16 rows and more against interleaved blocks run on AMX bf16 tiles (each panel
+    """12 bf16 rows and more against interleaved blocks run on AMX bf16 tiles (each panel
     of 16 columns dequantized to bf16 once): the float64 product within bf16's rounding,
-    and not the VNNI kernel's bits (a different path ran). Fewer rows, float32 rows or a
-    width that is not a multiple of 32 stay on the VNNI kernel, bit for bit."""
+    and not the VNNI kernel's bits (a different path ran); so do float32 rows that bf16
+    holds exactly (a bf16 model's head), giving float32. Fewer rows, other float32 rows or
+    a width that is not a multiple of 32 stay on the VNNI kernel, bit for bit."""
     torch.manual_seed(4)
     base = name.split()[0]
     n, k = 96, 576  # three pairs of 16-column panels
@@ -326,7 +327,9 @@ def test_amx_tiles_match_float64_and_leave_other_shapes_to_vnni(name, amx_tiles)
         err = (got.double() - ref).abs().max() / ref.abs().max()
         assert err < 0.01, (rows, err.item())  # bf16 rows and weights: about 0.3%
         assert not torch.equal(got, vnni(x, packed)), rows
-    for x, w in ((torch.randn(15, k).to(torch.bfloat16), packed), (torch.randn(40, k), packed),
+        exact = kernels.linear_gguf(x.float(), packed, qtype)
+        assert exact.dtype == torch.float32 and torch.equal(exact.to(torch.bfloat16), got)
+    for x, w in ((torch.randn(11, k).to(torch.bfloat16), packed), (torch.randn(40, k), packed),
                  (torch.randn(40, k).to(torch.bfloat16), packed[:80])):
         assert torch.equal(kernels.linear_gguf(x, w, qtype), vnni(x, w))
 

@@ -938,17 +938,18 @@ void linear_q8x16(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
 
 // ---- AMX tiles for batches (Intel Xeon since Sapphire Rapids) ----------------------------
 //
-// Interleaved blocks (Q4_0, Q4_1, Q5_0 / Q5_1 and Q4_K as kept, Q8_0) against 16 input rows
-// and more run on the tile unit in bf16: each panel of 16 output columns is dequantized once
-// per call into bf16 B tiles (per block of 32: 16 rows of 16 columns x 2 weights, d * q + m
-// rounded to nearest even, as a bf16 copy of the weights would hold them), then every 16
-// input rows (bf16, as tiles load them) run tdpbf16ps against it, accumulating in float32
-// tiles over the whole row. The vector units only dequantize, once per 16 columns for all
-// the rows; nothing is scaled per block. (8-bit tiles, tdpbsud on the blocks' own codes,
-// must take every block's 16 x 16 integer sums out through memory to scale them: that
-// bound them at 1.1-1.5x the VNNI kernel, where bf16 tiles give 1.6x at 32 rows and 2.3x
-// at 64; BENCHMARKS.md, "AMX tiles".) Two panels and two row tiles go together: four
-// accumulator tiles. Linux grants the tile registers per process on request (arch_prctl);
+// Interleaved blocks (Q4_0, Q4_1, Q5_0 / Q5_1 and Q4_K as kept, Q8_0) against kAmxRows
+// bf16 input rows and more run on the tile unit: each panel of 16 output columns is
+// dequantized once per call into bf16 B tiles (per block of 32: 16 rows of 16 columns x 2
+// weights, d * q + m rounded to nearest even, as a bf16 copy of the weights would hold
+// them), then every 16 input rows (packed as tiles load them) run tdpbf16ps against it,
+// accumulating in float32 tiles over the whole row. The vector units only dequantize, once
+// per 16 columns for all the rows; nothing is scaled per block. (8-bit tiles, tdpbsud on
+// the blocks' own codes, must take every block's 16 x 16 integer sums out through memory
+// to scale them: that bound them at 1.1-1.5x the VNNI kernel; BENCHMARKS.md, "AMX
+// tiles".) Two panels and two row tiles go together (four accumulator tiles); the first
+// two row tiles dequantize block by block as they go, so their B tiles come from L1 (1.2x
+// a whole-panel dequantization first), later row tiles read the panel's tiles again. Linux grants the tile registers per process on request (arch_prctl);
 // where that fails (no AMX, an old kernel) or set_amx(false) was called, the VNNI kernels
 // run. The build needs GCC 11+ (the tile intrinsics); other compilers leave AMX out.
 #if DSQ_ISA == 2 && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
@@ -978,7 +979,7 @@ bool set_amx(bool on) {
 
 // Input rows from which a block matrix runs on tiles (below, the VNNI kernels were as fast
 // or faster: BENCHMARKS.md, "AMX tiles").
-constexpr int64_t kAmxRows = 16;
+constexpr int64_t kAmxRows = 12;
 
 #if DSQ_AMX
 #pragma GCC push_options
@@ -990,7 +991,7 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// Byte indices for a maskz vpermb that leaves one code byte in each int32 lane: lane
+// Byte indices for a vpermb that puts one code byte in byte `at` of each int32 lane: lane
 // 2n' + j' of half h takes byte 4(8h + n') + 2j + j' (pair j of column 8h + n').
 inline __m512i pair_bytes(int j, int h, int at = 0) {
   alignas(64) int8_t idx[64] = {};
@@ -1002,9 +1003,9 @@ inline __m512i pair_bytes(int j, int h, int at = 0) {
 // The same bytes in each lane's top byte (signed codes).
 inline __m512i top_bytes(int j, int h) { return pair_bytes(j, h, 3); }
 
-// Q8_0: eight code vectors a block, signed codes (put in each lane's top byte and shifted
-// down, which extends the sign).
-inline void amx_dequant_q8(const uint8_t* wg, int64_t chunk, int64_t nb, uint16_t* out) {
+// Q8_0: eight code vectors a block, signed codes (put in each lane's top byte).
+inline void amx_dequant_q8(const uint8_t* wg, int64_t chunk, int64_t b0, int64_t b1,
+                           uint16_t* out) {
   const int64_t cb = 8 * block_bytes(kQ8_0);
   const uint8_t* wg2 = wg + chunk;
   const __m512i pick[2][2] = {{top_bytes(0, 0), top_bytes(0, 1)},
@@ -1012,41 +1013,43 @@ inline void amx_dequant_q8(const uint8_t* wg, int64_t chunk, int64_t nb, uint16_
   const __m512i half0 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i half1 = _mm512_add_epi32(half0, _mm512_set1_epi32(8));
   constexpr __mmask64 every4 = 0x8888888888888888ULL;
-  for (int64_t b = 0; b < nb; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
     prefetch_ahead(u, cb);
     prefetch_ahead(u2, cb);
-    const __m512 vd = halves_ps(u, u2);
+    // codes in each lane's top byte read as q 2^24, exactly: times d 2^-24
+    const __m512 vd = _mm512_mul_ps(halves_ps(u, u2), _mm512_set1_ps(1.f / 16777216.f));
     const __m512 d0 = _mm512_permutexvar_ps(half0, vd), d1 = _mm512_permutexvar_ps(half1, vd);
     uint16_t* o = out + 512 * b;
     for (int t = 0; t < 8; ++t) {  // codes 4t .. 4t + 3: rows 2t and 2t + 1
       const __m512i v = cat256(u + 16 + 32 * t, u2 + 16 + 32 * t);
       for (int j = 0; j < 2; ++j) {
-        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(
-            _mm512_maskz_permutexvar_epi8(every4, pick[j][0], v), 24)), d0);
-        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(
-            _mm512_maskz_permutexvar_epi8(every4, pick[j][1], v), 24)), d1);
+        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(
+            _mm512_maskz_permutexvar_epi8(every4, pick[j][0], v)), d0);
+        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(
+            _mm512_maskz_permutexvar_epi8(every4, pick[j][1], v)), d1);
         _mm512_store_si512(o + 32 * (2 * t + j), (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
       }
     }
   }
 }
 
-// Panel wg (group 2p's first chunk; group 2p + 1 is `chunk` bytes on) as bf16 B tiles,
-// 1 KB a block.
+// Blocks b0 .. b1 - 1 of panel wg (group 2p's first chunk; group 2p + 1 is `chunk` bytes
+// on) as bf16 B tiles, 1 KB a block from out + 512 b.
 template <int64_t T>
-void amx_dequant(const uint8_t* wg, int64_t chunk, int64_t nb, uint16_t* out) {
-  if constexpr (T == kQ8_0) return amx_dequant_q8(wg, chunk, nb, out);
+void amx_dequant(const uint8_t* wg, int64_t chunk, int64_t b0, int64_t b1, uint16_t* out) {
+  if constexpr (T == kQ8_0) return amx_dequant_q8(wg, chunk, b0, b1, out);
   constexpr bool q5 = T == kQ5_0, f16m = T == kQ4_1 || q5;
   const int64_t cb = 8 * block_bytes(T), hb = f16m ? 32 : 16;
   const uint8_t* wg2 = wg + chunk;
   const __m512i low = _mm512_set1_epi8(0x0f);
-  const __m512i pick[2][2] = {{pair_bytes(0, 0), pair_bytes(0, 1)},
-                              {pair_bytes(1, 0), pair_bytes(1, 1)}};
+  const __m512i pick[2][2] = {{pair_bytes(0, 0, 2), pair_bytes(0, 1, 2)},
+                              {pair_bytes(1, 0, 2), pair_bytes(1, 1, 2)}};
   const __m512i half0 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i half1 = _mm512_add_epi32(half0, _mm512_set1_epi32(8));
-  constexpr __mmask64 every4 = 0x1111111111111111ULL;
-  for (int64_t b = 0; b < nb; ++b) {
+  const __m512i two = _mm512_set1_epi32(0x40000000);  // 2.0f: byte 2 is zero
+  constexpr __mmask64 byte2 = 0x4444444444444444ULL;  // byte 2 of each lane
+  for (int64_t b = b0; b < b1; ++b) {
     const uint8_t *c, *c2;
     __m512 vd, vm;
     if (T == kQ4_K) {
@@ -1069,8 +1072,13 @@ void amx_dequant(const uint8_t* wg, int64_t chunk, int64_t nb, uint16_t* out) {
       c = u + hb;
       c2 = u2 + hb;
     }
-    const __m512 d0 = _mm512_permutexvar_ps(half0, vd), d1 = _mm512_permutexvar_ps(half1, vd);
-    const __m512 m0 = _mm512_permutexvar_ps(half0, vm), m1 = _mm512_permutexvar_ps(half1, vm);
+    // a code q (< 32) put in byte 2 of 2.0f's pattern reads as f = 2 + q / 64, so
+    // d q + m = f (64 d) + (m - 128 d): one multiply-add a value (m - 128 d is rounded
+    // once, 2^-20 of the weight's scale, far below bf16's 2^-9)
+    const __m512 d0 = _mm512_mul_ps(_mm512_permutexvar_ps(half0, vd), _mm512_set1_ps(64.f));
+    const __m512 d1 = _mm512_mul_ps(_mm512_permutexvar_ps(half1, vd), _mm512_set1_ps(64.f));
+    const __m512 m0 = _mm512_fnmadd_ps(d0, _mm512_set1_ps(2.f), _mm512_permutexvar_ps(half0, vm));
+    const __m512 m1 = _mm512_fnmadd_ps(d1, _mm512_set1_ps(2.f), _mm512_permutexvar_ps(half1, vm));
     __m512i h = _mm512_setzero_si512(), h4 = h;
     if (q5) {
       h = cat256(c + 128, c2 + 128);
@@ -1087,10 +1095,10 @@ void amx_dequant(const uint8_t* wg, int64_t chunk, int64_t nb, uint16_t* out) {
       }
       for (int hi = 0; hi < 2; ++hi)    // codes 4t .. 4t + 3, or 16 + 4t .. 19 + 4t
         for (int j = 0; j < 2; ++j) {  // the pair (4t + 2j, 4t + 2j + 1): row 2t + j
-          const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(
-              every4, pick[j][0], nib[hi])), d0, m0);
-          const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(
-              every4, pick[j][1], nib[hi])), d1, m1);
+          const __m512 w0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(
+              two, byte2, pick[j][0], nib[hi])), d0, m0);
+          const __m512 w1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(
+              two, byte2, pick[j][1], nib[hi])), d1, m1);
           _mm512_store_si512(o + 32 * (8 * hi + 2 * t + j),
                              (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
         }
@@ -1117,8 +1125,7 @@ void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const uint8_t*
   alignas(64) float c[4][256];
   amx_bf16_configure();
   for (int64_t q = q0; q < q1; ++q) {
-    amx_dequant<T>(w + 4 * q * chunk, chunk, nb, bt);
-    amx_dequant<T>(w + (4 * q + 2) * chunk, chunk, nb, bt2);
+    const uint8_t* wq = w + 4 * q * chunk;
     for (int64_t mt = 0; mt < tiles; mt += 2) {
       const bool two = mt + 1 < tiles;
       const uint16_t* a0 = a + mt * nb * 512;
@@ -1128,6 +1135,10 @@ void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const uint8_t*
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t b = 0; b < nb; ++b) {
+        if (mt == 0) {  // the first row tiles dequantize as they go: B comes from L1
+          amx_dequant<T>(wq, chunk, b, b + 1, bt);
+          amx_dequant<T>(wq + 2 * chunk, chunk, b, b + 1, bt2);
+        }
         _tile_loadd(4, a0 + 512 * b, 64);
         _tile_loadd(6, bt + 512 * b, 64);
         _tile_loadd(7, bt2 + 512 * b, 64);
@@ -1178,6 +1189,14 @@ std::vector<uint16_t> amx_pack_rows(const uint16_t* x, int64_t M, int64_t K) {
     }
   });
   return packed;
+}
+
+// Whether every float is a bf16 value (its low 16 bits zero).
+inline bool bf16_exact(const float* x, int64_t n) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(x);
+  uint32_t low = 0;
+  for (int64_t i = 0; i < n; ++i) low |= u[i] & 0xFFFFu;
+  return low == 0;
 }
 
 // y = x W^T on AMX-BF16 tiles: x bf16 [M, K], N % 32 == 0; false for a type it lacks.
@@ -1289,16 +1308,22 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
     return xc.scalar_type() == at::kFloat ? out : out.to(xc.scalar_type());
   }
 #if DSQ_AMX
-  // bf16 rows only: float32 rows asked for float32 precision, which bf16 tiles would drop
-  if (g_amx && x8 && M >= kAmxRows && N % 32 == 0 && xc.scalar_type() == at::kBFloat16) {
-    const bool bf16_out = !bias.has_value();
+  // bf16 rows, or float32 rows that bf16 holds exactly (a bf16 model's hidden states given
+  // to its head as floats, for float32 logits); other float32 rows asked for float32
+  // precision, which bf16 tiles would drop
+  if (g_amx && x8 && M >= kAmxRows && N % 32 == 0 &&
+      (xc.scalar_type() == at::kBFloat16 ||
+       (xc.scalar_type() == at::kFloat && bf16_exact(xc.data_ptr<float>(), M * K)))) {
+    const bool bf16_in = xc.scalar_type() == at::kBFloat16;
+    const bool bf16_out = bf16_in && !bias.has_value();
+    const at::Tensor xb = bf16_in ? xc : xc.to(at::kBFloat16);
     at::Tensor o = at::empty({M, N}, xc.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
     float* op = bf16_out ? nullptr : o.data_ptr<float>();
     uint16_t* o16 = bf16_out ? reinterpret_cast<uint16_t*>(o.data_ptr<at::BFloat16>()) : nullptr;
-    if (linear_amx_bf16(xc, wc.data_ptr<uint8_t>(), qtype, M, K, N, op, o16)) {
+    if (linear_amx_bf16(xb, wc.data_ptr<uint8_t>(), qtype, M, K, N, op, o16)) {
       if (bf16_out) return o;
       if (bias.has_value()) o.add_(bias->to(at::kFloat));
-      return o.to(at::kBFloat16);
+      return bf16_in ? o.to(at::kBFloat16) : o;
     }
   }
 #endif
