@@ -1,6 +1,8 @@
 """Speed of the GGUF block kernels alone: ``linear_gguf`` on random weights in each
 format, at the default model's projection shapes, for every instruction-set build this
 CPU runs, against torch's float32 (and bfloat16) matmul over the same dequantized weights.
+Where the CPU has AMX, the avx512 build also runs bf16 rows on its VNNI kernel and on AMX
+tiles (``avx512 bf16`` and ``AMX bf16``; interleaved types, widths a multiple of 32).
 
     .venv/bin/python benchmarks/gguf_kernels.py --rows 1 8 32 128 512
 
@@ -62,9 +64,10 @@ def main() -> None:
     torch.manual_seed(0)
     onednn = torch.backends.mkldnn.is_available() and \
         torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    print(f"ISA builds: {', '.join(isas)}; threads {args.threads}")
-    header = ["shape", "type", "rows", *isas, "torch fp32", "torch bf16",
-              *(["oneDNN bf16"] if onednn else [])]
+    amx = "avx512" in isas and kernels.set_amx(True)
+    print(f"ISA builds: {', '.join(isas)}; threads {args.threads}; AMX tiles: {amx}")
+    header = ["shape", "type", "rows", *isas, *(["avx512 bf16", "AMX bf16"] if amx else []),
+              "torch fp32", "torch bf16", *(["oneDNN bf16"] if onednn else [])]
     print("| " + " | ".join(header) + " |")
     print("|---|---|" + "---:|" * (len(header) - 2))
     extra = [(name, int(k), int(n)) for name, k, n in (s.split(":") for s in args.shape)]
@@ -93,6 +96,11 @@ def main() -> None:
                 for isa in isas:
                     op = kernels.ops(isa).linear_gguf
                     cells.append(flop / timed(op, x, blocks, TYPES[tname], None) / 1e9)
+                if amx:  # bf16 rows on the VNNI kernel, then on tiles
+                    op = kernels.ops("avx512").linear_gguf
+                    for on in (False, True):
+                        kernels.set_amx(on)
+                        cells.append(flop / timed(op, xb, blocks, TYPES[tname], None) / 1e9)
                 cells.append(flop / timed(torch.matmul, x, w.T) / 1e9)
                 cells.append(flop / timed(torch.matmul, xb, wb.T) / 1e9)
                 if onednn:

@@ -980,6 +980,7 @@ bool set_amx(bool on) {
 // Input rows from which a block matrix runs on tiles (below, the VNNI kernels were as fast
 // or faster: BENCHMARKS.md, "AMX tiles").
 constexpr int64_t kAmxRows = 12;
+constexpr int64_t kAmxChunk = 524288;
 
 #if DSQ_AMX
 #pragma GCC push_options
@@ -1204,13 +1205,22 @@ bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64
                      int64_t K, int64_t N, float* out, uint16_t* out16) {
   const std::vector<uint16_t> a =
       amx_pack_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K);
-  const int64_t tiles = (M + 15) / 16, Q = N / 32;
+  const int64_t nb = K / QK, Q = N / 32;
   const int64_t grain = std::max<int64_t>(1, Q / (4 * at::get_num_threads()));
+  // rows in chunks of about kAmxChunk bytes of bf16, which stay in L2 while every panel
+  // passes (each chunk dequantizes the panels again; 2048 rows in one went 2x slower)
+  const int64_t chunk = std::max<int64_t>(32, kAmxChunk / (2 * K) / 32 * 32);
   auto run = [&](auto t) {
     constexpr int64_t TT = decltype(t)::value;
-    at::parallel_for(0, Q, grain, [&](int64_t q0, int64_t q1) {
-      amx_bf16_panels<TT>(a.data(), tiles, M, w, K, N, q0, q1, out, out16);
-    });
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+      const int64_t rows = std::min(chunk, M - m0);
+      const uint16_t* am = a.data() + m0 / 16 * nb * 512;
+      float* om = out ? out + m0 * N : nullptr;
+      uint16_t* om16 = out16 ? out16 + m0 * N : nullptr;
+      at::parallel_for(0, Q, grain, [&](int64_t q0, int64_t q1) {
+        amx_bf16_panels<TT>(am, (rows + 15) / 16, rows, w, K, N, q0, q1, om, om16);
+      });
+    }
   };
   switch (qtype) {
     case kQ4_0x8: run(std::integral_constant<int64_t, kQ4_0>{}); break;
