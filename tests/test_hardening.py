@@ -210,6 +210,11 @@ def test_a_constraint_that_fails_while_generating_is_an_error_not_billed(keyed, 
 
 def test_top_p_underflow_is_greedy(open_server):
     ask = {"messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 6}
+    # both requests below find the prompt's prefix cached: a cold prefill computes the
+    # whole prompt in one batch (on an AMX CPU, on bf16 tiles) and a warm one only its
+    # tail (8-bit codes), which can move a near-tie between the two
+    httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60,
+               json=ask | {"max_tokens": 1})
     tiny = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60,
                       json=ask | {"top_p": 1e-300}).json()["choices"][0]["message"]
     greedy = httpx.post(f"{open_server.url}/v1/chat/completions", timeout=60,

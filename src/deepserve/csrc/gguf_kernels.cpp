@@ -938,8 +938,8 @@ void linear_q8x16(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
 
 // ---- AMX tiles for batches (Intel Xeon since Sapphire Rapids) ----------------------------
 //
-// Interleaved blocks (Q4_0, Q4_1, Q5_0 / Q5_1 and Q4_K as kept, Q8_0) against kAmxRows
-// bf16 input rows and more run on the tile unit: each panel of 16 output columns is
+// Interleaved blocks (Q4_0, Q4_1, Q5_0 / Q5_1 and Q4_K as kept, Q8_0 against rows in one
+// part: heads) against kAmxRows bf16 input rows and more run on the tile unit: each panel of 16 output columns is
 // dequantized once per call into bf16 B tiles (per block of 32: 16 rows of 16 columns x 2
 // weights, d * q + m rounded to nearest even, as a bf16 copy of the weights would hold
 // them), then every 16 input rows (packed as tiles load them) run tdpbf16ps against it,
@@ -1227,7 +1227,7 @@ bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64
     case kQ4_1x8: run(std::integral_constant<int64_t, kQ4_1>{}); break;
     case kQ4_Kx8: run(std::integral_constant<int64_t, kQ4_K>{}); break;
     case kQ5_0x8: case kQ5_1x8: run(std::integral_constant<int64_t, kQ5_0>{}); break;
-    case kQ8_0x8: case kQ8_0x8One: run(std::integral_constant<int64_t, kQ8_0>{}); break;
+    case kQ8_0x8: run(std::integral_constant<int64_t, kQ8_0>{}); break;  // one part (208)
     default: return false;
   }
   return true;
@@ -1321,7 +1321,9 @@ at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
   // bf16 rows, or float32 rows that bf16 holds exactly (a bf16 model's hidden states given
   // to its head as floats, for float32 logits); other float32 rows asked for float32
   // precision, which bf16 tiles would drop
-  if (g_amx && x8 && M >= kAmxRows && N % 32 == 0 &&
+  // not Q8_0 in two parts (about 15 bits of each row, for MLA's absorbed W_UK / W_UV),
+  // which bf16 rows would cut to 8
+  if (g_amx && x8 && !(qtype == kQ8_0x8 && !one_part) && M >= kAmxRows && N % 32 == 0 &&
       (xc.scalar_type() == at::kBFloat16 ||
        (xc.scalar_type() == at::kFloat && bf16_exact(xc.data_ptr<float>(), M * K)))) {
     const bool bf16_in = xc.scalar_type() == at::kBFloat16;
