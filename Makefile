@@ -65,13 +65,19 @@ bench-llamacpp-offline: bench-deps
 # ship in the llama-cpp-python sdist: about 8 minutes on 2 cores, once, into build/.
 LLAMA_CPP_SRC := build/llama.cpp-src/llama_cpp_python-0.3.36/vendor/llama.cpp
 LLAMA_SERVER  := build/llama.cpp/bin/llama-server
+# On CPUs with AMX a native build turns on ggml's AMX path, which crashed at the first
+# compute on the Xeon measured (BENCHMARKS.md): there, everything but AMX, named.
+LLAMA_ISA := $(if $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo amx),\
+	-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF \
+	-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF,-DGGML_NATIVE=ON)
 $(LLAMA_SERVER): | setup
 	mkdir -p build/llama.cpp-src
 	test -d $(LLAMA_CPP_SRC) || ($(BIN)/pip download -q --no-binary :all: --no-deps \
 		llama-cpp-python==0.3.36 -d build/llama.cpp-src && \
 		tar xzf build/llama.cpp-src/llama_cpp_python-0.3.36.tar.gz -C build/llama.cpp-src)
 	cmake -S $(LLAMA_CPP_SRC) -B build/llama.cpp -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-		-DGGML_NATIVE=ON -DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(CURDIR)/build/llama.cpp/bin
+		$(LLAMA_ISA) -DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(CURDIR)/build/llama.cpp/bin
 	cmake --build build/llama.cpp -j2 --target llama-server llama-batched-bench
 
 # Serving throughput, load time and memory: deepserve (each weight format) against
