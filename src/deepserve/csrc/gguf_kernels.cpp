@@ -715,12 +715,40 @@ inline __m512i fifth_bits16(__m512i h, __m512i h4, int k) {
   return _mm512_and_si512(v, _mm512_set1_epi8(0x10));
 }
 
+// Block b of two neighbouring groups of eight rows (wg, wg2): the 16 rows' scales and
+// offsets (Q4_0: -8 d) and each group's code vectors. T as group_x8.
+template <int64_t T>
+inline void block16(const uint8_t* wg, const uint8_t* wg2, int64_t b, __m512& vd, __m512& vm,
+                    const uint8_t*& c, const uint8_t*& c2) {
+  constexpr bool f16m = T == kQ4_1 || T == kQ5_0;
+  const int64_t cb = 8 * block_bytes(T), hb = f16m ? 32 : 16;
+  if (T == kQ4_K) {
+    const int64_t off = (b >> 3) * kQ4KChunk, j = b & 7;
+    const uint8_t *u = wg + off, *u2 = wg2 + off;
+    vd = _mm512_mul_ps(cat_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u)),
+                              _mm256_loadu_ps(reinterpret_cast<const float*>(u2))),
+                       cat_ps(bytes_ps(u + 64 + 8 * j), bytes_ps(u2 + 64 + 8 * j)));
+    vm = _mm512_mul_ps(cat_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u + 32)),
+                              _mm256_loadu_ps(reinterpret_cast<const float*>(u2 + 32))),
+                       cat_ps(bytes_ps(u + 128 + 8 * j), bytes_ps(u2 + 128 + 8 * j)));
+    c = u + 192 + 128 * j;
+    c2 = u2 + 192 + 128 * j;
+  } else {
+    const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
+    prefetch_ahead(u, cb);
+    prefetch_ahead(u2, cb);
+    vd = halves_ps(u, u2);
+    vm = f16m ? halves_ps(u + 16, u2 + 16) : _mm512_mul_ps(vd, _mm512_set1_ps(-8.f));
+    c = u + hb;
+    c2 = u2 + hb;
+  }
+}
+
 template <int64_t T, int R>
 inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const float* xd,
                       const float* xs, int64_t nb, float* out, int64_t out_stride,
                       uint16_t* out16 = nullptr) {
-  constexpr bool q5 = T == kQ5_0, f16m = T == kQ4_1 || q5;
-  const int64_t cb = 8 * block_bytes(T), hb = f16m ? 32 : 16;
+  constexpr bool q5 = T == kQ5_0;
   const uint8_t* wg2 = wg + chunk;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -728,26 +756,7 @@ inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const 
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t *c, *c2;
     __m512 vd, vm;
-    if (T == kQ4_K) {
-      const int64_t off = (b >> 3) * kQ4KChunk, j = b & 7;
-      const uint8_t *u = wg + off, *u2 = wg2 + off;
-      vd = _mm512_mul_ps(cat_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u)),
-                                _mm256_loadu_ps(reinterpret_cast<const float*>(u2))),
-                         cat_ps(bytes_ps(u + 64 + 8 * j), bytes_ps(u2 + 64 + 8 * j)));
-      vm = _mm512_mul_ps(cat_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u + 32)),
-                                _mm256_loadu_ps(reinterpret_cast<const float*>(u2 + 32))),
-                         cat_ps(bytes_ps(u + 128 + 8 * j), bytes_ps(u2 + 128 + 8 * j)));
-      c = u + 192 + 128 * j;
-      c2 = u2 + 192 + 128 * j;
-    } else {
-      const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
-      prefetch_ahead(u, cb);
-      prefetch_ahead(u2, cb);
-      vd = halves_ps(u, u2);
-      vm = f16m ? halves_ps(u + 16, u2 + 16) : _mm512_mul_ps(vd, _mm512_set1_ps(-8.f));
-      c = u + hb;
-      c2 = u2 + hb;
-    }
+    block16<T>(wg, wg2, b, vd, vm, c, c2);
     __m512i h = _mm512_setzero_si512(), h4 = h;
     if (q5) {
       h = cat256(c + 128, c2 + 128);
@@ -1040,8 +1049,7 @@ inline void amx_dequant_q8(const uint8_t* wg, int64_t chunk, int64_t b0, int64_t
 template <int64_t T>
 void amx_dequant(const uint8_t* wg, int64_t chunk, int64_t b0, int64_t b1, uint16_t* out) {
   if constexpr (T == kQ8_0) return amx_dequant_q8(wg, chunk, b0, b1, out);
-  constexpr bool q5 = T == kQ5_0, f16m = T == kQ4_1 || q5;
-  const int64_t cb = 8 * block_bytes(T), hb = f16m ? 32 : 16;
+  constexpr bool q5 = T == kQ5_0;
   const uint8_t* wg2 = wg + chunk;
   const __m512i low = _mm512_set1_epi8(0x0f);
   const __m512i pick[2][2] = {{pair_bytes(0, 0, 2), pair_bytes(0, 1, 2)},
@@ -1053,26 +1061,7 @@ void amx_dequant(const uint8_t* wg, int64_t chunk, int64_t b0, int64_t b1, uint1
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t *c, *c2;
     __m512 vd, vm;
-    if (T == kQ4_K) {
-      const int64_t off = (b >> 3) * kQ4KChunk, j = b & 7;
-      const uint8_t *u = wg + off, *u2 = wg2 + off;
-      vd = _mm512_mul_ps(cat_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u)),
-                                _mm256_loadu_ps(reinterpret_cast<const float*>(u2))),
-                         cat_ps(bytes_ps(u + 64 + 8 * j), bytes_ps(u2 + 64 + 8 * j)));
-      vm = _mm512_mul_ps(cat_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u + 32)),
-                                _mm256_loadu_ps(reinterpret_cast<const float*>(u2 + 32))),
-                         cat_ps(bytes_ps(u + 128 + 8 * j), bytes_ps(u2 + 128 + 8 * j)));
-      c = u + 192 + 128 * j;
-      c2 = u2 + 192 + 128 * j;
-    } else {
-      const uint8_t *u = wg + b * cb, *u2 = wg2 + b * cb;
-      prefetch_ahead(u, cb);
-      prefetch_ahead(u2, cb);
-      vd = halves_ps(u, u2);
-      vm = f16m ? halves_ps(u + 16, u2 + 16) : _mm512_mul_ps(vd, _mm512_set1_ps(-8.f));
-      c = u + hb;
-      c2 = u2 + hb;
-    }
+    block16<T>(wg, wg2, b, vd, vm, c, c2);
     // a code q (< 32) put in byte 2 of 2.0f's pattern reads as f = 2 + q / 64, so
     // d q + m = f (64 d) + (m - 128 d): one multiply-add a value (m - 128 d is rounded
     // once, 2^-20 of the weight's scale, far below bf16's 2^-9)
