@@ -19,7 +19,7 @@ slower. ``DEEPSERVE_KERNELS=0`` turns the kernels off.
 
 * ``linear_gguf``: x times a weight kept in GGUF blocks (Q4_0, Q4_1, Q8_0), any number of
   rows, with 8-bit integer dot products (``csrc/gguf_kernels.cpp``). On CPUs with AMX
-  (Intel Xeon since Sapphire Rapids) the avx512 build runs 16 bf16 rows and more on AMX
+  (Intel Xeon since Sapphire Rapids) the avx512 build runs 12 bf16 rows and more on AMX
   bf16 tiles, the blocks dequantized per 16 columns on the fly (``DEEPSERVE_AMX=0`` keeps
   the VNNI kernels; ``set_amx`` switches at run time).
 * ``linear_small``: a few rows times a bf16 / fp32 / int8 weight at memory speed.
@@ -164,15 +164,16 @@ def load(which: str) -> bool:
 
 
 def amx_wanted() -> bool:
-    """Whether the AMX-INT8 tile kernels may run (``DEEPSERVE_AMX=0`` turns them off)."""
+    """Whether the AMX tile kernels may run (``DEEPSERVE_AMX=0`` turns them off)."""
     return os.environ.get("DEEPSERVE_AMX", "1").strip().lower() not in ("0", "false", "off")
 
 
 def set_amx(on: bool, which: str = "avx512") -> bool:
-    """Run batches of 4-bit blocks on AMX-INT8 tiles (where the CPU has them and Linux
-    grants them) or on the VNNI kernels; returns whether the tiles are in use. Both give
-    the same bits."""
-    has = {"amx_tile", "amx_int8", "amx_bf16", "avx512vbmi"} <= cpu_flags()
+    """Run batches of blocks on AMX bf16 tiles (where the CPU has them and Linux grants
+    them) or on the VNNI kernels; returns whether the tiles are in use. The tiles take
+    bf16 rows as they are, the VNNI kernels round them to 8-bit codes: results agree to
+    bf16's rounding, not bit for bit."""
+    has = {"amx_tile", "amx_bf16", "avx512vbmi"} <= cpu_flags()
     active = has and load(which) and bool(ops(which).set_amx(on))
     _state[f"amx:{which}"] = active
     return active

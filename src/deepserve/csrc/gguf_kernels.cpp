@@ -948,19 +948,20 @@ void linear_q8x16(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
 // ---- AMX tiles for batches (Intel Xeon since Sapphire Rapids) ----------------------------
 //
 // Interleaved blocks (Q4_0, Q4_1, Q5_0 / Q5_1 and Q4_K as kept, Q8_0 against rows in one
-// part: heads) against kAmxRows bf16 input rows and more run on the tile unit: each panel of 16 output columns is
-// dequantized once per call into bf16 B tiles (per block of 32: 16 rows of 16 columns x 2
-// weights, d * q + m rounded to nearest even, as a bf16 copy of the weights would hold
-// them), then every 16 input rows (packed as tiles load them) run tdpbf16ps against it,
-// accumulating in float32 tiles over the whole row. The vector units only dequantize, once
-// per 16 columns for all the rows; nothing is scaled per block. (8-bit tiles, tdpbsud on
-// the blocks' own codes, must take every block's 16 x 16 integer sums out through memory
-// to scale them: that bound them at 1.1-1.5x the VNNI kernel; BENCHMARKS.md, "AMX
-// tiles".) Two panels and two row tiles go together (four accumulator tiles); the first
-// two row tiles dequantize block by block as they go, so their B tiles come from L1 (1.2x
-// a whole-panel dequantization first), later row tiles read the panel's tiles again. Linux grants the tile registers per process on request (arch_prctl);
-// where that fails (no AMX, an old kernel) or set_amx(false) was called, the VNNI kernels
-// run. The build needs GCC 11+ (the tile intrinsics); other compilers leave AMX out.
+// part: heads) against kAmxRows bf16 input rows and more run on the tile unit: each panel
+// of 16 output columns is dequantized once per call into bf16 B tiles (per block of 32: 16
+// rows of 16 columns x 2 weights, d * q + m rounded to nearest even, as a bf16 copy of the
+// weights would hold them), then every 16 input rows (packed as tiles load them) run
+// tdpbf16ps against it, accumulating in float32 tiles over the whole row. The vector units
+// only dequantize, once per 16 columns for all the rows; nothing is scaled per block.
+// (8-bit tiles, tdpbsud on the blocks' own codes, must take every block's 16 x 16 integer
+// sums out through memory to scale them: that bound them at 1.1-1.5x the VNNI kernel;
+// BENCHMARKS.md, "AMX tiles".) Two panels and two row tiles go together (four accumulator
+// tiles); the first two row tiles dequantize block by block as they go, so their B tiles
+// come from L1 (1.2x a whole-panel dequantization first), later row tiles read the panel's
+// tiles again. Linux grants the tile registers per process on request (arch_prctl); where
+// that fails (no AMX, an old kernel) or set_amx(false) was called, the VNNI kernels run.
+// The build needs GCC 11+ (the tile intrinsics); other compilers leave AMX out.
 #if DSQ_ISA == 2 && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define DSQ_AMX 1
 #else
@@ -993,7 +994,7 @@ constexpr int64_t kAmxChunk = 524288;
 
 #if DSQ_AMX
 #pragma GCC push_options
-#pragma GCC target("amx-tile,amx-int8,amx-bf16,avx512vbmi")
+#pragma GCC target("amx-tile,amx-bf16,avx512vbmi")
 
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
