@@ -339,6 +339,34 @@ def test_amx_tiles_match_float64_and_leave_other_shapes_to_vnni(name, amx_tiles)
         assert torch.equal(kernels.linear_gguf(x, packed, qtype), vnni(x, packed))
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0 one part"])
+def test_amx_tiles_reuse_panels_across_row_chunks_and_fuse_swiglu(name, amx_tiles):
+    """Rows past one L2 chunk (256 rows of 1024 inputs) run on panels dequantized once
+    ahead for every chunk: each row exactly as it comes alone, and the float64 product
+    within bf16's rounding. swiglu_gguf (a gate_up projection and SwiGLU in one pass on
+    the tiles) gives silu_mul(linear_gguf(...)) bit for bit, at one row tile and over two
+    chunks; where the tiles do not run (11 rows, float32 rows) it says so (None)."""
+    torch.manual_seed(5)
+    base = name.split()[0]
+    n, k = 64, 1024
+    blocks = gguf_blocks(torch.randn(n, k) * 0.1, base)
+    deq = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT[base])).double()
+    packed = gl.interleave(blocks, TYPES[base], k)
+    qtype = 208 if name.endswith("one part") else TYPES[base] + gl.X8
+    x = torch.randn(300, k).to(torch.bfloat16)
+    got = kernels.linear_gguf(x, packed, qtype)
+    ref = x.double() @ deq.t()
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 0.01
+    assert torch.equal(got[:40], kernels.linear_gguf(x[:40], packed, qtype))
+    assert torch.equal(got[40:], kernels.linear_gguf(x[40:], packed, qtype))
+    for rows in (12, 300):
+        fused = kernels.swiglu_gguf(x[:rows], packed, qtype)
+        assert fused is not None and fused.shape == (rows, n // 2)
+        assert torch.equal(fused, kernels.silu_mul(kernels.linear_gguf(x[:rows], packed, qtype)))
+    assert kernels.swiglu_gguf(x[:11], packed, qtype) is None
+    assert kernels.swiglu_gguf(x[:40].float(), packed, qtype) is None
+
+
 def test_amx_tiles_give_the_default_models_greedy_tokens(amx_tiles):
     """The default model in bf16 with its batches on AMX tiles (bf16 activations) and on
     the VNNI kernel (8-bit activations): the same first greedy tokens for nearly every

@@ -20,10 +20,10 @@ slower. ``DEEPSERVE_KERNELS=0`` turns the kernels off.
 * ``linear_gguf``: x times a weight kept in GGUF blocks (Q4_0, Q4_1, Q8_0), any number of
   rows, with 8-bit integer dot products (``csrc/gguf_kernels.cpp``). On CPUs with AMX
   (Intel Xeon since Sapphire Rapids) the avx512 build runs 12 bf16 rows and more on AMX
-  bf16 tiles, the blocks dequantized per 16 columns on the fly (``DEEPSERVE_AMX=0`` keeps
-  the VNNI kernels; ``set_amx`` switches at run time).
-* ``linear_small``: a few rows times a bf16 / fp32 / int8 weight at memory speed.
-* ``paged_decode_attention``: decode attention read in place through block tables.
+  bf16 tiles, the blocks dequantized per 16 columns (``DEEPSERVE_AMX=0`` keeps the VNNI
+  kernels; ``set_amx`` switches at run time); ``swiglu_gguf`` adds SwiGLU to the tiles.
+* ``linear_small``: a few rows times a bf16 / fp32 / int8 weight at memory speed;
+  ``paged_decode_attention``: decode attention read in place through block tables.
 * ``rms_norm`` (with the residual add), ``rope_write_kv`` (rotary on q/k plus the KV
   cache write) and ``silu_mul``: a decoder layer's element-wise work in 3 calls instead
   of about 30 small torch ops, which at batch 1 cost more than the math they do.
@@ -340,6 +340,12 @@ def linear_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] times a weight stored as GGUF blocks ([N, K / 32 * block bytes] uint8)."""
     return ops().linear_gguf(x, blocks, qtype, bias)
+
+
+def swiglu_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor | None:
+    """``silu_mul(linear_gguf(x, blocks, qtype))`` bit for bit, in one pass on AMX tiles;
+    None where the tiles do not take it (no AMX, float32 rows, under 12 rows, ...)."""
+    return out if (out := ops().swiglu_gguf(x, blocks, qtype)).numel() else None
 
 
 def bmm_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:

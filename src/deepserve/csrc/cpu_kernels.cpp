@@ -1164,6 +1164,26 @@ void rope_write_impl(const T* qkv, const T* cos, const T* sin, const int64_t* sl
       const T* c = cos + r * dim;
       const T* s = sin + r * dim;
       auto rotate = [&](const T* src, T* dst) {
+#if DS_AVX512
+        if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>) {
+          if (half % 16 == 0) {  // 16 pairs (i, i + half) at a time, rounded as below
+            const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+            for (int64_t i = 0; i < half; i += 16) {
+              const __m512 x1 = load16<T>(src, i, all), x2 = load16<T>(src, i + half, all);
+              const __m512 lo = round_to_vec<T>(_mm512_add_ps(
+                  round_to_vec<T>(_mm512_mul_ps(x1, load16<T>(c, i, all))),
+                  round_to_vec<T>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2),
+                                                load16<T>(s, i, all)))));
+              const __m512 hi = round_to_vec<T>(_mm512_add_ps(
+                  round_to_vec<T>(_mm512_mul_ps(x2, load16<T>(c, i + half, all))),
+                  round_to_vec<T>(_mm512_mul_ps(x1, load16<T>(s, i + half, all)))));
+              store16<T>(dst + i, lo);
+              store16<T>(dst + i + half, hi);
+            }
+            return;
+          }
+        }
+#endif
         for (int64_t i = 0; i < dim; ++i) {
           const float rot = i < half ? -static_cast<float>(src[i + half])
                                      : static_cast<float>(src[i - half]);
@@ -1226,14 +1246,9 @@ std::vector<at::Tensor> rope_write_kv(const at::Tensor& qkv, const at::Tensor& c
 }
 
 
-// SwiGLU: dtype(silu(gate)) * up, from the fused [T, 2I] gate_up projection.
+// SwiGLU of one row: o = dtype(silu(g)) * u, over `inter` values.
 template <typename T>
-void silu_mul_impl(const T* gu, T* out, int64_t rows, int64_t inter) {
-  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* g = gu + r * 2 * inter;
-      const T* u = g + inter;
-      T* o = out + r * inter;
+inline void silu_mul_row(const T* g, const T* u, T* o, int64_t inter) {
       int64_t i = 0;
 #if DS_AVX512
       if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>) {
@@ -1269,7 +1284,14 @@ void silu_mul_impl(const T* gu, T* out, int64_t rows, int64_t inter) {
         const T act = round_to<T>(gv / (1.0f + std::exp(-gv)));
         o[i] = round_to<T>(static_cast<float>(act) * static_cast<float>(u[i]));
       }
-    }
+}
+
+// SwiGLU: dtype(silu(gate)) * up, from the fused [T, 2I] gate_up projection.
+template <typename T>
+void silu_mul_impl(const T* gu, T* out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      silu_mul_row(gu + r * 2 * inter, gu + r * 2 * inter + inter, out + r * inter, inter);
   });
 }
 
@@ -1288,6 +1310,31 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   }
   return out;
 }
+
+}  // namespace
+
+namespace dsq {  // called by gguf_kernels.cpp's AMX tiles, whose gate_up never leaves them
+// SwiGLU of a tile's float32 gate and up sums (16 columns, `rows` rows of 16 floats):
+// both rounded to bf16 first, so the result is silu_mul's on a bf16 gate_up, bit for bit.
+void swiglu_tile_bf16(const float* gate, const float* up, int64_t rows, uint16_t* out,
+                      int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    at::BFloat16 g[16], u[16];
+#if DS_AVX512
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(g), to_bf16(_mm512_loadu_ps(gate + 16 * r)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(u), to_bf16(_mm512_loadu_ps(up + 16 * r)));
+#else
+    for (int i = 0; i < 16; ++i) {
+      g[i] = static_cast<at::BFloat16>(gate[16 * r + i]);
+      u[i] = static_cast<at::BFloat16>(up[16 * r + i]);
+    }
+#endif
+    silu_mul_row(g, u, reinterpret_cast<at::BFloat16*>(out + r * ld), 16);
+  }
+}
+}  // namespace dsq
+
+namespace {
 
 // ---- sampling ---------------------------------------------------------------------------
 
@@ -1516,6 +1563,7 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
 namespace dsq {  // gguf_kernels.cpp
 at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype,
                        const c10::optional<at::Tensor>& bias);
+at::Tensor swiglu_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype);
 }
 
 namespace {
@@ -1555,8 +1603,9 @@ std::vector<at::Tensor> decode_layer(
   const at::Tensor o = dsq::linear_gguf(attn.reshape({t, -1}), o_w, o_type, c10::nullopt);
   auto hx = rms_norm(x, o, post_norm, eps);  // [norm(x + o), x + o]
   if (!gu_w.has_value() || !down_w.has_value()) return hx;
-  const at::Tensor up = dsq::linear_gguf(hx[0], *gu_w, gu_type, c10::nullopt);
-  return {hx[1] + dsq::linear_gguf(silu_mul(up), *down_w, down_type, c10::nullopt)};
+  at::Tensor act = dsq::swiglu_gguf(hx[0], *gu_w, gu_type);  // on AMX tiles, in one pass
+  if (!act.defined()) act = silu_mul(dsq::linear_gguf(hx[0], *gu_w, gu_type, c10::nullopt));
+  return {hx[1] + dsq::linear_gguf(act, *down_w, down_type, c10::nullopt)};
 }
 
 // Every layer of a dense model's decode step in one call: decode_layer for layer i on the

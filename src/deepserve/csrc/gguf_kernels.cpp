@@ -980,6 +980,10 @@ bool amx_permitted() {
 
 std::atomic<bool> g_amx{false};
 
+// cpu_kernels.cpp: SwiGLU of a tile's gate and up sums, rounded as silu_mul rounds them
+void swiglu_tile_bf16(const float* gate, const float* up, int64_t rows, uint16_t* out,
+                      int64_t ld);
+
 // Turns the tile kernels on (where this process may use them) or off; returns whether
 // they are on.
 bool set_amx(bool on) {
@@ -1107,16 +1111,36 @@ inline void amx_bf16_configure() {
 
 // Panel pairs q0 .. q1 - 1 (output columns 32q .. 32q + 31) against every row tile of a
 // (bf16 rows packed per 16 rows and block, 1 KB each); one thread's share.
+// Where a pair's two panels start: pair q's first panel at w + q * step, its second
+// `second` bytes on (two neighbouring panels, or a gate panel and its up panel).
+struct PanelPairs {
+  const uint8_t* w;
+  int64_t step, second;
+  const uint8_t* first(int64_t q) const { return w + q * step; }
+};
+
+// Pair q's two panels as B tiles: 2 x nb tiles of 1 KB, from out.
 template <int64_t T>
-void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const uint8_t* w, int64_t K,
-                     int64_t N, int64_t q0, int64_t q1, float* out, uint16_t* out16) {
+void amx_dequant_pair(const PanelPairs& pp, int64_t chunk, int64_t nb, int64_t q,
+                      uint16_t* out) {
+  amx_dequant<T>(pp.first(q), chunk, 0, nb, out);
+  amx_dequant<T>(pp.first(q) + pp.second, chunk, 0, nb, out + 512 * nb);
+}
+
+template <int64_t T>
+void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const PanelPairs& pp,
+                     int64_t K, int64_t N, int64_t q0, int64_t q1, float* out, uint16_t* out16,
+                     const uint16_t* pre, int64_t pre_q0, bool swiglu) {
   const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(T);
-  uint16_t* bt = static_cast<uint16_t*>(std::aligned_alloc(64, 2 * nb * 1024));
-  uint16_t* bt2 = bt + 512 * nb;
+  uint16_t* own = pre ? nullptr
+                      : static_cast<uint16_t*>(std::aligned_alloc(64, 2 * nb * 1024));
   alignas(64) float c[4][256];
   amx_bf16_configure();
   for (int64_t q = q0; q < q1; ++q) {
-    const uint8_t* wq = w + 4 * q * chunk;
+    const uint8_t* wq = pp.first(q);
+    // B tiles: dequantized for every pair beforehand (pre), or here by the first row tiles
+    uint16_t* bt = pre ? const_cast<uint16_t*>(pre) + 1024 * nb * (q - pre_q0) : own;
+    uint16_t* bt2 = bt + 512 * nb;
     for (int64_t mt = 0; mt < tiles; mt += 2) {
       const bool two = mt + 1 < tiles;
       const uint16_t* a0 = a + mt * nb * 512;
@@ -1126,9 +1150,9 @@ void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const uint8_t*
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t b = 0; b < nb; ++b) {
-        if (mt == 0) {  // the first row tiles dequantize as they go: B comes from L1
+        if (mt == 0 && !pre) {  // the first row tiles dequantize as they go: B from L1
           amx_dequant<T>(wq, chunk, b, b + 1, bt);
-          amx_dequant<T>(wq + 2 * chunk, chunk, b, b + 1, bt2);
+          amx_dequant<T>(wq + pp.second, chunk, b, b + 1, bt2);
         }
         _tile_loadd(4, a0 + 512 * b, 64);
         _tile_loadd(6, bt + 512 * b, 64);
@@ -1147,7 +1171,13 @@ void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const uint8_t*
         _tile_stored(2, c[2], 64);
         _tile_stored(3, c[3], 64);
       }
-      for (int64_t i = 0; i < (two ? 2 : 1); ++i)
+      for (int64_t i = 0; i < (two ? 2 : 1); ++i) {
+        if (swiglu) {  // gate columns 16q .. 16q + 15 and their up columns
+          const int64_t row = 16 * (mt + i);
+          swiglu_tile_bf16(c[2 * i], c[2 * i + 1], std::min<int64_t>(16, M - row),
+                           out16 + row * (N / 2) + 16 * q, N / 2);
+          continue;
+        }
         for (int64_t r = 0; r < 16 && 16 * (mt + i) + r < M; ++r) {
           const int64_t row = 16 * (mt + i) + r;
           const __m512 lo = _mm512_load_ps(c[2 * i] + 16 * r);
@@ -1159,10 +1189,11 @@ void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const uint8_t*
             _mm512_storeu_ps(out + row * N + 32 * q + 16, hi);
           }
         }
+      }
     }
   }
   _tile_release();
-  std::free(bt);
+  std::free(own);
 }
 
 #pragma GCC pop_options
@@ -1190,35 +1221,68 @@ inline bool bf16_exact(const float* x, int64_t n) {
   return low == 0;
 }
 
+// Bytes of B tiles dequantized ahead when the rows take several chunks (each chunk then
+// reads them instead of dequantizing again); wider weights take several passes.
+constexpr int64_t kAmxAhead = 16 << 20;
+
 // y = x W^T on AMX-BF16 tiles: x bf16 [M, K], N % 32 == 0; false for a type it lacks.
+// With swiglu (W the fused gate and up rows, N = 2I, I % 16 == 0; bf16 out16 [M, I]):
+// silu(gate) * up instead, as silu_mul gives it from a bf16 gate_up.
 bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64_t M,
-                     int64_t K, int64_t N, float* out, uint16_t* out16) {
+                     int64_t K, int64_t N, float* out, uint16_t* out16, bool swiglu = false) {
+  int64_t base;
+  switch (qtype) {
+    case kQ4_0x8: base = kQ4_0; break;
+    case kQ4_1x8: base = kQ4_1; break;
+    case kQ4_Kx8: base = kQ4_K; break;
+    case kQ5_0x8: case kQ5_1x8: base = kQ5_0; break;
+    case kQ8_0x8: base = kQ8_0; break;  // one part (208)
+    default: return false;
+  }
   const std::vector<uint16_t> a =
       amx_pack_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K);
   const int64_t nb = K / QK, Q = N / 32;
   const int64_t grain = std::max<int64_t>(1, Q / (4 * at::get_num_threads()));
   // rows in chunks of about kAmxChunk bytes of bf16, which stay in L2 while every panel
-  // passes (each chunk dequantizes the panels again; 2048 rows in one went 2x slower)
+  // passes (2048 rows in one went 2x slower)
   const int64_t chunk = std::max<int64_t>(32, kAmxChunk / (2 * K) / 32 * 32);
   auto run = [&](auto t) {
     constexpr int64_t TT = decltype(t)::value;
-    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-      const int64_t rows = std::min(chunk, M - m0);
-      const uint16_t* am = a.data() + m0 / 16 * nb * 512;
-      float* om = out ? out + m0 * N : nullptr;
-      uint16_t* om16 = out16 ? out16 + m0 * N : nullptr;
-      at::parallel_for(0, Q, grain, [&](int64_t q0, int64_t q1) {
-        amx_bf16_panels<TT>(am, (rows + 15) / 16, rows, w, K, N, q0, q1, om, om16);
-      });
+    const int64_t wchunk = 8 * nb * block_bytes(TT);  // one group of 8 columns
+    // pair q: panels 2q and 2q + 1, or gate panel q and up panel q + I / 16
+    const PanelPairs pp = swiglu ? PanelPairs{w, 2 * wchunk, N / 16 * wchunk}
+                                 : PanelPairs{w, 4 * wchunk, 2 * wchunk};
+    const int64_t pair = 1024 * nb;  // uint16 of one pair's B tiles
+    const int64_t per = M > chunk ? std::clamp<int64_t>(kAmxAhead / (2 * pair), 1, Q) : Q;
+    uint16_t* ahead = M > chunk
+        ? static_cast<uint16_t*>(std::aligned_alloc(64, 2 * pair * per)) : nullptr;
+    for (int64_t p0 = 0; p0 < Q; p0 += per) {
+      const int64_t p1 = std::min(Q, p0 + per);
+      if (ahead)
+        at::parallel_for(p0, p1, 1, [&](int64_t q0, int64_t q1) {
+          for (int64_t q = q0; q < q1; ++q)
+            amx_dequant_pair<TT>(pp, wchunk, nb, q, ahead + (q - p0) * pair);
+        });
+      for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+        const int64_t rows = std::min(chunk, M - m0);
+        const uint16_t* am = a.data() + m0 / 16 * nb * 512;
+        const int64_t ld = swiglu ? N / 2 : N;
+        float* om = out ? out + m0 * ld : nullptr;
+        uint16_t* om16 = out16 ? out16 + m0 * ld : nullptr;
+        at::parallel_for(p0, p1, grain, [&](int64_t q0, int64_t q1) {
+          amx_bf16_panels<TT>(am, (rows + 15) / 16, rows, pp, K, N, q0, q1, om, om16,
+                              ahead, p0, swiglu);
+        });
+      }
     }
+    std::free(ahead);
   };
-  switch (qtype) {
-    case kQ4_0x8: run(std::integral_constant<int64_t, kQ4_0>{}); break;
-    case kQ4_1x8: run(std::integral_constant<int64_t, kQ4_1>{}); break;
-    case kQ4_Kx8: run(std::integral_constant<int64_t, kQ4_K>{}); break;
-    case kQ5_0x8: case kQ5_1x8: run(std::integral_constant<int64_t, kQ5_0>{}); break;
-    case kQ8_0x8: run(std::integral_constant<int64_t, kQ8_0>{}); break;  // one part (208)
-    default: return false;
+  switch (base) {
+    case kQ4_0: run(std::integral_constant<int64_t, kQ4_0>{}); break;
+    case kQ4_1: run(std::integral_constant<int64_t, kQ4_1>{}); break;
+    case kQ4_K: run(std::integral_constant<int64_t, kQ4_K>{}); break;
+    case kQ5_0: run(std::integral_constant<int64_t, kQ5_0>{}); break;
+    default: run(std::integral_constant<int64_t, kQ8_0>{}); break;
   }
   return true;
 }
@@ -1268,6 +1332,29 @@ void linear_codes(const QRows& q, const uint8_t* w, int64_t M, int64_t K, int64_
     case kQ5_0x8: case kQ5_1x8: linear_x8<kQ5_0>(q, w, M, K, N, out, out16); break;
     default: linear_blocks<kQ4_1>(q, w, M, K, N, out); break;
   }
+}
+
+// silu(gate) * up of a fused gate_up projection on AMX tiles, where they take it: bf16
+// rows x [M, K] (M >= kAmxRows) against interleaved gate and up rows [2I, K] (I a multiple
+// of 16), the result [M, I] bf16 exactly as silu_mul(linear_gguf(x, weight)) gives it.
+// Undefined (run the two steps) anywhere else: the gate_up sums never leave the tiles.
+at::Tensor swiglu_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype) {
+#if DSQ_AMX
+  const int64_t M = x.dim() == 2 ? x.size(0) : 0, N = weight.size(0);
+  const bool x8 = qtype == kQ4_0x8 || qtype == kQ4_1x8 || qtype == kQ5_0x8 ||
+                  qtype == kQ5_1x8 || qtype == kQ4_Kx8 || qtype == kQ8_0x8One;
+  if (g_amx && x8 && M >= kAmxRows && N % 32 == 0 && x.scalar_type() == at::kBFloat16 &&
+      weight.scalar_type() == at::kByte && x.size(1) % QK == 0 &&
+      weight.size(1) == x.size(1) / QK * block_bytes(qtype % 100)) {
+    const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+    at::Tensor o = at::empty({M, N / 2}, xc.options());
+    if (linear_amx_bf16(xc, wc.data_ptr<uint8_t>(), qtype == kQ8_0x8One ? kQ8_0x8 : qtype, M,
+                        xc.size(1), N, nullptr,
+                        reinterpret_cast<uint16_t*>(o.data_ptr<at::BFloat16>()), true))
+      return o;
+  }
+#endif
+  return at::Tensor();
 }
 
 at::Tensor linear_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype,
@@ -1664,6 +1751,12 @@ at::Tensor bmm_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype
 }
 
 // Rows `ids` of a block matrix as floats (an embedding lookup in a GGUF table).
+// swiglu_gguf for Python: an empty tensor where the tiles do not take it.
+at::Tensor swiglu_gguf_op(const at::Tensor& x, const at::Tensor& weight, int64_t qtype) {
+  const at::Tensor o = swiglu_gguf(x, weight, qtype);
+  return o.defined() ? o : at::empty({0}, x.options());
+}
+
 at::Tensor gguf_rows(const at::Tensor& weight, const at::Tensor& ids, int64_t qtype, int64_t K) {
   const int64_t bb = qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 ? block_bytes(qtype) : 0;
   TORCH_CHECK(bb > 0 && K % QK == 0 && weight.size(1) == K / QK * bb,
@@ -1716,6 +1809,7 @@ bool gguf_set_amx(bool on) { return set_amx(on); }
 DSQ_FRAGMENT(DS_NS, m) {
   m.def("linear_gguf(Tensor x, Tensor weight, int qtype, Tensor? bias) -> Tensor");
   m.def("gguf_rows(Tensor weight, Tensor ids, int qtype, int k) -> Tensor");
+  m.def("swiglu_gguf(Tensor x, Tensor weight, int qtype) -> Tensor");
   m.def("bmm_gguf(Tensor x, Tensor weight, int qtype) -> Tensor");
   m.def("interleave_blocks(Tensor blocks, int[] fields, int units, int unit_bytes) -> Tensor");
   m.def("interleave_blocks_into(Tensor blocks, Tensor(a!) out, int[] fields, int units, "
@@ -1731,6 +1825,7 @@ DSQ_FRAGMENT(DS_NS, m) {
 DSQ_IMPL(DS_NS, CPU, m) {
   m.impl("linear_gguf", &dsq::linear_gguf);
   m.impl("gguf_rows", &dsq::gguf_rows);
+  m.impl("swiglu_gguf", &dsq::swiglu_gguf_op);
   m.impl("bmm_gguf", &dsq::bmm_gguf);
   m.impl("moe_gguf", &dsq::moe_gguf);
   m.impl("moe_route", &dsq::moe_route);
