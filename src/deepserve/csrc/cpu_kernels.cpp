@@ -1568,6 +1568,45 @@ at::Tensor swiglu_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qt
 
 namespace {
 
+// One layer on x, plus `res` where given (the previous layer's MLP output, added here by
+// the input norm in the same pass). With gu_w: {x + attention, the MLP's output}, left for
+// the caller to add; without: {norm(x + attention), x + attention}.
+std::vector<at::Tensor> layer_parts(
+    const at::Tensor& x, const c10::optional<at::Tensor>& res, const at::Tensor& in_norm,
+    const at::Tensor& post_norm, double eps, const c10::optional<at::Tensor>& q_norm,
+    const c10::optional<at::Tensor>& k_norm, const at::Tensor& qkv_w, int64_t qkv_type,
+    const c10::optional<at::Tensor>& qkv_bias, const at::Tensor& o_w, int64_t o_type,
+    const c10::optional<at::Tensor>& gu_w, int64_t gu_type,
+    const c10::optional<at::Tensor>& down_w, int64_t down_type, const at::Tensor& cos,
+    const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+    int64_t heads, int64_t kv_heads, const at::Tensor& block_table, const at::Tensor& ctx_lens,
+    int64_t block_size, double scale) {
+  const int64_t t = x.size(0), dim = k_cache.size(2);
+  const auto first = rms_norm(x, res, in_norm, eps);  // [norm(x + res), x + res]
+  const at::Tensor& h = first[0];
+  const at::Tensor& xs = res.has_value() ? first[1] : x;
+  const at::Tensor qkv = dsq::linear_gguf(h, qkv_w, qkv_type, qkv_bias);
+  if (q_norm.has_value() && k_norm.has_value()) {
+    const int64_t widths[2] = {heads * dim, kv_heads * dim};
+    const at::Tensor* norms[2] = {&*q_norm, &*k_norm};
+    for (int64_t i = 0, off = 0; i < 2; off += widths[i], ++i) {
+      at::Tensor part = qkv.narrow(1, off, widths[i]);
+      part.copy_(rms_norm(part.reshape({-1, dim}).contiguous(), c10::nullopt, *norms[i],
+                          eps)[0].view({t, -1}));
+    }
+  }
+  const auto qk = rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads);
+  const at::Tensor attn = paged_decode_attention(qk[0], k_cache, v_cache, c10::nullopt,
+                                                 c10::nullopt, block_table, ctx_lens,
+                                                 block_size, scale);
+  const at::Tensor o = dsq::linear_gguf(attn.reshape({t, -1}), o_w, o_type, c10::nullopt);
+  auto hx = rms_norm(xs, o, post_norm, eps);  // [norm(x + o), x + o]
+  if (!gu_w.has_value() || !down_w.has_value()) return hx;
+  at::Tensor act = dsq::swiglu_gguf(hx[0], *gu_w, gu_type);  // on AMX tiles, in one pass
+  if (!act.defined()) act = silu_mul(dsq::linear_gguf(hx[0], *gu_w, gu_type, c10::nullopt));
+  return {hx[1], dsq::linear_gguf(act, *down_w, down_type, c10::nullopt)};
+}
+
 // One decoder layer of a decode step (one new token per sequence) on GGUF-block
 // projections, in one call: the same kernels, in the same order and with the same
 // rounding points, as DecoderLayer.forward_fused calls one by one from Python, whose
@@ -1584,33 +1623,18 @@ std::vector<at::Tensor> decode_layer(
     const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
     const at::Tensor& slots, int64_t heads, int64_t kv_heads, const at::Tensor& block_table,
     const at::Tensor& ctx_lens, int64_t block_size, double scale) {
-  const int64_t t = x.size(0), dim = k_cache.size(2);
-  const at::Tensor h = rms_norm(x, c10::nullopt, in_norm, eps)[0];
-  const at::Tensor qkv = dsq::linear_gguf(h, qkv_w, qkv_type, qkv_bias);
-  if (q_norm.has_value() && k_norm.has_value()) {
-    const int64_t widths[2] = {heads * dim, kv_heads * dim};
-    const at::Tensor* norms[2] = {&*q_norm, &*k_norm};
-    for (int64_t i = 0, off = 0; i < 2; off += widths[i], ++i) {
-      at::Tensor part = qkv.narrow(1, off, widths[i]);
-      part.copy_(rms_norm(part.reshape({-1, dim}).contiguous(), c10::nullopt, *norms[i],
-                          eps)[0].view({t, -1}));
-    }
-  }
-  const auto qk = rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads);
-  const at::Tensor attn = paged_decode_attention(qk[0], k_cache, v_cache, c10::nullopt,
-                                                 c10::nullopt, block_table, ctx_lens,
-                                                 block_size, scale);
-  const at::Tensor o = dsq::linear_gguf(attn.reshape({t, -1}), o_w, o_type, c10::nullopt);
-  auto hx = rms_norm(x, o, post_norm, eps);  // [norm(x + o), x + o]
-  if (!gu_w.has_value() || !down_w.has_value()) return hx;
-  at::Tensor act = dsq::swiglu_gguf(hx[0], *gu_w, gu_type);  // on AMX tiles, in one pass
-  if (!act.defined()) act = silu_mul(dsq::linear_gguf(hx[0], *gu_w, gu_type, c10::nullopt));
-  return {hx[1] + dsq::linear_gguf(act, *down_w, down_type, c10::nullopt)};
+  auto parts = layer_parts(x, c10::nullopt, in_norm, post_norm, eps, q_norm, k_norm, qkv_w,
+                           qkv_type, qkv_bias, o_w, o_type, gu_w, gu_type, down_w, down_type,
+                           cos, sin, k_cache, v_cache, slots, heads, kv_heads, block_table,
+                           ctx_lens, block_size, scale);
+  if (!gu_w.has_value() || !down_w.has_value()) return parts;
+  return {parts[0] + parts[1]};
 }
 
 // Every layer of a dense model's decode step in one call: decode_layer for layer i on the
 // i-th entry of each list, its output the next layer's input. One dispatch a step instead
-// of one a layer (each carries 26 arguments through the dispatcher and Python).
+// of one a layer (each carries 26 arguments through the dispatcher and Python). A layer's
+// residual add goes into the next one's input norm (the same sum, one pass fewer).
 at::Tensor decode_layers(
     const at::Tensor& x, at::TensorList in_norms, at::TensorList post_norms, double eps,
     const c10::List<c10::optional<at::Tensor>>& q_norms,
@@ -1630,13 +1654,17 @@ at::Tensor decode_layers(
                   k_caches.size() == n && v_caches.size() == n,
               "decode_layers: every per-layer list needs one entry a layer");
   at::Tensor h = x;
-  for (size_t i = 0; i < n; ++i)
-    h = decode_layer(h, in_norms[i], post_norms[i], eps, q_norms.get(i), k_norms.get(i),
-                     qkv_ws[i], qkv_types[i], qkv_biases.get(i), o_ws[i], o_types[i],
-                     gu_ws[i], gu_types[i], down_ws[i], down_types[i], cos, sin, k_caches[i],
-                     v_caches[i], slots, heads, kv_heads, block_table, ctx_lens, block_size,
-                     scale)[0];
-  return h;
+  c10::optional<at::Tensor> res;
+  for (size_t i = 0; i < n; ++i) {
+    auto parts = layer_parts(h, res, in_norms[i], post_norms[i], eps, q_norms.get(i),
+                             k_norms.get(i), qkv_ws[i], qkv_types[i], qkv_biases.get(i),
+                             o_ws[i], o_types[i], gu_ws[i], gu_types[i], down_ws[i],
+                             down_types[i], cos, sin, k_caches[i], v_caches[i], slots, heads,
+                             kv_heads, block_table, ctx_lens, block_size, scale);
+    h = parts[0];
+    res = parts[1];
+  }
+  return res.has_value() ? h + *res : h;
 }
 
 // ---- latent_decode ---------------------------------------------------------------------
