@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from deepserve.config import EngineConfig
-from deepserve.engine import setup
+from deepserve.engine import malloc, setup
 from deepserve.engine.block_manager import BlockManager
 from deepserve.engine.checks import check_chars, check_request
 from deepserve.engine.detokenizer import IncrementalDetokenizer
@@ -56,8 +56,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig | None = None, show_progress: bool = True) -> None:
         config, started = config or EngineConfig(), time.perf_counter()
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        malloc.tune_process(config.num_threads)  # threads; freed activations kept
         self.device = setup.pick_device(config.device)
         self.dtype = setup.pick_dtype(config.dtype, self.device)
         self.config = config = config.with_auto_kv(self.dtype)
