@@ -365,6 +365,17 @@ def test_amx_tiles_reuse_panels_across_row_chunks_and_fuse_swiglu(name, amx_tile
         assert torch.equal(fused, kernels.silu_mul(kernels.linear_gguf(x[:rows], packed, qtype)))
     assert kernels.swiglu_gguf(x[:11], packed, qtype) is None
     assert kernels.swiglu_gguf(x[:40].float(), packed, qtype) is None
+    if base == "Q4_0":  # outputs past 4 MB leave by streaming stores, bf16 and float32
+        blocks = gguf_blocks(torch.randn(2048, 64) * 0.1, base)
+        deq = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT[base])).double()
+        packed = gl.interleave(blocks, TYPES[base], 64)
+        x = torch.randn(1100, 64).to(torch.bfloat16)
+        ref = x.double() @ deq.t()
+        got = kernels.linear_gguf(x, packed, qtype)
+        assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 0.01
+        assert torch.equal(got[:16], kernels.linear_gguf(x[:16], packed, qtype))
+        exact = kernels.linear_gguf(x.float(), packed, qtype)  # float32 out: 9 MB
+        assert exact.dtype == torch.float32 and torch.equal(exact.to(torch.bfloat16), got)
 
 
 def test_amx_tiles_give_the_default_models_greedy_tokens(amx_tiles):

@@ -959,7 +959,13 @@ void linear_q8x16(const T* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
 // BENCHMARKS.md, "AMX tiles".) Two panels and two row tiles go together (four accumulator
 // tiles); the first two row tiles dequantize block by block as they go, so their B tiles
 // come from L1 (1.2x a whole-panel dequantization first), later row tiles read the panel's
-// tiles again. Linux grants the tile registers per process on request (arch_prctl); where
+// tiles again. A pair's results leave the tiles through memory and are written out a few
+// rows at a time between the next pair's multiplies (the vector units and the tile unit
+// then work side by side; all at once they cost 40% of a 2048-row call), by streaming
+// stores where the output outgrows the L2s. When the rows take several L2 chunks of 128
+// rows or more, every panel is dequantized once ahead and the chunks read its tiles (the
+// next pair's fetched into L2 while a pair runs). Linux grants the tile registers per
+// process on request (arch_prctl); where
 // that fails (no AMX, an old kernel) or set_amx(false) was called, the VNNI kernels run.
 // The build needs GCC 11+ (the tile intrinsics); other compilers leave AMX out.
 #if DSQ_ISA == 2 && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
@@ -1127,24 +1133,72 @@ void amx_dequant_pair(const PanelPairs& pp, int64_t chunk, int64_t nb, int64_t q
   amx_dequant<T>(pp.first(q) + pp.second, chunk, 0, nb, out + 512 * nb);
 }
 
+// A row-tile pair's four accumulator tiles, stored, whose rows are still to be written:
+// each pair's rows go out a few at a time between the next pair's tile multiplies (the
+// vector units work while the tile unit does), not all at once while the tiles wait.
+struct AmxPending {
+  alignas(64) float c[4][256];
+  int64_t mt = -1, q = 0, next = 0, rows = 0;  // rows: 16 or 32, less past M
+};
+
+// Rows next .. r1 - 1 of a stored pair (row r of its 32: tile pair r / 16, row r % 16).
+inline void amx_write_rows(AmxPending& p, int64_t r1, int64_t N, float* out, uint16_t* out16,
+                           bool swiglu, bool stream) {
+  for (r1 = std::min(r1, p.rows); p.next < r1; ++p.next) {
+    const int64_t i = p.next / 16, r = p.next % 16, row = 16 * p.mt + p.next;
+    const float* lo_row = p.c[2 * i] + 16 * r;
+    const float* hi_row = p.c[2 * i + 1] + 16 * r;
+    if (swiglu) {  // gate columns 16q .. 16q + 15 and their up columns
+      swiglu_tile_bf16(lo_row, hi_row, 1, out16 + row * (N / 2) + 16 * p.q, N / 2);
+      continue;
+    }
+    const __m512 lo = _mm512_load_ps(lo_row), hi = _mm512_load_ps(hi_row);
+    if (out16) {
+      const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      uint16_t* o = out16 + row * N + 32 * p.q;
+      if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(o), v);
+      else _mm512_storeu_si512(o, v);
+    } else {
+      float* o = out + row * N + 32 * p.q;
+      if (stream) {
+        _mm512_stream_ps(o, lo);
+        _mm512_stream_ps(o + 16, hi);
+      } else {
+        _mm512_storeu_ps(o, lo);
+        _mm512_storeu_ps(o + 16, hi);
+      }
+    }
+  }
+}
+
 template <int64_t T>
 void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const PanelPairs& pp,
                      int64_t K, int64_t N, int64_t q0, int64_t q1, float* out, uint16_t* out16,
-                     const uint16_t* pre, int64_t pre_q0, bool swiglu) {
+                     const uint16_t* pre, int64_t pre_q0, bool swiglu, bool stream) {
   const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(T);
   uint16_t* own = pre ? nullptr
                       : static_cast<uint16_t*>(std::aligned_alloc(64, 2 * nb * 1024));
-  alignas(64) float c[4][256];
+  AmxPending pend[2];
+  int cur = 0;
+  // rows of the pending pair written per block of the next one: all of them by block 16
+  const int64_t per_block = std::max<int64_t>(2, (32 + nb - 1) / nb);
+  // panels dequantized ahead are read from L3 or memory at each pair's first row tiles;
+  // the next pair's lines are fetched into L2 while this pair's rows run (so many a block)
+  const int64_t lines = 2 * nb * 1024 * 2 / 64, steps = (tiles + 1) / 2 * nb;
+  const int64_t fetch = pre ? (lines + steps - 1) / steps : 0;
   amx_bf16_configure();
   for (int64_t q = q0; q < q1; ++q) {
     const uint8_t* wq = pp.first(q);
     // B tiles: dequantized for every pair beforehand (pre), or here by the first row tiles
     uint16_t* bt = pre ? const_cast<uint16_t*>(pre) + 1024 * nb * (q - pre_q0) : own;
     uint16_t* bt2 = bt + 512 * nb;
+    const char* ahead_next = q + 1 < q1 ? reinterpret_cast<const char*>(bt + 1024 * nb) : nullptr;
+    int64_t fetched = 0;
     for (int64_t mt = 0; mt < tiles; mt += 2) {
       const bool two = mt + 1 < tiles;
       const uint16_t* a0 = a + mt * nb * 512;
       const uint16_t* a1 = a0 + nb * 512;
+      AmxPending& prev = pend[cur ^ 1];
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
@@ -1164,34 +1218,29 @@ void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const PanelPai
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
         }
+        if (prev.mt >= 0)
+          amx_write_rows(prev, (b + 1) * per_block, N, out, out16, swiglu, stream);
+        if (fetch && ahead_next)
+          for (int64_t f = 0; f < fetch && fetched < lines; ++f, ++fetched)
+            _mm_prefetch(ahead_next + 64 * fetched, _MM_HINT_T1);
       }
-      _tile_stored(0, c[0], 64);
-      _tile_stored(1, c[1], 64);
+      if (prev.mt >= 0) amx_write_rows(prev, 32, N, out, out16, swiglu, stream);
+      AmxPending& p = pend[cur];
+      _tile_stored(0, p.c[0], 64);
+      _tile_stored(1, p.c[1], 64);
       if (two) {
-        _tile_stored(2, c[2], 64);
-        _tile_stored(3, c[3], 64);
+        _tile_stored(2, p.c[2], 64);
+        _tile_stored(3, p.c[3], 64);
       }
-      for (int64_t i = 0; i < (two ? 2 : 1); ++i) {
-        if (swiglu) {  // gate columns 16q .. 16q + 15 and their up columns
-          const int64_t row = 16 * (mt + i);
-          swiglu_tile_bf16(c[2 * i], c[2 * i + 1], std::min<int64_t>(16, M - row),
-                           out16 + row * (N / 2) + 16 * q, N / 2);
-          continue;
-        }
-        for (int64_t r = 0; r < 16 && 16 * (mt + i) + r < M; ++r) {
-          const int64_t row = 16 * (mt + i) + r;
-          const __m512 lo = _mm512_load_ps(c[2 * i] + 16 * r);
-          const __m512 hi = _mm512_load_ps(c[2 * i + 1] + 16 * r);
-          if (out16)
-            _mm512_storeu_si512(out16 + row * N + 32 * q, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-          else {
-            _mm512_storeu_ps(out + row * N + 32 * q, lo);
-            _mm512_storeu_ps(out + row * N + 32 * q + 16, hi);
-          }
-        }
-      }
+      p.mt = mt, p.q = q, p.next = 0;
+      p.rows = std::min<int64_t>(two ? 32 : 16, M - 16 * mt);
+      prev.mt = -1;
+      cur ^= 1;
     }
   }
+  AmxPending& last = pend[cur ^ 1];
+  if (last.mt >= 0) amx_write_rows(last, 32, N, out, out16, swiglu, stream);
+  if (stream) _mm_sfence();  // the streamed rows visible before the caller reads them
   _tile_release();
   std::free(own);
 }
@@ -1199,18 +1248,23 @@ void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const PanelPai
 #pragma GCC pop_options
 
 // bf16 rows [M, K] as A tiles: per 16 rows and block, 16 x 32 values (missing rows zero).
-std::vector<uint16_t> amx_pack_rows(const uint16_t* x, int64_t M, int64_t K) {
+// (64-byte aligned, as torch allocates: a tile row that straddles two cache lines loads
+// both.)
+at::Tensor amx_pack_rows(const uint16_t* x, int64_t M, int64_t K) {
   const int64_t nb = K / QK, tiles = (M + 15) / 16;
-  std::vector<uint16_t> packed(tiles * 16 * K, 0);
+  at::Tensor buf = at::empty({tiles * 16 * K}, at::TensorOptions().dtype(at::kShort));
+  uint16_t* packed = reinterpret_cast<uint16_t*>(buf.data_ptr<int16_t>());
   at::parallel_for(0, tiles * nb, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i / nb, b = i % nb;
-      for (int64_t r = 0; r < 16 && 16 * t + r < M; ++r)
-        std::memcpy(packed.data() + (t * nb + b) * 512 + 32 * r,
-                    x + (16 * t + r) * K + b * QK, 64);
+      uint16_t* tile = packed + (t * nb + b) * 512;
+      for (int64_t r = 0; r < 16; ++r) {
+        if (16 * t + r < M) std::memcpy(tile + 32 * r, x + (16 * t + r) * K + b * QK, 64);
+        else std::memset(tile + 32 * r, 0, 64);
+      }
     }
   });
-  return packed;
+  return buf;
 }
 
 // Whether every float is a bf16 value (its low 16 bits zero).
@@ -1224,6 +1278,8 @@ inline bool bf16_exact(const float* x, int64_t n) {
 // Bytes of B tiles dequantized ahead when the rows take several chunks (each chunk then
 // reads them instead of dequantizing again); wider weights take several passes.
 constexpr int64_t kAmxAhead = 16 << 20;
+constexpr int64_t kAmxAheadRows = 128;
+constexpr int64_t kAmxStreamBytes = 4 << 20;
 
 // y = x W^T on AMX-BF16 tiles: x bf16 [M, K], N % 32 == 0; false for a type it lacks.
 // With swiglu (W the fused gate and up rows, N = 2I, I % 16 == 0; bf16 out16 [M, I]):
@@ -1239,13 +1295,16 @@ bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64
     case kQ8_0x8: base = kQ8_0; break;  // one part (208)
     default: return false;
   }
-  const std::vector<uint16_t> a =
+  const at::Tensor packed =
       amx_pack_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K);
+  const uint16_t* a = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
   const int64_t nb = K / QK, Q = N / 32;
   const int64_t grain = std::max<int64_t>(1, Q / (4 * at::get_num_threads()));
   // rows in chunks of about kAmxChunk bytes of bf16, which stay in L2 while every panel
   // passes (2048 rows in one went 2x slower)
   const int64_t chunk = std::max<int64_t>(32, kAmxChunk / (2 * K) / 32 * 32);
+  // outputs larger than the L2s go out by streaming stores (no read for ownership)
+  const bool stream = M * N * (out16 ? 2 : 4) > kAmxStreamBytes;
   auto run = [&](auto t) {
     constexpr int64_t TT = decltype(t)::value;
     const int64_t wchunk = 8 * nb * block_bytes(TT);  // one group of 8 columns
@@ -1253,9 +1312,13 @@ bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64
     const PanelPairs pp = swiglu ? PanelPairs{w, 2 * wchunk, N / 16 * wchunk}
                                  : PanelPairs{w, 4 * wchunk, 2 * wchunk};
     const int64_t pair = 1024 * nb;  // uint16 of one pair's B tiles
-    const int64_t per = M > chunk ? std::clamp<int64_t>(kAmxAhead / (2 * pair), 1, Q) : Q;
-    uint16_t* ahead = M > chunk
-        ? static_cast<uint16_t*>(std::aligned_alloc(64, 2 * pair * per)) : nullptr;
+    // ahead where the rows take several chunks of kAmxAheadRows or more: each chunk reads
+    // every pair's bf16 tiles again, which a short chunk (long rows) does too often (4x
+    // the bytes of the blocks it would dequantize instead)
+    const bool pre = M > chunk && chunk >= kAmxAheadRows;
+    const int64_t per = pre ? std::clamp<int64_t>(kAmxAhead / (2 * pair), 1, Q) : Q;
+    uint16_t* ahead =
+        pre ? static_cast<uint16_t*>(std::aligned_alloc(64, 2 * pair * per)) : nullptr;
     for (int64_t p0 = 0; p0 < Q; p0 += per) {
       const int64_t p1 = std::min(Q, p0 + per);
       if (ahead)
@@ -1265,13 +1328,13 @@ bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64
         });
       for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         const int64_t rows = std::min(chunk, M - m0);
-        const uint16_t* am = a.data() + m0 / 16 * nb * 512;
+        const uint16_t* am = a + m0 / 16 * nb * 512;
         const int64_t ld = swiglu ? N / 2 : N;
         float* om = out ? out + m0 * ld : nullptr;
         uint16_t* om16 = out16 ? out16 + m0 * ld : nullptr;
         at::parallel_for(p0, p1, grain, [&](int64_t q0, int64_t q1) {
           amx_bf16_panels<TT>(am, (rows + 15) / 16, rows, pp, K, N, q0, q1, om, om16,
-                              ahead, p0, swiglu);
+                              ahead, p0, swiglu, stream);
         });
       }
     }
