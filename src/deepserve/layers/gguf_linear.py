@@ -272,6 +272,15 @@ class GGUFLinear(KernelLayer, nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of this fused gate_up projection in one pass on AMX tiles, bit
+        for bit ``silu_mul(self(x))``; None where the tiles do not take it."""
+        if self.use_kernel and self.bias is None and self.batch_blocks is None and \
+                (self.dense is None or x.shape[0] <= DENSE_ROWS) and x.dim() == 2:
+            return kernels.swiglu_gguf(x, self.blocks, self.kernel_qtype)
+        return None
+
+
 class GGUFParts(nn.Module):
     """A fused projection whose parts the file stores in different block types (Q4_K_M
     files keep q and k in Q4_K and v in Q6_K): one ``GGUFLinear`` per part, outputs side

@@ -15,6 +15,7 @@ from torch import nn
 
 from deepserve import kernels
 from deepserve.layers.attention import AttentionMetadata, paged_attention
+from deepserve.layers.gguf_linear import GGUFLinear
 from deepserve.layers.kv_cache import LayerKV
 from deepserve.layers.linear import KernelLayer, Linear
 from deepserve.layers.moe import SparseMoE
@@ -193,7 +194,9 @@ def mlp(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
 def mlp_fused(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     if layer.moe is not None:
         return layer.moe(h)
-    return layer.down_proj(kernels.silu_mul(layer.gate_up_proj(h)))
+    gate_up = layer.gate_up_proj
+    act = gate_up.swiglu(h) if isinstance(gate_up, GGUFLinear) else None  # AMX, one pass
+    return layer.down_proj(act if act is not None else kernels.silu_mul(gate_up(h)))
 
 
 class LlamaForCausalLM(KernelLayer, nn.Module):
