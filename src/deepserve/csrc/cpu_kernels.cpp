@@ -969,6 +969,36 @@ void decode_attention_cache(const at::Tensor& q, const at::Tensor& k_cache,
   }
 }
 
+// Prompts whose every token is a row of this call (rows i .. i + R - 1 with contexts
+// 1, 2, ..., R and the same blocks) from kSdpaRun tokens on: one causal SDPA call each,
+// whose flash kernel tiles the R x R scores (1.7 against 3.3 ms a layer for 16 prompts of
+// 128 tokens on an AMX Xeon, where each row alone rereads its context).
+constexpr int64_t kSdpaRun = 64;
+
+std::vector<std::pair<int64_t, int64_t>> fresh_prompts(const int64_t* ctx, const int64_t* table,
+                                                       int64_t B, int64_t width,
+                                                       int64_t block_size) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t i = 0; i < B;) {
+    int64_t j = i + 1;
+    if (ctx[i] == 1) {
+      while (j < B && ctx[j] == ctx[j - 1] + 1 && table[j * width] == table[i * width]) ++j;
+      const int64_t blocks = std::min(width, (j - i + block_size - 1) / block_size);
+      bool same = true;
+      for (int64_t r = i + 1; r < j && same; ++r)
+        same = std::memcmp(table + r * width, table + i * width, blocks * 8) == 0;
+      if (same && j - i >= kSdpaRun) runs.emplace_back(i, j - i);
+    }
+    i = j;
+  }
+  return runs;
+}
+
+at::Tensor decode_attention_rows(const at::Tensor& qc, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const Scales& ksp,
+                                 const Scales& vsp, const at::Tensor& table,
+                                 const at::Tensor& ctx, int64_t block_size, float sc);
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache,
                                   const c10::optional<at::Tensor>& k_scale,
@@ -985,9 +1015,52 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   at::Tensor ctx = ctx_lens.contiguous();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   const Scales ksp = scales_of(k_scale), vsp = scales_of(v_scale);
+  const float sc = static_cast<float>(scale);
+  const int64_t B = qc.size(0), width = table.size(1);
+  const bool bf16 = qc.scalar_type() == at::kBFloat16 &&
+                    k_cache.scalar_type() == at::kBFloat16 && !ksp.data && !vsp.data;
+  const auto runs = bf16 && B >= kSdpaRun
+      ? fresh_prompts(ctx.data_ptr<int64_t>(), table.data_ptr<int64_t>(), B, width, block_size)
+      : std::vector<std::pair<int64_t, int64_t>>{};
+  if (runs.empty()) return decode_attention_rows(qc, k_cache, v_cache, ksp, vsp, table, ctx,
+                                                 block_size, sc);
+  at::Tensor out = at::empty_like(qc);
+  std::vector<int64_t> rest;  // rows the row-by-row kernel takes
+  const int64_t H = qc.size(1), KVH = k_cache.size(0);
+  const int64_t* tp = table.data_ptr<int64_t>();
+  int64_t next = 0;
+  for (const auto& [i0, R] : runs) {
+    for (; next < i0; ++next) rest.push_back(next);
+    next = i0 + R;
+    std::vector<int64_t> slots(R);
+    for (int64_t t = 0; t < R; ++t)
+      slots[t] = tp[i0 * width + t / block_size] * block_size + t % block_size;
+    const at::Tensor idx = at::from_blob(slots.data(), {R}, at::kLong);
+    const at::Tensor k = k_cache.index_select(1, idx).unsqueeze(0);  // [1, KVH, R, D]
+    const at::Tensor v = v_cache.index_select(1, idx).unsqueeze(0);
+    const at::Tensor qr = qc.narrow(0, i0, R).permute({1, 0, 2}).unsqueeze(0);
+    const at::Tensor o = at::scaled_dot_product_attention(qr, k, v, c10::nullopt, 0.0, true,
+                                                          scale, H != KVH);
+    out.narrow(0, i0, R).copy_(o[0].permute({1, 0, 2}));
+  }
+  for (; next < B; ++next) rest.push_back(next);
+  if (!rest.empty()) {
+    const at::Tensor idx =
+        at::from_blob(rest.data(), {static_cast<int64_t>(rest.size())}, at::kLong).clone();
+    out.index_copy_(0, idx, decode_attention_rows(qc.index_select(0, idx), k_cache, v_cache,
+                                                  ksp, vsp, table.index_select(0, idx),
+                                                  ctx.index_select(0, idx), block_size, sc));
+  }
+  return out;
+}
+
+// The row-by-row kernel: each row of q against its own context.
+at::Tensor decode_attention_rows(const at::Tensor& qc, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const Scales& ksp,
+                                 const Scales& vsp, const at::Tensor& table,
+                                 const at::Tensor& ctx, int64_t block_size, float sc) {
   at::Tensor out = at::empty_like(qc);
   const int64_t width = table.size(1);
-  const float sc = static_cast<float>(scale);
   switch (qc.scalar_type()) {
     case at::kBFloat16:
       decode_attention_cache<at::BFloat16>(qc, k_cache, v_cache, ksp, vsp,
