@@ -55,19 +55,28 @@ def open_console(browser, url: str, key: str | None):
 
 
 def chat(page, text: str) -> tuple[str, str]:
-    """Send a message; wait until its answer is seen mid-stream and then finished."""
+    """Send a message; its answer must be seen mid-stream, then finished. Every change to
+    the page is watched (a MutationObserver), not sampled: a short answer from a fast
+    server can start and finish between two animation frames of a busy browser."""
     before = page.locator(".msg.assistant").count()
+    page.evaluate("""n => {
+        window.midStream = false;
+        new MutationObserver(() => {
+            const m = document.querySelectorAll('.msg.assistant')[n];
+            const t = m && m.querySelector('.text'), s = m && m.querySelector('.stats');
+            if (t && s && t.textContent.length > 0 && s.textContent === '')
+                window.midStream = true;
+        }).observe(document.body, {subtree: true, childList: true, characterData: true});
+    }""", before)
     page.fill("#pg-max-tokens", "48")
     page.fill("#pg-input", text)
     page.click("#pg-send")
     answer = page.locator(".msg.assistant").nth(before)
-    # streamed: some text is on the page while the answer's figures are not yet
     page.wait_for_function("""n => { const m = document.querySelectorAll('.msg.assistant')[n];
-        return m && m.querySelector('.text').textContent.length > 0 &&
-               m.querySelector('.stats').textContent === ''; }""", arg=before,
-                           polling="raf", timeout=60000)
-    page.wait_for_function("""n => document.querySelectorAll('.msg.assistant')[n]
-        .querySelector('.stats').textContent.includes('cost')""", arg=before, timeout=60000)
+        return m && m.querySelector('.stats').textContent.includes('cost'); }""", arg=before,
+                           timeout=60000)
+    # streamed: some text was on the page while the answer's figures were not yet
+    assert page.evaluate("window.midStream"), answer.text_content()
     return answer.locator(".text").text_content(), answer.locator(".stats").text_content()
 
 
