@@ -341,14 +341,26 @@ def test_amx_tiles_match_float64_and_leave_other_shapes_to_vnni(name, amx_tiles)
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0 one part"])
 def test_amx_tiles_reuse_panels_across_row_chunks_and_fuse_swiglu(name, amx_tiles):
-    """Rows past one L2 chunk (256 rows of 1024 inputs) run on panels dequantized once
+    """Rows past one L2 chunk (256 rows of 2048 inputs) run on panels dequantized once
     ahead for every chunk: each row exactly as it comes alone, and the float64 product
-    within bf16's rounding. swiglu_gguf (a gate_up projection and SwiGLU in one pass on
-    the tiles) gives silu_mul(linear_gguf(...)) bit for bit, at one row tile and over two
-    chunks; where the tiles do not run (11 rows, float32 rows) it says so (None)."""
+    within bf16's rounding. Within one chunk, each thread dequantizes its next panel pair
+    while the tiles multiply the current one: within bf16's rounding too. swiglu_gguf (a
+    gate_up projection and SwiGLU in one pass on the tiles) gives
+    silu_mul(linear_gguf(...)) bit for bit, at one row tile and over two chunks; where the
+    tiles do not run (11 rows, float32 rows) it says so (None)."""
     torch.manual_seed(5)
     base = name.split()[0]
-    n, k = 64, 1024
+    n, k = 512, 256  # 16 panel pairs: each thread's share holds several
+    blocks = gguf_blocks(torch.randn(n, k) * 0.1, base)
+    deq = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT[base])).double()
+    packed = gl.interleave(blocks, TYPES[base], k)
+    qtype = 208 if name.endswith("one part") else TYPES[base] + gl.X8
+    x = torch.randn(40, k).to(torch.bfloat16)
+    ref = x.double() @ deq.t()
+    got = kernels.linear_gguf(x, packed, qtype)
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 0.01
+    assert torch.equal(kernels.swiglu_gguf(x, packed, qtype), kernels.silu_mul(got))
+    n, k = 64, 2048
     blocks = gguf_blocks(torch.randn(n, k) * 0.1, base)
     deq = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GT[base])).double()
     packed = gl.interleave(blocks, TYPES[base], k)

@@ -18,6 +18,8 @@
 //
 // All use at::parallel_for, so they share torch's thread pool and thread count.
 
+#include "parallel.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -633,7 +635,9 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
                            int64_t KVH, int64_t S) {
   constexpr int64_t D = 32 * DP;
   const int64_t H = KVH * G;
-  at::parallel_for(0, B * KVH, 1, [&](int64_t t0, int64_t t1) {
+  // pieces of about an eighth of a thread's share (contexts differ from row to row)
+  const int64_t piece = B * KVH / (8 * at::get_num_threads()) + 1;
+  ds_parallel::pieces(0, B * KVH, piece, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     std::vector<uint16_t> probs;  // the numerators rounded to bf16, an even stride per head
     std::vector<int64_t> rows;
@@ -1106,6 +1110,15 @@ inline __m256i to_bf16(__m512 v) {
 inline __m512 round_bf16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
 }
+
+// round_bf16's value without the trip through 16-bit lanes: the low half cleared after the
+// same rounding add
+inline __m512 round_bf16_wide(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb);
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(-65536)));
+}
 #endif
 
 template <typename T>
@@ -1388,22 +1401,30 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 namespace dsq {  // called by gguf_kernels.cpp's AMX tiles, whose gate_up never leaves them
 // SwiGLU of a tile's float32 gate and up sums (16 columns, `rows` rows of 16 floats):
-// both rounded to bf16 first, so the result is silu_mul's on a bf16 gate_up, bit for bit.
+// both rounded to bf16 first, then silu_mul_row's own operations on them, so the result
+// is silu_mul's on a bf16 gate_up, bit for bit (tests compare the two).
 void swiglu_tile_bf16(const float* gate, const float* up, int64_t rows, uint16_t* out,
                       int64_t ld) {
+#if DS_AVX512
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 gv = round_bf16_wide(_mm512_loadu_ps(gate + 16 * r));
+    const __m512 uv = round_bf16_wide(_mm512_loadu_ps(up + 16 * r));
+    const __m512 act = round_bf16_wide(_mm512_div_ps(
+        gv, _mm512_add_ps(one, exp_any(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ld),
+                        to_bf16(_mm512_mul_ps(act, uv)));
+  }
+#else
   for (int64_t r = 0; r < rows; ++r) {
     at::BFloat16 g[16], u[16];
-#if DS_AVX512
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(g), to_bf16(_mm512_loadu_ps(gate + 16 * r)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(u), to_bf16(_mm512_loadu_ps(up + 16 * r)));
-#else
     for (int i = 0; i < 16; ++i) {
       g[i] = static_cast<at::BFloat16>(gate[16 * r + i]);
       u[i] = static_cast<at::BFloat16>(up[16 * r + i]);
     }
-#endif
     silu_mul_row(g, u, reinterpret_cast<at::BFloat16*>(out + r * ld), 16);
   }
+#endif
 }
 }  // namespace dsq
 

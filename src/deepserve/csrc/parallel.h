@@ -1,0 +1,39 @@
+// deepserve's kernels: a parallel loop whose range is handed out piece by piece.
+//
+// at::parallel_for gives each thread an equal share up front. On a small machine that
+// serves as it computes (the HTTP thread, tokenizing, the client itself share the cores),
+// one thread of a region is often descheduled for a while: its share then waits, and the
+// other thread spins at the region's end. Here each thread takes the next piece when it is
+// done with one, so a slowed thread takes fewer pieces and the region ends together.
+// Which thread runs a piece changes nothing in its results: every piece writes its own
+// outputs.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace ds_parallel {
+
+// f(b, e) for the pieces [begin + i * piece, ...) of [begin, end), each exactly once.
+template <typename F>
+inline void pieces(int64_t begin, int64_t end, int64_t piece, const F& f) {
+  if (end <= begin) return;
+  piece = std::max<int64_t>(1, piece);
+  const int64_t n = (end - begin + piece - 1) / piece;
+  const int64_t threads = std::min<int64_t>(n, at::get_num_threads());
+  if (threads <= 1 || at::in_parallel_region()) {
+    f(begin, end);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      f(begin + i * piece, std::min(end, begin + (i + 1) * piece));
+  });
+}
+
+}  // namespace ds_parallel
