@@ -176,8 +176,7 @@ def dense_for_batches() -> bool:
     DEEPSERVE_DENSE_COPY=0."""
     if dense_mode() == "off":
         return False
-    # Only with the avx512 kernels (a forced avx2 path computes everything on blocks, as
-    # an AVX2 CPU does, so its results match one).
+    # Only with the avx512 kernels (a forced avx2 path runs blocks, as an AVX2 CPU does)
     native = kernels.isa() == "avx512" or "amx_bf16" in kernels.cpu_flags()
     return native and torch.backends.mkldnn.is_available() and \
         torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -192,9 +191,12 @@ CALIBRATION_ROWS = 32
 def copies_pay(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     """Whether oneDNN's bf16 GEMM beats the block kernels on this CPU: one decoder
     layer's largest block projection timed both ways at 32 rows (best of three, about
-    0.1 s). CPUs with AMX run bf16 tiles far faster than 8-bit dots on AVX-512; without
-    AMX the 16-column VNNI kernel wins by 2-4x (BENCHMARKS.md, "Batched GEMM on
-    blocks"). The figures go to the log."""
+    0.1 s; without AMX the VNNI kernel wins by 2-4x: BENCHMARKS.md, "Batched GEMM on
+    blocks"). Never where the blocks run on AMX tiles: copies won that GEMM alone by
+    1.1-1.6x, but cost the one-call layer, half the speed at one stream served."""
+    if kernels.amx():
+        logger.info("bf16 copies for large batches: none, the blocks run on AMX tiles")
+        return False
     import time
 
     from deepserve.layers.gguf_linear import GGUFLinear
@@ -229,10 +231,8 @@ def copies_pay(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     return pays
 
 
-# The most memory the large-batch bf16 copies may take: a quarter of what is free, and at
-# most this. The block kernels run every batch size, so without the copies a large model
-# loses a little large-batch speed instead of running out of memory (an 8B model's copies
-# would be 16 GB).
+# The most memory the bf16 copies may take: a quarter of what is free, and at most this
+# (an 8B model's copies would be 16 GB; the block kernels run every batch size).
 DENSE_COPY_MAX = 2 * 2**30
 
 
