@@ -1321,8 +1321,18 @@ inline void store16<at::BFloat16>(at::BFloat16* dst, __m512 v) {
 }
 template <typename T>
 inline __m512 round_to_vec(__m512 v) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) return round_bf16(v);
+  if constexpr (std::is_same_v<T, at::BFloat16>) return round_bf16_wide(v);
   return v;
+}
+
+// store16 of values already rounded to T (round_to_vec): a bf16 is the float's high half
+template <typename T>
+inline void store16_rounded(T* dst, __m512 v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+  else
+    store16<T>(dst, v);
 }
 #endif
 
@@ -1340,7 +1350,7 @@ void rms_norm_impl(const T* x, const T* res, const T* w, T* out, T* sum, int64_t
           __m512 v = load16<T>(x + r * dim, i, all);
           if (res) {
             v = round_to_vec<T>(_mm512_add_ps(v, load16<T>(res + r * dim, i, all)));
-            store16<T>(sum + r * dim + i, v);
+            store16_rounded<T>(sum + r * dim + i, v);
           }
           _mm512_storeu_ps(buf.data() + i, v);
           ss = _mm512_fmadd_ps(v, v, ss);
