@@ -1,10 +1,13 @@
-"""Time two kernels of a decode step on their own: paged decode attention over a bf16
-cache (scattered 16-token blocks, as the engine's pool) and sampling one token per row.
+"""Time two kernels of a decode step on their own: paged decode attention over a bf16,
+int8 or fp8 cache (``--cache``; scattered 16-token blocks, as the engine's pool) and
+sampling one token per row.
 
 Best of 7 rounds of 100 calls; attention is quoted per layer and for a whole step of
-``--layers`` layers.
+``--layers`` layers. ``--q-scale`` multiplies the queries: 64 makes every softmax peaked,
+most numerators far below the largest (denormal once times an int8 value scale).
 
     .venv/bin/python benchmarks/decode_kernels.py                      # the default model
+    .venv/bin/python benchmarks/decode_kernels.py --cache int8 --q-scale 64
     .venv/bin/python benchmarks/decode_kernels.py --heads 32 --kv-heads 4 --layers 22 \\
         --batch 32                                                     # TinyLlama's shape
 """
@@ -42,22 +45,32 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--slots", type=int, default=16384)
+    ap.add_argument("--cache", choices=["bf16", "int8", "fp8"], default="bf16")
+    ap.add_argument("--q-scale", type=float, default=1.0)
     args = ap.parse_args()
     if not kernels.load(kernels.isa()):
         raise SystemExit(f"CPU kernels unavailable: {kernels.unavailable_reason()}")
     torch.manual_seed(0)
     b, bs, d = args.batch, 16, args.head_dim
-    k = torch.randn(args.kv_heads, args.slots, d).bfloat16()
-    v = torch.randn(args.kv_heads, args.slots, d).bfloat16()
-    q = torch.randn(b, args.heads, d).bfloat16()
-    print(f"{kernels.isa()} kernels, {torch.get_num_threads()} threads")
+    shape, scales, value_bytes = (args.kv_heads, args.slots, d), None, 2
+    if args.cache == "int8":  # codes and one bf16 scale per (head, slot), as the engine's
+        k = torch.randint(-127, 128, shape, dtype=torch.int8)
+        v = torch.randint(-127, 128, shape, dtype=torch.int8)
+        scales, value_bytes = (torch.rand(*shape[:2], 1) / 64).bfloat16(), 1
+    elif args.cache == "fp8":  # e4m3 bytes
+        k, v = (torch.randn(shape).to(torch.float8_e4m3fn).view(torch.uint8) for _ in "kv")
+        value_bytes = 1
+    else:
+        k, v = torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16()
+    q = (torch.randn(b, args.heads, d) * args.q_scale).bfloat16()
+    print(f"{kernels.isa()} kernels, {torch.get_num_threads()} threads, {args.cache} cache")
     for ctx in args.context:
         blocks = -(-ctx // bs)
         table = torch.randperm(args.slots // bs)[:b * blocks].view(b, blocks)
         lens = torch.full((b,), ctx, dtype=torch.int64)
         t = best_of(lambda: kernels.paged_decode_attention(
-            q, k, v, None, None, table, lens, bs, d ** -0.5))  # noqa: B023
-        moved = b * ctx * args.kv_heads * d * 2 * 2
+            q, k, v, scales, scales, table, lens, bs, d ** -0.5))  # noqa: B023
+        moved = b * ctx * args.kv_heads * d * value_bytes * 2
         print(f"attention, {b} rows x {ctx} tokens, {args.heads}/{args.kv_heads} heads: "
               f"{t * 1e6:.0f} us a layer, {t * args.layers * 1e3:.2f} ms for {args.layers} "
               f"layers ({moved / t / 1e9:.1f} GB/s of K and V)")
