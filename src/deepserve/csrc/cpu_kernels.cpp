@@ -54,8 +54,9 @@ namespace {
 
 // Denormal floats read and written as zero by the calling thread while in scope (MXCSR's
 // FTZ and DAZ bits). A softmax numerator e^-87 times a value scale below one is denormal,
-// and every multiply-add with one takes a microcode assist: decode attention on a 8-bit
-// cache ran 18x slower on a peaked softmax. As zeros they change nothing above 1e-38.
+// and every multiply-add with one takes a microcode assist: decode attention on an int8
+// cache ran 36x slower on peaked softmaxes (benchmarks/decode_kernels.py --cache int8
+// --q-scale 64). As zeros they change nothing above 1e-38.
 struct FlushDenormals {
 #if defined(__x86_64__) || defined(__i386__)
   unsigned int saved = _mm_getcsr();
