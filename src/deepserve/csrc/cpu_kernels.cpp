@@ -555,7 +555,16 @@ inline float exp_sub_sum_scalar(float* x, int64_t n, float mx) {
   return sum;
 }
 
-#if DS_AVX512 && defined(__AVX512BF16__)
+#if DS_AVX512
+// n bytes from p asked for into L1 (hint 0) or L2 (1)
+inline void prefetch_bytes(const void* p, int64_t n, int hint) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < n; off += 64) {
+    if (hint == 0) _mm_prefetch(c + off, _MM_HINT_T0);
+    else _mm_prefetch(c + off, _MM_HINT_T1);
+  }
+}
+
 // r[j] = sum of the 16 lanes of v[j], for 16 vectors at once (a transpose-and-add tree:
 // 3 shuffles/adds per vector instead of a full horizontal reduction each).
 inline __m512 hsum16(const __m512* v) {
@@ -573,20 +582,13 @@ inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
+#endif
 
+#if DS_AVX512 && defined(__AVX512BF16__)
 inline uint16_t float_to_bf16_bits(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
   return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
-inline void prefetch_row(const uint16_t* row, int64_t dim, int hint) {
-  for (int64_t off = 0; off < dim; off += 32) {
-    if (hint == 0)
-      _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T0);
-    else
-      _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T1);
-  }
 }
 
 // P.V for heads g0 .. g0 + GN of one query group: two tokens per AVX512-BF16
@@ -669,7 +671,8 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
         for (int64_t i = 0, n = std::min(block_size, ctx - t); i < n; ++i, ++t)
           rows[t] = base + i * D;
       }
-      for (int64_t j = 0; j < std::min<int64_t>(ctx, 16); ++j) prefetch_row(kp + rows[j], D, 0);
+      for (int64_t j = 0; j < std::min<int64_t>(ctx, 16); ++j)
+        prefetch_bytes(kp + rows[j], 2 * D, 0);
       __m512bh qv[G][DP];
       for (int g = 0; g < G; ++g)
         for (int c = 0; c < DP; ++c)
@@ -681,8 +684,8 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
         const __mmask16 mask = n == 16 ? static_cast<__mmask16>(0xFFFF)
                                        : static_cast<__mmask16>((1u << n) - 1);
         for (int64_t j = base + 16; j < std::min<int64_t>(ctx, base + 32); ++j)
-          prefetch_row(kp + rows[j], D, 0);
-        for (int64_t j = base; j < base + n; ++j) prefetch_row(vp + rows[j], D, 1);
+          prefetch_bytes(kp + rows[j], 2 * D, 0);
+        for (int64_t j = base; j < base + n; ++j) prefetch_bytes(vp + rows[j], 2 * D, 1);
         for (int g = 0; g < G; ++g) {
           __m512 part[16];
           for (int64_t j = 0; j < 16; ++j) {
@@ -783,14 +786,6 @@ inline __m512 cache16<uint8_t>(const uint8_t* p) {
                           _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24)));
   return _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F)),
                             _mm512_set1_ps(NAN));
-}
-
-inline void prefetch_bytes(const void* p, int64_t n, int hint) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < n; off += 64) {
-    if (hint == 0) _mm_prefetch(c + off, _MM_HINT_T0);
-    else _mm_prefetch(c + off, _MM_HINT_T1);
-  }
 }
 
 // 8-bit caches (int8 with a scale per token and head, or fp8), head_dim 16 * DV: the
@@ -1288,13 +1283,9 @@ inline __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
+// v rounded to the nearest bf16 (ties to even), kept in float lanes: to_bf16's rounding
+// add, then the low half cleared
 inline __m512 round_bf16(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
-}
-
-// round_bf16's value without the trip through 16-bit lanes: the low half cleared after the
-// same rounding add
-inline __m512 round_bf16_wide(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb);
@@ -1322,7 +1313,7 @@ inline void store16<at::BFloat16>(at::BFloat16* dst, __m512 v) {
 }
 template <typename T>
 inline __m512 round_to_vec(__m512 v) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) return round_bf16_wide(v);
+  if constexpr (std::is_same_v<T, at::BFloat16>) return round_bf16(v);
   return v;
 }
 
@@ -1524,6 +1515,17 @@ std::vector<at::Tensor> rope_write_kv(const at::Tensor& qkv, const at::Tensor& c
 
 
 // SwiGLU of one row: o = dtype(silu(g)) * u, over `inter` values.
+#if DS_AVX512
+// dtype(silu(g)) * u for 16 lanes: silu rounded to bf16 first where the dtype is bf16
+template <bool bf>
+inline __m512 silu_mul16(__m512 gv, __m512 uv) {
+  __m512 act = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                               exp_any(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+  if (bf) act = round_bf16(act);
+  return _mm512_mul_ps(act, uv);
+}
+#endif
+
 template <typename T>
 inline void silu_mul_row(const T* g, const T* u, T* o, int64_t inter) {
       int64_t i = 0;
@@ -1532,12 +1534,7 @@ inline void silu_mul_row(const T* g, const T* u, T* o, int64_t inter) {
         constexpr bool bf = std::is_same_v<T, at::BFloat16>;
         const __mmask16 all = static_cast<__mmask16>(0xFFFF);
         for (; i + 16 <= inter; i += 16) {
-          const __m512 gv = load16<T>(g, i, all), uv = load16<T>(u, i, all);
-          const __m512 one = _mm512_set1_ps(1.0f);
-          __m512 act = _mm512_div_ps(gv, _mm512_add_ps(one, exp_any(_mm512_sub_ps(
-                                                              _mm512_setzero_ps(), gv))));
-          if (bf) act = round_bf16(act);
-          const __m512 y = _mm512_mul_ps(act, uv);
+          const __m512 y = silu_mul16<bf>(load16<T>(g, i, all), load16<T>(u, i, all));
           if constexpr (bf) {
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), to_bf16(y));
           } else {
@@ -1592,19 +1589,15 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 namespace dsq {  // called by gguf_kernels.cpp's AMX tiles, whose gate_up never leaves them
 // SwiGLU of a tile's float32 gate and up sums (16 columns, `rows` rows of 16 floats):
-// both rounded to bf16 first, then silu_mul_row's own operations on them, so the result
-// is silu_mul's on a bf16 gate_up, bit for bit (tests compare the two).
+// both rounded to bf16 first, then silu_mul_row's own silu_mul16, so the result is
+// silu_mul's on a bf16 gate_up, bit for bit (tests compare the two).
 void swiglu_tile_bf16(const float* gate, const float* up, int64_t rows, uint16_t* out,
                       int64_t ld) {
 #if DS_AVX512
-  const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t r = 0; r < rows; ++r) {
-    const __m512 gv = round_bf16_wide(_mm512_loadu_ps(gate + 16 * r));
-    const __m512 uv = round_bf16_wide(_mm512_loadu_ps(up + 16 * r));
-    const __m512 act = round_bf16_wide(_mm512_div_ps(
-        gv, _mm512_add_ps(one, exp_any(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ld),
-                        to_bf16(_mm512_mul_ps(act, uv)));
+    const __m512 y = silu_mul16<true>(round_bf16(_mm512_loadu_ps(gate + 16 * r)),
+                                      round_bf16(_mm512_loadu_ps(up + 16 * r)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ld), to_bf16(y));
   }
 #else
   for (int64_t r = 0; r < rows; ++r) {
