@@ -121,45 +121,6 @@ def test_paged_decode_attention_matches_gather_path(kind, dtype, head_dim, heads
 
 
 @needs_kernels
-def test_whole_prompts_in_a_paged_call_run_as_one_causal_sdpa_each():
-    """Rows of a paged call that hold a whole prompt of 64 tokens or more (contexts 1, 2,
-    ..., on the same blocks) run as one causal SDPA call each (bf16); the other rows (a
-    decode, a short prompt, a chunk past a cached prefix, a second long prompt after it)
-    on the row-by-row kernel. Every row is within bf16 rounding of float64 attention over
-    its own context; every other row is bit for bit what the kernel gives it alone, and
-    the prompts' rows are not (SDPA ran)."""
-    torch.manual_seed(0)
-    heads, kv_heads, d, bs = 6, 2, 64, 16
-    k_cache = torch.randn(kv_heads, 64 * bs, d).to(torch.bfloat16)
-    v_cache = torch.randn(kv_heads, 64 * bs, d).to(torch.bfloat16)
-    rows = [([5, 6, 7], 37)]  # (blocks, context) of each row: a decode
-    rows += [([10, 11, 12, 13, 14], c) for c in range(1, 71)]  # a whole prompt, 70 tokens
-    rows += [([20], c) for c in range(1, 6)]  # a short prompt
-    rows += [([30, 31], c) for c in range(17, 25)]  # a chunk after a cached prefix
-    rows += [([40, 41, 42, 43], c) for c in range(1, 65)]  # another prompt, 64 tokens
-    width = max(len(b) for b, _ in rows)
-    table = torch.tensor([b + [0] * (width - len(b)) for b, _ in rows])
-    ctx = torch.tensor([c for _, c in rows])
-    q = torch.randn(len(rows), heads, d).to(torch.bfloat16)
-    scale = d ** -0.5
-    got = kernels.paged_decode_attention(q, k_cache, v_cache, None, None, table, ctx, bs, scale)
-    alone = torch.cat([kernels.paged_decode_attention(q[i:i + 1], k_cache, v_cache, None, None,
-                                                      table[i:i + 1], ctx[i:i + 1], bs, scale)
-                       for i in range(len(rows))])
-    prompt = torch.zeros(len(rows), dtype=torch.bool)
-    prompt[1:71] = prompt[84:] = True
-    assert torch.equal(got[~prompt], alone[~prompt])
-    assert not torch.equal(got[prompt], alone[prompt])
-    for i, (blocks, n) in enumerate(rows):
-        slots = (torch.tensor(blocks).repeat_interleave(bs) * bs + torch.arange(bs).repeat(
-            len(blocks)))[:n]
-        k = k_cache[:, slots].double().repeat_interleave(heads // kv_heads, 0)
-        v = v_cache[:, slots].double().repeat_interleave(heads // kv_heads, 0)
-        p = torch.softmax((q[i].double().unsqueeze(1) @ k.transpose(1, 2)) * scale, dim=-1)
-        assert torch.allclose(got[i].double(), (p @ v).squeeze(1), atol=2e-2), i
-
-
-@needs_kernels
 @pytest.mark.parametrize("head_dim,heads", [(128, 6), (128, 16), (64, 16), (64, 10)])
 def test_paged_decode_attention_bf16_head_groups(head_dim, heads, each_isa):
     """The bf16 cache path's P.V runs 4 heads (head_dim 64) or 2 heads (128) of a query
@@ -338,6 +299,7 @@ def test_short_prompts_attend_on_the_paged_kernel_as_sdpa_does(monkeypatch):
 
     def paged(on: bool) -> None:
         monkeypatch.setattr(model_runner, "PAGED_PREFILL", 512 if on else 0)
+        monkeypatch.setattr(model_runner, "PAGED_PREFILL_TILES", 512 if on else 0)
 
     tok = llm.engine.tokenizer
     for ids in (tok.encode(PROMPTS[0] * 3), tok.encode(PROMPTS[1])):

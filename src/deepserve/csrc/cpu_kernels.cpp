@@ -25,6 +25,8 @@
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1149,30 +1151,394 @@ void decode_attention_cache(const at::Tensor& q, const at::Tensor& k_cache,
   }
 }
 
-// Prompts whose every token is a row of this call (rows i .. i + R - 1 with contexts
-// 1, 2, ..., R and the same blocks) from kSdpaRun tokens on: one causal SDPA call each,
-// whose flash kernel tiles the R x R scores (1.7 against 3.3 ms a layer for 16 prompts of
-// 128 tokens on an AMX Xeon, where each row alone rereads its context).
-constexpr int64_t kSdpaRun = 64;
+// Runs of rows that are one prompt's consecutive tokens (contexts c + 1, c + 2, ...,
+// c + R on the same blocks): the whole prompt when c = 0, else a chunk after its cached
+// prefix or earlier chunks. Each run attends as one causal block, not row by row (where
+// each row rereads its context). On AMX tiles (prompt_attention_amx) a run of kTileRun
+// rows or more; else one causal SDPA call for a whole prompt of kSdpaRun tokens or more
+// (1.7 against 3.3 ms a layer for 16 prompts of 128 tokens on an AMX Xeon).
+constexpr int64_t kSdpaRun = 64, kTileRun = 16;
 
-std::vector<std::pair<int64_t, int64_t>> fresh_prompts(const int64_t* ctx, const int64_t* table,
-                                                       int64_t B, int64_t width,
-                                                       int64_t block_size) {
+std::vector<std::pair<int64_t, int64_t>> prompt_runs(const int64_t* ctx, const int64_t* table,
+                                                     int64_t B, int64_t width,
+                                                     int64_t block_size, bool whole_only,
+                                                     int64_t min_rows) {
   std::vector<std::pair<int64_t, int64_t>> runs;
   for (int64_t i = 0; i < B;) {
     int64_t j = i + 1;
-    if (ctx[i] == 1) {
-      while (j < B && ctx[j] == ctx[j - 1] + 1 && table[j * width] == table[i * width]) ++j;
-      const int64_t blocks = std::min(width, (j - i + block_size - 1) / block_size);
+    while (j < B && ctx[j] == ctx[j - 1] + 1 && table[j * width] == table[i * width]) ++j;
+    if (j - i >= min_rows && (ctx[i] == 1 || !whole_only)) {
+      // every row reads the same blocks for the keys the last row sees
+      const int64_t blocks = std::min(width, (ctx[j - 1] + block_size - 1) / block_size);
       bool same = true;
       for (int64_t r = i + 1; r < j && same; ++r)
         same = std::memcmp(table + r * width, table + i * width, blocks * 8) == 0;
-      if (same && j - i >= kSdpaRun) runs.emplace_back(i, j - i);
+      if (same) runs.emplace_back(i, j - i);
     }
     i = j;
   }
   return runs;
 }
+
+// ---- prompt attention on AMX tiles ------------------------------------------------------
+// A run's rows against its keys as tile multiplies: per KV head, the run's keys are
+// packed once as B tiles (K^T: per 16 keys, rows of 16 dimension pairs; V: per 32 keys,
+// rows of 16 key pairs, for each 16 dimensions). Then each task (run, KV head, 16 rows)
+// takes the group's query heads in turn: scores for every key the block sees (16 x 16
+// tiles), an exact softmax per row in float32 with the causal limit, P in bf16, and P.V
+// accumulated in float32 tiles over all keys. torch's flash SDPA ran this at 0.1-0.46
+// TF/s on a 2-core AMX Xeon (benchmarks/prompt_attention.py).
+#if DS_AVX512 && defined(__AVX512BF16__) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 11
+#define DS_AMX 1
+#else
+#define DS_AMX 0
+#endif
+
+}  // namespace
+namespace dsq {
+extern std::atomic<bool> g_amx;  // gguf_kernels.cpp: the tiles are granted and turned on
+}
+namespace {
+
+#if DS_AMX
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
+
+struct alignas(64) AttnTiles {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  AttnTiles() {
+    for (int t = 0; t < 8; ++t) colsb[t] = 64, rows[t] = 16;
+  }
+};
+
+// r[0..15] (16 x 16 int32) transposed in place: 32-bit, then 64-bit interleaves within
+// 128-bit lanes, then the 4 x 4 lanes of each group of four.
+inline void transpose16x16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  __m512i u[16];  // u[4g + k]: rows 4g .. 4g + 3 at column 4L + k, in lane L
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i x0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44);
+    const __m512i x1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE);
+    const __m512i x2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44);
+    const __m512i x3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
+    r[k] = _mm512_shuffle_i32x4(x0, x2, 0x88);
+    r[4 + k] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
+    r[8 + k] = _mm512_shuffle_i32x4(x1, x3, 0x88);
+    r[12 + k] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
+  }
+}
+
+// Keys 0 .. S - 1 of one KV head (cache rows kh / vh, slots through trow) as B tiles:
+// kt per 16 keys D / 2 rows of 16 x (dimension pair), vv per 32 keys D / 16 tiles of
+// 16 rows x 16 x (key pair). Keys past S are zeros.
+void pack_keys(const uint16_t* kh, const uint16_t* vh, const int64_t* trow, int64_t bs,
+               int64_t S, int64_t D, uint32_t* kt, uint16_t* vv) {
+  const auto slot = [&](int64_t t) { return trow[t / bs] * bs + t % bs; };
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t kb = 0; kb < (S + 63) / 64 * 4; ++kb) {  // whole groups of 4 key blocks
+    uint32_t* o = kt + kb * 8 * D;
+    for (int64_t c = 0; c < D / 32; ++c) {  // 16 dimension pairs of 16 keys at a time
+      __m512i r[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t t = 16 * kb + j;
+        r[j] = t < S ? _mm512_loadu_si512(kh + slot(t) * D + 32 * c) : zero;
+      }
+      transpose16x16(r);
+      for (int64_t p = 0; p < 16; ++p) _mm512_storeu_si512(o + (16 * c + p) * 16, r[p]);
+    }
+  }
+  alignas(64) static const uint16_t pick[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37,
+                                                6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43,
+                                                12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(pick);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t b = 0; b < (S + 31) / 32; ++b) {
+    uint16_t* o = vv + b * 32 * D;
+    for (int64_t tp = 0; tp < 16; ++tp) {
+      const int64_t t = 32 * b + 2 * tp;
+      const uint16_t* r0 = t < S ? vh + slot(t) * D : nullptr;
+      const uint16_t* r1 = t + 1 < S ? vh + slot(t + 1) * D : nullptr;
+      for (int64_t d = 0; d < D; d += 32) {  // dimensions d .. d + 31 of both keys
+        const __m512i a = r0 ? _mm512_loadu_si512(r0 + d) : zero;
+        const __m512i e = r1 ? _mm512_loadu_si512(r1 + d) : zero;
+        _mm512_storeu_si512(o + (d / 16) * 512 + tp * 32, _mm512_permutex2var_epi16(a, lo, e));
+        _mm512_storeu_si512(o + (d / 16 + 1) * 512 + tp * 32,
+                            _mm512_permutex2var_epi16(a, hi, e));
+      }
+    }
+  }
+}
+
+// 2^y for y <= 0 to bf16's precision: y = n + f (|f| <= 1/2), 2^f by its degree-4 Taylor
+// polynomial (relative error 4e-5, against bf16's 4e-3 rounding), times 2^n. Below 2^-126
+// the result is denormal or zero (the caller flushes denormals).
+inline __m512 exp2_bf16(__m512 y) {
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(0.0096181291f);  // ln2^k / k!, k = 4 .. 0
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0555041087f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265070f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471806f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Keys a task takes at a time: their scores and probabilities stay in L2 from query head
+// to query head of a group, and the running softmax rescales the float32 outputs once per
+// chunk.
+constexpr int64_t kKeyChunk = 512;
+
+// One key chunk's scores as the tiles stored them (sb: per 16 keys, 16 rows x 16 floats,
+// key blocks kb0 .. kb0 + n16 - 1 of the run) -> P = 2^(l s - the row's running max), l =
+// scale log2(e), in bf16 (pb: per 32 keys, 16 rows x 32), zero past each row's causal
+// limit (row r sees keys 0 .. pos0 + r) and on rows n .. 15. Updates each row's running
+// max mx (in base 2) and sum sm, and returns in alpha the factor its earlier outputs take.
+// Blocks of 1 KB, so the tiles load and store them with a 64-byte stride (rows a
+// power-of-two apart would share cache sets).
+void causal_softmax_chunk(const float* sb, int64_t kb0, int64_t n16, uint16_t* pb, int64_t n,
+                          int64_t pos0, float scale, float* mx, float* sm, float* alpha) {
+  // blocks before `open` have every key visible to every row (the diagonal comes later)
+  const int64_t open = n == 16 ? std::clamp<int64_t>((pos0 + 1) / 16 - kb0, 0, n16) : 0;
+  const auto valid = [&](int64_t kb, int64_t r) -> __mmask16 {
+    const int64_t c = r < n ? std::clamp<int64_t>(pos0 + r + 1 - 16 * (kb0 + kb), 0, 16) : 0;
+    return static_cast<__mmask16>((1u << c) - 1);
+  };
+  const float l = scale * kLog2e;
+  const __m512 lv = _mm512_set1_ps(l);
+  for (int r = 0; r < 16; ++r) {  // row by row: its max and sum stay in registers
+    const float* x = sb + r * 16;
+    uint16_t* o = pb + r * 32;
+    if (r >= n) {  // no query here: zeros, and nothing to rescale
+      for (int64_t kb = 0; kb < (n16 + 1) / 2 * 2; ++kb)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + kb / 2 * 512 + kb % 2 * 16),
+                            _mm256_setzero_si256());
+      alpha[r] = 1.0f;
+      continue;
+    }
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int64_t kb = 0; kb < open; ++kb) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + kb * 256));
+    for (int64_t kb = open; kb < n16; ++kb)
+      mv = _mm512_mask_max_ps(mv, valid(kb, r), mv, _mm512_loadu_ps(x + kb * 256));
+    // a row without keys in this chunk keeps its max (and its e^-inf terms are zeros)
+    const float seen = std::max(mx[r], l * _mm512_reduce_max_ps(mv));
+    alpha[r] = std::exp2(mx[r] - seen);
+    mx[r] = seen;
+    const __m512 neg = _mm512_set1_ps(-seen);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < (n16 + 1) / 2 * 2; ++kb) {
+      const __mmask16 v = kb < open ? __mmask16(0xFFFF) : kb < n16 ? valid(kb, r) : __mmask16(0);
+      const __m512 e = _mm512_maskz_mov_ps(
+          v, exp2_bf16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(v, x + kb * 256), lv, neg)));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + kb / 2 * 512 + kb % 2 * 16),
+                          (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    sm[r] = sm[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+  }
+}
+
+struct PromptBuffers {
+  std::vector<float> s, o, t, state;
+  std::vector<uint16_t> p, q;
+};
+
+// One task: rows q .. q + n - 1 (n <= 16, positions pos0 ..) of query heads h0 .. h0 + G - 1
+// against the packed keys, kKeyChunk keys at a time, each chunk for every head of the group
+// in turn (its keys' tiles stay in L1 from head to head); out has q's layout (row stride
+// H * D).
+template <int D>
+void prompt_block(const uint16_t* q, uint16_t* out, int64_t n, int64_t H, int64_t h0,
+                  int64_t G, int64_t pos0, const uint32_t* kt, const uint16_t* vv,
+                  float scale, PromptBuffers& buf) {
+  static_assert(D == 64 || D == 128, "head size 64 or 128");
+  const int64_t nk = pos0 + n;
+  buf.s.resize(kKeyChunk * 16);
+  buf.p.resize(kKeyChunk * 16);
+  buf.o.resize(G * 16 * D);
+  buf.t.resize(16 * D);
+  float* s = buf.s.data();
+  uint16_t* pb = buf.p.data();
+  float* tmp = buf.t.data();
+  if (n < 16) {  // A tiles from a copy padded with zero rows
+    buf.q.assign(G * 16 * D, 0);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = 0; r < n; ++r)
+        std::memcpy(&buf.q[(g * 16 + r) * D], q + (r * H + h0 + g) * D, D * 2);
+  }
+  // per head: each row's running max, sum, and this chunk's factor for the earlier outputs
+  std::vector<float>& state = buf.state;
+  state.assign(G * 48, 0.0f);
+  for (int64_t g = 0; g < G; ++g) std::fill_n(state.begin() + g * 48, 16, -INFINITY);
+  const AttnTiles cfg;
+  _tile_loadconfig(&cfg);
+  for (int64_t c0 = 0; c0 < nk; c0 += kKeyChunk) {
+    const int64_t nc = std::min(kKeyChunk, nk - c0), n16 = (nc + 15) / 16, n32 = (nc + 31) / 32;
+    const uint32_t* ktc = kt + c0 / 16 * 8 * D;
+    const uint16_t* vvc = vv + c0 / 32 * 32 * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint16_t* qa = n < 16 ? &buf.q[g * 16 * D] : q + (h0 + g) * D;
+      const int64_t qs = n < 16 ? D * 2 : H * D * 2;
+      // scores: four key blocks at a time (accumulators 4-7, so the tile unit has four
+      // independent sums in flight), the group's Q tile reloaded for each 32 dimensions
+      for (int64_t kb = 0; kb < n16; kb += 4) {
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        for (int64_t c = 0; c < D / 32; ++c) {
+          const uint32_t* b = ktc + kb * 8 * D + 256 * c;
+          _tile_loadd(0, qa + 32 * c, qs);
+          _tile_loadd(1, b, 64);
+          _tile_dpbf16ps(4, 0, 1);
+          _tile_loadd(2, b + 8 * D, 64);
+          _tile_dpbf16ps(5, 0, 2);
+          _tile_loadd(3, b + 16 * D, 64);
+          _tile_dpbf16ps(6, 0, 3);
+          _tile_loadd(1, b + 24 * D, 64);
+          _tile_dpbf16ps(7, 0, 1);
+        }
+        _tile_stored(4, s + 256 * kb, 64);
+        _tile_stored(5, s + 256 * kb + 256, 64);
+        _tile_stored(6, s + 256 * kb + 512, 64);
+        _tile_stored(7, s + 256 * kb + 768, 64);
+      }
+      float* st = state.data() + g * 48;
+      causal_softmax_chunk(s, c0 / 16, n16, pb, n, pos0, scale, st, st + 16, st + 32);
+      // P.V: 64 output dimensions at a time in accumulators 4-7, stored as the head's
+      // outputs (the first chunk) or added to the earlier chunks' rescaled
+      float* o = &buf.o[g * 16 * D];
+      float* to = c0 == 0 ? o : tmp;
+      for (int64_t half = 0; half < D / 64; ++half) {
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        for (int64_t t = 0; t < n32; ++t) {
+          const uint16_t* b = vvc + t * 32 * D + half * 2048;
+          _tile_loadd(0, pb + 512 * t, 64);
+          _tile_loadd(1, b, 64);
+          _tile_loadd(2, b + 512, 64);
+          _tile_dpbf16ps(4, 0, 1);
+          _tile_loadd(3, b + 1024, 64);
+          _tile_dpbf16ps(5, 0, 2);
+          _tile_loadd(1, b + 1536, 64);
+          _tile_dpbf16ps(6, 0, 3);
+          _tile_dpbf16ps(7, 0, 1);
+        }
+        _tile_stored(4, to + 64 * half, D * 4);
+        _tile_stored(5, to + 64 * half + 16, D * 4);
+        _tile_stored(6, to + 64 * half + 32, D * 4);
+        _tile_stored(7, to + 64 * half + 48, D * 4);
+      }
+      for (int64_t r = 0; r < n && c0 > 0; ++r) {
+        const __m512 a = _mm512_set1_ps(st[32 + r]);
+        for (int64_t d = 0; d < D; d += 16)
+          _mm512_storeu_ps(o + r * D + d, _mm512_fmadd_ps(_mm512_loadu_ps(o + r * D + d), a,
+                                                          _mm512_loadu_ps(tmp + r * D + d)));
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < n; ++r) {
+      const __m512 inv = _mm512_set1_ps(1.0f / state[g * 48 + 16 + r]);
+      const float* o = &buf.o[(g * 16 + r) * D];
+      for (int64_t d = 0; d < D; d += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r * H + h0 + g) * D + d),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(o + d), inv)));
+    }
+}
+
+// Whether prompt_attention_amx takes runs of this head size.
+bool prompt_tiles(int64_t D) { return dsq::g_amx && (D == 64 || D == 128); }
+
+// Every run on the tiles; false (nothing written) where they cannot take them.
+bool prompt_attention_amx(const at::Tensor& qc, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache,
+                          const std::vector<std::pair<int64_t, int64_t>>& runs,
+                          const int64_t* ctx, const int64_t* table, int64_t width,
+                          int64_t bs, float scale, at::Tensor& out) {
+  const int64_t H = qc.size(1), D = qc.size(2), KVH = k_cache.size(0), G = H / KVH;
+  if (!prompt_tiles(D)) return false;
+  // per (run, KV head): where its packed keys start (in uint16s), and its tasks
+  std::vector<int64_t> offs(runs.size() * KVH + 1, 0);
+  struct Task {
+    int64_t run, g, first;
+  };
+  std::vector<Task> tasks;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const auto [i0, R] = runs[r];
+    const int64_t S = ctx[i0 + R - 1];
+    for (int64_t g = 0; g < KVH; ++g) {
+      const size_t k = r * KVH + g;
+      offs[k + 1] = offs[k] + ((S + 63) / 64 * 64 + (S + 31) / 32 * 32) * D;
+      for (int64_t f = 0; f < R; f += 16) tasks.push_back({static_cast<int64_t>(r), g, f});
+    }
+  }
+  // KV head by KV head (both threads read one head's packed keys, which then stay in
+  // their L2s), the longest first within each, so the last pieces handed out are short
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
+    if (a.g != b.g) return a.g < b.g;
+    return ctx[runs[a.run].first + a.first] > ctx[runs[b.run].first + b.first];
+  });
+  std::vector<uint16_t> packed(offs.back());
+  const auto* kc = static_cast<const uint16_t*>(k_cache.data_ptr());
+  const auto* vc = static_cast<const uint16_t*>(v_cache.data_ptr());
+  const int64_t head = k_cache.size(1) * D;
+  ds_parallel::pieces(0, static_cast<int64_t>(runs.size()) * KVH, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const auto [i0, R] = runs[k / KVH];
+      const int64_t g = k % KVH, S = ctx[i0 + R - 1];
+      uint16_t* base = packed.data() + offs[k];
+      pack_keys(kc + g * head, vc + g * head, table + (i0 + R - 1) * width, bs, S, D,
+                reinterpret_cast<uint32_t*>(base), base + (S + 63) / 64 * 64 * D);
+    }
+  });
+  const auto* qp = static_cast<const uint16_t*>(qc.data_ptr());
+  auto* op = static_cast<uint16_t*>(out.data_ptr());
+  ds_parallel::pieces(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t b, int64_t e) {
+    FlushDenormals flush;
+    thread_local PromptBuffers buf;
+    for (int64_t i = b; i < e; ++i) {
+      const Task& t = tasks[i];
+      const auto [i0, R] = runs[t.run];
+      const int64_t row = i0 + t.first, n = std::min<int64_t>(16, R - t.first);
+      const size_t k = t.run * KVH + t.g;
+      const uint16_t* base = packed.data() + offs[k];
+      const auto* kt = reinterpret_cast<const uint32_t*>(base);
+      const uint16_t* vv = base + (ctx[i0 + R - 1] + 63) / 64 * 64 * D;
+      if (D == 64)
+        prompt_block<64>(qp + row * H * D, op + row * H * D, n, H, t.g * G, G, ctx[row] - 1,
+                         kt, vv, scale, buf);
+      else
+        prompt_block<128>(qp + row * H * D, op + row * H * D, n, H, t.g * G, G, ctx[row] - 1,
+                          kt, vv, scale, buf);
+    }
+  });
+  return true;
+}
+
+#pragma GCC pop_options
+#else
+bool prompt_tiles(int64_t) { return false; }
+bool prompt_attention_amx(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const std::vector<std::pair<int64_t, int64_t>>&, const int64_t*,
+                          const int64_t*, int64_t, int64_t, float, at::Tensor&) {
+  return false;
+}
+#endif
 
 at::Tensor decode_attention_rows(const at::Tensor& qc, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const Scales& ksp,
@@ -1199,8 +1565,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t B = qc.size(0), width = table.size(1);
   const bool bf16 = qc.scalar_type() == at::kBFloat16 &&
                     k_cache.scalar_type() == at::kBFloat16 && !ksp.data && !vsp.data;
-  const auto runs = bf16 && B >= kSdpaRun
-      ? fresh_prompts(ctx.data_ptr<int64_t>(), table.data_ptr<int64_t>(), B, width, block_size)
+  const bool tiles = bf16 && prompt_tiles(qc.size(2));
+  const int64_t least = tiles ? kTileRun : kSdpaRun;
+  const auto runs = bf16 && B >= least
+      ? prompt_runs(ctx.data_ptr<int64_t>(), table.data_ptr<int64_t>(), B, width, block_size,
+                    !tiles, least)
       : std::vector<std::pair<int64_t, int64_t>>{};
   if (runs.empty()) return decode_attention_rows(qc, k_cache, v_cache, ksp, vsp, table, ctx,
                                                  block_size, sc);
@@ -1208,10 +1577,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   std::vector<int64_t> rest;  // rows the row-by-row kernel takes
   const int64_t H = qc.size(1), KVH = k_cache.size(0);
   const int64_t* tp = table.data_ptr<int64_t>();
+  if (tiles) prompt_attention_amx(qc, k_cache, v_cache, runs, ctx.data_ptr<int64_t>(), tp,
+                                  width, block_size, sc, out);
   int64_t next = 0;
   for (const auto& [i0, R] : runs) {
     for (; next < i0; ++next) rest.push_back(next);
     next = i0 + R;
+    if (tiles) continue;
     std::vector<int64_t> slots(R);
     for (int64_t t = 0; t < R; ++t)
       slots[t] = tp[i0 * width + t / block_size] * block_size + t % block_size;

@@ -13,7 +13,12 @@ from deepserve.engine.layout import BackgroundLayout
 from deepserve.engine.sampler import Sampler
 from deepserve.engine.sequence import Logprob, Sequence
 from deepserve.engine.utilization import Utilization
-from deepserve.layers.attention import PAGED_PREFILL, AttentionMetadata, PrefillChunk
+from deepserve.layers.attention import (
+    PAGED_PREFILL,
+    PAGED_PREFILL_TILES,
+    AttentionMetadata,
+    PrefillChunk,
+)
 from deepserve.layers.kv_cache import cache_for
 from deepserve.models.llama import LlamaForCausalLM
 
@@ -123,8 +128,9 @@ class ModelRunner:
                 sample_rows.append(start + n - 1)
                 sample_items.append(i)
 
+        limit = PAGED_PREFILL_TILES if kernels.amx() else PAGED_PREFILL
         if self.paged_prefill and meta.prefills and \
-                all(c.context_len <= PAGED_PREFILL for c in meta.prefills):
+                all(c.context_len <= limit for c in meta.prefills):
             self._row_tables(items, decodes, prefills, meta)
         meta.slot_mapping = torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
