@@ -99,3 +99,14 @@ def test_bf16_default_runs_and_agrees_mostly(llm_bf16, hf_greedy):
     outs = llm_bf16.generate(PROMPTS, GREEDY)
     agree = sum(o.token_ids[:4] == ref[:4] for o, ref in zip(outs, hf_greedy, strict=True))
     assert agree >= len(PROMPTS) - 2
+
+
+def test_other_block_sizes_give_the_same_tokens(llm_bf16):
+    """--block-size 32 (bf16 blocks, the one-call layers, prompts attending through every
+    row's block table) gives the default 16's greedy tokens: each prompt's keys are read
+    through blocks of the size the cache was built with (a prompt-only step once passed 16
+    to the kernels, which then read other sequences' slots)."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [o.token_ids for o in llm_bf16.generate(PROMPTS, params)]
+    other = LLM(dtype="bfloat16", show_progress=False, kv_cache_memory="64MiB", block_size=32)
+    assert [o.token_ids for o in other.generate(PROMPTS, params)] == want

@@ -76,7 +76,7 @@ class ModelRunner:
         sample_items: list[int] = []
         slot_parts: list[torch.Tensor] = []
         meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(decodes),
-                                 use_kernel=self.use_kernels)
+                                 use_kernel=self.use_kernels, block_size=self.block_size)
 
         if decodes:
             ctx_lens = []
@@ -98,7 +98,6 @@ class ModelRunner:
             last = ctx - 1
             slot_parts.append(table.gather(1, (last // bs).unsqueeze(1)).squeeze(1) * bs
                               + last % bs)
-            meta.block_size = bs
             if self.use_kernels:
                 meta.decode_table, meta.decode_ctx = table, ctx
             else:
