@@ -1493,7 +1493,9 @@ bool prompt_attention_amx(const at::Tensor& qc, const at::Tensor& k_cache,
     if (a.g != b.g) return a.g < b.g;
     return ctx[runs[a.run].first + a.first] > ctx[runs[b.run].first + b.first];
   });
-  std::vector<uint16_t> packed(offs.back());
+  // (uninitialized: pack_keys writes every entry, zeros past each run's keys)
+  const at::Tensor packed_keys = at::empty({offs.back()}, at::kShort);
+  uint16_t* const packed = reinterpret_cast<uint16_t*>(packed_keys.data_ptr<int16_t>());
   const auto* kc = static_cast<const uint16_t*>(k_cache.data_ptr());
   const auto* vc = static_cast<const uint16_t*>(v_cache.data_ptr());
   const int64_t head = k_cache.size(1) * D;
@@ -1501,7 +1503,7 @@ bool prompt_attention_amx(const at::Tensor& qc, const at::Tensor& k_cache,
     for (int64_t k = b; k < e; ++k) {
       const auto [i0, R] = runs[k / KVH];
       const int64_t g = k % KVH, S = ctx[i0 + R - 1];
-      uint16_t* base = packed.data() + offs[k];
+      uint16_t* base = packed + offs[k];
       pack_keys(kc + g * head, vc + g * head, table + (i0 + R - 1) * width, bs, S, D,
                 reinterpret_cast<uint32_t*>(base), base + (S + 63) / 64 * 64 * D);
     }
@@ -1516,7 +1518,7 @@ bool prompt_attention_amx(const at::Tensor& qc, const at::Tensor& k_cache,
       const auto [i0, R] = runs[t.run];
       const int64_t row = i0 + t.first, n = std::min<int64_t>(16, R - t.first);
       const size_t k = t.run * KVH + t.g;
-      const uint16_t* base = packed.data() + offs[k];
+      const uint16_t* base = packed + offs[k];
       const auto* kt = reinterpret_cast<const uint32_t*>(base);
       const uint16_t* vv = base + (ctx[i0 + R - 1] + 63) / 64 * 64 * D;
       if (D == 64)
