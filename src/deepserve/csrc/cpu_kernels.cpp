@@ -1528,6 +1528,7 @@ bool prompt_attention_amx(const at::Tensor& qc, const at::Tensor& k_cache,
         prompt_block<128>(qp + row * H * D, op + row * H * D, n, H, t.g * G, G, ctx[row] - 1,
                           kt, vv, scale, buf);
     }
+    _tile_release();  // (as the GEMMs do: the thread's context switches then skip the tiles)
   });
   return true;
 }
