@@ -1184,10 +1184,11 @@ std::vector<std::pair<int64_t, int64_t>> prompt_runs(const int64_t* ctx, const i
 // A run's rows against its keys as tile multiplies: per KV head, the run's keys are
 // packed once as B tiles (K^T: per 16 keys, rows of 16 dimension pairs; V: per 32 keys,
 // rows of 16 key pairs, for each 16 dimensions). Then each task (run, KV head, 16 rows)
-// takes the group's query heads in turn: scores for every key the block sees (16 x 16
-// tiles), an exact softmax per row in float32 with the causal limit, P in bf16, and P.V
-// accumulated in float32 tiles over all keys. torch's flash SDPA ran this at 0.1-0.46
-// TF/s on a 2-core AMX Xeon (benchmarks/prompt_attention.py).
+// takes kKeyChunk keys at a time for every query head of its group: 16 x 16 score tiles,
+// a running softmax per row in float32 with the causal limit, P in bf16, and P.V
+// accumulated in float32 tiles, the earlier chunks' outputs rescaled. torch's flash SDPA
+// ran this at 0.1-0.5 TF/s on a 2-core AMX Xeon, the tiles at 0.3-1.1
+// (benchmarks/prompt_attention.py).
 #if DS_AVX512 && defined(__AVX512BF16__) && defined(__GNUC__) && !defined(__clang__) && \
     __GNUC__ >= 11
 #define DS_AMX 1
@@ -1205,6 +1206,7 @@ namespace {
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16")
 
+// Every tile 16 rows of 64 bytes (as gguf_kernels.cpp's amx_bf16_configure sets them).
 struct alignas(64) AttnTiles {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};

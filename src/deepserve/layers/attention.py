@@ -70,8 +70,9 @@ class AttentionMetadata:
 # Prefill chunks run on the paged kernel (with the decode rows, one call) while every
 # chunk's context is at most this many tokens; SDPA's tiles win on longer ones. Where the
 # kernel's prompt runs take AMX tiles (``prompt_attention_amx``), up to PAGED_PREFILL_TILES:
-# 1.3x SDPA on a whole 2048-token prompt, 6.5x on a 2048-token chunk after 2048 cached
-# tokens (which SDPA takes with an explicit mask).
+# 1.4x SDPA on a whole 2048-token prompt, 7.5x on a 2048-token chunk after 2048 cached
+# tokens (benchmarks/prompt_attention.py; the chunk there runs row by row, and the Python
+# path takes it as SDPA with an explicit mask).
 PAGED_PREFILL = 512
 PAGED_PREFILL_TILES = 1 << 16
 
