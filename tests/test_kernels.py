@@ -369,3 +369,45 @@ def test_argmax_rows_picks_as_torch_argmax(each_isa):
         assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1)), v
     x = torch.randn(64, 1000)[:, ::2]  # a strided view
     assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1))
+
+
+@needs_kernels
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (64, 8, 8), (128, 16, 4),
+                                                     (128, 16, 2)])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_decode_scores_on_tiles_match_float64(head_dim, heads, kv_heads, bs, amx_tiles):
+    """Decode rows' scores on AMX tiles (block sizes that are multiples of 16; query groups
+    of 3, 1, 4 and 8 heads): every 16 keys loaded in place as one tile, contexts with
+    every tail length, against float64 attention on the same bf16 values and as close as
+    the same call with the tiles off (the dot-instruction path). The two often agree bit
+    for bit after the bf16 roundings; a tile kernel that dropped half the dimensions
+    failed all 8 cases, one that read every head's scores from the first failed the 6
+    with groups of more than one head."""
+    from deepserve import kernels
+
+    torch.manual_seed(3)
+    blocks = 96
+    k = torch.randn(kv_heads, blocks * bs, head_dim).bfloat16()
+    v = torch.randn(kv_heads, blocks * bs, head_dim).bfloat16()
+    ctx = torch.tensor([1, 15, 16, 17, 33, 200])
+    width = int(-(-ctx.max() // bs))
+    table = torch.randperm(blocks)[:len(ctx) * width].view(len(ctx), width)
+    q = torch.randn(len(ctx), heads, head_dim).bfloat16() * 2
+    scale = head_dim ** -0.5
+    got = kernels.paged_decode_attention(q, k, v, None, None, table, ctx, bs, scale)
+    kernels.set_amx(False)
+    dots = kernels.paged_decode_attention(q, k, v, None, None, table, ctx, bs, scale)
+    kernels.set_amx(True)
+    group = heads // kv_heads
+    for b in range(len(ctx)):
+        n = int(ctx[b])
+        slots = (table[b].repeat_interleave(bs) * bs + torch.arange(bs).repeat(width))[:n]
+        kb = k[:, slots].double().repeat_interleave(group, 0)
+        vb = v[:, slots].double().repeat_interleave(group, 0)
+        p = torch.softmax((q[b].double().unsqueeze(1) @ kb.transpose(1, 2)) * scale, dim=-1)
+        want = (p @ vb).squeeze(1)
+        # bf16 output and bf16 probabilities: within a few bf16 steps of float64
+        assert torch.allclose(got[b].double(), want, atol=2e-2), (b, (got[b] - want).abs().max())
+        err_tiles = (got[b].double() - want).abs().mean()
+        err_dots = (dots[b].double() - want).abs().mean()
+        assert err_tiles <= 1.5 * err_dots + 1e-4, (b, err_tiles, err_dots)

@@ -642,6 +642,15 @@ void pv_heads_bf16(int g0, const uint16_t* vp, const int64_t* rows, int64_t ctx,
   }
 }
 
+// A task's scores on AMX tiles (defined with the prompt kernel below): where
+// decode_tiles(block_size) holds, every 16 of its tokens are 16 consecutive cache rows.
+bool decode_tiles(int64_t block_size);
+void decode_tiles_begin(int G, int DP);
+void decode_tiles_end();
+void decode_scores_tiles(int G, int DP, const uint16_t* q, const uint16_t* kp,
+                         const uint16_t* vp, const int64_t* rows, int64_t ctx, float scale,
+                         float* scores);
+
 // bf16 q and cache, head_dim = 32 * DP: products with AVX512-BF16 dot instructions, which
 // multiply bf16 pairs exactly and accumulate in float32 (as torch's bf16 matmuls do).
 // Scores for 16 tokens are reduced together; P.V takes two tokens per instruction, the
@@ -657,7 +666,9 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
   const int64_t H = KVH * G;
   // pieces of about an eighth of a thread's share (contexts differ from row to row)
   const int64_t piece = B * KVH / (8 * at::get_num_threads()) + 1;
+  const bool tiles = decode_tiles(block_size);
   ds_parallel::pieces(0, B * KVH, piece, [&](int64_t t0, int64_t t1) {
+    if (tiles) decode_tiles_begin(G, DP);
     std::vector<float> scores;
     std::vector<uint16_t> probs;  // the numerators rounded to bf16, an even stride per head
     std::vector<int64_t> rows;
@@ -681,7 +692,10 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
           qv[g][c] = (__m512bh)_mm512_loadu_si512(qp + (b * H + h * G + g) * D + 32 * c);
       // 1. scores, 16 tokens at a time
       const __m512 sc = _mm512_set1_ps(scale);
-      for (int64_t base = 0; base < ctx; base += 16) {
+      if (tiles)
+        decode_scores_tiles(G, DP, qp + (b * H + h * G) * D, kp, vp, rows.data(), ctx, scale,
+                            scores.data());
+      for (int64_t base = 0; base < (tiles ? 0 : ctx); base += 16) {
         const int64_t n = std::min<int64_t>(16, ctx - base);
         const __mmask16 mask = n == 16 ? static_cast<__mmask16>(0xFFFF)
                                        : static_cast<__mmask16>((1u << n) - 1);
@@ -740,6 +754,7 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
         else run(std::integral_constant<int, 1>{});
       }
     }
+    if (tiles) decode_tiles_end();
   });
 }
 
@@ -1467,6 +1482,79 @@ void prompt_block(const uint16_t* q, uint16_t* out, int64_t n, int64_t H, int64_
 // Whether prompt_attention_amx takes runs of this head size.
 bool prompt_tiles(int64_t D) { return dsq::g_amx && (D == 64 || D == 128); }
 
+// ---- decode scores on AMX tiles ---------------------------------------------------------
+// One decode task's G query heads against its keys: every 16 keys are 16 consecutive
+// cache rows (block_size a multiple of 16), loaded as an A tile in place (16 keys x 32
+// dimensions, the row stride D), against the heads' q as B tiles (16 dimension pairs x G
+// heads, built once a task): C holds 16 keys x G scores in float32, read back per head
+// by a gather. A tile multiply costs the same for G rows as for 16, and replaces the
+// 2 G dot instructions a key plus their horizontal sums: the kernel alone 1.05-1.1x, a
+// 64-row step about 3% (BENCHMARKS.md, "Where a 64-stream decode step goes on AMX"; the
+// attention there mostly waits on memory). Keys past ctx in the last block are
+// multiplied and never read back.
+bool decode_tiles(int64_t block_size) { return dsq::g_amx && block_size % 16 == 0; }
+
+// A thread's tiles for decode_scores_tiles, from its first task to decode_tiles_end: 0 C,
+// 16 keys x G; 1 A, 16 keys x 32 dimensions; 2 .. 1 + DP: B, q per 32 dimensions.
+void decode_tiles_begin(int G, int DP) {
+  AttnTiles cfg;
+  cfg.colsb[0] = 4 * G;
+  for (int c = 0; c < DP; ++c) cfg.colsb[2 + c] = 4 * G;
+  asm volatile("" : : "m"(cfg) : "memory");  // (GCC 12 dropped the stores ldtilecfg reads)
+  _tile_loadconfig(&cfg);
+}
+
+void decode_tiles_end() { _tile_release(); }
+
+void decode_scores_tiles(int G, int DP, const uint16_t* q, const uint16_t* kp,
+                         const uint16_t* vp, const int64_t* rows, int64_t ctx, float scale,
+                         float* scores) {
+  const int64_t D = 32 * DP;  // DP 2 or 4; G at most 8 (tiles as decode_tiles_begin set)
+  alignas(64) uint32_t qt[4][16 * 8];  // row r of B tile c: dims 32c + 2r, +1 of each head
+  const uint32_t* q32 = reinterpret_cast<const uint32_t*>(q);
+  for (int c = 0; c < DP; ++c)
+    for (int r = 0; r < 16; ++r)
+      for (int g = 0; g < G; ++g) qt[c][r * G + g] = q32[g * (D / 2) + 16 * c + r];
+  _tile_loadd(2, qt[0], 4 * G);
+  _tile_loadd(3, qt[1], 4 * G);
+  if (DP == 4) {
+    _tile_loadd(4, qt[2], 4 * G);
+    _tile_loadd(5, qt[3], 4 * G);
+  }
+  alignas(64) float cb[16 * 8];
+  const __m512i lanes = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(G));
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t base = 0; base < ctx; base += 16) {
+    const int64_t n = std::min<int64_t>(16, ctx - base);
+    for (int64_t j = base + 16; j < std::min<int64_t>(ctx, base + 32); ++j)
+      prefetch_bytes(kp + rows[j], 2 * D, 0);
+    for (int64_t j = base; j < base + n; ++j) prefetch_bytes(vp + rows[j], 2 * D, 1);
+    const uint16_t* k0 = kp + rows[base];
+    _tile_zero(0);
+    _tile_loadd(1, k0, 2 * D);
+    _tile_dpbf16ps(0, 1, 2);
+    _tile_loadd(1, k0 + 32, 2 * D);
+    _tile_dpbf16ps(0, 1, 3);
+    if (DP == 4) {
+      _tile_loadd(1, k0 + 64, 2 * D);
+      _tile_dpbf16ps(0, 1, 4);
+      _tile_loadd(1, k0 + 96, 2 * D);
+      _tile_dpbf16ps(0, 1, 5);
+    }
+    _tile_stored(0, cb, 4 * G);
+    const __mmask16 mask = n == 16 ? static_cast<__mmask16>(0xFFFF)
+                                   : static_cast<__mmask16>((1u << n) - 1);
+    for (int g = 0; g < G; ++g) {
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask,
+                                                _mm512_add_epi32(lanes, _mm512_set1_epi32(g)),
+                                                cb, 4);
+      _mm512_mask_storeu_ps(scores + g * ctx + base, mask, _mm512_mul_ps(v, sc));
+    }
+  }
+}
+
 // Every run on the tiles; false (nothing written) where they cannot take them.
 bool prompt_attention_amx(const at::Tensor& qc, const at::Tensor& k_cache,
                           const at::Tensor& v_cache,
@@ -1539,6 +1627,11 @@ bool prompt_attention_amx(const at::Tensor& qc, const at::Tensor& k_cache,
 #pragma GCC pop_options
 #else
 bool prompt_tiles(int64_t) { return false; }
+bool decode_tiles(int64_t) { return false; }
+void decode_tiles_begin(int, int) {}
+void decode_tiles_end() {}
+void decode_scores_tiles(int, int, const uint16_t*, const uint16_t*, const uint16_t*,
+                         const int64_t*, int64_t, float, float*) {}
 bool prompt_attention_amx(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const std::vector<std::pair<int64_t, int64_t>>&, const int64_t*,
                           const int64_t*, int64_t, int64_t, float, at::Tensor&) {
