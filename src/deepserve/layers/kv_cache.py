@@ -18,16 +18,19 @@ from deepserve.config import KV_DTYPES  # noqa: F401 (re-exported)
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed tensor. On the CPU it lies in an anonymous memory map: the kernel hands
-    out zero pages as they are first written, so a large pool costs nothing to create
-    (writing 1.1 GiB of zeros took 0.2-0.3 s of every start) and is resident only as far
-    as it is used."""
+    """A zeroed tensor. On the CPU it lies in a private anonymous memory map: the kernel
+    hands out zero pages as they are first written, so a large pool costs nothing to
+    create (writing 1.1 GiB of zeros took 0.2-0.3 s of every start) and is resident only
+    as far as it is used. Private, not Python's default shared mapping: a shared one is
+    backed by shmem, whose first write to a page cost 1.2-1.5 us against 0.9-1.0 us
+    (BENCHMARKS.md, eleventh session), paid in the decode steps that fill the pool."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    pages = mmap.mmap(-1, nbytes)  # the tensor holds a reference to it
+    # the tensor holds a reference to the map
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 
