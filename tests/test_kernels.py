@@ -47,15 +47,17 @@ def test_linear_small_matches_float_reference(wdtype, k, each_isa):
         assert torch.allclose(got16.float(), ref16, rtol=1e-2, atol=1e-2), rows
 
 
-def _decode_case(kind, dtype, head_dim, seed=0, heads=6):
-    """A layer cache filled with random K/V, 5 sequences with scattered block tables."""
+def _decode_case(kind, dtype, head_dim, seed=0, heads=6, ctx=None, bs=4, blocks=64):
+    """A layer cache filled with random K/V, 5 sequences (or one per entry of ctx) with
+    scattered block tables."""
     torch.manual_seed(seed)
-    kv_heads, bs, blocks = 2, 4, 64
+    kv_heads = 2
     cache = LayerKV(kv_heads, blocks * bs, head_dim, dtype, kind, torch.device("cpu"))
     slots = torch.arange(blocks * bs)
     cache.write(torch.randn(len(slots), kv_heads, head_dim).to(dtype),
                 torch.randn(len(slots), kv_heads, head_dim).to(dtype), slots)
-    ctx = torch.tensor([1, 4, 5, 17, 40])  # one token, a full block, block + 1, ...
+    if ctx is None:
+        ctx = torch.tensor([1, 4, 5, 17, 40])  # one token, a full block, block + 1, ...
     width = int(-(-ctx.max() // bs))
     table = (torch.randperm(blocks - 1)[:len(ctx) * width] + 1).view(len(ctx), width)
     q = torch.randn(len(ctx), heads, head_dim).to(dtype)
@@ -137,6 +139,27 @@ def test_paged_decode_attention_bf16_head_groups(head_dim, heads, each_isa):
     ref = paged_attention(q, kv, kv, cache, meta, head_dim ** -0.5)
     got = kernels.paged_decode_attention(q, cache.k, cache.v, None, None, table, ctx, bs,
                                          head_dim ** -0.5)
+    assert torch.allclose(got.float(), ref.float(), atol=2e-2), (got - ref).abs().max()
+
+
+@needs_kernels
+def test_paged_decode_attention_computes_every_row_of_a_large_batch(each_isa):
+    """Many rows (120 tasks of a sequence and KV head, handed out to the threads in pieces
+    that shrink toward the end) with contexts of 1 to 70 tokens in 16-token blocks (the
+    AMX tiles' layout where they run): every row as the gather path gives it, so no task
+    is skipped or mixed up with another."""
+    ctx = torch.tensor([1 + (7 * i) % 70 for i in range(60)])
+    q, cache, table, ctx, bs = _decode_case("auto", torch.bfloat16, 64, seed=2, heads=6,
+                                            ctx=ctx, bs=16, blocks=300)
+    valid = torch.arange(table.shape[1] * bs).unsqueeze(0) < ctx.unsqueeze(1)
+    bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
+    meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(ctx),
+                             decode_blocks=table.flatten(), block_size=bs,
+                             decode_bias=bias.unsqueeze(0).unsqueeze(2))
+    kv = q[:, :cache.k.shape[0]]
+    ref = paged_attention(q, kv, kv, cache, meta, 0.125)
+    got = kernels.paged_decode_attention(q, cache.k, cache.v, None, None, table, ctx, bs,
+                                         0.125)
     assert torch.allclose(got.float(), ref.float(), atol=2e-2), (got - ref).abs().max()
 
 

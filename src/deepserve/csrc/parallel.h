@@ -18,7 +18,10 @@
 
 namespace ds_parallel {
 
-// f(b, e) for the pieces [begin + i * piece, ...) of [begin, end), each exactly once.
+// f(b, e) over consecutive pieces of [begin, end) of at most `piece` items, each item
+// exactly once. Pieces shrink toward the end (a share of what is left, down to one
+// item), so the thread that takes the last one keeps the others waiting for one small
+// piece, not a whole one.
 template <typename F>
 inline void pieces(int64_t begin, int64_t end, int64_t piece, const F& f) {
   if (end <= begin) return;
@@ -29,11 +32,16 @@ inline void pieces(int64_t begin, int64_t end, int64_t piece, const F& f) {
     f(begin, end);
     return;
   }
-  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> next{begin};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-         i = next.fetch_add(1, std::memory_order_relaxed))
-      f(begin + i * piece, std::min(end, begin + (i + 1) * piece));
+    int64_t b = next.load(std::memory_order_relaxed);
+    while (b < end) {
+      const int64_t size = std::clamp<int64_t>((end - b) / (2 * threads), 1, piece);
+      if (next.compare_exchange_weak(b, b + size, std::memory_order_relaxed)) {
+        f(b, b + size);
+        b = next.load(std::memory_order_relaxed);
+      }
+    }
   });
 }
 
