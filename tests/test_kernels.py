@@ -64,6 +64,17 @@ def _decode_case(kind, dtype, head_dim, seed=0, heads=6, ctx=None, bs=4, blocks=
     return q, cache, table, ctx, bs
 
 
+def _gather_reference(q, cache, table, ctx, bs, scale):
+    """The decode rows' attention by the torch gather path (paged_attention)."""
+    valid = torch.arange(table.shape[1] * bs).unsqueeze(0) < ctx.unsqueeze(1)
+    bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
+    meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(ctx),
+                             decode_blocks=table.flatten(), block_size=bs,
+                             decode_bias=bias.unsqueeze(0).unsqueeze(2))
+    kv = q[:, :cache.k.shape[0]]  # unused by the decode path (already in the cache)
+    return paged_attention(q, kv, kv, cache, meta, scale)
+
+
 @needs_kernels
 def test_latent_decode_matches_float64(each_isa):
     """MLA's decode attention in one call (kernels.latent_decode): 16 heads against one
@@ -99,13 +110,7 @@ def test_latent_decode_matches_float64(each_isa):
 def test_paged_decode_attention_matches_gather_path(kind, dtype, head_dim, heads, each_isa):
     q, cache, table, ctx, bs = _decode_case(kind, dtype, head_dim, heads=heads)
     scale = head_dim ** -0.5
-    valid = torch.arange(table.shape[1] * bs).unsqueeze(0) < ctx.unsqueeze(1)
-    bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
-    meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(ctx),
-                             decode_blocks=table.flatten(), block_size=bs,
-                             decode_bias=bias.unsqueeze(0).unsqueeze(2))
-    kv = q[:, :cache.k.shape[0]]  # unused by the decode path (already in the cache)
-    ref = paged_attention(q, kv, kv, cache, meta, scale)
+    ref = _gather_reference(q, cache, table, ctx, bs, scale)
     got = kernels.paged_decode_attention(q, cache.k, cache.v, getattr(cache, "k_scale", None),
                                          getattr(cache, "v_scale", None), table, ctx, bs, scale)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the reference rounds to bf16
@@ -130,13 +135,7 @@ def test_paged_decode_attention_bf16_head_groups(head_dim, heads, each_isa):
     path."""
     q, cache, table, ctx, bs = _decode_case("auto", torch.bfloat16, head_dim, seed=1,
                                             heads=heads)
-    valid = torch.arange(table.shape[1] * bs).unsqueeze(0) < ctx.unsqueeze(1)
-    bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
-    meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(ctx),
-                             decode_blocks=table.flatten(), block_size=bs,
-                             decode_bias=bias.unsqueeze(0).unsqueeze(2))
-    kv = q[:, :cache.k.shape[0]]
-    ref = paged_attention(q, kv, kv, cache, meta, head_dim ** -0.5)
+    ref = _gather_reference(q, cache, table, ctx, bs, head_dim ** -0.5)
     got = kernels.paged_decode_attention(q, cache.k, cache.v, None, None, table, ctx, bs,
                                          head_dim ** -0.5)
     assert torch.allclose(got.float(), ref.float(), atol=2e-2), (got - ref).abs().max()
@@ -145,19 +144,13 @@ def test_paged_decode_attention_bf16_head_groups(head_dim, heads, each_isa):
 @needs_kernels
 def test_paged_decode_attention_computes_every_row_of_a_large_batch(each_isa):
     """Many rows (120 tasks of a sequence and KV head, handed out to the threads in pieces
-    that shrink toward the end) with contexts of 1 to 70 tokens in 16-token blocks (the
+    that shrink toward the end) with contexts of 1 to 64 tokens in 16-token blocks (the
     AMX tiles' layout where they run): every row as the gather path gives it, so no task
     is skipped or mixed up with another."""
     ctx = torch.tensor([1 + (7 * i) % 70 for i in range(60)])
     q, cache, table, ctx, bs = _decode_case("auto", torch.bfloat16, 64, seed=2, heads=6,
                                             ctx=ctx, bs=16, blocks=300)
-    valid = torch.arange(table.shape[1] * bs).unsqueeze(0) < ctx.unsqueeze(1)
-    bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
-    meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(ctx),
-                             decode_blocks=table.flatten(), block_size=bs,
-                             decode_bias=bias.unsqueeze(0).unsqueeze(2))
-    kv = q[:, :cache.k.shape[0]]
-    ref = paged_attention(q, kv, kv, cache, meta, 0.125)
+    ref = _gather_reference(q, cache, table, ctx, bs, 0.125)
     got = kernels.paged_decode_attention(q, cache.k, cache.v, None, None, table, ctx, bs,
                                          0.125)
     assert torch.allclose(got.float(), ref.float(), atol=2e-2), (got - ref).abs().max()
