@@ -211,7 +211,9 @@ def test_cache_aware_balancing_beats_round_robin_on_shared_prefixes(backends, tm
     from deepserve.loader.tokenizer import load_tokenizer
 
     tok = load_tokenizer(default_model_path(), "gguf")
-    # Restart the killed replica so both lite replicas serve again.
+    # Restart the killed replica so both lite replicas serve again (stopped first: run on
+    # its own, without the test that kills it, this test would otherwise orphan it).
+    backends[1].stop(signal.SIGKILL)
     backends[1] = ServerProcess("--served-model-name", "lite", "--max-num-seqs", "16",
                                 log_dir=tmp_path)
 
