@@ -302,7 +302,8 @@ def test_amx_tiles_match_float64_and_leave_other_shapes_to_vnni(name, amx_tiles)
     """12 bf16 rows and more against interleaved blocks run on AMX bf16 tiles (each panel
     of 16 columns dequantized to bf16 once): the float64 product within bf16's rounding,
     and not the VNNI kernel's bits (a different path ran); so do float32 rows that bf16
-    holds exactly (a bf16 model's head), giving float32. Fewer rows, other float32 rows, a
+    holds exactly (a bf16 model's head), giving float32, and rows that start off a cache
+    line (bit for bit as aligned ones). Fewer rows, other float32 rows, a
     width that is not a multiple of 32, or Q8_0 in two 8-bit parts (more precise than bf16
     rows) stay on the VNNI kernel, bit for bit."""
     torch.manual_seed(4)
@@ -330,6 +331,10 @@ def test_amx_tiles_match_float64_and_leave_other_shapes_to_vnni(name, amx_tiles)
         assert not torch.equal(got, vnni(x, packed)), rows
         exact = kernels.linear_gguf(x.float(), packed, qtype)
         assert exact.dtype == torch.float32 and torch.equal(exact.to(torch.bfloat16), got)
+        # rows that do not start on a cache line (the tiles read them from a copy)
+        shifted = torch.empty(rows * k + 1, dtype=torch.bfloat16)[1:].view(rows, k)
+        shifted.copy_(x)
+        assert torch.equal(kernels.linear_gguf(shifted, packed, qtype), got), rows
     for x, w in ((torch.randn(11, k).to(torch.bfloat16), packed), (torch.randn(40, k), packed),
                  (torch.randn(40, k).to(torch.bfloat16), packed[:80])):
         assert torch.equal(kernels.linear_gguf(x, w, qtype), vnni(x, w))

@@ -1116,7 +1116,7 @@ inline void amx_bf16_configure() {
 }
 
 // Panel pairs q0 .. q1 - 1 (output columns 32q .. 32q + 31) against every row tile of a
-// (bf16 rows packed per 16 rows and block, 1 KB each); one thread's share.
+// (ARows, below); one thread's share.
 // Where a pair's two panels start: pair q's first panel at w + q * step, its second
 // `second` bytes on (two neighbouring panels, or a gate panel and its up panel).
 struct PanelPairs {
@@ -1173,8 +1173,21 @@ inline void amx_write_rows(AmxPending& p, int64_t r1, int64_t N, float* out, uin
   }
 }
 
+// A tiles: 16 rows x 32 values of block b, loaded straight from the bf16 rows (x, K to a
+// row, 64-byte aligned: each tile row is one cache line) with a stride of a row; the last
+// tile's rows, where M is not a multiple of 16, from `tail` (16 zero-padded rows, as x).
+// (The rows were packed into 1 KB tiles first: 2% of a 64-row decode step's samples and
+// 5% of a prefill step's. Strided loads made qkv, o and down 10-20% faster at 64 rows,
+// o and down at 1408; BENCHMARKS.md, twelfth session.)
+struct ARows {
+  const uint16_t* x;
+  const uint16_t* tail;
+  int64_t K, full;  // full: row tiles of x with all 16 rows
+  const uint16_t* tile(int64_t mt) const { return mt < full ? x + 16 * mt * K : tail; }
+};
+
 template <int64_t T>
-void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const PanelPairs& pp,
+void amx_bf16_panels(const ARows& a, int64_t tiles, int64_t M, const PanelPairs& pp,
                      int64_t K, int64_t N, int64_t q0, int64_t q1, float* out, uint16_t* out16,
                      const uint16_t* pre, int64_t pre_q0, bool swiglu, bool stream) {
   const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(T);
@@ -1207,21 +1220,22 @@ void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const PanelPai
     int64_t fetched = 0, made = 0, step = 0;
     for (int64_t mt = 0; mt < tiles; mt += 2) {
       const bool two = mt + 1 < tiles;
-      const uint16_t* a0 = a + mt * nb * 512;
-      const uint16_t* a1 = a0 + nb * 512;
+      const uint16_t* a0 = a.tile(mt);
+      const uint16_t* a1 = two ? a.tile(mt + 1) : a0;
+      const int64_t lda = 2 * K;
       AmxPending& prev = pend[cur ^ 1];
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t b = 0; b < nb; ++b) {
-        _tile_loadd(4, a0 + 512 * b, 64);
+        _tile_loadd(4, a0 + 32 * b, lda);
         _tile_loadd(6, bt + 512 * b, 64);
         _tile_loadd(7, bt2 + 512 * b, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         if (two) {
-          _tile_loadd(5, a1 + 512 * b, 64);
+          _tile_loadd(5, a1 + 32 * b, lda);
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
         }
@@ -1259,24 +1273,23 @@ void amx_bf16_panels(const uint16_t* a, int64_t tiles, int64_t M, const PanelPai
 
 #pragma GCC pop_options
 
-// bf16 rows [M, K] as A tiles: per 16 rows and block, 16 x 32 values (missing rows zero).
-// (64-byte aligned, as torch allocates: a tile row that straddles two cache lines loads
-// both.)
-at::Tensor amx_pack_rows(const uint16_t* x, int64_t M, int64_t K) {
-  const int64_t nb = K / QK, tiles = (M + 15) / 16;
-  at::Tensor buf = at::empty({tiles * 16 * K}, at::TensorOptions().dtype(at::kShort));
-  uint16_t* packed = reinterpret_cast<uint16_t*>(buf.data_ptr<int16_t>());
-  at::parallel_for(0, tiles * nb, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / nb, b = i % nb;
-      uint16_t* tile = packed + (t * nb + b) * 512;
-      for (int64_t r = 0; r < 16; ++r) {
-        if (16 * t + r < M) std::memcpy(tile + 32 * r, x + (16 * t + r) * K + b * QK, 64);
-        else std::memset(tile + 32 * r, 0, 64);
-      }
-    }
-  });
-  return buf;
+// The rows of x as ARows: x itself where it is 64-byte aligned (torch's allocations are),
+// a copy where not; the rows of a last partial tile zero-padded in `keep`.
+ARows amx_rows(const at::Tensor& x, int64_t M, int64_t K, at::Tensor& copy, at::Tensor& keep) {
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  if (reinterpret_cast<uintptr_t>(xp) % 64) {
+    copy = x.clone();
+    xp = reinterpret_cast<const uint16_t*>(copy.data_ptr<at::BFloat16>());
+  }
+  const int64_t full = M / 16, rest = M % 16;
+  const uint16_t* tail = nullptr;
+  if (rest) {
+    keep = at::zeros({16 * K}, at::TensorOptions().dtype(at::kShort));
+    auto* t = reinterpret_cast<uint16_t*>(keep.data_ptr<int16_t>());
+    std::memcpy(t, xp + 16 * full * K, rest * K * sizeof(uint16_t));
+    tail = t;
+  }
+  return ARows{xp, tail, K, full};
 }
 
 // Whether every float is a bf16 value (its low 16 bits zero).
@@ -1307,9 +1320,8 @@ bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64
     case kQ8_0x8: base = kQ8_0; break;  // one part (208)
     default: return false;
   }
-  const at::Tensor packed =
-      amx_pack_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K);
-  const uint16_t* a = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
+  at::Tensor copy, keep;
+  const ARows a = amx_rows(x, M, K, copy, keep);
   const int64_t nb = K / QK, Q = N / 32;
   const int64_t grain = std::max<int64_t>(1, Q / (4 * at::get_num_threads()));
   // rows in chunks of about kAmxChunk bytes of bf16, which stay in L2 while every panel
@@ -1343,7 +1355,7 @@ bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64
         });
       for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         const int64_t rows = std::min(chunk, M - m0);
-        const uint16_t* am = a + m0 / 16 * nb * 512;
+        const ARows am{a.x + m0 * K, a.tail, K, a.full - m0 / 16};
         const int64_t ld = swiglu ? N / 2 : N;
         float* om = out ? out + m0 * ld : nullptr;
         uint16_t* om16 = out16 ? out16 + m0 * ld : nullptr;
