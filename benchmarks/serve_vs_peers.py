@@ -15,6 +15,13 @@ llama.cpp's threads spin.
     .venv/bin/python benchmarks/serve_vs_peers.py --systems vllm \
         --vllm-python build/vllm-venv/bin/python --vllm-model build/smollm2-hf   # make bench-vllm
 
+``--repeat N`` runs the systems in turn N times (A B A B ...) and prints each pass's
+ratio of the first system to each other one: this VM's speed drifts over minutes, and
+neighbouring runs compare best.
+
+    .venv/bin/python benchmarks/serve_vs_peers.py --systems auto vllm --concurrency 64 \
+        --repeat 3 --vllm-python build/vllm-venv/bin/python --vllm-model build/smollm2-hf
+
 vLLM 0.32 reads no GGUF, so it serves the same weights exported by
 ``benchmarks/export_hf.py`` (the GGUF dequantized to a safetensors checkpoint) in
 bfloat16, with ``VLLM_CPU_KVCACHE_SPACE`` sized to the same KV tokens.
@@ -92,6 +99,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-tokens", type=int, default=16384)
     ap.add_argument("--rounds", type=int, default=2, help="requests = concurrency x rounds")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="passes over --systems, in turn (A B A B ...): the VM drifts over "
+                         "minutes, so each pass's ratios compare neighbours")
     ap.add_argument("--out", default="results/serve_vs_peers.json")
     ap.add_argument("--model", default=None,
                     help="a GGUF for deepserve and llama-server (default: the packaged model)")
@@ -100,72 +110,11 @@ def main() -> None:
     port = 8931
     url = f"http://127.0.0.1:{port}"
     rows = []
-    for system in args.systems:
-        if system == "llama.cpp":
-            if not args.llama_server:
-                sys.exit("--llama-server is needed for the llama.cpp system")
-            cmd = [args.llama_server, "-m", gguf, "-t", str(args.threads), "-np",
-                   str(max(args.concurrency)), "-c", str(args.kv_tokens), "--port", str(port),
-                   "--host", "127.0.0.1", "--no-webui"]
-            label = f"llama.cpp llama-server -np {max(args.concurrency)}"
-        elif system == "vllm":
-            if not (args.vllm_python and args.vllm_model):
-                sys.exit("--vllm-python and --vllm-model are needed for the vllm system")
-            cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                   args.vllm_model, "--served-model-name", "smollm2", "--port", str(port),
-                   "--host", "127.0.0.1", "--dtype", "bfloat16", "--max-model-len", "2048",
-                   "--max-num-seqs", str(max(args.concurrency))]
-            label = f"vLLM CPU {_vllm_version(args.vllm_python)} (bfloat16)"
-        else:
-            # KV bytes for kv_tokens tokens in the compute dtype the server will pick
-            cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--port", str(port),
-                   "--model", gguf, "--quantization", system, "--num-threads", str(args.threads),
-                   "--max-num-seqs", str(max(args.concurrency)),
-                   "--kv-cache-memory", str(args.kv_tokens * _kv_bytes_per_token(gguf))]
-            label = f"deepserve --quantization {system}"
-        log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
-        env = dict(os.environ)
-        if system == "vllm":  # GiB of KV cache: the same tokens as the others, in bf16
-            kv_gib = args.kv_tokens * 30 * 2 * 3 * 64 * 2 / 2**30
-            env.update(VLLM_CPU_KVCACHE_SPACE=str(max(1, round(kv_gib + 0.49))),
-                       OMP_NUM_THREADS=str(args.threads),
-                       VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}")
-            preload = vllm_preload(args.vllm_python)
-            if preload:
-                env["LD_PRELOAD"] = ":".join(preload)
-            print("vLLM preloads:", ", ".join(preload) or "nothing found", flush=True)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            load = wait_ready(url, proc)
-            row = {"system": label, "load_s": round(load, 2), "by_concurrency": {}}
-            for c in args.concurrency:
-                with tempfile.TemporaryDirectory() as out:
-                    subprocess.run(
-                        [sys.executable, "-m", "deepserve.cli", "bench", "serve", "--base-url",
-                         url, "--workload", "random", "--input-len", "128", "--output-len",
-                         "128", "--ignore-eos", "--concurrency", str(c), "--workload-seed",
-                         str(c), "--num-requests",
-                         str(max(4, c * args.rounds)), "--warmup", "1", "--out", out],
-                        check=True, capture_output=True)
-                    run = json.loads(next(Path(out).glob("serve-*.json")).read_text())
-                s = run["summary"]
-                row["by_concurrency"][c] = {
-                    "output_tok_s": round(s["output_throughput"], 1),
-                    "tpot_p50_ms": round(s["tpot_ms"]["p50"], 1),
-                    "ttft_p50_ms": round(s["ttft_ms"]["p50"], 1), "errors": s["errors"]}
-                if s["errors"]:  # what went wrong, so a failing peer is not a slow one
-                    row["by_concurrency"][c]["error_samples"] = s.get("error_samples")
-                print(system, c, row["by_concurrency"][c], flush=True)
-            row["peak_rss_mib"] = round(peak_rss_mib(proc.pid))
+    for n in range(args.repeat):
+        for system in args.systems:
+            row = measure(system, args, gguf, url, port)
+            row["pass"] = n + 1
             rows.append(row)
-            print(json.dumps(row), flush=True)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            print("log:", log.name)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"isa": os.environ.get("DEEPSERVE_ISA", "auto"),
                                           "rows": rows}, indent=2))
@@ -175,8 +124,87 @@ def main() -> None:
     print("|---|" + "---:|" * (len(cs) + 3))
     for r in rows:
         b = r["by_concurrency"]
-        print(f"| {r['system']} | " + " | ".join(f"{b[c]['output_tok_s']}" for c in cs) +
+        name = r["system"] + (f" (pass {r['pass']})" if args.repeat > 1 else "")
+        print(f"| {name} | " + " | ".join(f"{b[c]['output_tok_s']}" for c in cs) +
               f" | {b[cs[0]]['tpot_p50_ms']} ms | {r['load_s']} s | {r['peak_rss_mib']} MiB |")
+    k = len(args.systems)
+    for j in range(1, k) if args.repeat > 1 else []:
+        for c in cs:
+            ratios = [rows[n * k]["by_concurrency"][c]["output_tok_s"] /
+                      rows[n * k + j]["by_concurrency"][c]["output_tok_s"]
+                      for n in range(args.repeat)]
+            print(f"{args.systems[0]} / {args.systems[j]} at conc {c}: " +
+                  " ".join(f"{x:.2f}x" for x in ratios) +
+                  f", mean {sum(ratios) / len(ratios):.2f}x")
+
+
+def measure(system: str, args: argparse.Namespace, gguf: str, url: str, port: int) -> dict:
+    """Start one system's server, run every concurrency against it, stop it: its row."""
+    if system == "llama.cpp":
+        if not args.llama_server:
+            sys.exit("--llama-server is needed for the llama.cpp system")
+        cmd = [args.llama_server, "-m", gguf, "-t", str(args.threads), "-np",
+               str(max(args.concurrency)), "-c", str(args.kv_tokens), "--port", str(port),
+               "--host", "127.0.0.1", "--no-webui"]
+        label = f"llama.cpp llama-server -np {max(args.concurrency)}"
+    elif system == "vllm":
+        if not (args.vllm_python and args.vllm_model):
+            sys.exit("--vllm-python and --vllm-model are needed for the vllm system")
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
+               args.vllm_model, "--served-model-name", "smollm2", "--port", str(port),
+               "--host", "127.0.0.1", "--dtype", "bfloat16", "--max-model-len", "2048",
+               "--max-num-seqs", str(max(args.concurrency))]
+        label = f"vLLM CPU {_vllm_version(args.vllm_python)} (bfloat16)"
+    else:
+        # KV bytes for kv_tokens tokens in the compute dtype the server will pick
+        cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--port", str(port),
+               "--model", gguf, "--quantization", system, "--num-threads", str(args.threads),
+               "--max-num-seqs", str(max(args.concurrency)),
+               "--kv-cache-memory", str(args.kv_tokens * _kv_bytes_per_token(gguf))]
+        label = f"deepserve --quantization {system}"
+    log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+    env = dict(os.environ)
+    if system == "vllm":  # GiB of KV cache: the same tokens as the others, in bf16
+        kv_gib = args.kv_tokens * 30 * 2 * 3 * 64 * 2 / 2**30
+        env.update(VLLM_CPU_KVCACHE_SPACE=str(max(1, round(kv_gib + 0.49))),
+                   OMP_NUM_THREADS=str(args.threads),
+                   VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}")
+        preload = vllm_preload(args.vllm_python)
+        if preload:
+            env["LD_PRELOAD"] = ":".join(preload)
+        print("vLLM preloads:", ", ".join(preload) or "nothing found", flush=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        load = wait_ready(url, proc)
+        row = {"system": label, "load_s": round(load, 2), "by_concurrency": {}}
+        for c in args.concurrency:
+            with tempfile.TemporaryDirectory() as out:
+                subprocess.run(
+                    [sys.executable, "-m", "deepserve.cli", "bench", "serve", "--base-url",
+                     url, "--workload", "random", "--input-len", "128", "--output-len",
+                     "128", "--ignore-eos", "--concurrency", str(c), "--workload-seed",
+                     str(c), "--num-requests",
+                     str(max(4, c * args.rounds)), "--warmup", "1", "--out", out],
+                    check=True, capture_output=True)
+                run = json.loads(next(Path(out).glob("serve-*.json")).read_text())
+            s = run["summary"]
+            row["by_concurrency"][c] = {
+                "output_tok_s": round(s["output_throughput"], 1),
+                "tpot_p50_ms": round(s["tpot_ms"]["p50"], 1),
+                "ttft_p50_ms": round(s["ttft_ms"]["p50"], 1), "errors": s["errors"]}
+            if s["errors"]:  # what went wrong, so a failing peer is not a slow one
+                row["by_concurrency"][c]["error_samples"] = s.get("error_samples")
+            print(system, c, row["by_concurrency"][c], flush=True)
+        row["peak_rss_mib"] = round(peak_rss_mib(proc.pid))
+        print(json.dumps(row), flush=True)
+        return row
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        print("log:", log.name)
 
 
 def _vllm_version(python: str) -> str:
