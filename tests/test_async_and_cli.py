@@ -46,6 +46,47 @@ def test_async_engine_streams_concurrently_and_aborts(tiny_llm):
     assert not tiny_llm.engine.has_unfinished()
 
 
+def test_async_engine_hands_a_steps_outputs_over_in_one_wake_up(tiny_llm):
+    """Six streams decoding together: every output arrives, in order and as offline
+    greedy decoding gives it, while the engine thread wakes the event loop about once a
+    step, not once an output (each wake-up is a cross-thread call and a write to the
+    loop's self-pipe)."""
+    engine = AsyncEngine(engine=tiny_llm.engine)
+    prompts = ["one", "two", "three", "four", "five", "six"]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    received = []
+
+    async def full(prompt: str) -> list[int]:
+        last = None
+        async for out in engine.generate(prompt, params):
+            received.append(out)
+            assert last is None or out.token_ids[:len(last.token_ids)] == last.token_ids
+            last = out
+        assert last is not None and last.finished
+        return last.token_ids
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        real = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):
+            wakeups.append(args[0])
+            return real(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+        return await asyncio.gather(*(full(p) for p in prompts)), wakeups
+
+    try:
+        results, wakeups = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    offline = tiny_llm.generate(prompts, params)
+    assert results == [o.token_ids for o in offline]
+    assert len(received) >= 6 * 8
+    assert 0 < len(wakeups) <= len(received) // 2, (len(wakeups), len(received))
+
+
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "deepserve.cli", *args], capture_output=True,
                           text=True, timeout=timeout)

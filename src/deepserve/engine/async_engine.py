@@ -6,8 +6,10 @@ loop runs in another: on this CPU torch's OpenMP kernels ran 25-50% slower when 
 from a secondary thread, so the server puts the engine in the main thread.
 
 Requests and aborts cross into the engine thread through a thread-safe queue drained
-at each step boundary; outputs cross back with ``loop.call_soon_threadsafe`` onto
-each request's asyncio queue.
+at each step boundary; a step's outputs cross back together, with one
+``loop.call_soon_threadsafe`` that puts each on its request's asyncio queue (one call
+per output cost the engine thread 9 us each, 0.6 ms of a 64-row step, and woke the
+event loop 64 times).
 """
 
 from __future__ import annotations
@@ -49,13 +51,41 @@ def _as_request_error(request_id: str, exc: BaseException) -> BaseException:
     return exc if isinstance(exc, DeepserveError) else RequestFailedError(request_id, exc)
 
 
+class _Sink:
+    """Where one request's outputs go: its asyncio queue on its event loop. Called with
+    one item, it hands that over at once; ``deliver`` hands over many together."""
+
+    __slots__ = ("loop", "outputs")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue) -> None:
+        self.loop = loop
+        self.outputs = outputs
+
+    def __call__(self, item: RequestOutput | BaseException) -> None:
+        _Sink.deliver([(self, item)])
+
+    @staticmethod
+    def deliver(items: list[tuple[_Sink, RequestOutput | BaseException]]) -> None:
+        """Each (sink, item) onto its queue, in order: one wake-up per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for sink, item in items:
+            by_loop.setdefault(sink.loop, []).append((sink.outputs, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
+
+
 @dataclass
 class _Add:
     request_id: str
     prompt: str | None
     prompt_ids: list[int]
     params: SamplingParams
-    sink: Any  # callable(RequestOutput | Exception)
+    sink: _Sink
     priority: int = 0
     cache_salt: str | None = None
     validated: bool = False
@@ -181,12 +211,8 @@ class AsyncEngine:
             raise DeepserveError(f"request id {request_id!r} is already in flight",
                                  param="request_id")
         self.start()
-        loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-
-        def sink(item: RequestOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-
+        sink = _Sink(asyncio.get_running_loop(), outputs)
         self._sinks[request_id] = sink
         self._inbox.put(_Add(request_id, prompt, prompt_ids, params, sink, priority,
                              cache_salt, validated, tenant, weight))
@@ -268,14 +294,16 @@ class AsyncEngine:
             except Exception as exc:  # a bug in a step must not hang every client
                 logger.exception("engine step failed; failing requests in flight")
                 return self._die(exc)
+            handed: list[tuple[_Sink, RequestOutput | BaseException]] = []
             for rid, exc in engine.pop_failures().items():
                 sink = self._sinks.pop(rid, None)
                 if sink is not None:
-                    sink(_as_request_error(rid, exc))
+                    handed.append((sink, _as_request_error(rid, exc)))
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
                 if sink is None:
                     continue
                 if out.finished:
                     self._sinks.pop(out.request_id, None)
-                sink(out)
+                handed.append((sink, out))
+            _Sink.deliver(handed)
