@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 from deepserve import SamplingParams
 from deepserve.engine.async_engine import AsyncEngine
@@ -85,6 +86,42 @@ def test_async_engine_hands_a_steps_outputs_over_in_one_wake_up(tiny_llm):
     assert results == [o.token_ids for o in offline]
     assert len(received) >= 6 * 8
     assert 0 < len(wakeups) <= len(received) // 2, (len(wakeups), len(received))
+
+
+def test_a_request_whose_event_loop_closed_is_aborted_and_the_engine_goes_on(tiny_llm):
+    """A caller's event loop closes with its request still generating (the generator is
+    never closed, so no abort comes): the engine thread cannot hand it anything more. It
+    aborts that request, frees its blocks and serves the next request from another loop."""
+    engine = AsyncEngine(engine=tiny_llm.engine)
+    orphan_loop = asyncio.new_event_loop()
+
+    async def first_output():
+        gen = engine.generate("left behind", SamplingParams(max_tokens=400, ignore_eos=True),
+                              request_id="orphan")
+        return gen, await gen.__anext__()
+
+    gen, first = orphan_loop.run_until_complete(first_output())
+    orphan_loop.close()
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def full() -> list[int]:
+        last = None
+        async for out in engine.generate("one", params):
+            last = out
+        return last.token_ids
+
+    try:
+        got = asyncio.run(asyncio.wait_for(full(), 60))
+        assert "orphan" not in tiny_llm.engine.requests  # aborted, not left to run to 400
+        deadline = time.monotonic() + 30
+        while tiny_llm.engine.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        engine.shutdown()
+    assert not first.finished and engine.dead is None
+    assert got == tiny_llm.generate(["one"], params)[0].token_ids
+    assert tiny_llm.engine.stats()["kv_blocks_used"] == 0
+    del gen
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -62,20 +62,28 @@ class _Sink:
         self.outputs = outputs
 
     def __call__(self, item: RequestOutput | BaseException) -> None:
-        _Sink.deliver([(self, item)])
+        """Hand over one item (a request's last); nothing where its loop has closed."""
+        _Sink.deliver([("", self, item)])
 
     @staticmethod
-    def deliver(items: list[tuple[_Sink, RequestOutput | BaseException]]) -> None:
-        """Each (sink, item) onto its queue, in order: one wake-up per event loop."""
+    def deliver(items: list[tuple[str, _Sink, RequestOutput | BaseException]]) -> list[str]:
+        """Each (request id, sink, item) onto its queue, in order, with one wake-up per
+        event loop. Returns the requests whose event loop has closed: nothing can read
+        their outputs any more."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for sink, item in items:
-            by_loop.setdefault(sink.loop, []).append((sink.outputs, item))
+        for rid, sink, item in items:
+            by_loop.setdefault(sink.loop, []).append((rid, sink.outputs, item))
+        gone = []
         for loop, batch in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the loop is closed
+                gone += [rid for rid, _, _ in batch]
+        return gone
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
-    for q, item in batch:
+def _put_all(batch: list[tuple[str, asyncio.Queue, Any]]) -> None:
+    for _, q, item in batch:
         q.put_nowait(item)
 
 
@@ -294,16 +302,19 @@ class AsyncEngine:
             except Exception as exc:  # a bug in a step must not hang every client
                 logger.exception("engine step failed; failing requests in flight")
                 return self._die(exc)
-            handed: list[tuple[_Sink, RequestOutput | BaseException]] = []
+            handed: list[tuple[str, _Sink, RequestOutput | BaseException]] = []
             for rid, exc in engine.pop_failures().items():
                 sink = self._sinks.pop(rid, None)
                 if sink is not None:
-                    handed.append((sink, _as_request_error(rid, exc)))
+                    handed.append((rid, sink, _as_request_error(rid, exc)))
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
                 if sink is None:
                     continue
                 if out.finished:
                     self._sinks.pop(out.request_id, None)
-                handed.append((sink, out))
-            _Sink.deliver(handed)
+                handed.append((out.request_id, sink, out))
+            for rid in _Sink.deliver(handed):  # its caller's event loop closed mid-request
+                logger.warning("request %s: its event loop has closed; aborting it", rid)
+                self._sinks.pop(rid, None)
+                engine.abort(rid)
