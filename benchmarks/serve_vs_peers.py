@@ -120,7 +120,7 @@ def main() -> None:
                                           "rows": rows}, indent=2))
     cs = args.concurrency
     print("| system | " + " | ".join(f"conc {c}" for c in cs) +
-          " | TPOT p50 at conc 1 | load to ready | peak RSS |")
+          f" | TPOT p50 at conc {cs[0]} | load to ready | peak RSS |")
     print("|---|" + "---:|" * (len(cs) + 3))
     for r in rows:
         b = r["by_concurrency"]
