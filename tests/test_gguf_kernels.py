@@ -395,6 +395,58 @@ def test_amx_tiles_reuse_panels_across_row_chunks_and_fuse_swiglu(name, amx_tile
         assert exact.dtype == torch.float32 and torch.equal(exact.to(torch.bfloat16), got)
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q8_0 one part"])
+def test_amx_head_picks_greedy_tokens_without_writing_the_logits(name, amx_tiles, llm_bf16):
+    """argmax_gguf gives argmax_rows(linear_gguf(...)) from the tiles, each thread's columns
+    merged: the first of equal largest values (two equal columns), the first NaN column,
+    rows over two chunks; None where the tiles do not take the rows. The default model's
+    greedy decode then picks on the head's tiles, the same tokens as with logprobs asked
+    (which reads the logits)."""
+    torch.manual_seed(6)
+    base = name.split()[0]
+    qtype = 208 if name.endswith("one part") else TYPES[base] + gl.X8
+    for n, k, rows in ((1024, 256, (12, 40, 131)), (256, 2048, (300,))):
+        tie, tie2, nan, nan2 = n * 5 // 16, n * 7 // 8, n // 3, n * 5 // 8  # both halves
+        w = torch.randn(n, k) * 0.1
+        w[tie2] = w[tie] = w[tie] * 4  # equal columns, largest for many rows
+        blocks = gguf_blocks(w, base)
+        for c in (nan, nan + 40, nan2):  # float16 NaN scales: NaN columns
+            blocks[c, :2] = torch.tensor([0, 0x7E], dtype=torch.uint8)
+        packed = gl.interleave(blocks, TYPES[base], k)
+        for m in rows:
+            x = torch.randn(m, k).to(torch.bfloat16).float()
+            ref = kernels.argmax_rows(kernels.linear_gguf(x, packed, qtype))
+            got = kernels.argmax_gguf(x, packed, qtype)
+            assert got is not None and torch.equal(got, ref), (n, m)
+            assert torch.equal(kernels.argmax_gguf(x.to(torch.bfloat16), packed, qtype), ref)
+        if n == 1024:
+            assert (ref == nan).all()  # every row meets the first NaN column
+            clean = gl.interleave(gguf_blocks(w, base), TYPES[base], k)
+            x = torch.randn(64, k).to(torch.bfloat16).float()
+            ref = kernels.argmax_rows(kernels.linear_gguf(x, clean, qtype))
+            assert (ref == tie).any() and not (ref == tie2).any()
+            assert torch.equal(kernels.argmax_gguf(x, clean, qtype), ref)
+    x = torch.randn(40, 256)
+    assert kernels.argmax_gguf(x, packed[:256], qtype) is None  # not bf16's values
+    assert kernels.argmax_gguf(x[:11].to(torch.bfloat16), packed[:256], qtype) is None
+    # the engine: greedy rows pick on the tiles, as the logits they would have given
+    from deepserve import SamplingParams
+
+    runner = llm_bf16.engine.runner
+    calls = []
+    pick = runner.model.greedy_tokens
+    runner.model.greedy_tokens = lambda h: calls.append(h.shape[0]) or pick(h)
+    try:
+        prompts = [f"Tell me about the number {i}." for i in range(16)]
+        plain = llm_bf16.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+        read = llm_bf16.generate(prompts, SamplingParams(max_tokens=8, temperature=0,
+                                                         logprobs=1))
+    finally:
+        del runner.model.greedy_tokens
+    assert calls and max(calls) == 16
+    assert [o.outputs[0].token_ids for o in plain] == [o.outputs[0].token_ids for o in read]
+
+
 def test_amx_tiles_give_the_default_models_greedy_tokens(amx_tiles):
     """The default model in bf16 with its batches on AMX tiles (bf16 activations) and on
     the VNNI kernel (8-bit activations): the same first greedy tokens for nearly every

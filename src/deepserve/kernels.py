@@ -28,7 +28,8 @@ slower. ``DEEPSERVE_KERNELS=0`` turns the kernels off.
   cache write) and ``silu_mul``: a decoder layer's element-wise work in 3 calls instead
   of about 30 small torch ops, which at batch 1 cost more than the math they do.
 * ``sample_rows``: one temperature-sampling draw per row, without [N, V] temporaries.
-* ``argmax_rows``: greedy picks, as ``torch.argmax`` (9x faster at 64 x 49152).
+* ``argmax_rows``: greedy picks, as ``torch.argmax`` (9x faster at 64 x 49152);
+  ``argmax_gguf`` picks from a GGUF head's tiles without writing the logits.
 """
 
 from __future__ import annotations
@@ -58,17 +59,11 @@ _state: dict[str, object] = {}
 
 ISAS = ("avx512", "avx2", "portable")
 # /proc/cpuinfo flags each instruction set needs.
-_NEEDS = {
-    "avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16",
-               "avx2", "fma", "f16c"),
-    "avx2": ("avx2", "fma", "f16c"),
-    "portable": (),
-}
-_FLAGS = {
-    "avx512": ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16"],
-    "avx2": ["-march=x86-64-v3"],
-    "portable": [],
-}
+_NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni",
+                      "avx512_bf16", "avx2", "fma", "f16c"),
+          "avx2": ("avx2", "fma", "f16c"), "portable": ()}
+_FLAGS = {"avx512": ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16"],
+          "avx2": ["-march=x86-64-v3"], "portable": []}
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,9 +112,7 @@ def build_dir(which: str | None = None) -> Path:
 
 
 def _x86() -> bool:
-    import platform
-
-    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    return __import__("platform").machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
 def load(which: str) -> bool:
@@ -393,6 +386,12 @@ def gguf_rows(blocks: torch.Tensor, ids: torch.Tensor, qtype: int, k: int) -> to
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first index of its largest value, as ``torch.argmax`` (float32 [N, V])."""
     return ops().argmax_rows(logits)
+
+
+def argmax_gguf(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor | None:
+    """``argmax_rows(linear_gguf(x, blocks, qtype))``, the outputs never written, on AMX
+    tiles; None where the tiles do not take it (as ``swiglu_gguf``)."""
+    return out if (out := ops().argmax_gguf(x, blocks, qtype)).numel() else None
 
 
 def sample_rows(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

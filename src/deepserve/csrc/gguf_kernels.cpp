@@ -1141,13 +1141,45 @@ struct AmxPending {
   int64_t mt = -1, q = 0, next = 0, rows = 0;  // rows: 16 or 32, less past M
 };
 
+// A thread's greedy pick for each row, in place of the row's outputs (argmax_gguf): the
+// largest value so far and its first column, or the first NaN (as torch.argmax).
+struct RowBest {
+  float* val;
+  int64_t* idx;  // -1: none yet
+  uint8_t* nan;
+};
+
+// Row `row`'s 32 outputs of pair q (lo: columns 32q .. 32q + 15, hi: the next 16) into best.
+inline void best_of_pair(const RowBest& best, int64_t row, int64_t q, __m512 lo, __m512 hi) {
+  const __mmask16 nlo = _mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q);
+  const __mmask16 nhi = _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q);
+  if (nlo | nhi) {  // columns only grow within a thread: the row's first NaN is its pick
+    if (!best.nan[row]) {
+      best.nan[row] = 1;
+      best.idx[row] = 32 * q + (nlo ? __builtin_ctz(nlo) : 16 + __builtin_ctz(nhi));
+    }
+    return;
+  }
+  const float m = _mm512_reduce_max_ps(_mm512_max_ps(lo, hi));
+  if (best.nan[row] || !(m > best.val[row])) return;  // ties keep the earlier column
+  const __m512 mv = _mm512_set1_ps(m);
+  const __mmask16 elo = _mm512_cmp_ps_mask(lo, mv, _CMP_EQ_OQ);
+  best.val[row] = m;
+  best.idx[row] = 32 * q + (elo ? __builtin_ctz(elo)
+                                : 16 + __builtin_ctz(_mm512_cmp_ps_mask(hi, mv, _CMP_EQ_OQ)));
+}
+
 // Rows next .. r1 - 1 of a stored pair (row r of its 32: tile pair r / 16, row r % 16).
 inline void amx_write_rows(AmxPending& p, int64_t r1, int64_t N, float* out, uint16_t* out16,
-                           bool swiglu, bool stream) {
+                           bool swiglu, bool stream, const RowBest* best = nullptr) {
   for (r1 = std::min(r1, p.rows); p.next < r1; ++p.next) {
     const int64_t i = p.next / 16, r = p.next % 16, row = 16 * p.mt + p.next;
     const float* lo_row = p.c[2 * i] + 16 * r;
     const float* hi_row = p.c[2 * i + 1] + 16 * r;
+    if (best) {
+      best_of_pair(*best, row, p.q, _mm512_load_ps(lo_row), _mm512_load_ps(hi_row));
+      continue;
+    }
     if (swiglu) {  // gate columns 16q .. 16q + 15 and their up columns, a tile's rows
       const int64_t n = std::min(r1, 16 * (i + 1)) - p.next;
       swiglu_tile_bf16(lo_row, hi_row, n, out16 + row * (N / 2) + 16 * p.q, N / 2);
@@ -1189,7 +1221,8 @@ struct ARows {
 template <int64_t T>
 void amx_bf16_panels(const ARows& a, int64_t tiles, int64_t M, const PanelPairs& pp,
                      int64_t K, int64_t N, int64_t q0, int64_t q1, float* out, uint16_t* out16,
-                     const uint16_t* pre, int64_t pre_q0, bool swiglu, bool stream) {
+                     const uint16_t* pre, int64_t pre_q0, bool swiglu, bool stream,
+                     const RowBest* best = nullptr) {
   const int64_t nb = K / QK, chunk = 8 * nb * block_bytes(T);
   // Without panels dequantized ahead: two pairs' B tiles. The first pair is dequantized
   // up front; each next one block by block between this pair's tile multiplies, so the
@@ -1253,7 +1286,7 @@ void amx_bf16_panels(const ARows& a, int64_t tiles, int64_t M, const PanelPairs&
           amx_dequant<T>(wn + second * pp.second, chunk, j, j + 1, next + second * 512 * nb);
         }
         if (prev.mt >= 0)
-          amx_write_rows(prev, (b + 1) * per_block, N, out, out16, swiglu, stream);
+          amx_write_rows(prev, (b + 1) * per_block, N, out, out16, swiglu, stream, best);
         if (fetch && ahead_next)
           for (int64_t f = 0; f < fetch && fetched < lines; ++f, ++fetched)
             _mm_prefetch(ahead_next + 64 * fetched, _MM_HINT_T1);
@@ -1263,7 +1296,7 @@ void amx_bf16_panels(const ARows& a, int64_t tiles, int64_t M, const PanelPairs&
                            64 * (raw_done - second * raw_lines), _MM_HINT_T1);
         }
       }
-      if (prev.mt >= 0) amx_write_rows(prev, 32, N, out, out16, swiglu, stream);
+      if (prev.mt >= 0) amx_write_rows(prev, 32, N, out, out16, swiglu, stream, best);
       AmxPending& p = pend[cur];
       _tile_stored(0, p.c[0], 64);
       _tile_stored(1, p.c[1], 64);
@@ -1278,7 +1311,7 @@ void amx_bf16_panels(const ARows& a, int64_t tiles, int64_t M, const PanelPairs&
     }
   }
   AmxPending& last = pend[cur ^ 1];
-  if (last.mt >= 0) amx_write_rows(last, 32, N, out, out16, swiglu, stream);
+  if (last.mt >= 0) amx_write_rows(last, 32, N, out, out16, swiglu, stream, best);
   if (stream) _mm_sfence();  // the streamed rows visible before the caller reads them
   _tile_release();
   std::free(own);
@@ -1322,8 +1355,11 @@ constexpr int64_t kAmxStreamBytes = 4 << 20;
 // y = x W^T on AMX-BF16 tiles: x bf16 [M, K], N % 32 == 0; false for a type it lacks.
 // With swiglu (W the fused gate and up rows, N = 2I, I % 16 == 0; bf16 out16 [M, I]):
 // silu(gate) * up instead, as silu_mul gives it from a bf16 gate_up.
+// With picks (argmax_gguf: out and out16 null), each row's greedy pick instead, as
+// argmax_rows would give it from the outputs: picks[M], int64.
 bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64_t M,
-                     int64_t K, int64_t N, float* out, uint16_t* out16, bool swiglu = false) {
+                     int64_t K, int64_t N, float* out, uint16_t* out16, bool swiglu = false,
+                     int64_t* picks = nullptr) {
   int64_t base;
   switch (qtype) {
     case kQ4_0x8: base = kQ4_0; break;
@@ -1344,7 +1380,12 @@ bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64
   // and qkv 1.1x faster; the default model's shapes unchanged)
   const int64_t chunk = std::max<int64_t>(32, kAmxChunk / (2 * K) / 32 * 32);
   // outputs larger than the L2s go out by streaming stores (no read for ownership)
-  const bool stream = M * N * (out16 ? 2 : 4) > kAmxStreamBytes;
+  const bool stream = !picks && M * N * (out16 ? 2 : 4) > kAmxStreamBytes;
+  // picks: each thread's best per row (its own columns), merged after the GEMM
+  const int64_t threads = picks ? at::get_num_threads() : 0;
+  std::vector<float> best_val(threads * M, -INFINITY);
+  std::vector<int64_t> best_idx(threads * M, -1);
+  std::vector<uint8_t> best_nan(threads * M, 0);
   auto run = [&](auto t) {
     constexpr int64_t TT = decltype(t)::value;
     const int64_t wchunk = 8 * nb * block_bytes(TT);  // one group of 8 columns
@@ -1375,8 +1416,10 @@ bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64
         // each thread the same pairs for every chunk (a static split): their B tiles, which
         // it dequantized ahead, stay in its L2 (pairs handed out as asked: 8-12% slower)
         at::parallel_for(p0, p1, grain, [&](int64_t q0, int64_t q1) {
+          const int64_t t = picks ? at::get_thread_num() * M + m0 : 0;
+          const RowBest best{best_val.data() + t, best_idx.data() + t, best_nan.data() + t};
           amx_bf16_panels<TT>(am, (rows + 15) / 16, rows, pp, K, N, q0, q1, om, om16,
-                              ahead, p0, swiglu, stream);
+                              ahead, p0, swiglu, stream, picks ? &best : nullptr);
         });
       }
     }
@@ -1388,6 +1431,21 @@ bool linear_amx_bf16(const at::Tensor& x, const uint8_t* w, int64_t qtype, int64
     case kQ4_K: run(std::integral_constant<int64_t, kQ4_K>{}); break;
     case kQ5_0: run(std::integral_constant<int64_t, kQ5_0>{}); break;
     default: run(std::integral_constant<int64_t, kQ8_0>{}); break;
+  }
+  for (int64_t r = 0; picks && r < M; ++r) {  // a NaN first, else the largest, earliest
+    int64_t pick = -1;
+    bool nan = false;
+    float val = -INFINITY;
+    for (int64_t t = 0; t < threads; ++t) {
+      const int64_t j = t * M + r, c = best_idx[j];
+      if (c < 0) continue;
+      const bool n = best_nan[j];
+      if (pick < 0 || (n && (!nan || c < pick)) ||
+          (!n && !nan && (best_val[j] > val || (best_val[j] == val && c < pick)))) {
+        pick = c, nan = n, val = best_val[j];
+      }
+    }
+    picks[r] = pick < 0 ? 0 : pick;  // every value -inf: the first, as torch.argmax
   }
   return true;
 }
@@ -1862,6 +1920,33 @@ at::Tensor swiglu_gguf_op(const at::Tensor& x, const at::Tensor& weight, int64_t
   return o.defined() ? o : at::empty({0}, x.options());
 }
 
+// Each row's argmax of linear_gguf(x, weight, qtype) (torch.argmax's pick: the first of
+// equal largest values, the first NaN) without writing the outputs: [M] int64, on the AMX
+// tiles (greedy decoding's head: 64 x 49152 float32 logits not written and read back);
+// an empty tensor where they do not take it (run linear_gguf and argmax_rows then).
+at::Tensor argmax_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype) {
+#if DSQ_AMX
+  const bool one_part = qtype == kQ8_0x8One;
+  const int64_t base = one_part ? kQ8_0x8 : qtype;
+  const int64_t M = x.dim() == 2 ? x.size(0) : 0, N = weight.size(0);
+  const bool x8 = base == kQ4_0x8 || base == kQ4_1x8 || base == kQ5_0x8 ||
+                  base == kQ5_1x8 || base == kQ4_Kx8 || one_part;
+  if (g_amx && x8 && M >= kAmxRows && N % 32 == 0 && weight.scalar_type() == at::kByte &&
+      weight.dim() == 2 && x.size(1) % QK == 0 &&
+      weight.size(1) == x.size(1) / QK * block_bytes(base % 100) &&
+      (x.scalar_type() == at::kBFloat16 ||
+       (x.scalar_type() == at::kFloat && x.is_contiguous() &&
+        bf16_exact(x.data_ptr<float>(), M * x.size(1))))) {
+    const at::Tensor xb = x.to(at::kBFloat16).contiguous(), wc = weight.contiguous();
+    at::Tensor picks = at::empty({M}, x.options().dtype(at::kLong));
+    if (linear_amx_bf16(xb, wc.data_ptr<uint8_t>(), base, M, xb.size(1), N, nullptr, nullptr,
+                        false, picks.data_ptr<int64_t>()))
+      return picks;
+  }
+#endif
+  return at::empty({0}, x.options().dtype(at::kLong));
+}
+
 at::Tensor gguf_rows(const at::Tensor& weight, const at::Tensor& ids, int64_t qtype, int64_t K) {
   const int64_t bb = qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 ? block_bytes(qtype) : 0;
   TORCH_CHECK(bb > 0 && K % QK == 0 && weight.size(1) == K / QK * bb,
@@ -1915,6 +2000,7 @@ DSQ_FRAGMENT(DS_NS, m) {
   m.def("linear_gguf(Tensor x, Tensor weight, int qtype, Tensor? bias) -> Tensor");
   m.def("gguf_rows(Tensor weight, Tensor ids, int qtype, int k) -> Tensor");
   m.def("swiglu_gguf(Tensor x, Tensor weight, int qtype) -> Tensor");
+  m.def("argmax_gguf(Tensor x, Tensor weight, int qtype) -> Tensor");
   m.def("bmm_gguf(Tensor x, Tensor weight, int qtype) -> Tensor");
   m.def("interleave_blocks(Tensor blocks, int[] fields, int units, int unit_bytes) -> Tensor");
   m.def("interleave_blocks_into(Tensor blocks, Tensor(a!) out, int[] fields, int units, "
@@ -1931,6 +2017,7 @@ DSQ_IMPL(DS_NS, CPU, m) {
   m.impl("linear_gguf", &dsq::linear_gguf);
   m.impl("gguf_rows", &dsq::gguf_rows);
   m.impl("swiglu_gguf", &dsq::swiglu_gguf_op);
+  m.impl("argmax_gguf", &dsq::argmax_gguf);
   m.impl("bmm_gguf", &dsq::bmm_gguf);
   m.impl("moe_gguf", &dsq::moe_gguf);
   m.impl("moe_route", &dsq::moe_route);

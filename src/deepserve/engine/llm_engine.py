@@ -100,6 +100,7 @@ class LLMEngine:
         self.consecutive_failures, self.max_consecutive_failures = 0, 3
         setup.attach_slo(self)  # --slo-ttft-ms / --slo-tpot-ms: adaptive batching
         self.latest_stats = self.publish_stats()
+        malloc.freeze_heap()  # the loaded model out of the collector's full passes
         setup.log_loaded(self, time.perf_counter() - started)
 
     @property

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 
@@ -58,3 +59,14 @@ def _keep_heap() -> bool:
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     logger.debug("glibc heap kept for activations: %s", ok)
     return ok
+
+
+def freeze_heap() -> None:
+    """Collect once, then hide every object alive now (torch's and the model's modules,
+    the tokenizer, the web framework) from Python's cyclic collector. Its full passes
+    walked all of them (170,000-230,000 objects, 35-130 ms each) while holding the engine
+    thread; after this they walk only what the requests create. Objects frozen here are
+    still freed when their last reference goes; only cycles among them are kept."""
+    gc.collect()
+    gc.freeze()
+

@@ -173,11 +173,17 @@ class ModelRunner:
                     if not items[w][0].params.embed]
             rows, which = [r for r, _ in kept], [w for _, w in kept]
         tokens: list[int] = []
+        picked, seqs = None, [items[i][0] for i in which]
         if rows:
-            logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]).cpu()
+            if len(rows) < hidden.shape[0] or rows != list(range(len(rows))):
+                hidden = hidden[torch.tensor(rows, device=self.device)]  # (decode: all rows)
+            if self.sampler.plain_greedy(seqs) and hasattr(self.model, "greedy_tokens"):
+                picked = self.model.greedy_tokens(hidden)
+            if picked is None:
+                logits = self.model.logits(hidden).cpu()
         t2 = time.perf_counter()
         if rows:
-            tokens = self.sampler(logits, [items[i][0] for i in which])
+            tokens = picked.tolist() if picked is not None else self.sampler(logits, seqs)
         t3 = time.perf_counter()
         self.timings["prepare"] += t1 - t0
         self.timings["forward"] += t2 - t1

@@ -200,6 +200,7 @@ class Parallel:
                     raise self._broken(exc) from exc
 
             model.logits = logits  # type: ignore[method-assign]
+            model.greedy_tokens = lambda hidden: None  # this rank's columns are not all
 
     def _broken(self, exc: Exception) -> RankFailed:
         """Rank 0 failed inside an exchange: the other ranks are still in it, and none

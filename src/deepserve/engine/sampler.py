@@ -56,6 +56,18 @@ class Sampler:
                                                       seq.params.logprobs or 0))
         return result
 
+    def plain_greedy(self, seqs: list[Sequence]) -> bool:
+        """Whether every row's token is its logits' argmax and nothing else reads them
+        (no logprobs, grammar, bias, penalties or min_tokens ban): the model may then
+        pick the tokens without the logits (``greedy_tokens``)."""
+        for s in seqs:
+            p = s.params
+            if not p.greedy or p.logprobs is not None or s.matcher is not None or \
+                    p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or \
+                    p.frequency_penalty or s.num_output < p.min_tokens:
+                return False
+        return True
+
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and logits.dtype == torch.float32:
             return kernels.argmax_rows(logits)

@@ -272,6 +272,15 @@ class GGUFLinear(KernelLayer, nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row's ``self(x).argmax(-1)`` for float32 rows, from the AMX tiles without
+        writing the outputs (``kernels.argmax_gguf``); None where they do not take it."""
+        if self.bias is not None or x.dim() != 2 or not self.float_rows_ok(x.shape[0]):
+            return None
+        if self.batch_blocks is not None:
+            return kernels.argmax_gguf(x, self.batch_blocks, self.batch_qtype)
+        return kernels.argmax_gguf(x, self.blocks, self.kernel_qtype)
+
     def swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of this fused gate_up projection in one pass on AMX tiles, bit
         for bit ``silu_mul(self(x))``; None where the tiles do not take it."""

@@ -63,11 +63,13 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
     def on_signal(sig: int, frame: Any) -> None:
         server.handle_exit(sig, frame)
 
+    from deepserve.engine.malloc import freeze_heap
     from deepserve.engine.warmup import measure, warm_up
 
     measure(engine.engine)  # the machine's peak, for utilization (cached per machine)
     if cfg.warmup:
         warm_up(engine.engine)  # before HTTP starts: /health answers only once warm
+    freeze_heap()  # the app and the warm-up's leftovers too
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     http = threading.Thread(target=serve, name="deepserve-http", daemon=True)
