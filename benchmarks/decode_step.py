@@ -21,9 +21,11 @@ from deepserve.sampling_params import SamplingParams
 
 
 def measure(batch: int, steps: int, profile: bool, temperature: float = 1.0,
-            **engine: object) -> None:
+            head_picks: bool = True, **engine: object) -> None:
     eng = LLMEngine(EngineConfig(max_num_seqs=batch, enable_prefix_caching=False, **engine),
                     show_progress=False)
+    if not head_picks:  # greedy rows through the float32 logits and argmax_rows
+        eng.runner.model.greedy_tokens = lambda hidden: None
     rng = random.Random(0)
     params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=temperature)
     for _ in range(batch):
@@ -61,6 +63,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--temperature", type=float, default=1.0,
                     help="0: greedy, as deepserve bench serve asks by default")
+    ap.add_argument("--head-picks", action=argparse.BooleanOptionalAction, default=True,
+                    help="greedy rows picked on the head's AMX tiles, the logits never "
+                         "written (--no-head-picks: the logits and argmax_rows)")
     ap.add_argument("--model", default=None, help="a local model (default: the packaged one)")
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the engine's pick)")
     args = ap.parse_args()
@@ -68,7 +73,8 @@ def main() -> None:
     if args.dtype:
         extra["dtype"] = args.dtype
     for b in args.batch:
-        measure(b, args.steps, args.profile, args.temperature, quantization=args.quantization,
+        measure(b, args.steps, args.profile, args.temperature, args.head_picks,
+                quantization=args.quantization,
                 kv_cache_dtype=args.kv_cache_dtype, cpu_kernels=args.cpu_kernels, **extra)
 
 
