@@ -1501,14 +1501,23 @@ void linear_codes(const QRows& q, const uint8_t* w, int64_t M, int64_t K, int64_
 // rows x [M, K] (M >= kAmxRows) against interleaved gate and up rows [2I, K] (I a multiple
 // of 16), the result [M, I] bf16 exactly as silu_mul(linear_gguf(x, weight)) gives it.
 // Undefined (run the two steps) anywhere else: the gate_up sums never leave the tiles.
-at::Tensor swiglu_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype) {
 #if DSQ_AMX
-  const int64_t M = x.dim() == 2 ? x.size(0) : 0, N = weight.size(0);
+// Whether the AMX tiles take rows x [M, K] against interleaved blocks of kernel type qtype
+// (Q8_0 in one part only) at all: tiles in use, 12 rows or more, a multiple of 32 columns
+// and blocks that match K. (Each caller adds the row types it takes.)
+bool tiles_take(const at::Tensor& x, const at::Tensor& weight, int64_t qtype) {
   const bool x8 = qtype == kQ4_0x8 || qtype == kQ4_1x8 || qtype == kQ5_0x8 ||
                   qtype == kQ5_1x8 || qtype == kQ4_Kx8 || qtype == kQ8_0x8One;
-  if (g_amx && x8 && M >= kAmxRows && N % 32 == 0 && x.scalar_type() == at::kBFloat16 &&
-      weight.scalar_type() == at::kByte && x.size(1) % QK == 0 &&
-      weight.size(1) == x.size(1) / QK * block_bytes(qtype % 100)) {
+  return g_amx && x8 && x.dim() == 2 && x.size(0) >= kAmxRows && weight.dim() == 2 &&
+         weight.size(0) % 32 == 0 && weight.scalar_type() == at::kByte &&
+         x.size(1) % QK == 0 && weight.size(1) == x.size(1) / QK * block_bytes(qtype % 100);
+}
+#endif
+
+at::Tensor swiglu_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype) {
+#if DSQ_AMX
+  if (tiles_take(x, weight, qtype) && x.scalar_type() == at::kBFloat16) {
+    const int64_t M = x.size(0), N = weight.size(0);
     const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
     at::Tensor o = at::empty({M, N / 2}, xc.options());
     if (linear_amx_bf16(xc, wc.data_ptr<uint8_t>(), qtype == kQ8_0x8One ? kQ8_0x8 : qtype, M,
@@ -1926,17 +1935,12 @@ at::Tensor swiglu_gguf_op(const at::Tensor& x, const at::Tensor& weight, int64_t
 // an empty tensor where they do not take it (run linear_gguf and argmax_rows then).
 at::Tensor argmax_gguf(const at::Tensor& x, const at::Tensor& weight, int64_t qtype) {
 #if DSQ_AMX
-  const bool one_part = qtype == kQ8_0x8One;
-  const int64_t base = one_part ? kQ8_0x8 : qtype;
-  const int64_t M = x.dim() == 2 ? x.size(0) : 0, N = weight.size(0);
-  const bool x8 = base == kQ4_0x8 || base == kQ4_1x8 || base == kQ5_0x8 ||
-                  base == kQ5_1x8 || base == kQ4_Kx8 || one_part;
-  if (g_amx && x8 && M >= kAmxRows && N % 32 == 0 && weight.scalar_type() == at::kByte &&
-      weight.dim() == 2 && x.size(1) % QK == 0 &&
-      weight.size(1) == x.size(1) / QK * block_bytes(base % 100) &&
+  if (tiles_take(x, weight, qtype) &&
       (x.scalar_type() == at::kBFloat16 ||
        (x.scalar_type() == at::kFloat && x.is_contiguous() &&
-        bf16_exact(x.data_ptr<float>(), M * x.size(1))))) {
+        bf16_exact(x.data_ptr<float>(), x.numel())))) {
+    const int64_t M = x.size(0), N = weight.size(0);
+    const int64_t base = qtype == kQ8_0x8One ? kQ8_0x8 : qtype;
     const at::Tensor xb = x.to(at::kBFloat16).contiguous(), wc = weight.contiguous();
     at::Tensor picks = at::empty({M}, x.options().dtype(at::kLong));
     if (linear_amx_bf16(xb, wc.data_ptr<uint8_t>(), base, M, xb.size(1), N, nullptr, nullptr,
