@@ -96,6 +96,35 @@ def test_linear_gguf_matches_float64_on_each_isa(name, dtype, k, each_isa):
         assert err < (0.02 if dtype == torch.float32 else 0.025), (rows, err.item())
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_codes_are_the_documented_rounding_on_each_isa(interleaved, dtype,
+                                                                  each_isa):
+    """Each input row becomes 8-bit codes per block of 32: d = max|x| / 127, code =
+    x * (1 / d) rounded half to even. One-hot Q4_1 rows (d = 1, m = 0) read each code
+    back times its d, alone, so every ISA's quantizer must equal that rule bit for bit."""
+    torch.manual_seed(3)
+    k = 96
+    blocks = torch.zeros(k, k // 32, 20, dtype=torch.uint8)
+    blocks[:, :, 0:2] = torch.tensor([1.0], dtype=torch.float16).view(torch.uint8)
+    for n in range(k):  # weight n of row n is code 1: low nibble of byte n % 16, or high
+        j = n % 32
+        blocks[n, n // 32, 4 + j % 16] = 1 if j < 16 else 0x10
+    blocks, qtype = blocks.reshape(k, -1), gl.Q4_1
+    if interleaved:
+        blocks, qtype = gl.interleave(blocks, qtype, k), qtype + gl.X8
+    x = torch.randn(9, k) * torch.logspace(-3, 3, 9).unsqueeze(1)
+    x[2, 32:64] = 0.0  # an all-zero block: d = 0, codes 0
+    x[3, 5] = 1e-30    # a value far below its block's step
+    x = x.to(dtype)
+    xf = x.float().reshape(9, 3, 32)
+    d = xf.abs().amax(dim=2, keepdim=True) / 127
+    inv = torch.where(d > 0, torch.ones(()) / d, torch.zeros(()))
+    want = (torch.round(xf * inv) * d).reshape(9, k).to(dtype)
+    got = kernels.linear_gguf(x, blocks, qtype, None)
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
 def test_interleaved_blocks_write_bf16_rows_as_the_float_path_rounds_them(name, each_isa):
     """bf16 rows in, no bias, a multiple of 16 output columns: the AVX-512 kernel writes

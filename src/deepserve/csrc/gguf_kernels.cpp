@@ -27,6 +27,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "parallel.h"
+
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -119,6 +121,78 @@ struct QRows {
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
+#if DSQ_ISA >= 1
+// 8 or 16 floats of a float or bf16 row (bf16: the 16 bits moved up, exact).
+template <typename T>
+inline __m256 load8_ps(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// One block of 32 values to codes, as the scalar loop below computes them, bit for bit:
+// the same float max, division and products, and vcvtps2dq's round-to-nearest-even is
+// nearbyint's under the default rounding mode. The decode step quantizes every layer's
+// inputs four times; the scalar loop took about 8% of a 64-row step (Zen 4).
+template <typename T>
+inline void quantize_block(const T* src, int8_t* q, float& d_out, float& s_out) {
+#if DSQ_ISA == 2
+  __m512 v0, v1;
+  if constexpr (std::is_same_v<T, float>) {
+    v0 = _mm512_loadu_ps(src);
+    v1 = _mm512_loadu_ps(src + 16);
+  } else {
+    const __m512i h = _mm512_loadu_si512(src);
+    v0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+    v1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+  }
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const float d = amax / 127.f;
+  const float inv = d > 0.f ? 1.f / d : 0.f;
+  const __m512 vi = _mm512_set1_ps(inv);
+  const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vi));
+  const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vi));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(c0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(c1));
+  const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+#else
+  __m256 v[4];
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_setzero_ps();
+  for (int k = 0; k < 4; ++k) {
+    v[k] = load8_ps(src + 8 * k);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float amax = _mm_cvtss_f32(m4);
+  const float d = amax / 127.f;
+  const float inv = d > 0.f ? 1.f / d : 0.f;
+  const __m256 vi = _mm256_set1_ps(inv);
+  __m256i c[4];
+  for (int k = 0; k < 4; ++k) c[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], vi));
+  // int32 -> int16 -> int8 packs interleave 128-bit lanes; the permute puts them back
+  const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]),
+                                       _mm256_packs_epi32(c[2], c[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m256i t = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+  __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+  const int sum = _mm_cvtsi128_si32(t4);
+#endif
+  d_out = d;
+  s_out = d * static_cast<float>(sum);
+}
+#endif
+
 template <typename T>
 void quantize_rows(const T* x, int64_t M, int64_t K, QRows& out) {
   const int64_t nb = K / QK;
@@ -128,6 +202,12 @@ void quantize_rows(const T* x, int64_t M, int64_t K, QRows& out) {
   at::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const T* src = x + i * QK;  // rows are contiguous, so block i is at i * 32
+#if DSQ_ISA >= 1
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+        quantize_block(src, out.q.data() + i * QK, out.d[i], out.s[i]);
+        continue;
+      }
+#endif
       float v[QK];
       float amax = 0.f;
       for (int j = 0; j < QK; ++j) {
@@ -483,10 +563,16 @@ void for_row_tiles(int64_t M, int64_t N, int64_t x_row_bytes, Dot dot,
     const int64_t per_thread = N / (4 * at::get_num_threads()) + 1;
     const int64_t grain =
         std::min(per_thread, std::max<int64_t>(8, 1024 / std::max<int64_t>(1, t1 - t0)));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    const auto run = [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t m = t0; m < t1; m += kRows) dot(n, m, std::min<int64_t>(kRows, t1 - m));
-    });
+    };
+    // One tile (a decode step's rows): weight rows handed out piece by piece, so a thread
+    // descheduled a while holds no share the other waits for (a 64-row decode step 3-9%
+    // faster on Zen 4). Several tiles: equal shares, each thread's weight rows staying in
+    // its L2 from tile to tile.
+    if (M <= kTile) ds_parallel::pieces(0, N, grain, run);
+    else at::parallel_for(0, N, grain, run);
   }
 }
 
