@@ -86,19 +86,20 @@ def test_prompt_runs_on_tiles_match_float64_attention(heads, kv_heads, d, amx_ti
 
 @needs_kernels
 def test_runs_without_tiles_take_sdpa_for_whole_prompts_only(monkeypatch):
-    """With the tiles off, a whole bf16 prompt of 64 tokens or more is one causal SDPA call
-    and everything else (a chunk past a cached prefix, short prompts) runs row by row;
-    every row still within bf16 rounding of float64."""
+    """With the tiles off, a whole bf16 prompt of 1024 tokens or more is one causal SDPA
+    call and everything else (shorter whole prompts, a chunk past a cached prefix) runs
+    row by row; every row still within bf16 rounding of float64."""
     before = kernels.amx()
     kernels.set_amx(False)
     try:
         torch.manual_seed(1)
         rows, _ = _rows()
+        rows += [(list(range(160, 224)), c) for c in range(1, 1025)]  # 1024 tokens: SDPA
         width = max(len(b) for b, _ in rows)
         table = torch.tensor([b + [0] * (width - len(b)) for b, _ in rows])
         ctx = torch.tensor([c for _, c in rows])
-        k_cache = torch.randn(3, 160 * BS, 64).to(torch.bfloat16)
-        v_cache = torch.randn(3, 160 * BS, 64).to(torch.bfloat16)
+        k_cache = torch.randn(3, 224 * BS, 64).to(torch.bfloat16)
+        v_cache = torch.randn(3, 224 * BS, 64).to(torch.bfloat16)
         q = torch.randn(len(rows), 9, 64).to(torch.bfloat16)
         got = kernels.paged_decode_attention(q, k_cache, v_cache, None, None, table, ctx, BS,
                                              0.125)
@@ -106,7 +107,7 @@ def test_runs_without_tiles_take_sdpa_for_whole_prompts_only(monkeypatch):
             q[i:i + 1], k_cache, v_cache, None, None, table[i:i + 1], ctx[i:i + 1], BS, 0.125)
             for i in range(len(rows))])
         sdpa = torch.zeros(len(rows), dtype=torch.bool)
-        sdpa[1:71] = sdpa[100:700] = True  # whole prompts of 64 tokens or more
+        sdpa[740:] = True  # the one whole prompt of 1024 tokens or more
         assert torch.equal(got[~sdpa], alone[~sdpa])
         assert not torch.equal(got[sdpa], alone[sdpa])
         err = (got.double() - _reference(q, k_cache, v_cache, rows, 0.125)).abs()
