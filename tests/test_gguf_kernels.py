@@ -572,8 +572,9 @@ def test_bf16_copies_for_large_batches_only_within_their_memory_budget(caplog):
 def test_copies_are_kept_only_where_they_measured_faster(caplog, monkeypatch):
     """DEEPSERVE_DENSE_COPY unset: one block layer is timed on its blocks and on a bf16
     copy at 32 rows, and the copies are kept only when the copy was 1.25x faster; the
-    log gives both figures. Where the blocks run on AMX tiles, never (the log says so).
-    A wrong setting is refused with the three it takes."""
+    log gives both figures, timed only once ``settle()`` (the engine's tokenizer load)
+    has returned. Where the blocks run on AMX tiles, never (the log says so). A wrong
+    setting is refused with the three it takes."""
     import re
 
     from deepserve.engine import setup
@@ -588,8 +589,11 @@ def test_copies_are_kept_only_where_they_measured_faster(caplog, monkeypatch):
         m.use_kernel = True
         m.interleave_blocks()
     caplog.set_level("INFO", logger="deepserve.engine.llm_engine")
-    pays = setup.copies_pay(model, torch.bfloat16)
+    order, timed = [], kernels.linear_gguf
+    monkeypatch.setattr(kernels, "linear_gguf", lambda *a: order.append("timed") or timed(*a))
+    pays = setup.copies_pay(model, torch.bfloat16, settle=lambda: order.append("settled"))
     assert all(m.dense is None for m in model)  # the probe's copy is not kept
+    assert kernels.amx() or order[:2] == ["settled", "timed"], order
     if kernels.amx():  # the blocks on AMX tiles keep the one-call layer: never copies
         assert not pays and "the blocks run on AMX tiles" in caplog.text
     else:

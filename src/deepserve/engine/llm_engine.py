@@ -70,12 +70,12 @@ class LLMEngine:
             config, path, kind, mcfg, self.max_model_len)
         with ThreadPoolExecutor(1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(setup.tokenizer_for, config, path, kind)
-            # unseeded requests draw from this generator: repeatable, as vLLM's --seed
-            torch.manual_seed(config.seed)
+            torch.manual_seed(config.seed)  # unseeded requests: repeatable, as vLLM's --seed
             # The one decision on deepserve's CPU kernels, for layers, metadata, sampler.
             self.use_kernels = setup.use_cpu_kernels(config, self.device)
             self.model = setup.build_model(ckpt, local, config, self.max_model_len, self.dtype,
-                                           self.device, self.use_kernels, show_progress, shard)
+                                           self.device, self.use_kernels, show_progress, shard,
+                                           settle=tokenizer.result)
             self.tokenizer = tokenizer.result()
         self.eos_token_ids = eos_token_ids(self.tokenizer, path, kind)
         self.max_token_chars = setup.max_token_chars(self.tokenizer)

@@ -124,10 +124,11 @@ def use_cpu_kernels(config: EngineConfig, device: torch.device) -> bool:
 
 def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_len: int,
                 dtype: torch.dtype, device: torch.device, use_kernels: bool,
-                show_progress: bool, shard: Any = None) -> torch.nn.Module:
+                show_progress: bool, shard: Any = None, settle: Any = None) -> torch.nn.Module:
     """Load the weights (with ``shard``, one tensor-parallel rank's part of them: ``mcfg``
     is then its local configuration), quantize them, and prepare them for the kernel
-    decision."""
+    decision; ``settle()`` returns once other work on the cores is done (a first tokenizer
+    build beside ``copies_pay``'s timing made it keep 2.7 GB of copies for nothing)."""
     keep_blocks = config.quantization == "auto" and device.type == "cpu"
     interleave = use_kernels and kernels.isa() != "portable"
     model = load_model(ckpt, mcfg, max_model_len, dtype, device, show_progress=show_progress,
@@ -149,7 +150,7 @@ def build_model(ckpt: Any, mcfg: ModelConfig, config: EngineConfig, max_model_le
             # the block kernels at 32 streams (benchmarks/decode_step.py, BENCHMARKS.md)
             logger.info("mixture-of-experts model: every layer runs on its blocks, no bf16 "
                         "copies for large batches")
-        elif dense_mode() == "on" or copies_pay(model, dtype):
+        elif dense_mode() == "on" or copies_pay(model, dtype, settle):
             keep_dense_copies(model, dtype)
     if config.cpu_kernels:
         pack_weights(model)
@@ -188,12 +189,11 @@ COPY_MARGIN = 1.25
 CALIBRATION_ROWS = 32
 
 
-def copies_pay(model: torch.nn.Module, dtype: torch.dtype) -> bool:
-    """Whether oneDNN's bf16 GEMM beats the block kernels on this CPU: one decoder
-    layer's largest block projection timed both ways at 32 rows (best of three, about
-    0.1 s; without AMX the VNNI kernel wins by 2-4x: BENCHMARKS.md, "Batched GEMM on
-    blocks"). Never where the blocks run on AMX tiles: copies won that GEMM alone by
-    1.1-1.6x, but cost the one-call layer, half the speed at one stream served."""
+def copies_pay(model: torch.nn.Module, dtype: torch.dtype, settle: Any = None) -> bool:
+    """Whether oneDNN's bf16 GEMM beats the block kernels on this CPU: one decoder layer's
+    largest block projection timed both ways at 32 rows (best of three, about 0.1 s, once
+    ``settle()`` returns), never where the blocks run on AMX tiles (copies won that GEMM
+    by 1.1-1.6x, but cost the one-call layer, half the speed at one stream served)."""
     if kernels.amx():
         logger.info("bf16 copies for large batches: none, the blocks run on AMX tiles")
         return False
@@ -204,6 +204,7 @@ def copies_pay(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     layers = [m for m in model.modules() if isinstance(m, GGUFLinear) and m.use_kernel]
     if not layers:
         return False
+    settle is None or settle()  # the tokenizer's first build shares the cores till then
     layer = max(layers[:8], key=lambda m: m.in_features * m.out_features)
     x = torch.randn(CALIBRATION_ROWS, layer.in_features, dtype=dtype)
     layer.keep_dense(dtype)
@@ -356,8 +357,7 @@ def log_loaded(engine: Any, seconds: float) -> None:
         "%s: %d blocks x %d = %d tokens (%.0f MiB, %d bytes/token); max_model_len=%d; "
         "CPU kernels: %s; resident memory %s",
         engine.model_name, mcfg.architecture, mcfg.num_layers, seconds, engine.device,
-        str(engine.dtype).replace("torch.", ""), config.quantization,
-        weight_formats(engine.model),
+        str(engine.dtype).replace("torch.", ""), config.quantization, weight_formats(engine.model),
         engine.weight_bytes / 2**20, config.kv_cache_dtype, engine.num_blocks,
         config.block_size, engine.kv_tokens,
         engine.kv_tokens * engine.kv_bytes_per_token / 2**20, engine.kv_bytes_per_token,
