@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup serve test lint bench bench-moe bench-deps bench-compare bench-llamacpp bench-llamacpp-offline bench-peers bench-vllm bench-fleet ray deploy-tools services clean
+.PHONY: setup serve test lint bench bench-moe bench-deps bench-compare bench-llamacpp bench-llamacpp-offline bench-peers bench-peers-avx2 bench-vllm bench-fleet ray deploy-tools services clean
 
 setup: $(STAMP)
 
@@ -86,6 +86,23 @@ $(LLAMA_SERVER): | setup
 bench-peers: setup $(LLAMA_SERVER)
 	$(BIN)/python benchmarks/serve_vs_peers.py --llama-server $(LLAMA_SERVER) \
 		--systems auto none int8 int4 mixed llama.cpp
+
+# The AVX2 path on any AVX-512 CPU: deepserve's avx2 build against llama-server built for
+# AVX2 alone from the same sources (about 5 minutes on 2 cores, once, into build/).
+LLAMA_SERVER_AVX2 := build/llama.cpp-avx2/bin/llama-server
+$(LLAMA_SERVER_AVX2): | setup
+	mkdir -p build/llama.cpp-src
+	test -d $(LLAMA_CPP_SRC) || ($(BIN)/pip download -q --no-binary :all: --no-deps \
+		llama-cpp-python==0.3.36 -d build/llama.cpp-src && \
+		tar xzf build/llama.cpp-src/llama_cpp_python-0.3.36.tar.gz -C build/llama.cpp-src)
+	cmake -S $(LLAMA_CPP_SRC) -B build/llama.cpp-avx2 -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+		-DGGML_F16C=ON -DGGML_AVX512=OFF \
+		-DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(CURDIR)/build/llama.cpp-avx2/bin
+	cmake --build build/llama.cpp-avx2 -j2 --target llama-server
+bench-peers-avx2: setup $(LLAMA_SERVER_AVX2)
+	DEEPSERVE_ISA=avx2 $(BIN)/python benchmarks/serve_vs_peers.py \
+		--llama-server $(LLAMA_SERVER_AVX2) --systems auto llama.cpp --concurrency 1 8 32
 
 # Mixture-of-experts models against llama-server on the same random-weight GGUF files
 # (benchmarks/make_moe_gguf.py: a Qwen3-MoE of 1B total / 0.2B active and a
