@@ -116,6 +116,7 @@ struct QRows {
   std::vector<int8_t> q;    // [M, K]
   std::vector<float> d;     // [M, K/32]
   std::vector<float> s;     // [M, K/32]: d * sum of the block's codes
+  std::vector<int32_t> n;   // [M, K/32]: the sum of the block's codes
 };
 
 template <typename T>
@@ -138,7 +139,8 @@ inline __m256 load8_ps(const T* p) {
 // nearbyint's under the default rounding mode. The decode step quantizes every layer's
 // inputs four times; the scalar loop took about 8% of a 64-row step (Zen 4).
 template <typename T>
-inline void quantize_block(const T* src, int8_t* q, float& d_out, float& s_out) {
+inline void quantize_block(const T* src, int8_t* q, float& d_out, float& s_out,
+                           int32_t& n_out) {
 #if DSQ_ISA == 2
   __m512 v0, v1;
   if constexpr (std::is_same_v<T, float>) {
@@ -190,6 +192,7 @@ inline void quantize_block(const T* src, int8_t* q, float& d_out, float& s_out) 
 #endif
   d_out = d;
   s_out = d * static_cast<float>(sum);
+  n_out = sum;
 }
 #endif
 
@@ -199,12 +202,13 @@ void quantize_rows(const T* x, int64_t M, int64_t K, QRows& out) {
   out.q.resize(M * K);
   out.d.resize(M * nb);
   out.s.resize(M * nb);
+  out.n.resize(M * nb);
   at::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const T* src = x + i * QK;  // rows are contiguous, so block i is at i * 32
 #if DSQ_ISA >= 1
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
-        quantize_block(src, out.q.data() + i * QK, out.d[i], out.s[i]);
+        quantize_block(src, out.q.data() + i * QK, out.d[i], out.s[i], out.n[i]);
         continue;
       }
 #endif
@@ -225,6 +229,7 @@ void quantize_rows(const T* x, int64_t M, int64_t K, QRows& out) {
       }
       out.d[i] = d;
       out.s[i] = d * static_cast<float>(sum);
+      out.n[i] = sum;
     }
   });
 }
@@ -668,7 +673,7 @@ inline __m256i fifth_bits(__m256i h, __m256i h4, int k) {
 // kQ4_1, kQ4_K or kQ5_0 (the kept Q5_0 / Q5_1 layout, whose codes run 0..31).
 template <int64_t T, int R>
 inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const float* xs,
-                     int64_t nb, float* out, int64_t out_stride) {
+                     const int32_t* xn, int64_t nb, float* out, int64_t out_stride) {
   constexpr bool q5 = T == kQ5_0, f16m = T == kQ4_1 || q5;
   const int64_t cb = 8 * block_bytes(T), hb = f16m ? 32 : 16;
 #if DSQ_ISA >= 1
@@ -699,8 +704,11 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
       h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 128));
       h4 = _mm256_slli_epi16(h, 4);
     }
+    // Q4_0's offset (-8 d per weight) in the integer sums: they start at -8 times the
+    // row's code sum, and the block's float work is one multiply-add, not two
     __m256i s[R];
-    for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
+    for (int r = 0; r < R; ++r)
+      s[r] = _mm256_set1_epi32(T == kQ4_0 ? -8 * xn[r * nb + b] : 0);
 #if DSQ_ISA == 1
     // int16 partial sums: 4-bit codes fill at most 16 * 15 * 127 = 30480 over a block,
     // 5-bit codes 8 * 31 * 127 = 31496 over half of one
@@ -739,7 +747,7 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
       const int64_t xi = r * nb + b;
       const __m256 sum = _mm256_cvtepi32_ps(s[r]);
       acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(vd, _mm256_set1_ps(xd[xi])), acc[r]);
-      acc[r] = _mm256_fmadd_ps(vm, _mm256_set1_ps(xs[xi]), acc[r]);
+      if (T != kQ4_0) acc[r] = _mm256_fmadd_ps(vm, _mm256_set1_ps(xs[xi]), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * out_stride, acc[r]);
@@ -763,7 +771,7 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
       const int64_t xi = r * nb + b;
       const int8_t* x = xq + xi * QK;
       for (int l = 0; l < 8; ++l) {
-        int32_t s = 0;
+        int32_t s = T == kQ4_0 ? -8 * xn[xi] : 0;
         for (int t = 0; t < 4; ++t)
           for (int i = 0; i < 4; ++i) {
             const uint8_t byte = c[32 * t + 4 * l + i];
@@ -771,7 +779,7 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
             s += ((byte & 0x0f) | (fifth & 1) << 4) * x[4 * t + i] +
                  ((byte >> 4) | (fifth & 2) << 3) * x[16 + 4 * t + i];
           }
-        acc[r][l] += d[l] * xd[xi] * static_cast<float>(s) + m[l] * xs[xi];
+        acc[r][l] += d[l] * xd[xi] * static_cast<float>(s) + (T == kQ4_0 ? 0.f : m[l] * xs[xi]);
       }
     }
   }
@@ -838,7 +846,8 @@ inline void block16(const uint8_t* wg, const uint8_t* wg2, int64_t b, __m512& vd
 
 template <int64_t T, int R>
 inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const float* xd,
-                      const float* xs, int64_t nb, float* out, int64_t out_stride,
+                      const float* xs, const int32_t* xn, int64_t nb, float* out,
+                      int64_t out_stride,
                       uint16_t* out16 = nullptr) {
   constexpr bool q5 = T == kQ5_0;
   const uint8_t* wg2 = wg + chunk;
@@ -854,8 +863,9 @@ inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const 
       h = cat256(c + 128, c2 + 128);
       h4 = _mm512_slli_epi16(h, 4);
     }
-    __m512i s[R];
-    for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
+    __m512i s[R];  // Q4_0's offset in the integer sums, as group_x8
+    for (int r = 0; r < R; ++r)
+      s[r] = _mm512_set1_epi32(T == kQ4_0 ? -8 * xn[r * nb + b] : 0);
     for (int t = 0; t < 4; ++t) {
       const __m512i v = cat256(c + 32 * t, c2 + 32 * t);
       __m512i lo = _mm512_and_si512(v, low);
@@ -875,7 +885,7 @@ inline void group_x16(const uint8_t* wg, int64_t chunk, const int8_t* xq, const 
       const int64_t xi = r * nb + b;
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]),
                                _mm512_mul_ps(vd, _mm512_set1_ps(xd[xi])), acc[r]);
-      acc[r] = _mm512_fmadd_ps(vm, _mm512_set1_ps(xs[xi]), acc[r]);
+      if (T != kQ4_0) acc[r] = _mm512_fmadd_ps(vm, _mm512_set1_ps(xs[xi]), acc[r]);
     }
   }
   if (out16)  // bf16 outputs, rounded to nearest even as torch's conversion rounds
@@ -1556,10 +1566,11 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
     const int8_t* q = xq.q.data() + m * K;
     const float* d = xq.d.data() + m * nb;
     const float* s = xq.s.data() + m * nb;
+    const int32_t* c = xq.n.data() + m * nb;
     float* o = out16 ? nullptr : out + m * N + 16 * p;
     uint16_t* o16 = out16 ? out16 + m * N + 16 * p : nullptr;
     with_rows(rows, [&](auto r) {
-      group_x16<T, decltype(r)::value>(wg, chunk, q, d, s, nb, o, N, o16);
+      group_x16<T, decltype(r)::value>(wg, chunk, q, d, s, c, nb, o, N, o16);
     });
   }, kCodeTile);
   if (g0 == N / 8) return;
@@ -1570,8 +1581,11 @@ void linear_x8(const QRows& xq, const uint8_t* w, int64_t M, int64_t K, int64_t 
     const int8_t* q = xq.q.data() + m * K;
     const float* d = xq.d.data() + m * nb;
     const float* s = xq.s.data() + m * nb;
+    const int32_t* c = xq.n.data() + m * nb;
     float* o = out + m * N + 8 * g;
-    with_rows(rows, [&](auto r) { group_x8<T, decltype(r)::value>(wg, q, d, s, nb, o, N); });
+    with_rows(rows, [&](auto r) {
+      group_x8<T, decltype(r)::value>(wg, q, d, s, c, nb, o, N);
+    });
   }, kCodeTile);
 }
 
