@@ -686,6 +686,7 @@ inline void group_x8(const uint8_t* wg, const int8_t* xq, const float* xd, const
     if (T == kQ4_K) {  // sub-block b % 8 of a super-block chunk: fp32 d and -dmin times
       const uint8_t* u = wg + (b >> 3) * kQ4KChunk;  // its byte scale and min
       const int64_t j = b & 7;
+      prefetch_ahead(u + j * (kQ4KChunk / 8), kQ4KChunk / 8);
       vd = _mm256_mul_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u)),
                          bytes_ps(u + 64 + 8 * j));
       vm = _mm256_mul_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u + 32)),
@@ -825,6 +826,8 @@ inline void block16(const uint8_t* wg, const uint8_t* wg2, int64_t b, __m512& vd
   if (T == kQ4_K) {
     const int64_t off = (b >> 3) * kQ4KChunk, j = b & 7;
     const uint8_t *u = wg + off, *u2 = wg2 + off;
+    prefetch_ahead(u + j * (kQ4KChunk / 8), kQ4KChunk / 8);  // an eighth of a chunk a block
+    prefetch_ahead(u2 + j * (kQ4KChunk / 8), kQ4KChunk / 8);
     vd = _mm512_mul_ps(cat_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(u)),
                               _mm256_loadu_ps(reinterpret_cast<const float*>(u2))),
                        cat_ps(bytes_ps(u + 64 + 8 * j), bytes_ps(u2 + 64 + 8 * j)));
