@@ -285,3 +285,43 @@ def test_grammar_masks_leave_exactly_the_tokens_llguidance_allows(pair):
     for row, allowed in ((0, want[0]), (2, want[1])):
         assert set(torch.isfinite(logits[row]).nonzero().flatten().tolist()) == allowed
     assert torch.equal(logits[1], before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3moe"])
+def test_gguf_tokenizer_is_autotokenizers_without_its_full_parse(arch, default_gguf, tmp_path,
+                                                                 monkeypatch):
+    """A first start builds a GGUF's tokenizer with the class AutoTokenizer picks for the
+    file's architecture, straight from the tokenizer fields (AutoTokenizer itself first
+    parses every field with the gguf package, 2-3 s for the default model's vocabulary):
+    the same class and, saved, the same files byte for byte as AutoTokenizer's."""
+    import gguf
+    import transformers
+    from tiny_models import _tokenizer_fields
+
+    from deepserve.loader import tokenizer as T
+
+    path = tmp_path / f"{arch}-tokenizer.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    for name, value, vtype, sub in _tokenizer_fields(default_gguf):
+        w.add_key_value(name, value, vtype, sub_type=sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    want = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("AutoTokenizer was asked")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+        got = T._gguf_tokenizer(path)
+    assert type(got) is type(want)
+    got.save_pretrained(str(tmp_path / "got"))
+    want.save_pretrained(str(tmp_path / "want"))
+    names = sorted(p.name for p in (tmp_path / "want").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "got").iterdir())
+    assert "tokenizer.json" in names
+    for name in names:
+        assert (tmp_path / "got" / name).read_bytes() == \
+            (tmp_path / "want" / name).read_bytes(), name

@@ -27,7 +27,8 @@ def _transformers_version() -> str:
 
 def _cache_dir(path: Path) -> Path | None:
     """Where the tokenizer rebuilt from a GGUF is kept: keyed by the file (path, size,
-    mtime) and the transformers version. Rebuilding takes about 4 s; reading it back 0.1 s."""
+    mtime) and the transformers version. Rebuilding takes about 2 s (imports included);
+    reading it back 0.1 s."""
     try:
         st = path.stat()
     except OSError:
@@ -99,7 +100,7 @@ def load_tokenizer(path: Path, kind: str) -> Any:
                 except Exception as exc:  # a damaged cache: rebuild it
                     logger.warning("tokenizer cache %s unreadable (%s); rebuilding", cached, exc)
             try:
-                tok = _hf_tokenizer(path.parent, gguf_file=path.name)
+                tok = _gguf_tokenizer(path)
             except ValueError as exc:
                 if "is not supported" not in str(exc):
                     raise
@@ -118,6 +119,44 @@ def load_tokenizer(path: Path, kind: str) -> Any:
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{path}: cannot build a tokenizer from it ({exc}); a HF folder "
                              "needs tokenizer.json or tokenizer.model with its config") from exc
+
+
+# GGUF architectures whose tokenizer transformers builds from the file's fields
+# (tests/test_fast_tokenizer.py checks each against AutoTokenizer's, file for file)
+DIRECT_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """transformers' tokenizer of a GGUF, from the file's ``tokenizer.*`` fields.
+    AutoTokenizer first parses every field of the file with the gguf package only to
+    learn the model type (about 3 of its 4-6 s); here the type comes from deepserve's
+    own reader (0.15 s), and the class is the one AutoTokenizer picks for that type
+    when, as in a GGUF, no tokenizer_config names one: its registered class, or
+    ``TokenizersBackend`` where none is registered. Other architectures, and a
+    transformers without ``TokenizersBackend``, take AutoTokenizer."""
+    import transformers
+
+    from deepserve.loader.gguf_file import GGUFFile
+
+    fields = GGUFFile(path).fields
+    model_type = DIRECT_ARCHS.get(str(fields.get("general.architecture", "")))
+    if model_type == "llama" and "mistral" in str(fields.get("general.name", "")).lower():
+        model_type = "mistral"  # as transformers reads such a file
+    backend = getattr(transformers, "TokenizersBackend", None)
+    if model_type is None or backend is None:
+        return _hf_tokenizer(path.parent, gguf_file=path.name)
+    from transformers.models.auto.tokenization_auto import (
+        TOKENIZER_MAPPING_NAMES,
+        tokenizer_class_from_name,
+    )
+
+    name = TOKENIZER_MAPPING_NAMES.get(model_type)
+    cls = backend if name in (None, "TokenizersBackend") else \
+        tokenizer_class_from_name(name) if isinstance(name, str) else None
+    if cls is None:
+        return _hf_tokenizer(path.parent, gguf_file=path.name)
+    transformers.logging.set_verbosity_error()
+    return cls.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def _tokenizer_only(path: Path) -> Any:
