@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import gguf
 import torch
 
 from deepserve import kernels
@@ -25,6 +26,7 @@ from deepserve.layers.gguf_linear import quantize as quantize_blocks
 SHAPES = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576),
           ("lm_head", 576, 49152)]
 TYPES = {"Q4_1": 3, "Q8_0": 8, "Q4_1x8": 3 + X8,  # x8: interleaved eight rows at a time
+         "Q4_0x8": 2 + X8,
          "Q5_0x8": kquants.Q5_0 + X8, "Q4_Kx8": kquants.Q4_K + X8}
 
 
@@ -56,9 +58,11 @@ def main() -> None:
     ap.add_argument("--shape", action="append", default=[], metavar="NAME:IN:OUT",
                     help="another projection shape, e.g. gate_up_1b:2048:11264 (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--isas", nargs="+", default=None,
+                    help="instruction-set builds to time (default: every one this CPU runs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    isas = kernels.supported_isas()
+    isas = args.isas or kernels.supported_isas()
     for isa in isas:
         kernels.load(isa)
     torch.manual_seed(0)
@@ -84,6 +88,9 @@ def main() -> None:
                 if k % kquants.FILE_BLOCK[qtype]:
                     continue  # rows of this shape are not whole blocks of the type
                 blocks = kept_blocks(qtype, n, k)
+            elif qtype == 2:  # Q4_0: the gguf package's own quantizer
+                blocks = torch.from_numpy(gguf.quants.quantize(
+                    w.numpy(), gguf.GGMLQuantizationType.Q4_0)).reshape(n, -1)
             else:
                 blocks = quantize_blocks(w, qtype)
             if TYPES[tname] > X8:
