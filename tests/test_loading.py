@@ -97,3 +97,29 @@ def test_missing_tensor_is_named(tiny_llama_dir, tmp_path):
     save_file(tensors, str(st), metadata={"format": "pt"})
     with pytest.raises(DeepserveError, match=r"layers\.1\.down_proj\.weight"):
         LLM(model=str(bad), show_progress=False)
+
+
+def test_gguf_layers_interleaved_straight_from_the_file(default_gguf):
+    """With the SIMD kernels, 4-bit projections are written into the kernels' order
+    straight from the mapped file, part by part (q, k, v; gate, up): the same bytes as
+    the file's tensors, llama's q/k rows put back in rotary order, concatenated and
+    interleaved."""
+    from pathlib import Path
+
+    from deepserve import kernels
+    from deepserve.layers.gguf_linear import X8, interleave
+    from deepserve.loader.weights import load_model, open_checkpoint
+
+    if not kernels.load(kernels.isa()) or kernels.isa() == "portable":
+        pytest.skip("the interleaved order is the SIMD builds'")
+    ckpt = open_checkpoint(Path(default_gguf), "gguf")
+    cfg = ckpt.model_config()
+    model = load_model(ckpt, cfg, 256, torch.bfloat16, torch.device("cpu"),
+                       show_progress=False, keep_blocks=True, interleave=True)
+    layer = model.layers[3]
+    for module, names in ((layer.qkv_proj, ["attn_q", "attn_k", "attn_v"]),
+                          (layer.gate_up_proj, ["ffn_gate", "ffn_up"]),
+                          (layer.down_proj, ["ffn_down"])):
+        file = torch.cat([ckpt.blocks(f"blk.3.{n}.weight", cfg) for n in names])
+        assert module.kernel_qtype == module.qtype + X8
+        assert torch.equal(module.blocks, interleave(file, module.qtype, module.in_features))

@@ -271,12 +271,17 @@ class GGUFCheckpoint:
         """Drop a tensor's file pages from resident memory (once copied)."""
         self.reader.release(self._tensors[name].data)
 
-    def blocks(self, name: str, config: ModelConfig) -> torch.Tensor:
+    def blocks(self, name: str, config: ModelConfig, copy: bool = True) -> torch.Tensor:
         """One tensor's rows as the file stores them: [rows, bytes per row] uint8 (llama's
-        q/k rows put back in rotary order: a row permutation, so blocks stay whole)."""
+        q/k rows put back in rotary order: a row permutation, so blocks stay whole).
+        ``copy=False``: rows in the file's order stay a read-only view of the mapped file
+        (the caller copies them, then ``release``s the pages)."""
         t = self._tensors[name]
-        data = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))
-        self.reader.release(t.data)
+        if copy:
+            data = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))
+            self.reader.release(t.data)
+        else:
+            data = self.view(name)
         if self.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config.num_heads if "attn_q" in name else config.num_kv_heads
             data = _unpermute_rotary(data, heads).contiguous()

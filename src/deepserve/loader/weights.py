@@ -19,8 +19,11 @@ from deepserve.layers.gguf_linear import (
     BLOCK_BYTES,
     HEADS,
     NAMES,
+    Q4_0,
+    Q4_1,
     QK,
     UNIT,
+    X8,
     GGUFEmbedding,
     GGUFLinear,
     GGUFParts,
@@ -271,6 +274,20 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
+def _interleaved(ckpt: GGUFCheckpoint, names: list[str], qtype: int, k: int,
+                 cfg: ModelConfig) -> torch.Tensor:
+    """The tensors ``names`` (each a multiple of 8 rows) one after another in the kernels'
+    interleaved order (``gguf_linear.interleave``), read from the mapped file."""
+    views = [ckpt.blocks(n, cfg, copy=False) for n in names]
+    out = torch.empty(sum(v.shape[0] for v in views), views[0].shape[1], dtype=torch.uint8)
+    at = 0
+    for name, v in zip(names, views, strict=True):
+        interleave_into(v.unsqueeze(0), out[at:at + v.shape[0]].unsqueeze(0), qtype, k)
+        at += v.shape[0]
+        ckpt.release(name)
+    return out
+
+
 def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelConfig,
                     plan: dict[str, tuple[int | None, list[str]]], dtype: torch.dtype,
                     in_features: dict[str, int | None], shard: Shard | None = None,
@@ -356,6 +373,13 @@ def _install_blocks(model: LlamaForCausalLM, ckpt: GGUFCheckpoint, cfg: ModelCon
                  for i, n in enumerate(names)], bias)
         elif names == ["token_embd.weight"] and "token_embd.weight" in shared:
             layer = GGUFLinear(shared["token_embd.weight"], qtype, k, bias)
+        elif interleave and shard is None and qtype in (Q4_0, Q4_1) and \
+                names != ["token_embd.weight"] and \
+                all(ckpt.view(n).shape[0] % 8 == 0 for n in names):
+            # the kernels' order written straight from the mapped file, part by part into
+            # its rows: one copy (a copy, a concatenation and an interleave took three)
+            layer = GGUFLinear(_interleaved(ckpt, names, qtype, k, file_cfg), qtype, k, bias)
+            layer.kernel_qtype = qtype + X8
         else:
             parts = [kept(n, qtype, k, path, i) for i, n in enumerate(names)]
             blocks = parts[0] if len(parts) == 1 else torch.cat(parts)
