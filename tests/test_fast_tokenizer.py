@@ -48,6 +48,22 @@ TOOLS = [{"type": "function", "function": {"name": "add", "description": "Adds Ã
           "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]
 
 
+def tokenizer_gguf(default_gguf, folder, arch: str):
+    """A GGUF of architecture ``arch`` holding only the default model's tokenizer fields."""
+    import gguf
+    from tiny_models import _tokenizer_fields
+
+    path = folder / f"{arch}-tokenizer.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    for name, value, vtype, sub in _tokenizer_fields(default_gguf):
+        w.add_key_value(name, value, vtype, sub_type=sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def outcome(fn, *args, **kwargs):
     """The rendered text, or the error's type and message: a template that fails must
     fail the same way in both."""
@@ -194,20 +210,10 @@ def test_a_class_that_rebuilds_its_pipeline_is_certified_then_served_fast(
     tokenizers library and saves it; later starts serve it without transformers, with
     the ids and text of the first start on every sample and these tests' texts. A
     cache entry from before certificates is rebuilt from the file once."""
-    import gguf
-    from tiny_models import _tokenizer_fields
-
     from deepserve.loader import tokenizer as T
     from deepserve.loader.fast_tokenizer import CERTIFIED, samples
 
-    path = tmp_path / "qwen3-tokenizer.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen3")
-    for name, value, vtype, sub in _tokenizer_fields(default_gguf):
-        w.add_key_value(name, value, vtype, sub_type=sub)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = tokenizer_gguf(default_gguf, tmp_path, "qwen3")
     monkeypatch.setenv("DEEPSERVE_CACHE_DIR", str(tmp_path / "cache"))
     hf = T.load_tokenizer(path, "gguf")
     assert type(hf).__name__ == "Qwen2Tokenizer"
@@ -294,20 +300,11 @@ def test_gguf_tokenizer_is_autotokenizers_without_its_full_parse(arch, default_g
     file's architecture, straight from the tokenizer fields (AutoTokenizer itself first
     parses every field with the gguf package, 2-3 s for the default model's vocabulary):
     the same class and, saved, the same files byte for byte as AutoTokenizer's."""
-    import gguf
     import transformers
-    from tiny_models import _tokenizer_fields
 
     from deepserve.loader import tokenizer as T
 
-    path = tmp_path / f"{arch}-tokenizer.gguf"
-    w = gguf.GGUFWriter(str(path), arch)
-    for name, value, vtype, sub in _tokenizer_fields(default_gguf):
-        w.add_key_value(name, value, vtype, sub_type=sub)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = tokenizer_gguf(default_gguf, tmp_path, arch)
     want = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
 
     def refuse(*args, **kwargs):
