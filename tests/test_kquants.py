@@ -6,6 +6,8 @@ original."""
 
 from __future__ import annotations
 
+import warnings
+
 import gguf
 import numpy as np
 import pytest
@@ -45,6 +47,32 @@ def test_kept_layout_dequantizes_bit_for_bit_like_the_gguf_package(name):
     kept = kquants.keep(raw, NAMES[name], 512)
     assert kept.shape == (24, 512 // 32 * kquants.KEPT_BYTES[NAMES[name]])
     assert torch.equal(gl.dequantize(kept, NAMES[name], 512), ref)
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+def test_kept_layout_in_cpp_is_the_torch_rewrites_byte_for_byte(name, each_isa,
+                                                                 monkeypatch):
+    """Q4_K / Q6_K rows are rewritten at load by one C++ pass (``keep_kquant``), on every
+    ISA build the same bytes as the torch operations write; subnormal, zero and negative
+    scales included, and from a read-only view such as a mapped file's."""
+    qt = NAMES[name]
+    raw = random_blocks(name, 24, 512, seed=5)
+    a, _ = SCALES[name]
+    blocks = raw.view(24, -1, kquants.FILE_BYTES[qt])
+    for i, h in enumerate((0x0001, 0x0000, 0xAE66, 0x03FF)):  # subnormal, 0, < 0
+        blocks[i, 0, a:a + 2] = torch.tensor([h & 0xFF, h >> 8], dtype=torch.uint8)
+    got = kernels.ops().keep_kquant(raw, qt, 512)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "loaded", lambda: False)
+        want = kquants.keep(raw, qt, 512)
+    assert torch.equal(got, want)
+    assert torch.equal(kquants.keep(raw, qt, 512), want)  # keep() takes the C++ pass
+    frozen = raw.numpy().copy()
+    frozen.setflags(write=False)
+    with warnings.catch_warnings():  # torch warns (once) that the array is read-only
+        warnings.simplefilter("ignore", UserWarning)
+        view = torch.from_numpy(frozen)
+    assert torch.equal(kernels.ops().keep_kquant(view, qt, 512), want)
 
 
 @pytest.mark.parametrize("name", list(QUANT))

@@ -48,6 +48,11 @@ def keep(raw: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """A tensor's file rows ``[n, k / FILE_BLOCK * FILE_BYTES]`` -> the kept layout
     ``[n, k / 32 * KEPT_BYTES]``."""
     n, s = raw.shape[0], k // FILE_BLOCK[qtype]
+    if qtype in (Q4_K, Q6_K) and raw.dim() == 2:
+        from deepserve import kernels
+
+        if kernels.loaded():  # the same bytes in one C++ pass (``keep_kquant``)
+            return kernels.ops().keep_kquant(raw, qtype, k)
     b = raw.reshape(n, s, FILE_BYTES[qtype])
     if qtype in (Q5_0, Q5_1):
         d = b[..., 0:2].contiguous().view(torch.float16)                   # [n, s, 1]
