@@ -173,6 +173,17 @@ def test_a_k_quant_gguf_keeps_its_blocks_and_answers(tmp_path, caplog):
     assert "Paris" in out.text
     if kernels.available():
         assert all(m.use_kernel for m in layers)
+    if kernels.available() and kernels.isa() != "portable":
+        # a Q4_K layer holds its file blocks rewritten (keep_kquant) and interleaved
+        from pathlib import Path
+
+        from deepserve.loader.weights import open_checkpoint
+        ckpt = open_checkpoint(Path(dst), "gguf")
+        down = model.layers[1].down_proj
+        assert down.qtype == kquants.Q4_K and down.kernel_qtype == kquants.Q4_K + gl.X8
+        kept = kquants.keep(ckpt.blocks("blk.1.ffn_down.weight", ckpt.model_config()),
+                            kquants.Q4_K, 1536)
+        assert torch.equal(down.blocks, gl.interleave(kept, kquants.Q4_K, 1536))
 
 
 def test_parts_of_different_types_side_by_side_with_the_fused_bias():
