@@ -2032,16 +2032,16 @@ void keep_q6_k(const uint8_t* b, uint8_t* o) {  // 210 -> 320 bytes
   const uint8_t *ql = b, *qh = b + 128;
   const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
   const float d = half_to_float(load_u16(b + 208));
+  // weight 128h + 32t + i: nibble t / 2 of ql byte 64h + 32 (t % 2) + i, and bits 2t, 2t + 1
+  // of qh byte 32h + i
   int8_t q[256];
-  for (int h = 0; h < 2; ++h) {  // weights 128h ..: low nibbles of 64 bytes, then high
-    for (int nib = 0; nib < 2; ++nib)
-      for (int i = 0; i < 64; ++i) {
-        const int idx = 128 * h + 64 * nib + i;
-        const int low = (ql[64 * h + i] >> (4 * nib)) & 15;
-        const int high = (qh[32 * h + (idx - 128 * h) % 32] >> (2 * ((idx - 128 * h) / 32))) & 3;
-        q[idx] = static_cast<int8_t>((low | (high << 4)) - 32);
+  for (int h = 0; h < 2; ++h)
+    for (int t = 0; t < 4; ++t)
+      for (int i = 0; i < 32; ++i) {
+        const int low = (ql[64 * h + 32 * (t & 1) + i] >> (4 * (t >> 1))) & 15;
+        const int high = (qh[32 * h + i] >> (2 * t)) & 3;
+        q[128 * h + 32 * t + i] = static_cast<int8_t>((low | (high << 4)) - 32);
       }
-  }
   for (int j = 0; j < 16; ++j) {  // per 16 weights: fp32 d * scale, then the 16 codes
     const float s = d * static_cast<float>(sc[j]);
     std::memcpy(o + 20 * j, &s, 4);
