@@ -175,7 +175,8 @@ def test_a_decode_layer_in_one_call_equals_its_kernels_one_by_one(monkeypatch):
     """Decode steps on GGUF blocks run every decoder layer in one C++ call
     (kernels.decode_layers), or each layer as one (kernels.decode_layer, as a model with
     an MoE layer does); the same kernels called one by one from Python give bit-identical
-    logprobs, in bf16 and float32, with the Qwen2 layout's QKV bias too."""
+    logprobs, in bf16 and float32, with the Qwen2 layout's QKV bias too, and over int8
+    and fp8 caches (their K/V encoded by the fused rotary as they are written)."""
     from deepserve.models import llama
 
     monkeypatch.setenv("DEEPSERVE_DENSE_COPY", "0")  # every batch on the blocks
@@ -189,12 +190,13 @@ def test_a_decode_layer_in_one_call_equals_its_kernels_one_by_one(monkeypatch):
 
         monkeypatch.setattr(kernels, name, counted)
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=2)
-    for dtype in ("bfloat16", "float32"):
+    for dtype, kv in (("bfloat16", "auto"), ("float32", "auto"), ("bfloat16", "int8"),
+                      ("float32", "fp8")):
         llm = LLM(dtype=dtype, show_progress=False, kv_cache_memory="64MiB",
-                  enable_prefix_caching=False)
+                  enable_prefix_caching=False, kv_cache_dtype=kv)
         model = llm.engine.model
         assert all(layer.decode_weights() is not None for layer in model.layers)
-        if dtype == "float32":  # a QKV bias (Qwen2) goes into the same call
+        if dtype == "float32" and kv == "auto":  # a QKV bias (Qwen2): the same call
             qkv = model.layers[0].qkv_proj
             qkv.bias = torch.nn.Parameter(torch.randn(qkv.out_features) * 0.1,
                                           requires_grad=False)
@@ -270,6 +272,27 @@ def test_fused_layer_ops_match_the_torch_layer_code(dtype, each_isa):
     assert torch.equal(q16, q) and torch.equal(k16, k)
     assert torch.equal(half.k[:, slots].transpose(0, 1), k.half())
     assert torch.equal(half.v[:, slots].transpose(0, 1), v_ref.view(t, kv_heads, d).half())
+    # int8 (per-slot scales) and fp8 caches: the bytes LayerKV.write encodes
+    v_rows = v_ref.reshape(t, kv_heads, d).clone()
+    v_rows[2, 1] = 0  # an all-zero row: its scale is the floor, 1e-8
+    qkv[:, (heads + kv_heads) * d:] = v_rows.reshape(t, -1)
+    for kind in ("int8", "fp8"):
+        fused, ref = (LayerKV(kv_heads, 64, d, dtype, kind, torch.device("cpu"))
+                      for _ in range(2))
+        scales = (fused.k_scale, fused.v_scale) if kind == "int8" else (None, None)
+        q8, k8 = kernels.rope_write_kv(qkv, cos, sin, fused.k, fused.v, slots, heads,
+                                       kv_heads, *scales)
+        assert torch.equal(q8, q) and torch.equal(k8, k)
+        ref.write(k, v_rows, slots)
+        assert fused.k.abs().sum() > 0 and torch.equal(fused.k, ref.k), kind
+        assert torch.equal(fused.v, ref.v), kind
+        if kind == "int8":
+            assert torch.equal(fused.k_scale, ref.k_scale)
+            assert torch.equal(fused.v_scale, ref.v_scale)
+            assert fused.v_scale[1, slots[2], 0].float() == pytest.approx(1e-8, rel=1e-2)
+    with pytest.raises(RuntimeError, match="int8 cache takes k_scale and v_scale"):
+        kernels.rope_write_kv(qkv, cos, sin, fused.k.view(torch.int8), fused.v.view(torch.int8),
+                              slots, heads, kv_heads)
     # SwiGLU (an odd width exercises the scalar tail)
     gu = torch.randn(t, 2 * inter).to(dtype) * 4
     gate, up = gu.split(inter, dim=-1)

@@ -305,10 +305,11 @@ def latent_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
 
 def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                  heads: int, kv_heads: int) -> list[torch.Tensor]:
-    """Rotated [q, k]; k and v are written to the caches at ``slots``."""
-    return ops().rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads,
-                                             kv_heads)
+                  heads: int, kv_heads: int, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Rotated [q, k]; k, v written at ``slots`` as ``LayerKV.write`` writes them."""
+    return ops().rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads,
+                               k_scale, v_scale)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

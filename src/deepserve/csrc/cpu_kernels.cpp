@@ -1951,12 +1951,26 @@ std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Te
 
 // Rotary embedding (half-rotation layout) on the q and k parts of a fused qkv row, with
 // k and v written to the layer's KV cache at their slots. Returns rotated q and k.
-// The cache row: the compute dtype's bytes, or (a float16 cache, --kv-cache-dtype fp16)
-// each value rounded to float16.
+// The cache row: the compute dtype's bytes; (--kv-cache-dtype fp16) each value rounded to
+// float16; (int8, C = int8_t) codes round(x / s), s = max |x| / 127 in float32 (at least
+// 1e-8), clamped to +-127, s kept at `scale` in the compute dtype; (fp8, C = uint8_t)
+// each value's e4m3 bits. The 8-bit rows are LayerKV._encode's, bit for bit.
 template <typename T, typename C>
-inline void store_cache_row(C* dst, const T* src, int64_t dim) {
+inline void store_cache_row(C* dst, const T* src, int64_t dim, T* scale) {
   if constexpr (std::is_same_v<T, C>) {
     std::memcpy(dst, src, dim * sizeof(T));
+  } else if constexpr (std::is_same_v<C, int8_t>) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < dim; ++i) amax = std::max(amax, std::fabs(static_cast<float>(src[i])));
+    const float s = std::max(amax / 127.0f, 1e-8f);
+    for (int64_t i = 0; i < dim; ++i) {
+      const float c = std::nearbyint(static_cast<float>(src[i]) / s);  // half to even
+      dst[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, c)));
+    }
+    *scale = static_cast<T>(s);
+  } else if constexpr (std::is_same_v<C, uint8_t>) {
+    for (int64_t i = 0; i < dim; ++i)
+      dst[i] = c10::Float8_e4m3fn(static_cast<float>(src[i])).x;
   } else {
     for (int64_t i = 0; i < dim; ++i) dst[i] = static_cast<C>(static_cast<float>(src[i]));
   }
@@ -1964,8 +1978,8 @@ inline void store_cache_row(C* dst, const T* src, int64_t dim) {
 
 template <typename T, typename C>
 void rope_write_impl(const T* qkv, const T* cos, const T* sin, const int64_t* slots,
-                     C* kc, C* vc, T* q_out, T* k_out, int64_t rows, int64_t heads,
-                     int64_t kv_heads, int64_t dim, int64_t num_slots) {
+                     C* kc, C* vc, T* ks, T* vs, T* q_out, T* k_out, int64_t rows,
+                     int64_t heads, int64_t kv_heads, int64_t dim, int64_t num_slots) {
   const int64_t width = (heads + 2 * kv_heads) * dim, half = dim / 2;
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -2006,9 +2020,10 @@ void rope_write_impl(const T* qkv, const T* cos, const T* sin, const int64_t* sl
       for (int64_t h = 0; h < kv_heads; ++h) {
         T* kd = k_out + (r * kv_heads + h) * dim;
         rotate(row + (heads + h) * dim, kd);
-        store_cache_row(kc + (h * num_slots + slot) * dim, kd, dim);
-        store_cache_row(vc + (h * num_slots + slot) * dim, row + (heads + kv_heads + h) * dim,
-                        dim);
+        const int64_t at = h * num_slots + slot;
+        store_cache_row(kc + at * dim, kd, dim, ks ? ks + at : nullptr);
+        store_cache_row(vc + at * dim, row + (heads + kv_heads + h) * dim, dim,
+                        vs ? vs + at : nullptr);
       }
     }
   });
@@ -2017,17 +2032,30 @@ void rope_write_impl(const T* qkv, const T* cos, const T* sin, const int64_t* sl
 std::vector<at::Tensor> rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos,
                                       const at::Tensor& sin, at::Tensor k_cache,
                                       at::Tensor v_cache, const at::Tensor& slots,
-                                      int64_t heads, int64_t kv_heads) {
+                                      int64_t heads, int64_t kv_heads,
+                                      const c10::optional<at::Tensor>& k_scale,
+                                      const c10::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "rope_write_kv: qkv [T, width]");
   const int64_t rows = qkv.size(0), kvh = k_cache.size(0), num_slots = k_cache.size(1),
                 dim = k_cache.size(2);
   TORCH_CHECK(kvh == kv_heads && qkv.size(1) == (heads + 2 * kv_heads) * dim,
               "rope_write_kv: qkv width does not match heads and the cache");
-  const bool half_cache = k_cache.scalar_type() == at::kHalf && qkv.scalar_type() != at::kHalf;
-  TORCH_CHECK((k_cache.scalar_type() == qkv.scalar_type() || half_cache) &&
-                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
+  const auto ct = k_cache.scalar_type();
+  const bool half_cache = ct == at::kHalf && qkv.scalar_type() != at::kHalf;
+  const bool int8_cache = ct == at::kChar, fp8_cache = ct == at::kByte;
+  TORCH_CHECK((ct == qkv.scalar_type() || half_cache || int8_cache || fp8_cache) &&
+                  v_cache.scalar_type() == ct && k_cache.is_contiguous() &&
                   v_cache.is_contiguous(),
-              "rope_write_kv: caches must be contiguous, in the compute dtype or float16");
+              "rope_write_kv: caches must be contiguous, in the compute dtype, float16, "
+              "int8 or fp8 (uint8)");
+  TORCH_CHECK(int8_cache == (k_scale.has_value() && v_scale.has_value()),
+              "rope_write_kv: an int8 cache takes k_scale and v_scale, no other cache does");
+  for (const auto* t : {&k_scale, &v_scale})
+    if (t->has_value())
+      TORCH_CHECK((*t)->scalar_type() == qkv.scalar_type() && (*t)->is_contiguous() &&
+                      (*t)->numel() == kvh * num_slots,
+                  "rope_write_kv: scales [kv_heads, slots, 1], contiguous, in the compute "
+                  "dtype");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == rows,
               "rope_write_kv: one int64 slot per row");
   at::Tensor c = cos.reshape({rows, dim}).contiguous(), s = sin.reshape({rows, dim}).contiguous();
@@ -2038,16 +2066,23 @@ std::vector<at::Tensor> rope_write_kv(const at::Tensor& qkv, const at::Tensor& c
     using T = decltype(t_tag);
     using C = decltype(c_tag);
     rope_write_impl<T, C>(qkv.data_ptr<T>(), c.data_ptr<T>(), s.data_ptr<T>(),
-                          sl.data_ptr<int64_t>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
-                          q.data_ptr<T>(), k.data_ptr<T>(), rows, heads, kv_heads, dim,
-                          num_slots);
+                          sl.data_ptr<int64_t>(), static_cast<C*>(k_cache.data_ptr()),
+                          static_cast<C*>(v_cache.data_ptr()),
+                          k_scale ? k_scale->data_ptr<T>() : nullptr,
+                          v_scale ? v_scale->data_ptr<T>() : nullptr, q.data_ptr<T>(),
+                          k.data_ptr<T>(), rows, heads, kv_heads, dim, num_slots);
+  };
+  auto with_cache = [&](auto t_tag) {
+    using T = decltype(t_tag);
+    if (half_cache) run(T{}, at::Half{});
+    else if (int8_cache) run(T{}, int8_t{});
+    else if (fp8_cache) run(T{}, uint8_t{});
+    else run(T{}, T{});
   };
   if (qkv.scalar_type() == at::kBFloat16) {
-    if (half_cache) run(at::BFloat16{}, at::Half{});
-    else run(at::BFloat16{}, at::BFloat16{});
+    with_cache(at::BFloat16{});
   } else if (qkv.scalar_type() == at::kFloat) {
-    if (half_cache) run(float{}, at::Half{});
-    else run(float{}, float{});
+    with_cache(float{});
   } else {
     TORCH_CHECK(false, "rope_write_kv: dtype ", qkv.scalar_type(), " is not supported");
   }
@@ -2397,9 +2432,10 @@ std::vector<at::Tensor> layer_parts(
     const c10::optional<at::Tensor>& qkv_bias, const at::Tensor& o_w, int64_t o_type,
     const c10::optional<at::Tensor>& gu_w, int64_t gu_type,
     const c10::optional<at::Tensor>& down_w, int64_t down_type, const at::Tensor& cos,
-    const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
-    int64_t heads, int64_t kv_heads, const at::Tensor& block_table, const at::Tensor& ctx_lens,
-    int64_t block_size, double scale) {
+    const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
+    const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
+    const at::Tensor& slots, int64_t heads, int64_t kv_heads, const at::Tensor& block_table,
+    const at::Tensor& ctx_lens, int64_t block_size, double scale) {
   const int64_t t = x.size(0), dim = k_cache.size(2);
   const auto first = rms_norm(x, res, in_norm, eps);  // [norm(x + res), x + res]
   const at::Tensor& h = first[0];
@@ -2414,10 +2450,10 @@ std::vector<at::Tensor> layer_parts(
                           eps)[0].view({t, -1}));
     }
   }
-  const auto qk = rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads);
-  const at::Tensor attn = paged_decode_attention(qk[0], k_cache, v_cache, c10::nullopt,
-                                                 c10::nullopt, block_table, ctx_lens,
-                                                 block_size, scale);
+  const auto qk = rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads,
+                                k_scale, v_scale);
+  const at::Tensor attn = paged_decode_attention(qk[0], k_cache, v_cache, k_scale, v_scale,
+                                                 block_table, ctx_lens, block_size, scale);
   const at::Tensor o = dsq::linear_gguf(attn.reshape({t, -1}), o_w, o_type, c10::nullopt);
   auto hx = rms_norm(xs, o, post_norm, eps);  // [norm(x + o), x + o]
   if (!gu_w.has_value() || !down_w.has_value()) return hx;
@@ -2441,11 +2477,12 @@ std::vector<at::Tensor> decode_layer(
     int64_t gu_type, const c10::optional<at::Tensor>& down_w, int64_t down_type,
     const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
     const at::Tensor& slots, int64_t heads, int64_t kv_heads, const at::Tensor& block_table,
-    const at::Tensor& ctx_lens, int64_t block_size, double scale) {
+    const at::Tensor& ctx_lens, int64_t block_size, double scale,
+    const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
   auto parts = layer_parts(x, c10::nullopt, in_norm, post_norm, eps, q_norm, k_norm, qkv_w,
                            qkv_type, qkv_bias, o_w, o_type, gu_w, gu_type, down_w, down_type,
-                           cos, sin, k_cache, v_cache, slots, heads, kv_heads, block_table,
-                           ctx_lens, block_size, scale);
+                           cos, sin, k_cache, v_cache, k_scale, v_scale, slots, heads,
+                           kv_heads, block_table, ctx_lens, block_size, scale);
   if (!gu_w.has_value() || !down_w.has_value()) return parts;
   return {parts[0] + parts[1]};
 }
@@ -2464,8 +2501,14 @@ at::Tensor decode_layers(
     const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_caches,
     at::TensorList v_caches, const at::Tensor& slots, int64_t heads, int64_t kv_heads,
     const at::Tensor& block_table, const at::Tensor& ctx_lens, int64_t block_size,
-    double scale) {
+    double scale, const c10::List<c10::optional<at::Tensor>>& k_scales,
+    const c10::List<c10::optional<at::Tensor>>& v_scales) {
   const size_t n = in_norms.size();
+  TORCH_CHECK(k_scales.size() == v_scales.size() && (k_scales.empty() || k_scales.size() == n),
+              "decode_layers: k_scales and v_scales: one entry a layer, or none");
+  const auto scale_of = [](const c10::List<c10::optional<at::Tensor>>& l, size_t i) {
+    return l.empty() ? c10::optional<at::Tensor>() : l.get(i);
+  };
   TORCH_CHECK(post_norms.size() == n && q_norms.size() == n && k_norms.size() == n &&
                   qkv_ws.size() == n && qkv_types.size() == n && qkv_biases.size() == n &&
                   o_ws.size() == n && o_types.size() == n && gu_ws.size() == n &&
@@ -2478,7 +2521,8 @@ at::Tensor decode_layers(
     auto parts = layer_parts(h, res, in_norms[i], post_norms[i], eps, q_norms.get(i),
                              k_norms.get(i), qkv_ws[i], qkv_types[i], qkv_biases.get(i),
                              o_ws[i], o_types[i], gu_ws[i], gu_types[i], down_ws[i],
-                             down_types[i], cos, sin, k_caches[i], v_caches[i], slots, heads,
+                             down_types[i], cos, sin, k_caches[i], v_caches[i],
+                             scale_of(k_scales, i), scale_of(v_scales, i), slots, heads,
                              kv_heads, block_table, ctx_lens, block_size, scale);
     h = parts[0];
     res = parts[1];
@@ -2642,7 +2686,8 @@ DS_LIBRARY(DS_NS, m) {
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");
   m.def(
       "rope_write_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, Tensor slots, int heads, int kv_heads) -> Tensor[]");
+      "Tensor(b!) v_cache, Tensor slots, int heads, int kv_heads, Tensor(c!)? k_scale=None, "
+      "Tensor(d!)? v_scale=None) -> Tensor[]");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def(
       "latent_decode(Tensor q, Tensor cache, Tensor block_table, Tensor ctx_lens, "
@@ -2656,14 +2701,16 @@ DS_LIBRARY(DS_NS, m) {
       "Tensor? k_norm, Tensor qkv_w, int qkv_type, Tensor? qkv_bias, Tensor o_w, int o_type, "
       "Tensor? gu_w, int gu_type, Tensor? down_w, int down_type, Tensor cos, Tensor sin, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, int heads, int kv_heads, "
-      "Tensor block_table, Tensor ctx_lens, int block_size, float scale) -> Tensor[]");
+      "Tensor block_table, Tensor ctx_lens, int block_size, float scale, "
+      "Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None) -> Tensor[]");
   m.def(
       "decode_layers(Tensor x, Tensor[] in_norms, Tensor[] post_norms, float eps, "
       "Tensor?[] q_norms, Tensor?[] k_norms, Tensor[] qkv_ws, int[] qkv_types, "
       "Tensor?[] qkv_biases, Tensor[] o_ws, int[] o_types, Tensor[] gu_ws, int[] gu_types, "
       "Tensor[] down_ws, int[] down_types, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, "
       "Tensor(b!)[] v_caches, Tensor slots, int heads, int kv_heads, Tensor block_table, "
-      "Tensor ctx_lens, int block_size, float scale) -> Tensor");
+      "Tensor ctx_lens, int block_size, float scale, Tensor?[] k_scales, "
+      "Tensor?[] v_scales) -> Tensor");
 }
 
 DS_LIBRARY_IMPL(DS_NS, CPU, m) {

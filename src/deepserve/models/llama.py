@@ -139,7 +139,8 @@ class DecoderLayer(nn.Module):
         if plan is not None and rows is not None:
             out = kernels.decode_layer(x, *plan, cos, sin, cache.k, cache.v,
                                        meta.slot_mapping, self.num_heads, self.num_kv_heads,
-                                       *rows, meta.block_size, self.scale)
+                                       *rows, meta.block_size, self.scale,
+                                       *kv_scales(cache))
             return out[0] if self.moe is None else out[1] + self.moe(out[0])
         h = kernels.rms_norm(x, None, self.input_layernorm.weight, self.input_layernorm.eps)[0]
         qkv = self.qkv_proj(h)
@@ -150,11 +151,11 @@ class DecoderLayer(nn.Module):
                 normed = kernels.rms_norm(part.reshape(-1, self.head_dim).contiguous(), None,
                                           norm.weight, norm.eps)[0]
                 part.copy_(normed.view(t, -1))
-        if cache.kind in ("auto", "fp16"):  # fp16: the kernel rounds K/V as it writes
+        if cache.kind in FUSED_KV:  # the kernel encodes K/V as it writes (fp16, int8, fp8)
             q, k = kernels.rope_write_kv(qkv, cos, sin, cache.k, cache.v, meta.slot_mapping,
-                                         self.num_heads, self.num_kv_heads)
+                                         self.num_heads, self.num_kv_heads, *kv_scales(cache))
             v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
-        else:  # quantized caches encode on write: the torch path does it
+        else:
             q, k, v = self._rotate_and_store(qkv, cos, sin, cache, meta)
         attn = paged_attention(q, k, v, cache, meta, self.scale)
         norm = self.post_attention_layernorm
@@ -163,12 +164,22 @@ class DecoderLayer(nn.Module):
         return x + all_reduce(mlp_fused(self, h), self.tp_group)
 
 
+# Cache kinds the fused rotary writes (``kernels.rope_write_kv``): the compute dtype,
+# float16, int8 with per-slot scales, fp8 e4m3; all of them the one-call layers take.
+FUSED_KV = ("auto", "fp16", "int8", "fp8")
+
+
+def kv_scales(cache: LayerKV) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """An int8 cache's per-slot K and V scales; (None, None) for the other kinds."""
+    return getattr(cache, "k_scale", None), getattr(cache, "v_scale", None)
+
+
 def fused_rows(meta: AttentionMetadata, t: int, cache: LayerKV) -> tuple | None:
     """The block table and context lengths a one-call layer (``kernels.decode_layer`` /
     ``decode_layers``) attends with, where a step of ``t`` rows can run as one: the
     kernels on, every row with a table (decodes, or short prompts' row tables) and a
-    cache the fused rotary writes (bf16/fp32 or fp16). Else None."""
-    if not (meta.use_kernel and FUSED_DECODE and cache.kind in ("auto", "fp16")):
+    cache the fused rotary writes (``FUSED_KV``). Else None."""
+    if not (meta.use_kernel and FUSED_DECODE and cache.kind in FUSED_KV):
         return None
     if meta.row_table is not None:
         return meta.row_table, meta.row_ctx
@@ -254,10 +265,12 @@ class LlamaForCausalLM(KernelLayer, nn.Module):
         if plans is None or rows is None:
             return None
         first = self.layers[0]
+        scales = [kv_scales(c) for c in kv_caches] if kv_caches[0].kind == "int8" else []
         return kernels.decode_layers(x, *plans, cos, sin, [c.k for c in kv_caches],
                                      [c.v for c in kv_caches], meta.slot_mapping,
                                      first.num_heads, first.num_kv_heads, *rows,
-                                     meta.block_size, first.scale)
+                                     meta.block_size, first.scale, [s[0] for s in scales],
+                                     [s[1] for s in scales])
 
     def decode_plans(self) -> tuple | None:
         """``kernels.decode_layers``' per-layer arguments (``DecoderLayer.decode_weights``
