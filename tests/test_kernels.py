@@ -128,15 +128,17 @@ def test_paged_decode_attention_matches_gather_path(kind, dtype, head_dim, heads
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["auto", "int8", "fp8"])
 @pytest.mark.parametrize("head_dim,heads", [(128, 6), (128, 16), (64, 16), (64, 10)])
-def test_paged_decode_attention_bf16_head_groups(head_dim, heads, each_isa):
-    """The bf16 cache path's P.V runs 4 heads (head_dim 64) or 2 heads (128) of a query
-    group at a time: groups of 3, 5 and 8 heads, odd and even contexts, against the gather
-    path."""
-    q, cache, table, ctx, bs = _decode_case("auto", torch.bfloat16, head_dim, seed=1,
+def test_paged_decode_attention_bf16_head_groups(head_dim, heads, kind, each_isa):
+    """The bf16 dot-product path's P.V runs 4 heads (head_dim 64) or 2 heads (128) of a
+    query group at a time: groups of 3, 5 and 8 heads, odd and even contexts, on a bf16
+    cache and on 8-bit ones (their rows widened to bf16 first), against the gather path."""
+    q, cache, table, ctx, bs = _decode_case(kind, torch.bfloat16, head_dim, seed=1,
                                             heads=heads)
     ref = _gather_reference(q, cache, table, ctx, bs, head_dim ** -0.5)
-    got = kernels.paged_decode_attention(q, cache.k, cache.v, None, None, table, ctx, bs,
+    got = kernels.paged_decode_attention(q, cache.k, cache.v, getattr(cache, "k_scale", None),
+                                         getattr(cache, "v_scale", None), table, ctx, bs,
                                          head_dim ** -0.5)
     assert torch.allclose(got.float(), ref.float(), atol=2e-2), (got - ref).abs().max()
 

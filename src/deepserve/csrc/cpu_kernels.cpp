@@ -586,6 +586,37 @@ inline __m512 hsum16(const __m512* v) {
 }
 #endif
 
+#if DS_AVX512
+// 16 values of an 8-bit cache row as float32: int8 codes (their token's scale applied by
+// the caller), or fp8 e4m3 bytes: a normal value's exponent and mantissa bits placed in a
+// float's with the exponent rebased (exact), a subnormal's mantissa times 2^-9 (exact, and
+// never a denormal float, which FlushDenormals would read as zero); 0x7F / 0xFF read as
+// NaN, as torch reads them.
+template <typename C>
+inline __m512 cache16(const C* p);
+
+template <>
+inline __m512 cache16<int8_t>(const int8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <>
+inline __m512 cache16<uint8_t>(const uint8_t* p) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+  const __m512 normal = _mm512_castsi512_ps(
+      _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
+  const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(0x1p-9f));
+  __m512 v = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8)), normal,
+                                  sub);
+  v = _mm512_or_ps(v, _mm512_castsi512_ps(
+                          _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24)));
+  return _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F)),
+                            _mm512_set1_ps(NAN));
+}
+#endif
+
 #if DS_AVX512 && defined(__AVX512BF16__)
 inline uint16_t float_to_bf16_bits(float f) {
   uint32_t bits;
@@ -657,21 +688,29 @@ void decode_scores_tiles(int G, int DP, const uint16_t* q, const uint16_t* kp,
 // probabilities rounded to bf16 as the torch path does before its P.V matmul. The cache
 // is far larger than the CPU caches and rows are scattered by block, so the next rows
 // are prefetched while the current ones are used (measured 1.3x on the real engine).
-template <int G, int DP>
-void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp,
-                           const int64_t* table, int64_t width, const int64_t* ctx_lens,
-                           int64_t block_size, float scale, uint16_t* op, int64_t B,
-                           int64_t KVH, int64_t S) {
+// An 8-bit cache (C = int8_t with per-slot scales ks / vs, or uint8_t: fp8 e4m3) runs the
+// same loops: a task's K and V rows are first widened to bf16 (exact: at most 8
+// significant bits) in a scratch that stays in L1 / L2, each score is multiplied by its
+// key's scale and each numerator by its value's scale before rounding. The float loop
+// (decode_attention_8bit) took two multiply-adds for every product.
+template <typename C, int G, int DP>
+void decode_attention_bf16(const uint16_t* qp, const C* kc, const C* vc, Scales ks,
+                           Scales vs, const int64_t* table, int64_t width,
+                           const int64_t* ctx_lens, int64_t block_size, float scale,
+                           uint16_t* op, int64_t B, int64_t KVH, int64_t S) {
   constexpr int64_t D = 32 * DP;
+  constexpr bool wide = std::is_same_v<C, uint16_t>;  // a bf16 cache, read in place
   const int64_t H = KVH * G;
   // pieces of about an eighth of a thread's share (contexts differ from row to row)
   const int64_t piece = B * KVH / (8 * at::get_num_threads()) + 1;
-  const bool tiles = decode_tiles(block_size);
+  const bool tiles = wide && decode_tiles(block_size);
   ds_parallel::pieces(0, B * KVH, piece, [&](int64_t t0, int64_t t1) {
+    const FlushDenormals ftz;  // numerators times tiny value scales
     if (tiles) decode_tiles_begin(G, DP);
-    std::vector<float> scores;
+    std::vector<float> scores, vscale;
     std::vector<uint16_t> probs;  // the numerators rounded to bf16, an even stride per head
-    std::vector<int64_t> rows;
+    std::vector<uint16_t> kw, vw;  // an 8-bit task's rows widened to bf16
+    std::vector<int64_t> rows, slot;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / KVH, h = task % KVH;
       const int64_t ctx = ctx_lens[b], stride = (ctx + 1) & ~int64_t{1};
@@ -683,6 +722,40 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
         const int64_t base = (h * S + blocks[blk] * block_size) * D;
         for (int64_t i = 0, n = std::min(block_size, ctx - t); i < n; ++i, ++t)
           rows[t] = base + i * D;
+      }
+      const uint16_t *kp, *vp;
+      if constexpr (wide) {
+        kp = kc;
+        vp = vc;
+      } else {
+        kw.resize(ctx * D);
+        vw.resize(ctx * D);
+        slot.resize(ctx);
+        vscale.resize(stride);
+        for (int64_t j = 0; j < std::min<int64_t>(ctx, 8); ++j) {
+          prefetch_bytes(kc + rows[j], D, 0);
+          prefetch_bytes(vc + rows[j], D, 0);
+        }
+        for (int64_t t = 0; t < ctx; ++t) {
+          if (t + 8 < ctx) {
+            prefetch_bytes(kc + rows[t + 8], D, 0);
+            prefetch_bytes(vc + rows[t + 8], D, 0);
+          }
+          for (int c = 0; c < DP; ++c) {
+            const C* k8 = kc + rows[t] + 32 * c;
+            const C* v8 = vc + rows[t] + 32 * c;
+            _mm512_storeu_si512(kw.data() + t * D + 32 * c,
+                                (__m512i)_mm512_cvtne2ps_pbh(cache16<C>(k8 + 16), cache16<C>(k8)));
+            _mm512_storeu_si512(vw.data() + t * D + 32 * c,
+                                (__m512i)_mm512_cvtne2ps_pbh(cache16<C>(v8 + 16), cache16<C>(v8)));
+          }
+          slot[t] = rows[t] / D;
+          vscale[t] = vs(slot[t]);
+          rows[t] = t * D;
+        }
+        if (stride > ctx) vscale[ctx] = 0.f;
+        kp = kw.data();
+        vp = vw.data();
       }
       for (int64_t j = 0; j < std::min<int64_t>(ctx, 16); ++j)
         prefetch_bytes(kp + rows[j], 2 * D, 0);
@@ -699,9 +772,17 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
         const int64_t n = std::min<int64_t>(16, ctx - base);
         const __mmask16 mask = n == 16 ? static_cast<__mmask16>(0xFFFF)
                                        : static_cast<__mmask16>((1u << n) - 1);
-        for (int64_t j = base + 16; j < std::min<int64_t>(ctx, base + 32); ++j)
-          prefetch_bytes(kp + rows[j], 2 * D, 0);
-        for (int64_t j = base; j < base + n; ++j) prefetch_bytes(vp + rows[j], 2 * D, 1);
+        if constexpr (wide) {
+          for (int64_t j = base + 16; j < std::min<int64_t>(ctx, base + 32); ++j)
+            prefetch_bytes(kp + rows[j], 2 * D, 0);
+          for (int64_t j = base; j < base + n; ++j) prefetch_bytes(vp + rows[j], 2 * D, 1);
+        }
+        __m512 ksc = sc;
+        if constexpr (!wide) {
+          alignas(64) float k16[16] = {};
+          for (int64_t j = 0; j < n; ++j) k16[j] = ks(slot[base + j]);
+          ksc = _mm512_mul_ps(sc, _mm512_load_ps(k16));
+        }
         for (int g = 0; g < G; ++g) {
           __m512 part[16];
           for (int64_t j = 0; j < 16; ++j) {
@@ -715,11 +796,12 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
             part[j] = acc;
           }
           _mm512_mask_storeu_ps(scores.data() + g * ctx + base, mask,
-                                _mm512_mul_ps(hsum16(part), sc));
+                                _mm512_mul_ps(hsum16(part), ksc));
         }
       }
       // 2. softmax numerators and denominators; the numerators rounded to bf16 (as the
-      // torch path rounds them before its P.V matmul), 16 at a time
+      // torch path rounds them before its P.V matmul), 16 at a time; an 8-bit cache's
+      // numerators times their value's scale first
       float denom[G];
       for (int g = 0; g < G; ++g) {
         float* sg = scores.data() + g * ctx;
@@ -734,8 +816,9 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
         for (int64_t t = 0; t < ctx; t += 16) {
           const __mmask16 mask = ctx - t >= 16 ? static_cast<__mmask16>(0xFFFF)
                                                : static_cast<__mmask16>((1u << (ctx - t)) - 1);
-          _mm256_mask_storeu_epi16(pb + t, mask, (__m256i)_mm512_cvtneps_pbh(
-                                                     _mm512_maskz_loadu_ps(mask, sg + t)));
+          __m512 p = _mm512_maskz_loadu_ps(mask, sg + t);
+          if constexpr (!wide) p = _mm512_mul_ps(p, _mm512_maskz_loadu_ps(mask, vscale.data() + t));
+          _mm256_mask_storeu_epi16(pb + t, mask, (__m256i)_mm512_cvtneps_pbh(p));
         }
         if (stride > ctx) pb[ctx] = 0;
       }
@@ -758,15 +841,16 @@ void decode_attention_bf16(const uint16_t* qp, const uint16_t* kp, const uint16_
   });
 }
 
-template <int DP>
-bool decode_attention_bf16_g(int64_t G, const uint16_t* qp, const uint16_t* kp,
-                             const uint16_t* vp, const int64_t* table, int64_t width,
+template <int DP, typename C>
+bool decode_attention_bf16_g(int64_t G, const uint16_t* qp, const C* kp, const C* vp,
+                             Scales ks, Scales vs, const int64_t* table, int64_t width,
                              const int64_t* ctx, int64_t bs, float scale, uint16_t* op,
                              int64_t B, int64_t KVH, int64_t S) {
   switch (G) {
-#define DS_CASE(g)                                                                         \
-  case g:                                                                                  \
-    decode_attention_bf16<g, DP>(qp, kp, vp, table, width, ctx, bs, scale, op, B, KVH, S); \
+#define DS_CASE(g)                                                                          \
+  case g:                                                                                   \
+    decode_attention_bf16<C, g, DP>(qp, kp, vp, ks, vs, table, width, ctx, bs, scale, op, B, \
+                                    KVH, S);                                                \
     return true;
     DS_CASE(1) DS_CASE(2) DS_CASE(3) DS_CASE(4) DS_CASE(5) DS_CASE(6) DS_CASE(7) DS_CASE(8)
 #undef DS_CASE
@@ -776,35 +860,6 @@ bool decode_attention_bf16_g(int64_t G, const uint16_t* qp, const uint16_t* kp,
 #endif
 
 #if DS_AVX512
-// 16 values of an 8-bit cache row as float32: int8 codes (their token's scale applied by
-// the caller), or fp8 e4m3 bytes: a normal value's exponent and mantissa bits placed in a
-// float's with the exponent rebased (exact), a subnormal's mantissa times 2^-9 (exact, and
-// never a denormal float, which FlushDenormals would read as zero); 0x7F / 0xFF read as
-// NaN, as torch reads them.
-template <typename C>
-inline __m512 cache16(const C* p);
-
-template <>
-inline __m512 cache16<int8_t>(const int8_t* p) {
-  return _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-template <>
-inline __m512 cache16<uint8_t>(const uint8_t* p) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
-  const __m512 normal = _mm512_castsi512_ps(
-      _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
-  const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(0x1p-9f));
-  __m512 v = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8)), normal,
-                                  sub);
-  v = _mm512_or_ps(v, _mm512_castsi512_ps(
-                          _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24)));
-  return _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F)),
-                            _mm512_set1_ps(NAN));
-}
-
 // 8-bit caches (int8 with a scale per token and head, or fp8), head_dim 16 * DV: the
 // portable loop's float arithmetic in the bf16 kernel's shape. Each K row is widened
 // once for all G query heads and 16 tokens' scores are reduced together; P.V keeps up to
@@ -928,6 +983,28 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   const C* vp = v_cache.data_ptr<C>();
   const Q* qp = q.data_ptr<Q>();
   Q* op = out.data_ptr<Q>();
+#if DS_AVX512 && defined(__AVX512BF16__)
+  // bf16 queries on a bf16 cache (no scales), or on an 8-bit one (int8 with its scales,
+  // fp8): the bf16 dot-product kernel
+  constexpr bool eight = std::is_same_v<C, int8_t> || std::is_same_v<C, uint8_t>;
+  if constexpr ((std::is_same_v<C, at::BFloat16> || eight) && std::is_same_v<Q, at::BFloat16>) {
+    if ((eight || !k_scale.data) && (D == 64 || D == 128)) {
+      using K = std::conditional_t<eight, C, uint16_t>;
+      auto* q16 = reinterpret_cast<const uint16_t*>(qp);
+      auto* k16 = reinterpret_cast<const K*>(kp);
+      auto* v16 = reinterpret_cast<const K*>(vp);
+      auto* o16 = reinterpret_cast<uint16_t*>(op);
+      const bool done =
+          D == 64 ? decode_attention_bf16_g<2, K>(G, q16, k16, v16, k_scale, v_scale, table,
+                                                  width, ctx_lens, block_size, scale, o16, B,
+                                                  KVH, S)
+                  : decode_attention_bf16_g<4, K>(G, q16, k16, v16, k_scale, v_scale, table,
+                                                  width, ctx_lens, block_size, scale, o16, B,
+                                                  KVH, S);
+      if (done) return;
+    }
+  }
+#endif
 #if DS_AVX512
   if constexpr ((std::is_same_v<C, int8_t> || std::is_same_v<C, uint8_t>) &&
                 (std::is_same_v<Q, at::BFloat16> || std::is_same_v<Q, float>)) {
@@ -940,22 +1017,6 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
       return decode_attention_8bit<C, Q, 8>(qp, kp, vp, k_scale, v_scale, table, width,
                                             ctx_lens, block_size, scale, op, q.size(0), G,
                                             KVH, S);
-    }
-  }
-#endif
-#if DS_AVX512 && defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<C, at::BFloat16> && std::is_same_v<Q, at::BFloat16>) {
-    if (!k_scale.data && (D == 64 || D == 128)) {
-      auto* q16 = reinterpret_cast<const uint16_t*>(qp);
-      auto* k16 = reinterpret_cast<const uint16_t*>(kp);
-      auto* v16 = reinterpret_cast<const uint16_t*>(vp);
-      auto* o16 = reinterpret_cast<uint16_t*>(op);
-      const bool done =
-          D == 64 ? decode_attention_bf16_g<2>(G, q16, k16, v16, table, width, ctx_lens,
-                                               block_size, scale, o16, B, KVH, S)
-                  : decode_attention_bf16_g<4>(G, q16, k16, v16, table, width, ctx_lens,
-                                               block_size, scale, o16, B, KVH, S);
-      if (done) return;
     }
   }
 #endif
