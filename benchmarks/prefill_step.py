@@ -30,10 +30,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--model", default=None)
     ap.add_argument("--glibc-defaults", action="store_true")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     args = ap.parse_args()
     if args.glibc_defaults:
         malloc._done.append(False)  # as if already decided: no mallopt
     extra = {"model": args.model} if args.model else {}
+    extra["kv_cache_dtype"] = args.kv_cache_dtype
     eng = LLMEngine(EngineConfig(enable_prefix_caching=False, **extra), show_progress=False)
     rng = random.Random(0)
     params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)

@@ -25,6 +25,12 @@ from deepserve.models.llama import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 
+# Caches whose short prompts run on the paged kernel (``paged_prefill``): bf16, and the
+# 8-bit ones, whose prompts then attend to their own K/V as stored, as their decodes do
+# (16 x 128 prompt tokens over int8: 0.96-1.00 s against 1.26-1.34 s on SDPA, Zen 4).
+PAGED_KINDS = ("auto", "int8", "fp8")
+
+
 class ModelRunner:
     """Owns the model and the paged KV cache tensors of every layer."""
 
@@ -43,9 +49,9 @@ class ModelRunner:
         self.use_kernels = use_kernels
         # short prompts' attention on the paged kernel, in one call with the decodes: on
         # its AVX-512 bf16 path (2x SDPA there; float32, fp16 and AVX2 paths: 1.5-3x slower)
-        self.paged_prefill = (use_kernels and kv_kind == "auto" and kv_dtype == torch.bfloat16
-                              and not cfg.is_mla and cfg.head_dim in (64, 128)
-                              and kernels.isa() == "avx512")
+        self.paged_prefill = (use_kernels and kv_kind in PAGED_KINDS
+                              and kv_dtype == torch.bfloat16 and not cfg.is_mla
+                              and cfg.head_dim in (64, 128) and kernels.isa() == "avx512")
         per_token = sum(t.element_size() * t.shape[0] * t.shape[2] for kv in self.kv_caches
                         for t in {id(t): t for t in (kv.k, kv.v, getattr(kv, "k_scale", None),
                                                      getattr(kv, "v_scale", None))

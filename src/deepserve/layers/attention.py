@@ -2,28 +2,28 @@
 
 Layout of one step's batch (built by the model runner): decode sequences first, one
 query token each, then prefill chunks. The KV cache of a layer is two tensors
-``[kv_heads, num_slots, head_dim]`` where slot = block_id * block_size + offset.
-Decode attention gathers every decode sequence's context block by block with one
+``[kv_heads, num_slots, head_dim]`` where slot = block_id * block_size + offset. Decode
+attention gathers every decode sequence's context block by block with one
 ``index_select`` (whole 16-token blocks are contiguous, so this is a few large copies,
 measured 4x faster than per-slot indexing), pads to the longest context, masks the
-padding, and runs two batched matmuls: on this CPU that beat SDPA's flash kernel by
-2x for one-token queries. On CPU with deepserve's kernels built, decode attention
-instead reads K/V in place through the block table (``paged_decode_attention``: no
-copy of the context, 1.5-10x faster than the gather depending on the KV dtype). Each
-prefill chunk runs its own causal SDPA call over its cached prefix plus the new tokens,
-except where the model runner gives every row of the step a block table and a context
-length (``row_table``: short prompts, on the kernel's AVX-512 bf16 path); then each
-prompt token is a row of the same kernel, its context its position + 1 (the chunk's K/V
-are written first), and the whole step is one call: 32 prompts of 128 tokens, 5.6 vs
-10.1 ms a layer for 32 SDPA calls. SDPA stays faster past about 1024 tokens of context
-(``PAGED_PREFILL``), and on the float32 and AVX2 paths (1.5-3x). Inside that call, the
-rows that are one prompt's consecutive tokens (a run: contexts c + 1, c + 2, ... on the
-same blocks) attend as one causal block: on AMX tiles every run of 16 rows or more, a
-whole prompt or a chunk past its cached prefix (``prompt_attention_amx`` in
-``cpu_kernels.cpp``: 0.99 against 2.05 ms a layer for 16 prompts of 128 tokens, and long
-contexts too, ``PAGED_PREFILL_TILES``); without tiles a whole bf16 prompt of 64 tokens or
-more (context starting at 1) as one causal SDPA call (``kSdpaRun``). Other rows run row
-by row.
+padding, and runs two batched matmuls: on this CPU that beat SDPA's flash kernel by 2x
+for one-token queries. On CPU with deepserve's kernels built, decode attention instead
+reads K/V in place through the block table (``paged_decode_attention``: no copy of the
+context, 1.5-10x faster than the gather depending on the KV dtype). Each prefill chunk
+runs its own causal SDPA call over its cached prefix plus the new tokens, except where
+the model runner gives every row of the step a block table and a context length
+(``row_table``: short prompts over a bf16 or 8-bit cache, on the kernel's AVX-512 bf16
+path); then each prompt token is a row of the same kernel, its context its position + 1
+(the chunk's K/V are written first), and the whole step is one call: 32 prompts of 128
+tokens, 5.6 vs 10.1 ms a layer for 32 SDPA calls. SDPA stays faster past about 1024
+tokens of context (``PAGED_PREFILL``), and on the float32 and AVX2 paths (1.5-3x).
+Inside that call, the rows that are one prompt's consecutive tokens (a run: contexts c +
+1, c + 2, ... on the same blocks) attend as one causal block: on AMX tiles every run of
+16 rows or more, a whole prompt or a chunk past its cached prefix
+(``prompt_attention_amx`` in ``cpu_kernels.cpp``: 0.99 against 2.05 ms a layer for 16
+prompts of 128 tokens, and long contexts too, ``PAGED_PREFILL_TILES``); without tiles a
+whole prompt of 1024 tokens or more over a bf16 cache (context starting at 1) as one
+causal SDPA call (``kSdpaRun``). Other rows, and an 8-bit cache's, run row by row.
 """
 
 from __future__ import annotations
