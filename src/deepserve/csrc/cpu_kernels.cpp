@@ -705,7 +705,9 @@ void decode_attention_bf16(const uint16_t* qp, const C* kc, const C* vc, Scales 
   const int64_t piece = B * KVH / (8 * at::get_num_threads()) + 1;
   const bool tiles = wide && decode_tiles(block_size);
   ds_parallel::pieces(0, B * KVH, piece, [&](int64_t t0, int64_t t1) {
-    const FlushDenormals ftz;  // numerators times tiny value scales
+    struct Keep {};  // a bf16 cache: the float state as it is
+    const std::conditional_t<wide, Keep, FlushDenormals> ftz{};  // numerators x tiny scales
+    (void)ftz;
     if (tiles) decode_tiles_begin(G, DP);
     std::vector<float> scores, vscale;
     std::vector<uint16_t> probs;  // the numerators rounded to bf16, an even stride per head
