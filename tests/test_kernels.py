@@ -394,18 +394,19 @@ def test_short_prompts_attend_on_the_paged_kernel_as_sdpa_does(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
-def test_8bit_cache_prompts_read_their_own_keys_as_stored(kind, monkeypatch):
+def test_8bit_cache_prompts_read_their_own_keys_as_stored(monkeypatch):
     """Over an int8 or fp8 cache, short prompts run on the paged kernel as over a bf16
     one (picked on AVX-512 bf16), their tokens attending to the K/V as stored, as every
-    later decode step does: a prompt's last logits are the same (float32, 1e-4 of their
-    scale) whether the prompt is one pass or its last token comes in a second one. On
+    later decode step does: over int8, a prompt's last logits are the same (float32;
+    1.5-2e-6 of their scale measured, 1e-3 allowed for a code the last bit of a GEMM
+    flips) whether the prompt is one pass or its last token comes in a second one. On
     SDPA, which attends to a prompt's own unquantized K/V, they differ by the cache's
-    rounding."""
+    rounding (2.8%). (fp8's three mantissa bits turn such last-bit flips into steps of
+    6%: its two passes are not compared.)"""
     from deepserve.engine import model_runner
 
     eng = LLM(dtype="float32", quantization="none", show_progress=False,
-              kv_cache_memory="64MiB", kv_cache_dtype=kind).engine
+              kv_cache_memory="64MiB", kv_cache_dtype="int8").engine
     eng.runner.paged_prefill = True  # picked for bf16 engines on AVX-512; float32 compares
     ids = eng.tokenizer.encode(PROMPTS[0] * 3)
     gaps = []
@@ -415,10 +416,11 @@ def test_8bit_cache_prompts_read_their_own_keys_as_stored(kind, monkeypatch):
         whole = eng.prompt_logits(ids, last_n=len(ids))[-1]
         split = eng.prompt_logits(ids, last_n=1)
         gaps.append(float((whole - split).abs().max() / split.abs().max()))
-    assert gaps[0] < 1e-4 < 1e-3 < gaps[1], gaps
-    bf16 = LLM(show_progress=False, kv_cache_memory="64MiB", kv_cache_dtype=kind).engine
-    assert bf16.runner.paged_prefill == (kernels.isa() == "avx512"
-                                         and bf16.dtype == torch.bfloat16)
+    assert gaps[0] < 1e-3 < 1e-2 < gaps[1], gaps
+    for kind in ("int8", "fp8"):
+        bf16 = LLM(show_progress=False, kv_cache_memory="64MiB", kv_cache_dtype=kind).engine
+        assert bf16.runner.paged_prefill == (kernels.isa() == "avx512"
+                                             and bf16.dtype == torch.bfloat16), kind
 
 
 @needs_kernels
