@@ -1961,17 +1961,20 @@ void rms_norm_impl(const T* x, const T* res, const T* w, T* out, T* sum, int64_t
       }
 #endif
       const T* xr = x + r * dim;
-      float ss = 0.f;
-      for (int64_t i = 0; i < dim; ++i) {
-        float v = static_cast<float>(xr[i]);
-        if (res) {
-          T s = round_to<T>(v + static_cast<float>(res[r * dim + i]));
+      if (res) {
+        for (int64_t i = 0; i < dim; ++i) {
+          const T s = round_to<T>(static_cast<float>(xr[i]) + static_cast<float>(res[r * dim + i]));
           sum[r * dim + i] = s;
-          v = static_cast<float>(s);
+          buf[i] = static_cast<float>(s);
         }
-        buf[i] = v;
-        ss += v * v;
+      } else {
+        for (int64_t i = 0; i < dim; ++i) buf[i] = static_cast<float>(xr[i]);
       }
+      // one sum of squares for both: the compiler contracted it into multiply-adds in
+      // one version of a shared loop and not in the other, so norm(x + r) differed from
+      // norm of the same sum passed in (float32, AVX2: a one-call step against its layers)
+      float ss = 0.f;
+      for (int64_t i = 0; i < dim; ++i) ss += buf[i] * buf[i];
       const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
       T* o = out + r * dim;
       for (int64_t i = 0; i < dim; ++i)
