@@ -151,22 +151,15 @@ class DecoderLayer(nn.Module):
                 normed = kernels.rms_norm(part.reshape(-1, self.head_dim).contiguous(), None,
                                           norm.weight, norm.eps)[0]
                 part.copy_(normed.view(t, -1))
-        if cache.kind in FUSED_KV:  # the kernel encodes K/V as it writes (fp16, int8, fp8)
-            q, k = kernels.rope_write_kv(qkv, cos, sin, cache.k, cache.v, meta.slot_mapping,
-                                         self.num_heads, self.num_kv_heads, *kv_scales(cache))
-            v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
-        else:
-            q, k, v = self._rotate_and_store(qkv, cos, sin, cache, meta)
+        # the kernel encodes K/V as it writes, for every cache kind (fp16, int8, fp8)
+        q, k = kernels.rope_write_kv(qkv, cos, sin, cache.k, cache.v, meta.slot_mapping,
+                                     self.num_heads, self.num_kv_heads, *kv_scales(cache))
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, cache, meta, self.scale)
         norm = self.post_attention_layernorm
         h, x = kernels.rms_norm(x, all_reduce(self.o_proj(attn.view(t, self.q_size)),
                                               self.tp_group), norm.weight, norm.eps)
         return x + all_reduce(mlp_fused(self, h), self.tp_group)
-
-
-# Cache kinds the fused rotary writes (``kernels.rope_write_kv``): the compute dtype,
-# float16, int8 with per-slot scales, fp8 e4m3; all of them the one-call layers take.
-FUSED_KV = ("auto", "fp16", "int8", "fp8")
 
 
 def kv_scales(cache: LayerKV) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -177,9 +170,9 @@ def kv_scales(cache: LayerKV) -> tuple[torch.Tensor | None, torch.Tensor | None]
 def fused_rows(meta: AttentionMetadata, t: int, cache: LayerKV) -> tuple | None:
     """The block table and context lengths a one-call layer (``kernels.decode_layer`` /
     ``decode_layers``) attends with, where a step of ``t`` rows can run as one: the
-    kernels on, every row with a table (decodes, or short prompts' row tables) and a
-    cache the fused rotary writes (``FUSED_KV``). Else None."""
-    if not (meta.use_kernel and FUSED_DECODE and cache.kind in FUSED_KV):
+    kernels on and every row with a table (decodes, or short prompts' row tables); the
+    fused rotary writes every cache kind. Else None."""
+    if not (meta.use_kernel and FUSED_DECODE):
         return None
     if meta.row_table is not None:
         return meta.row_table, meta.row_ctx
@@ -265,7 +258,7 @@ class LlamaForCausalLM(KernelLayer, nn.Module):
         if plans is None or rows is None:
             return None
         first = self.layers[0]
-        scales = [kv_scales(c) for c in kv_caches] if kv_caches[0].kind == "int8" else []
+        scales = [kv_scales(c) for c in kv_caches]
         return kernels.decode_layers(x, *plans, cos, sin, [c.k for c in kv_caches],
                                      [c.v for c in kv_caches], meta.slot_mapping,
                                      first.num_heads, first.num_kv_heads, *rows,
